@@ -1,0 +1,123 @@
+"""Teacher outputs, computed once and reused by every later training run.
+
+The teacher is frozen, so its logits and feature taps over a split depend only on (teacher
+weights, data, split, transform). Without augmentation one pass serves every epoch of every
+trial; with augmentation a fixed number of views is stored and epoch ``e`` trains on view
+``e % n_views`` (the loader produces exactly those images: augmentation is a pure function of
+sample index, view and seed). Files live under ``runs/cache/``, keyed by content.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from autosplit.config import atomic_write_bytes, config_hash
+from autosplit.data import Batch, DatasetInfo, Split, TensorLoader
+from autosplit.device import Runtime
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+class LiveTeacher:
+    """Runs the frozen teacher on each batch (the fallback when nothing is cached)."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[str], runtime: Runtime) -> None:
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.taps = tuple(taps)
+        self.runtime = runtime
+
+    @torch.no_grad()
+    def outputs(self, batch: Batch) -> dict[str, Tensor]:
+        with self.runtime.autocast():
+            taps = self.model.forward_taps(self.runtime.images(batch.images))
+        return {name: taps[name].float() for name in self.taps}
+
+
+@dataclass
+class CachedTeacher:
+    """Teacher outputs for every sample of a split: ``tensors[view][tap]`` has N rows."""
+
+    tensors: list[dict[str, Tensor]]
+    device: torch.device
+    path: Path | None = None
+    hit: bool = False
+
+    @property
+    def n_views(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for view in self.tensors for t in view.values())
+
+    def outputs(self, batch: Batch) -> dict[str, Tensor]:
+        view = self.tensors[batch.view % self.n_views]
+        rows = batch.indices
+        return {name: t[rows].to(self.device, non_blocking=True).float() for name, t in view.items()}
+
+
+def cache_key(*, teacher_key: str, data_fingerprint: str, split: str, taps: Sequence[str],
+              augment: bool, n_views: int, seed: int, fp16: bool) -> str:
+    return config_hash({"format": CACHE_FORMAT, "teacher": teacher_key, "data": data_fingerprint,
+                        "split": split, "taps": sorted(taps), "augment": augment,
+                        "views": n_views if augment else 1, "seed": seed, "fp16": fp16}, 24)
+
+
+@torch.no_grad()
+def teacher_outputs(model: nn.Module, split: Split, info: DatasetInfo, runtime: Runtime, *,
+                    taps: Sequence[str], teacher_key: str, data_fingerprint: str,
+                    split_name: str, cache_dir: str | Path, augment: bool = False,
+                    n_views: int = 1, seed: int = 0, fp16: bool = False,
+                    batch_size: int = 512) -> CachedTeacher:
+    """Load the teacher's outputs over ``split`` from the cache, computing them on a miss.
+
+    Logits are always kept in fp32 (they drive every logit loss); ``fp16`` halves feature maps.
+    """
+    taps = sorted(set(taps) | {"logits"})
+    key = cache_key(teacher_key=teacher_key, data_fingerprint=data_fingerprint, split=split_name,
+                    taps=taps, augment=augment, n_views=n_views, seed=seed, fp16=fp16)
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("key") == key:
+                cached = CachedTeacher(payload["views"], runtime.device, path, hit=True)
+                log.info("teacher cache hit %s (%.1f MB)", path, cached.nbytes / 2**20)
+                return cached
+        except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, not fatal
+            log.warning("teacher cache %s unreadable (%s); rebuilding", path, exc)
+    started = time.perf_counter()
+    model = model.eval()
+    views = []
+    for view in range(n_views if augment else 1):
+        loader = TensorLoader(split, info, batch_size=batch_size, shuffle=False, augment=augment,
+                              seed=seed, n_views=n_views if augment else None,
+                              device=runtime.device)
+        loader.set_epoch(view)
+        parts: dict[str, list[Tensor]] = {name: [] for name in taps}
+        for batch in loader:
+            with runtime.autocast():
+                outputs = model.forward_taps(runtime.images(batch.images))
+            for name in taps:
+                value = outputs[name].float().cpu()
+                parts[name].append(value.half() if fp16 and name != "logits" else value)
+        views.append({name: torch.cat(chunks) for name, chunks in parts.items()})
+    buffer = io.BytesIO()
+    torch.save({"key": key, "views": views}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    cached = CachedTeacher(views, runtime.device, path, hit=False)
+    log.info("teacher cache built %s: %d view(s), taps %s, %.1f MB in %.1fs", path, len(views),
+             ",".join(taps), cached.nbytes / 2**20, time.perf_counter() - started)
+    return cached

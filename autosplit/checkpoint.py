@@ -1,0 +1,64 @@
+"""Checkpoints that carry their own config, written atomically and loaded with weights_only."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autosplit.config import atomic_write_bytes
+from autosplit.errors import UserError
+
+FORMAT = "autosplit-checkpoint-1"
+
+
+def save_checkpoint(path: str | os.PathLike, *, kind: str, state_dict: dict[str, Any],
+                    config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Save weights plus the plain-data config that rebuilds the module (no pickled classes)."""
+    payload = {"format": FORMAT, "kind": kind, "config": config, "state_dict": state_dict,
+               "extra": extra or {}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no code runs); refuse corrupt or foreign files by path."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; check the path")
+    payload = _torch_load(path, "checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not an autosplit checkpoint (no '{FORMAT}' header)")
+    if kind is not None and payload.get("kind") != kind:
+        raise UserError(f"{path}: holds a {payload.get('kind')!r} checkpoint, expected {kind!r}")
+    return payload
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A user's own weights: an autosplit checkpoint or a bare state_dict, loaded weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; check teacher.checkpoint")
+    payload = _torch_load(path, "weights file")
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        payload = payload["state_dict"]
+    elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        payload = payload["state_dict"]
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise UserError(f"{path}: holds no state_dict of tensors")
+    return payload
+
+
+def _torch_load(path: Path, what: str) -> object:
+    """``torch.load`` with ``weights_only=True``; any failure becomes one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file can fail in many ways inside torch
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(f"{path}: not a readable {what} ({first[:160]}); "
+                        "re-create it or point to another file") from None

@@ -1,0 +1,579 @@
+"""Datasets held in memory as uint8 tensors, deterministic train/val/test splits, a fast loader.
+
+Every dataset autosplit uses fits in memory, so batches are gathered by index from one uint8 tensor
+instead of going through a per-item ``DataLoader``: no Python call per image, 4x fewer bytes sent
+to the device, and augmentation done as one vectorised gather on the device. Augmentation is a pure
+function of (sample index, view, seed), so a teacher-output cache that computes view ``v`` for every
+sample sees exactly the images the trainer sees, whatever the batching or shuffling.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import logging
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from autosplit.config import DataConfig
+from autosplit.errors import UserError
+from autosplit.registry import Registry
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
+DEFAULT_DATA_DIR = Path("runs/data")
+IMAGEFOLDER_MAX_BYTES = 4 * 2**30  # decoded uint8 images must fit comfortably in RAM
+IMAGEFOLDER_DEFAULT_SIZE = 64
+_IMAGE_SUFFIXES = set(".png .jpg .jpeg .bmp .gif .webp .tif .tiff .ppm .pgm".split())
+_log = logging.getLogger(__name__)
+_FINGERPRINT_VERSION = 1  # bump when the split algorithm changes, so old caches are not reused
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What models and transforms need to know about a dataset, without touching its images."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augmentation: Literal["crop_flip", "crop", "none"]
+    crop_padding: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)  # (C, H, W)
+
+
+@dataclass
+class Split:
+    """One split in CPU memory; row numbers are stable and index cached teacher outputs."""
+
+    images: Tensor  # uint8 (N, C, H, W)
+    labels: Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Splits:
+    info: DatasetInfo
+    train: Split
+    val: Split  # carved from the training set; the search objective
+    test: Split  # touched only by final evaluation
+    fingerprint: str  # content + split settings; provenance and cache keys
+
+
+class RawDataset(NamedTuple):
+    """What a registered dataset loader returns: the full training set and the test set."""
+
+    info: DatasetInfo
+    train: Split
+    test: Split
+
+
+DATASETS: Registry[Callable[[DataConfig], RawDataset]] = Registry("dataset")
+
+_INFOS = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "crop_flip", 2),
+    # digits are not mirror-symmetric: shift only; mean/std measured on the 8x8 uint8 images.
+    "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,), (0.3759,), "crop", 1),
+    "cifar10": DatasetInfo(
+        "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip", 4
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop_flip", 4
+    ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Shape and statistics of a registered dataset without loading it (for FLOPs, model sizes)."""
+    if name.startswith("imagefolder:"):
+        raise UserError(f"{name}: an image folder's info is only known after load_splits")
+    DATASETS.get(name)  # unknown name -> UserError listing the known ones
+    return _INFOS[name]
+
+
+def _split_of(images: np.ndarray, labels: np.ndarray) -> Split:
+    return Split(
+        torch.from_numpy(np.array(images, dtype=np.uint8, order="C")),  # copy: writable
+        torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+    )
+
+
+def _torchvision_download(kind: str, root: Path) -> None:
+    """Let torchvision fetch a dataset into ``root`` (its own layout); raises when offline."""
+    import torchvision.datasets as tvd  # heavy import, only on this rare path
+
+    names = {"fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+    for train in (True, False):
+        getattr(tvd, names[kind])(str(root), train=train, download=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST: the idx .gz files, read directly.
+
+_FMNIST_FILES = [
+    f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")
+]
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an idx file of unsigned bytes (magic 0x0000 08 ndim), checking header and size."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            blob = handle.read()
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; truncation is an EOFError
+        raise UserError(
+            f"{path}: not a readable gzip file ({exc}); delete it and fetch it again"
+        ) from None
+    magic = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if magic != 0x0800 | ndim:
+        raise UserError(
+            f"{path}: bad idx magic number {magic:#x} (expected {0x0800 | ndim:#x}); "
+            "the file is corrupt or not an idx file"
+        )
+    dims = [int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(blob) != offset + int(np.prod(dims)):
+        raise UserError(
+            f"{path}: holds {len(blob) - offset} data bytes but its header says "
+            f"{'x'.join(map(str, dims))}; the file is truncated or corrupt"
+        )
+    return np.frombuffer(blob, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+@DATASETS.register("fashion-mnist")
+def _load_fashion_mnist(cfg: DataConfig) -> RawDataset:
+    root = Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR
+    candidates = ([root, root / "FashionMNIST" / "raw"] if cfg.data_dir else []) + [
+        FASHION_MNIST_SYSTEM_DIR,
+        DEFAULT_DATA_DIR / "FashionMNIST" / "raw",
+    ]
+    found = next((d for d in candidates if all((d / f).is_file() for f in _FMNIST_FILES)), None)
+    if found is None:
+        try:
+            _torchvision_download("fashion-mnist", root)
+            found = root / "FashionMNIST" / "raw"
+        except Exception:  # offline, proxy, SSL: any failure means "not available"
+            first = candidates[0]
+            missing = next(f for f in _FMNIST_FILES if not (first / f).is_file())
+            raise UserError(
+                f"fashion-mnist: {first / missing} not found; pass --data-dir DIR holding the four "
+                f"idx .gz files, or `apt-get install dataset-fashion-mnist` (installs them in "
+                f"{FASHION_MNIST_SYSTEM_DIR}), or allow the network so torchvision can "
+                f"download them into {root}"
+            ) from None
+    _log.info("fashion-mnist: reading %s", found)
+
+    def read(prefix: str) -> Split:
+        path = found / f"{prefix}-images-idx3-ubyte.gz"
+        images, labels = _read_idx(path, 3), _read_idx(found / f"{prefix}-labels-idx1-ubyte.gz", 1)
+        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+            raise UserError(
+                f"{path}: {images.shape} images for {len(labels)} labels; expected 28x28"
+            )
+        return _split_of(images[:, None], labels)  # (N, 1, 28, 28)
+
+    return RawDataset(_INFOS["fashion-mnist"], read("train"), read("t10k"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR: torchvision's on-disk pickles, read directly.
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a data file must not run code."""
+
+    _ALLOWED = set(
+        "numpy.ndarray numpy.dtype _codecs.encode numpy.core.multiarray._reconstruct "
+        "numpy._core.multiarray._reconstruct numpy.core.numeric._frombuffer "
+        "numpy._core.numeric._frombuffer".split()
+    )
+
+    def find_class(self, module: str, name: str) -> type:
+        if f"{module}.{name}" not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+_CIFAR_LAYOUT = {  # kind -> (folder, train files, test files, label key), as torchvision unpacks
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+    ),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _read_cifar_batch(path: Path, label_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as handle:
+            entry = _ArrayUnpickler(handle, encoding="latin1").load()  # py2 pickles, as torchvision
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+        images = data.reshape(-1, 3, 32, 32)  # rows are R(1024) G(1024) B(1024)
+    except Exception as exc:  # a damaged pickle can fail in many ways; all mean "corrupt"
+        raise UserError(
+            f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc}); "
+            "delete it and fetch the dataset again"
+        ) from None
+    if len(images) != len(labels) or not np.all((labels >= 0) & (labels < n_classes)):
+        raise UserError(f"{path}: {len(images)} images, {len(labels)} labels; corrupt batch")
+    return images, labels
+
+
+def _load_cifar(cfg: DataConfig, kind: str) -> RawDataset:
+    root = Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR
+    folder, train_files, test_files, label_key = _CIFAR_LAYOUT[kind]
+    url = f"https://www.cs.toronto.edu/~kriz/{kind.replace('cifar', 'cifar-')}-python.tar.gz"
+    paths = [root / folder / f for f in train_files + test_files]
+    if not all(p.is_file() for p in paths):
+        try:
+            _torchvision_download(kind, root)
+        except Exception:
+            missing = next(p for p in paths if not p.is_file())
+            raise UserError(
+                f"{kind}: {missing} not found; extract {url} into {root}, or pass --data-dir DIR "
+                f"that holds {folder}/, or allow the network so torchvision can download it"
+            ) from None
+
+    def read(files: list[str]) -> Split:
+        n_classes = _INFOS[kind].num_classes
+        parts = [_read_cifar_batch(root / folder / f, label_key, n_classes) for f in files]
+        images, labels = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return _split_of(images, labels)
+
+    return RawDataset(_INFOS[kind], read(train_files), read(test_files))
+
+
+DATASETS.add("cifar10", functools.partial(_load_cifar, kind="cifar10"))
+DATASETS.add("cifar100", functools.partial(_load_cifar, kind="cifar100"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits (bundled with scikit-learn) and image folders.
+
+
+@DATASETS.register("digits")
+def _load_digits(cfg: DataConfig) -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    everything = _split_of(images, bunch.target)
+    # A fixed test split (not cfg.split_seed): the test set must not move when the val split does.
+    train_rows, test_rows = _stratified_split(everything.labels, 0.2, seed=20240101)
+    return RawDataset(_INFOS["digits"], _take(everything, train_rows), _take(everything, test_rows))
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """Decodes one image file to a square uint8 (3, S, S) tensor; failures are flagged, not raised,
+    so that the main process can name the bad file in one line (a worker's traceback cannot)."""
+
+    def __init__(self, files: list[Path], size: int) -> None:
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, bool]:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(self.files[i]) as img:
+                # Resize the shorter side to S and centre-crop S x S, in one step.
+                img = ImageOps.fit(
+                    img.convert("RGB"), (self.size, self.size), Image.Resampling.BILINEAR
+                )
+                return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), True
+        except Exception:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+
+
+def _load_imagefolder(path_text: str, cfg: DataConfig) -> RawDataset:
+    root = Path(path_text).expanduser()
+    layout = (
+        f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> "
+        "(val/ is accepted instead of test/)"
+    )
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise UserError(f"imagefolder:{root}: {layout}; {root}/train or {root}/test is missing")
+    classes = sorted(
+        d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    if not classes:
+        raise UserError(f"imagefolder:{root}: no class folders in {root}/train; {layout}")
+    extra = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
+    if extra:
+        raise UserError(f"imagefolder:{root}: {test_dir.name}/ has classes not in train/: {extra}")
+    size = cfg.image_size or IMAGEFOLDER_DEFAULT_SIZE
+    if size < 8:
+        raise UserError(f"data.image_size: must be >= 8, got {size}")
+
+    def listing(split_dir: Path) -> tuple[list[Path], list[int]]:
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            found = sorted(
+                p
+                for p in (split_dir / name).glob("*")
+                if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            raise UserError(f"imagefolder:{root}: no images in {split_dir}/<class>/; {layout}")
+        return files, labels
+
+    train_files, train_labels = listing(root / "train")
+    test_files, test_labels = listing(test_dir)
+    n_bytes = (len(train_files) + len(test_files)) * 3 * size * size
+    if n_bytes > IMAGEFOLDER_MAX_BYTES:
+        raise UserError(
+            f"imagefolder:{root}: {len(train_files) + len(test_files)} images at {size}x{size} "
+            f"need {n_bytes / 2**30:.1f} GiB in memory, over the "
+            f"{IMAGEFOLDER_MAX_BYTES / 2**30:.1f} GiB cap; set data.image_size smaller"
+        )
+
+    def decode(files: list[Path]) -> Tensor:
+        workers = 2 if len(files) >= 2000 else 0  # worker start-up costs more than small folders
+        loader = torch.utils.data.DataLoader(
+            _DecodeDataset(files, size), batch_size=256, num_workers=workers
+        )
+        images, oks = zip(*((x, ok) for x, ok in loader), strict=True)
+        ok = torch.cat(oks)
+        if not bool(ok.all()):
+            raise UserError(f"{files[int((~ok).nonzero()[0])]}: cannot be decoded as an image")
+        return torch.cat(images)  # uint8 (N, 3, S, S)
+
+    train_images, test_images = decode(train_files), decode(test_files)
+    if all(torch.equal(x[:, 0], x[:, c]) for x in (train_images, test_images) for c in (1, 2)):
+        train_images, test_images = train_images[:, :1].clone(), test_images[:, :1].clone()
+    pixels = train_images.float().div_(255).transpose(0, 1).flatten(1)  # (C, N*S*S)
+    mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    channels, name = train_images.shape[1], f"imagefolder:{path_text}"
+    info = DatasetInfo(
+        name, len(classes), channels, size, mean, std, "crop_flip", max(1, size // 8)
+    )
+    train, test = (
+        Split(train_images, torch.tensor(train_labels)),
+        Split(test_images, torch.tensor(test_labels)),
+    )
+    return RawDataset(info, train, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits.
+
+
+def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted (keep, held_out) row numbers; exactly round(fraction * N) held out, each class within
+    one of its share. Each sample gets its quantile within its class in a random order; the lowest
+    quantiles are held out, ties broken at random. Vectorised: no loop over samples or classes."""
+    n = labels.shape[0]
+    if n < 2:
+        raise UserError(f"cannot carve a split from {n} image(s); the dataset is too small")
+    n_held = min(max(round(fraction * n), 1), n - 1)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    by_class = torch.sort(labels[perm], stable=True).indices  # positions in perm, grouped by class
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_labels = labels[perm][by_class]
+    quantile = (torch.arange(n) - starts[sorted_labels] + 0.5) / counts[sorted_labels]
+    tie_break = torch.randperm(n, generator=g)
+    chosen = tie_break[torch.sort(quantile[tie_break], stable=True).indices[:n_held]]
+    held = torch.zeros(n, dtype=torch.bool)
+    held[perm[by_class[chosen]]] = True
+    return (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
+
+
+def _take(split: Split, rows: Tensor) -> Split:
+    return Split(split.images[rows].contiguous(), split.labels[rows].contiguous())
+
+
+def _fingerprint(raw: RawDataset, cfg: DataConfig) -> str:
+    digest = hashlib.sha256()
+    settings = [_FINGERPRINT_VERSION, asdict(raw.info), cfg.val_fraction, cfg.split_seed]
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for tensor in (raw.train.images, raw.train.labels, raw.test.images, raw.test.labels):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load ``cfg.name`` and carve val from train (stratified, seeded by ``cfg.split_seed``).
+
+    Same cfg -> identical tensors and fingerprint. The test split is never mixed in."""
+    if cfg.name.startswith("imagefolder:"):
+        raw = _load_imagefolder(cfg.name.removeprefix("imagefolder:"), cfg)
+    elif cfg.name in DATASETS:
+        raw = DATASETS.get(cfg.name)(cfg)
+    else:
+        raise UserError(
+            f"data.name: unknown dataset {cfg.name!r}; known: "
+            f"{', '.join(DATASETS.names())}, or imagefolder:PATH"
+        )
+    train_rows, val_rows = _stratified_split(raw.train.labels, cfg.val_fraction, cfg.split_seed)
+    train, val = _take(raw.train, train_rows), _take(raw.train, val_rows)
+    return Splits(raw.info, train, val, raw.test, _fingerprint(raw, cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation, normalisation and the loader.
+
+
+def _mix(*parts: object) -> int:
+    """A stable 63-bit integer from a few values (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays (wraps mod 2**64 by design): index -> random bits."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def augment(
+    images_uint8: Tensor, indices: Tensor, info: DatasetInfo, *, view: int, seed: int
+) -> Tensor:
+    """Random crop (zero padding ``info.crop_padding``) and horizontal flip, as torchvision's
+    RandomCrop + RandomHorizontalFlip, but each sample's offsets and flip are a hash of
+    (seed, view, index): the same row gets the same image in any batch, order or process.
+
+    images_uint8: uint8 (B, C, H, W) on any device; indices: int64 (B,) row numbers into the split.
+    """
+    if info.augmentation == "none":
+        return images_uint8
+    batch, channels, height, width = images_uint8.shape
+    pad = info.crop_padding
+    bits = _splitmix64(
+        indices.cpu().numpy().astype(np.uint64) ^ np.uint64(_mix("augment", seed, view))
+    )
+    span = np.uint64(2 * pad + 1)
+    dx, dy = (bits % span).astype(np.int64), ((bits >> np.uint64(21)) % span).astype(np.int64)
+    flip = ((bits >> np.uint64(42)) & np.uint64(1)).astype(bool) & (
+        info.augmentation == "crop_flip"
+    )
+    device = images_uint8.device
+    dx, dy, flip = (torch.from_numpy(a).to(device) for a in (dx, dy, flip))
+    cols = torch.arange(width, device=device).expand(batch, width)  # (B, W)
+    cols = dx[:, None] + torch.where(flip[:, None], width - 1 - cols, cols)
+    rows = dy[:, None] + torch.arange(height, device=device)  # (B, H)
+    padded_width = width + 2 * pad
+    flat_index = (rows[:, :, None] * padded_width + cols[:, None, :]).flatten(1)  # (B, H*W)
+    padded = F.pad(images_uint8, (pad, pad, pad, pad)).flatten(2)  # (B, C, (H+2p)*(W+2p))
+    out = torch.gather(padded, 2, flat_index[:, None, :].expand(batch, channels, -1))
+    return out.view(batch, channels, height, width)
+
+
+@functools.lru_cache(maxsize=32)
+def _affine(info: DatasetInfo, device: torch.device) -> tuple[Tensor, Tensor]:
+    std = torch.tensor(info.std, dtype=torch.float32)
+    mean = torch.tensor(info.mean, dtype=torch.float32)
+    scale, shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std == x*scale - shift
+    return scale.view(-1, 1, 1).to(device), shift.view(-1, 1, 1).to(device)  # (C, 1, 1)
+
+
+def normalize(images_uint8: Tensor, info: DatasetInfo) -> Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised by the dataset's mean/std, on the same device."""
+    scale, shift = _affine(info, images_uint8.device)
+    return images_uint8.float().mul_(scale).sub_(shift)
+
+
+@dataclass
+class Batch:
+    images: Tensor  # float32 normalised (B, C, H, W), on the loader's device
+    labels: Tensor  # int64 (B,), on device
+    indices: Tensor  # int64 (B,), CPU: row numbers into the Split (cached teacher outputs)
+    view: int  # augmentation view that produced the images (0 when not augmenting)
+
+
+class TensorLoader:
+    """Batches gathered by index from an in-memory Split; deterministic in (seed, epoch).
+
+    The uint8 batch goes to the device first (4x fewer bytes than float32), through pinned memory
+    and a non-blocking copy on CUDA; augmentation and normalisation then run on the device.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        info: DatasetInfo,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool,
+        seed: int = 0,
+        n_views: int | None = None,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if n_views is not None and n_views < 1:
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        self.split, self.info, self.batch_size = split, info, batch_size
+        self.shuffle, self.seed, self.n_views, self.drop_last = shuffle, seed, n_views, drop_last
+        self.augment = augment and info.augmentation != "none"
+        self.device = torch.device(device)
+        self.num_samples = len(split)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle order and augmentation view of the next iteration."""
+        self.epoch = epoch
+
+    def view_for_epoch(self, epoch: int) -> int:
+        if not self.augment:
+            return 0
+        return epoch % self.n_views if self.n_views is not None else epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def _to_device(self, source: Tensor, rows: Tensor) -> Tensor:
+        if self.device.type != "cuda":
+            return source[rows].to(self.device)
+        # Gather straight into pinned memory; the caching host allocator keeps the block alive
+        # until the asynchronous copy has finished, so reuse is safe.
+        staged = torch.empty(
+            (rows.shape[0], *source.shape[1:]), dtype=source.dtype, pin_memory=True
+        )
+        torch.index_select(source, 0, rows, out=staged)
+        return staged.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix("shuffle", self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        view = self.view_for_epoch(self.epoch)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            rows = order[start : start + self.batch_size]  # int64 (B,), CPU
+            images = self._to_device(self.split.images, rows)  # uint8 (B, C, H, W)
+            labels = self._to_device(self.split.labels, rows)
+            if self.augment:
+                images = augment(images, rows, self.info, view=view, seed=self.seed)
+            yield Batch(normalize(images, self.info), labels, rows, view)

@@ -1,0 +1,65 @@
+"""Device and precision choices, made in this one place.
+
+On CUDA: automatic mixed precision (bf16 where supported, else fp16 with a grad scaler) and
+channels_last memory format. On CPU: fp32, contiguous, and torch's intra-op threads left as the
+machine gives them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autosplit.errors import UserError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run: device, autocast dtype (None = fp32) and memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; bf16 has fp32's range.
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """Put an image batch in the runtime's memory format (already on device)."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Runtime(dev, dtype if amp else None, channels_last=True)
+    return Runtime(dev, None, channels_last=False)

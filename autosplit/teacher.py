@@ -1,0 +1,134 @@
+"""The teacher: trained once by autosplit (or loaded from the user's weights) and cached.
+
+Cached under ``runs/teachers/<key>/teacher.pt`` where the key hashes the teacher config and the
+data fingerprint, so a second call with the same space returns at once and any change to the
+teacher's recipe or the data trains a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from autosplit.checkpoint import load_checkpoint, load_state_dict_file, save_checkpoint
+from autosplit.config import DataConfig, TeacherConfig, config_hash, from_dict, to_dict
+from autosplit.data import Splits, TensorLoader
+from autosplit.device import Runtime
+from autosplit.errors import UserError
+from autosplit.models import ZooModel, create_model
+from autosplit.train import Classifier, evaluate, fit, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Teacher:
+    model: ZooModel
+    config: TeacherConfig
+    key: str
+    path: Path
+    val_acc: float
+    test_acc: float
+    train_seconds: float
+    from_cache: bool
+
+
+def teacher_key(config: TeacherConfig, data_fingerprint: str) -> str:
+    return config_hash({"teacher": config, "data": data_fingerprint})
+
+
+def build_teacher_model(config: TeacherConfig, splits: Splits) -> ZooModel:
+    return create_model(config.model, num_classes=splits.info.num_classes,
+                        in_channels=splits.info.in_channels, width=config.width,
+                        depth=config.depth)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def load_teacher(path: str | Path, splits: Splits) -> Teacher:
+    """Load a cached teacher checkpoint and check it was made for this data."""
+    payload = load_checkpoint(path, kind="teacher")
+    config = from_dict(TeacherConfig, payload["config"]["teacher"], "teacher")
+    extra = payload["extra"]
+    if extra.get("data_fingerprint") != splits.fingerprint:
+        raise UserError(f"{path}: teacher was trained on other data "
+                        f"({extra.get('data_fingerprint')} != {splits.fingerprint})")
+    model = build_teacher_model(config, splits)
+    _load_into(model, payload["state_dict"], Path(path))
+    return Teacher(freeze(model), config, teacher_key(config, splits.fingerprint), Path(path),
+                   float(extra["val_acc"]), float(extra["test_acc"]),
+                   float(extra["train_seconds"]), from_cache=True)
+
+
+def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime: Runtime, *,
+                runs_dir: str | Path = "runs", progress: bool = True) -> Teacher:
+    """Return the cached teacher for (config, data), training or importing it on a miss."""
+    key = teacher_key(config, splits.fingerprint)
+    folder = Path(runs_dir) / "teachers" / key
+    path = folder / "teacher.pt"
+    if path.is_file():
+        teacher = load_teacher(path, splits)
+        teacher.model = runtime.prepare(teacher.model)
+        log.info("teacher %s from cache %s (val %.2f%%, test %.2f%%)", config.model, path,
+                 teacher.val_acc, teacher.test_acc)
+        return teacher
+
+    model = build_teacher_model(config, splits)
+    started = time.perf_counter()
+    if config.checkpoint is not None:
+        _load_into(model, load_state_dict_file(config.checkpoint), Path(config.checkpoint))
+        model = runtime.prepare(model)
+    else:
+        seed_everything(config.train.seed)
+        model = runtime.prepare(model)
+        task = Classifier(model, label_smoothing=config.train.label_smoothing)
+        train_loader = TensorLoader(splits.train, splits.info, batch_size=config.train.batch_size,
+                                    shuffle=True, augment=data.augment, seed=config.train.seed,
+                                    device=runtime.device, drop_last=True)
+        fit(task, train_loader, _eval_loader(splits, "val", runtime), config.train, runtime,
+            progress=progress, desc=f"teacher {config.model}",
+            checkpoint=folder / "fit-state.pt",
+            checkpoint_config={"teacher": to_dict(config), "data": splits.fingerprint})
+    train_seconds = time.perf_counter() - started
+    model = freeze(model)
+    val_acc = evaluate(model, _eval_loader(splits, "val", runtime), runtime)
+    test_acc = evaluate(model, _eval_loader(splits, "test", runtime), runtime)
+    save_checkpoint(path, kind="teacher",
+                    config={"teacher": to_dict(config), "data": to_dict(data)},
+                    state_dict={k: v.cpu() for k, v in model.state_dict().items()},
+                    extra={"val_acc": val_acc, "test_acc": test_acc,
+                           "train_seconds": train_seconds,
+                           "data_fingerprint": splits.fingerprint})
+    (folder / "fit-state.pt").unlink(missing_ok=True)
+    log.info("teacher %s trained in %.0fs: val %.2f%%, test %.2f%% -> %s", config.model,
+             train_seconds, val_acc, test_acc, path)
+    return Teacher(model, config, key, path, val_acc, test_acc, train_seconds, from_cache=False)
+
+
+def _eval_loader(splits: Splits, which: str, runtime: Runtime) -> TensorLoader:
+    return TensorLoader(getattr(splits, which), splits.info, batch_size=512, shuffle=False,
+                        augment=False, device=runtime.device)
+
+
+def _load_into(model: nn.Module, state_dict: dict, path: Path) -> None:
+    missing, unexpected = [], []
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("shape mismatch", shapes)) if keys)
+        raise UserError(f"{path}: weights do not fit {type(model).__name__} ({detail}); "
+                        "check teacher.model, width and depth")
+    model.load_state_dict(state_dict)

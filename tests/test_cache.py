@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import torch
+
+from autosplit.cache import LiveTeacher, teacher_outputs
+from autosplit.data import TensorLoader
+from autosplit.models import create_model
+
+
+def _teacher(splits):
+    torch.manual_seed(0)
+    return create_model("tiny", num_classes=10, in_channels=splits.info.in_channels).eval()
+
+
+def _cache(model, splits, cpu, tmp_path, **kw):
+    return teacher_outputs(model, splits.train, splits.info, cpu, taps=kw.pop("taps", ["stage1"]),
+                           teacher_key="t0", data_fingerprint=splits.fingerprint,
+                           split_name="train", cache_dir=tmp_path, **kw)
+
+
+def test_cached_outputs_equal_live_outputs_and_are_reused(digits_splits, cpu, tmp_path):
+    model = _teacher(digits_splits)
+    cached = _cache(model, digits_splits, cpu, tmp_path)
+    assert not cached.hit and cached.path.is_file()
+    assert set(cached.tensors[0]) == {"stage1", "logits"}
+    assert cached.tensors[0]["logits"].shape[0] == len(digits_splits.train.labels)
+    live = LiveTeacher(model, ["stage1", "logits"], cpu)
+    loader = TensorLoader(digits_splits.train, digits_splits.info, batch_size=50, shuffle=True,
+                          augment=False, seed=3)
+    loader.set_epoch(1)
+    for batch in loader:
+        want, got = live.outputs(batch), cached.outputs(batch)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+    again = _cache(model, digits_splits, cpu, tmp_path)
+    assert again.hit and again.path == cached.path
+    assert cached.nbytes > 0
+
+
+def test_augmented_views_match_what_the_loader_shows(digits_splits, cpu, tmp_path):
+    model = _teacher(digits_splits)
+    cached = _cache(model, digits_splits, cpu, tmp_path, augment=True, n_views=2, seed=5)
+    assert cached.n_views == 2
+    assert not torch.equal(cached.tensors[0]["logits"], cached.tensors[1]["logits"])
+    live = LiveTeacher(model, ["logits"], cpu)
+    loader = TensorLoader(digits_splits.train, digits_splits.info, batch_size=64, shuffle=True,
+                          augment=True, seed=5, n_views=2)
+    for epoch in (0, 1, 2):  # epoch 2 wraps to view 0
+        loader.set_epoch(epoch)
+        batch = next(iter(loader))
+        torch.testing.assert_close(cached.outputs(batch)["logits"], live.outputs(batch)["logits"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_features_halve_the_size_but_logits_stay_fp32(digits_splits, cpu, tmp_path):
+    model = _teacher(digits_splits)
+    full = _cache(model, digits_splits, cpu, tmp_path)
+    half = _cache(model, digits_splits, cpu, tmp_path, fp16=True)
+    assert half.path != full.path
+    assert half.tensors[0]["stage1"].dtype == torch.float16
+    assert half.tensors[0]["logits"].dtype == torch.float32
+    assert half.nbytes < full.nbytes
+
+
+def test_damaged_cache_file_is_rebuilt(digits_splits, cpu, tmp_path):
+    model = _teacher(digits_splits)
+    cached = _cache(model, digits_splits, cpu, tmp_path)
+    cached.path.write_bytes(b"garbage")
+    rebuilt = _cache(model, digits_splits, cpu, tmp_path)
+    assert not rebuilt.hit
+    torch.testing.assert_close(rebuilt.tensors[0]["logits"], cached.tensors[0]["logits"])
