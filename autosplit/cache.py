@@ -72,7 +72,8 @@ def cache_key(*, teacher_key: str, data_fingerprint: str, split: str, taps: Sequ
               augment: bool, n_views: int, seed: int, fp16: bool) -> str:
     return config_hash({"format": CACHE_FORMAT, "teacher": teacher_key, "data": data_fingerprint,
                         "split": split, "taps": sorted(taps), "augment": augment,
-                        "views": n_views if augment else 1, "seed": seed, "fp16": fp16}, 24)
+                        "views": n_views if augment else 1, "seed": seed if augment else 0,
+                        "fp16": fp16}, 24)
 
 
 @torch.no_grad()

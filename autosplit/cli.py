@@ -90,6 +90,142 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _space_and_budget(args: argparse.Namespace):
+    from autosplit.search.budget import parse_budget
+    from autosplit.search.space import SearchSpace
+
+    space = SearchSpace.from_yaml(find_space(args.space))
+    if args.data_dir:
+        import dataclasses
+
+        space.data = dataclasses.replace(space.data, data_dir=args.data_dir)
+    text = args.budget or space.budget
+    if text is None:
+        raise UserError(f"--budget: not given and {space.path} sets no default budget; "
+                        "pass e.g. --budget 0.25x or --budget 5M")
+    return space, parse_budget(text)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``90``, ``90s``, ``15m``, ``2h`` -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    try:
+        if raw and raw[-1] in units:
+            return float(raw[:-1]) * units[raw[-1]]
+        return float(raw)
+    except ValueError:
+        raise UserError(f"--timeout {text!r}: expected seconds or a duration like 15m, 2h") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autosplit.search.driver import SearchOptions, run_search
+    from autosplit.search.front import front_table
+    from autosplit.search.study import records, study_info
+    from autosplit.tracking import default_tracking_uri
+
+    space, budget = _space_and_budget(args)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be >= 1")
+    trials = args.trials or space.settings.trials
+    options = SearchOptions(space=space, budget=budget, trials=trials,
+                            timeout=parse_duration(args.timeout), study_name=args.study_name,
+                            storage=args.storage, tracking_uri=args.tracking_uri,
+                            sampler=args.sampler or space.settings.sampler, seed=args.seed,
+                            workers=args.workers, device=args.device, runs_dir=Path(args.runs_dir),
+                            progress=not args.quiet, early_stopping=not args.no_early_stopping,
+                            tracking=not args.no_tracking)
+    study, ctx = run_search(options)
+    info = study_info(study)
+    print()
+    print(front_table(records(study), ctx.max_flops, teacher_flops=info.get("autosplit.teacher_flops")))
+    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    print()
+    print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
+    print(f"export: autosplit export --study-name {study.study_name}"
+          + (f" --storage {args.storage}" if args.storage else ""))
+    return 0
+
+
+def _open_existing(args: argparse.Namespace):
+    from autosplit.search import study as studies
+
+    url = args.storage or studies.default_storage(args.runs_dir, 1)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        journal = studies.default_storage(args.runs_dir, 2)
+        if args.storage is None and Path(journal.removeprefix("journal:")).is_file():
+            url = journal
+        else:
+            raise UserError(f"--storage {url}: no study database there; run `autosplit search` "
+                            "first or pass --storage")
+    return studies.open_study(args.study_name, studies.open_storage(url), create=False), url
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from autosplit.search.front import front_table
+    from autosplit.search.study import records, study_info
+
+    study, _ = _open_existing(args)
+    info = study_info(study)
+    print(front_table(records(study), int(info["autosplit.budget_flops"]),
+                      teacher_flops=info.get("autosplit.teacher_flops")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autosplit.device import resolve_runtime
+    from autosplit.export import export_study
+
+    study, url = _open_existing(args)
+    out = Path(args.out) if args.out else Path(args.runs_dir) / "exports" / study.study_name
+    written = export_study(study, out, storage_url=url, runtime=resolve_runtime(args.device),
+                           runs_dir=Path(args.runs_dir), confirm_seeds=args.confirm_seeds)
+    print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
+    print(f"retrain: autosplit train --config {out / 'best.yaml'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from autosplit.data import load_splits
+    from autosplit.device import resolve_runtime
+    from autosplit.export import read_config, retrain
+    from autosplit.flops import format_flops
+    from autosplit.teacher import get_teacher
+
+    config = read_config(args.config)
+    candidate = config.candidate
+    if args.epochs is not None:
+        candidate = candidate.with_values({"train.epochs": args.epochs})
+    if args.seed is not None:
+        candidate = candidate.with_values({"train.seed": args.seed})
+    if args.data_dir:
+        candidate = dataclasses.replace(candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir))
+    runtime = resolve_runtime(args.device)
+    splits = load_splits(candidate.data)
+    teacher = get_teacher(candidate.teacher, candidate.data, splits, runtime,
+                          runs_dir=args.runs_dir, progress=not args.quiet)
+    outcome = retrain(candidate, splits, teacher, runtime, Path(args.runs_dir),
+                      teacher_views=config.teacher_views, progress=not args.quiet)
+    result = outcome["result"]
+    print(f"{args.config}: val {outcome['val_acc']:.2f}%  test {outcome['test_acc']:.2f}%  "
+          f"FLOPs {format_flops(result.worst_case_flops)} worst case, "
+          f"{format_flops(int(result.expected_flops))} expected (fvcore: 1 multiply-add = 1 FLOP)")
+    if "val_acc" in config.result:
+        print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
+    if args.out:
+        from autosplit.checkpoint import save_checkpoint
+
+        save_checkpoint(args.out, kind="student", config=candidate.to_dict(),
+                        state_dict={k: v.cpu() for k, v in result.student.state_dict().items()},
+                        extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]})
+        print(f"weights: {args.out}")
+    return 0
+
+
 def _parse_shape(text: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(part) for part in text.lower().split("x"))
@@ -110,6 +246,49 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--runs-dir", default="runs", help="outputs folder (default: runs)")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
     teacher.set_defaults(func=cmd_teacher)
+
+    search = sub.add_parser("search", help="search how to distil the teacher under a FLOPs budget")
+    search.add_argument("--space", help="search-space YAML (default: search_spaces/fashion_mnist.yaml)")
+    search.add_argument("--budget", help="FLOPs cap: 0.25x (of the teacher) or 5M, 1.2G")
+    search.add_argument("--trials", type=int, help="the study's total number of trials")
+    search.add_argument("--timeout", help="stop starting trials after this long (e.g. 20m)")
+    search.add_argument("--study-name", help="default: <space>-<budget>")
+    search.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
+    search.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
+    search.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--workers", type=int, default=1, help="local worker processes")
+    search.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    search.add_argument("--data-dir", help="where the dataset files are")
+    search.add_argument("--runs-dir", default="runs")
+    search.add_argument("--no-early-stopping", action="store_true")
+    search.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    search.add_argument("--quiet", action="store_true", help="no progress bars")
+    search.set_defaults(func=cmd_search)
+
+    for name, func, text in (("front", cmd_front, "print a study's Pareto front"),
+                             ("export", cmd_export, "write best.yaml and front/*.yaml with weights")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--study-name", required=True)
+        cmd.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
+        cmd.add_argument("--runs-dir", default="runs")
+        if name == "export":
+            cmd.add_argument("--out", help="folder (default runs/exports/<study>)")
+            cmd.add_argument("--confirm-seeds", type=int, default=0,
+                             help="retrain the top front members with N more seeds")
+            cmd.add_argument("--device", default="auto")
+        cmd.set_defaults(func=func)
+
+    train = sub.add_parser("train", help="retrain an exported candidate; report test accuracy")
+    train.add_argument("--config", required=True, help="best.yaml from export, or a candidate YAML")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--out", help="write the trained student's weights here")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--data-dir")
+    train.add_argument("--runs-dir", default="runs")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=cmd_train)
 
     flops = sub.add_parser("flops", help="count a zoo model's FLOPs with fvcore")
     flops.add_argument("--model", required=True)

@@ -1,0 +1,132 @@
+"""IE-KD: part of the base's last map inherits the teacher's factor, the rest explores away."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autosplit.distill._base import Outputs, Part, PartContext, need_teacher, resize_map
+from autosplit.distill.losses import factor_distance
+from autosplit.distill.registry import FEATURE_LOSSES
+from autosplit.errors import UserError
+
+if TYPE_CHECKING:
+    from autosplit.device import Runtime
+    from autosplit.train import TeacherSource
+
+log = logging.getLogger(__name__)
+
+
+def coder(channels_in: int, channels_out: int, *, last_plain: bool = False) -> nn.Sequential:
+    """Three 3x3 conv + BN + LeakyReLU(0.1): in -> in -> out -> out (last one bare if asked)."""
+    widths = (channels_in, channels_in, channels_out, channels_out)
+    layers: list[nn.Module] = []
+    for index, (c_in, c_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=last_plain and index == 2))
+        if not (last_plain and index == 2):
+            layers += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1, inplace=True)]
+    return nn.Sequential(*layers)
+
+
+@FEATURE_LOSSES.register("iekd")
+class IEKD(Part):
+    """Huang et al., "Revisiting Knowledge Distillation: An Inheritance and Exploration
+    Framework", CVPR, 2021.
+
+    Matches the teacher's factor (its last map through a frozen auto-encoder's encoder) with the
+    inheriting channels of the base's last map and pushes the exploring channels away from it:
+    ``lambda_inherit * D(enc_I(F_I), enc_T(F_T)) - lambda_explore * D(enc_E(F_E), enc_T(F_T))``
+    with ``D`` the mean |difference| of per-sample L2-normalised factors. F_I = the first
+    ``round(ratio * C)`` channels (ratio 0.5 in the paper). The teacher auto-encoder (factor
+    channels ``factor_ratio * C_t``) is pre-trained with L1 reconstruction in ``prepare`` and
+    frozen. Encoders are training-only. The weights have no value this code can rely on (the
+    inherit one is factor-transfer scale, searched on a log scale).
+    """
+
+    @dataclass(frozen=True)
+    class Params:
+        ratio: float = 0.5
+        lambda_inherit: float = 200.0
+        lambda_explore: float = 50.0
+        factor_ratio: float = 0.5
+        ae_epochs: int = 1  # auto-encoder pre-training epochs over the train split
+        ae_lr: float = 1e-3
+
+    def __init__(self, params: Any, ctx: PartContext) -> None:
+        super().__init__(params, ctx)
+        self.student_tap, self.teacher_tap = ctx.base_stages[-1], ctx.teacher_stages[-1]
+        channels = ctx.base_shapes[self.student_tap][0]
+        channels_teacher, *self.size = ctx.teacher_shapes[self.teacher_tap]
+        if channels < 2 or not 0.0 < params.ratio < 1.0:
+            raise UserError(f"feature_loss.ratio: splitting {channels} channels needs >= 2 "
+                            f"channels and a ratio in (0, 1), got {params.ratio}")
+        self.n_inherit = min(max(round(params.ratio * channels), 1), channels - 1)
+        factor = max(1, round(params.factor_ratio * channels_teacher))
+        self.encode_inherit = coder(self.n_inherit, factor)
+        self.encode_explore = coder(channels - self.n_inherit, factor)
+        self.teacher_encoder = coder(channels_teacher, factor)
+        self.teacher_decoder = coder(factor, channels_teacher, last_plain=True)
+        for p in [*self.teacher_encoder.parameters(), *self.teacher_decoder.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def teacher_taps(self) -> frozenset[str]:
+        return frozenset({self.teacher_tap})
+
+    def extend(self, outputs: Outputs) -> None:
+        feat = outputs["base_taps"][self.student_tap]  # (B, C, H, W)
+        feat = resize_map(feat, tuple(self.size))  # (B, C, H_t, W_t)
+        outputs["iekd_inherit"] = self.encode_inherit(feat[:, : self.n_inherit])  # (B, k, H_t, W_t)
+        outputs["iekd_explore"] = self.encode_explore(feat[:, self.n_inherit:])
+
+    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
+             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+        feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "iekd")  # (B, C_t, H_t, W_t)
+        with torch.no_grad():
+            factor_teacher = self.teacher_encoder(feat_teacher)  # (B, k, H_t, W_t)
+        inherit = factor_distance(outputs["iekd_inherit"], factor_teacher)
+        explore = factor_distance(outputs["iekd_explore"], factor_teacher)
+        return {
+            "loss_iekd_inherit": self.params.lambda_inherit * inherit,
+            # the minus: exploring channels are rewarded for differing from the teacher's factor
+            "loss_iekd_explore": -self.params.lambda_explore * explore,
+        }
+
+    def term_stages(self) -> dict[str, int]:
+        return {"loss_iekd_inherit": 0, "loss_iekd_explore": 0}
+
+    def prepare(self, teacher_source: TeacherSource, train_loader: Iterable[Any],
+                runtime: Runtime) -> None:
+        """Pre-train the teacher auto-encoder with L1 reconstruction, then freeze it."""
+        if bool(self.prepared):
+            return
+        coders = nn.Sequential(self.teacher_encoder, self.teacher_decoder)
+        params = list(coders.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=self.params.ae_lr)
+        coders.train()
+        loss = torch.zeros(())
+        try:
+            for epoch in range(self.params.ae_epochs):
+                if hasattr(train_loader, "set_epoch"):
+                    train_loader.set_epoch(epoch)
+                for batch in train_loader:
+                    feat_teacher = teacher_source.outputs(batch)[self.teacher_tap].float()
+                    loss = F.l1_loss(coders(feat_teacher), feat_teacher)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+            coders.eval()
+        self.prepared.fill_(True)
+        log.info("iekd: teacher auto-encoder pre-trained, last L1 %.4f", float(loss.detach()))

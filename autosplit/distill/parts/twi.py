@@ -1,0 +1,46 @@
+"""TWI for single / res_chain: the teacher's frozen head classifies the projected base feature."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from autosplit.distill._base import Outputs, Part, PartContext
+
+
+class TWI(Part):
+    """Yan et al., "Expandable Residual Approximation for Knowledge Distillation", arXiv, 2025
+    (its Teacher Weight Integration, on a structure without branches).
+
+    Matches the teacher's classifier: the base's pooled feature, through a training-only
+    projector P (Linear C_s -> C_t), must be classified right by the teacher's frozen head:
+    ``weight * CE(W_T P f_S + b_T, y)``. Candidates switch it with ``twi: true`` (no params, so
+    the weight is ERA's 1). The head copy never trains; P is not deployed and not counted.
+    """
+
+    @dataclass(frozen=True)
+    class Params:
+        weight: float = 1.0
+
+    def __init__(self, params: Any, ctx: PartContext) -> None:
+        super().__init__(params, ctx)
+        self.projector = nn.Linear(ctx.base_shapes["pooled"][0], ctx.teacher_head.in_features)
+        self.teacher_head = copy.deepcopy(ctx.teacher_head)
+        for p in self.teacher_head.parameters():
+            p.requires_grad_(False)
+
+    def extend(self, outputs: Outputs) -> None:
+        projected = self.projector(outputs["base_taps"]["pooled"])  # (B, C_t)
+        outputs["proj_logits"] = self.teacher_head(projected)  # (B, classes)
+
+    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
+             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+        ce = nn.functional.cross_entropy(outputs["proj_logits"], labels)
+        return {"loss_twi": self.params.weight * ce}
+
+    def term_stages(self) -> dict[str, int]:
+        return {"loss_twi": 0}

@@ -1,0 +1,52 @@
+"""The published methods as named recipes: partial candidates with the papers' defaults.
+
+``recipe_candidate("dkd", base)`` keeps everything about ``base`` that is not the method (data,
+teacher, budget, student family, split shares, training) and sets the method's structure, losses,
+TWI switch and schedule. Each named part is reset to its registered defaults (the papers'
+values); the structure's loss weights too. A recipe with residual parts gives them a share of
+the budget (``split.base_share``) only when ``base`` gives them none. Keys are stable API.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autosplit.registry import Registry
+
+if TYPE_CHECKING:
+    from autosplit.distill.candidate import Candidate
+
+METHODS: Registry[dict[str, Any]] = Registry("method")
+
+
+def _recipe(structure: str, logit: str, feature: str = "none", *, twi: bool = False,
+            schedule: str = "joint", **extra: Any) -> dict[str, Any]:
+    return {"structure": {"name": structure}, "logit_loss": {"name": logit},
+            "feature_loss": {"name": feature}, "twi": twi, "schedule": schedule, **extra}
+
+
+# Baselines.
+METHODS.add("ce", _recipe("single", "ce"))
+METHODS.add("kd", _recipe("single", "kd"))  # Hinton et al., NIPS-W 2015
+METHODS.add("dkd", _recipe("single", "dkd"))  # Zhao et al., CVPR 2022
+METHODS.add("fitnets", _recipe("single", "ce", "hint"))  # Romero et al., ICLR 2015: CE + 100 hint
+# Residual methods. RKD: widths 0.8 / 0.6 of one model cost about the model (cost ~ width^2),
+# hence base_share 0.64; the paper's order is staged (METHODS.md: a reading).
+METHODS.add("rkd", _recipe("assistant", "ce", schedule="staged", **{"split.base_share": 0.64}))
+# ResKD: the base with KD, then each res-student in turn on the remaining gap; much lighter parts.
+METHODS.add("reskd", _recipe("res_chain", "kd", schedule="staged", **{"split.base_share": 0.8}))
+METHODS.add("iekd", _recipe("single", "ce", "iekd"))  # Huang et al., CVPR 2021
+METHODS.add("era", _recipe("branches", "kd", twi=True))  # Yan et al., arXiv 2025: KD-base + ERA
+METHODS.add("aekt", _recipe("single", "aekt"))  # Park & Lee, arXiv 2024
+
+_PART_ONLY = ("student.part_family", "student.part_depth", "split.part_width")
+
+
+def recipe_candidate(name: str, base: Candidate) -> Candidate:
+    """``base`` with method ``name``'s recipe applied (unknown name: ``UserError`` listing them)."""
+    values = dict(METHODS.get(name))
+    if values["structure"]["name"] not in ("assistant", "res_chain"):
+        values.update(dict.fromkeys(_PART_ONLY))  # a single network has no parts to shape
+    elif base.split.part_width is not None or base.split.base_share < 1.0:
+        values.pop("split.base_share", None)  # the base already shares its budget: keep that
+    return base.with_values(values)

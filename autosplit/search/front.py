@@ -1,0 +1,216 @@
+"""The Pareto front of a search — accuracy against FLOPs under a budget — as pure logic.
+
+No MLflow, Optuna or plotting here: the driver, ``autosplit front`` and the tracker all read the
+same few functions, so the table a user prints and the plot in ``mlflow ui`` cannot disagree.
+
+Conventions used throughout:
+- feasible = a *complete* trial whose worst-case FLOPs are within the budget. Feasibility always
+  uses worst-case FLOPs (every part runs), because a deployment must fit its worst input.
+- the front may be drawn against worst-case (``cost="flops"``, the default) or expected FLOPs
+  (``cost="expected_flops"``, early-exit chains), falling back to worst-case where a trial has
+  no expected figure.
+- FLOPs are fvcore's: one multiply-add counts as one FLOP.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP"
+Cost = Literal["flops", "expected_flops"]
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What the driver knows about one trial, finished or not.
+
+    ``state`` is one of "complete", "pruned", "infeasible", "failed", "running" (or "waiting");
+    only complete trials carry a final ``val_acc`` (percent, 0-100).
+    """
+
+    number: int
+    state: str
+    val_acc: float | None
+    flops: int | None
+    expected_flops: float | None
+    params: int | None
+    label: str  # short description, e.g. "res_chain K=2 + dkd"
+    run_id: str | None = None
+    baseline: str | None = None  # "kd-single" / "best-published" for the baseline trials
+
+
+def is_feasible(record: TrialRecord, budget_flops: int) -> bool:
+    """Complete, measured and within budget on worst-case FLOPs."""
+    return (record.state == "complete" and record.val_acc is not None
+            and record.flops is not None and record.flops <= budget_flops)
+
+
+def cost_of(record: TrialRecord, cost: Cost = "flops") -> float:
+    """The FLOPs figure the front is drawn against (expected falls back to worst-case)."""
+    if cost == "expected_flops" and record.expected_flops is not None:
+        return float(record.expected_flops)
+    if cost not in ("flops", "expected_flops"):
+        raise ValueError(f"cost must be 'flops' or 'expected_flops', not {cost!r}")
+    assert record.flops is not None
+    return float(record.flops)
+
+
+def pareto_front(records: Iterable[TrialRecord], budget_flops: int, *,
+                 cost: Cost = "flops") -> list[TrialRecord]:
+    """Feasible trials no other feasible trial beats on both accuracy and cost, cheapest first.
+
+    Exact duplicates (same accuracy, same cost) are all kept — neither dominates the other and
+    the user may want to see every recipe that reached the point; they are ordered by number.
+    """
+    feasible = [r for r in records if is_feasible(r, budget_flops)]
+    # Cheapest first; at equal cost the most accurate first, so a sweep keeping the best
+    # accuracy so far admits exactly the non-dominated points.
+    feasible.sort(key=lambda r: (cost_of(r, cost), -(r.val_acc or 0.0), r.number))
+    front: list[TrialRecord] = []
+    for record in feasible:
+        assert record.val_acc is not None
+        if not front or record.val_acc > front[-1].val_acc:  # type: ignore[operator]
+            front.append(record)
+        elif (record.val_acc == front[-1].val_acc
+              and cost_of(record, cost) == cost_of(front[-1], cost)):
+            front.append(record)  # an exact duplicate of the last front point
+    return front
+
+
+def _hypervolume_of_front(front: Sequence[TrialRecord], budget_flops: int, cost: Cost) -> float:
+    """Area dominated by a front (cheapest first, accuracy rising) up to the point (1, 1).
+
+    In normalised space x = cost/budget and y = 1 - acc/100 (both minimised), for x between two
+    consecutive front points the best y reached is the left point's, so the area is a sum of
+    rectangles of width (x_next - x) and height (1 - y) = acc/100.
+    """
+    area = 0.0
+    for i, record in enumerate(front):
+        x = min(max(cost_of(record, cost) / budget_flops, 0.0), 1.0)
+        x_next = (min(max(cost_of(front[i + 1], cost) / budget_flops, 0.0), 1.0)
+                  if i + 1 < len(front) else 1.0)
+        height = min(max((record.val_acc or 0.0) / 100.0, 0.0), 1.0)
+        area += (x_next - x) * height
+    return area
+
+
+def hypervolume(records: Iterable[TrialRecord], budget_flops: int, *,
+                cost: Cost = "flops") -> float:
+    """Exact 2-D hypervolume of the feasible front, normalised to [0, 1], reference (1, 1).
+
+    0 means no feasible trial; 1 would be 100 % accuracy at zero FLOPs. One number that rises
+    only when the front improves, so it can be compared across samplers at equal trials.
+    """
+    if budget_flops <= 0:
+        raise ValueError(f"budget_flops must be positive, got {budget_flops}")
+    return _hypervolume_of_front(pareto_front(records, budget_flops, cost=cost), budget_flops, cost)
+
+
+def hypervolume_history(records: Iterable[TrialRecord], budget_flops: int, *,
+                        cost: Cost = "flops") -> list[tuple[int, float]]:
+    """(trial number, hypervolume of trials 0..number) for every trial, in order of number.
+
+    Non-decreasing by construction. Keeps only the running front, so it costs
+    O(trials x front size) rather than recomputing from scratch at every trial.
+    """
+    if budget_flops <= 0:
+        raise ValueError(f"budget_flops must be positive, got {budget_flops}")
+    history: list[tuple[int, float]] = []
+    front: list[TrialRecord] = []
+    volume = 0.0
+    for record in sorted(records, key=lambda r: r.number):
+        if is_feasible(record, budget_flops):
+            front = pareto_front([*front, record], budget_flops, cost=cost)
+            volume = _hypervolume_of_front(front, budget_flops, cost)
+        history.append((record.number, volume))
+    return history
+
+
+def _fmt_flops(value: float | None) -> str:
+    if value is None:
+        return "-"
+    # Imported here: autosplit.flops pulls in torch, which a table of numbers does not need
+    # until it prints one, and the one formatter keeps figures identical across commands.
+    from autosplit.flops import format_flops
+
+    return format_flops(value)
+
+
+def _percent(value: float, whole: float | None) -> str:
+    return f"{100.0 * value / whole:.0f}%" if whole else "-"
+
+
+def front_table(records: Sequence[TrialRecord], budget_flops: int, *,
+                teacher_flops: int | None = None, cost: Cost = "flops") -> str:
+    """The Pareto table ``autosplit front`` prints: the front cheapest first, then baselines.
+
+    Baselines that the search beat are listed under the front (marked, without a rank), so the
+    table always shows what the front is measured against. The most accurate front member is
+    marked ``best``: it is what ``autosplit export`` writes as best.yaml.
+    """
+    front = pareto_front(records, budget_flops, cost=cost)
+    on_front = {r.number for r in front}
+    best = max(front, key=lambda r: (r.val_acc, -cost_of(r, cost), -r.number)) if front else None
+    others = sorted((r for r in records if r.baseline and r.number not in on_front),
+                    key=lambda r: r.number)
+
+    header = ("rank", "trial", "val acc %", "FLOPs", "%budget", "%teacher", "exp. FLOPs",
+              "params", "label", "mark")
+    rows: list[tuple[str, ...]] = []
+    for rank, record in enumerate(front, start=1):
+        rows.append(_row(str(rank), record, budget_flops, teacher_flops,
+                         best is not None and record.number == best.number))
+    for record in others:
+        rows.append(_row("-", record, budget_flops, teacher_flops, False))
+
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
+              for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i >= 8 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
+    against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
+    out = [f"Pareto front: max val acc, min {against} — budget {_fmt_flops(budget_flops)} FLOPs"
+           f"{teacher} ({FLOPS_CONVENTION})", line(header)]
+    out += [line(row) for row in rows[:len(front)]]
+    if not front:
+        out.append("  (no feasible complete trial yet)")
+    rule = f"---- budget {_fmt_flops(budget_flops)} "
+    out.append(rule + "-" * max(0, len(line(header)) - len(rule)))
+    if others:
+        out.append("baselines not on the front:")
+        out += [line(row) for row in rows[len(front):]]
+    counts = Counter(r.state for r in records)
+    over = sum(1 for r in records if r.state == "complete" and r.flops is not None
+               and r.flops > budget_flops)
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in
+                        ("complete", "pruned", "infeasible", "failed", "running"))
+    extra = "".join(f", {n} {s}" for s, n in sorted(counts.items())
+                    if s not in ("complete", "pruned", "infeasible", "failed", "running"))
+    out.append(f"{len(records)} trials: {summary}{extra}"
+               + (f" ({over} complete but over budget)" if over else ""))
+    return "\n".join(out)
+
+
+def _row(rank: str, record: TrialRecord, budget_flops: int, teacher_flops: int | None,
+         is_best: bool) -> tuple[str, ...]:
+    flops = record.flops
+    marks = [m for m in (("best" if is_best else ""),
+                         (f"baseline:{record.baseline}" if record.baseline else "")) if m]
+    return (
+        rank,
+        str(record.number),
+        f"{record.val_acc:.2f}" if record.val_acc is not None else "-",
+        _fmt_flops(flops),
+        _percent(flops, budget_flops) if flops is not None else "-",
+        _percent(flops, teacher_flops) if flops is not None else "-",
+        _fmt_flops(record.expected_flops),
+        f"{record.params:,}" if record.params is not None else "-",
+        record.label,
+        " ".join(marks),
+    )

@@ -1,0 +1,252 @@
+"""Search spaces: YAML data (``safe_load``, never code) naming the dataset, the teacher, the
+fixed part of every candidate and the searchable parameters as dotted paths into ``Candidate``.
+
+```yaml
+data: {name: fashion-mnist}
+teacher: {model: resnet20, train: {epochs: 8}}
+budget: 0.25x                       # default for --budget
+candidate: {student: {family: resnet20}, train: {epochs: 3}}   # fixed settings
+params:                             # in order; `when` makes a parameter conditional
+  structure.name: {choices: [single, assistant, res_chain, branches]}
+  structure.n_parts: {type: int, low: 1, high: 3, when: {structure.name: [res_chain]}}
+  logit_loss.temperature: {type: float, low: 1, high: 8, log: true}
+search: {trials: 30, sampler: tpe}
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from autosplit.config import DataConfig, TeacherConfig, from_dict, load_yaml
+from autosplit.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autosplit.distill.candidate import Candidate
+
+Choice = str | int | float | bool | None
+_TOP_LEVEL = ("data", "teacher", "budget", "candidate", "params", "search")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searchable value: a dotted path into the candidate, its distribution, its condition."""
+
+    name: str
+    type: Literal["float", "int", "categorical"] = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Choice, ...] = ()
+    when: dict[str, tuple[Choice, ...]] = field(default_factory=dict)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        """True when every ``when`` condition holds for the values chosen so far."""
+        return all(values.get(key) in allowed for key, allowed in self.when.items())
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high),
+                                     step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step,
+                                   log=self.log)
+
+    def sample_value(self) -> Any:
+        """A value inside the distribution, for validating the path at load time."""
+        return self.choices[0] if self.type == "categorical" else (
+            int(self.low) if self.type == "int" else float(self.low))
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        return isinstance(value, int | float) and self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Pareto-aware early stopping (Optuna cannot prune multi-objective studies).
+
+    After epoch ``after_epoch`` or later, a trial stops when a finished feasible trial that cost
+    no more FLOPs (within ``flops_tolerance``) was already ``margin`` points more accurate at the
+    same epoch: the running trial can then hardly reach the front. ``min_trials`` finished
+    trials are needed before anything is stopped.
+    """
+
+    enabled: bool = True
+    after_epoch: int = 1
+    margin: float = 2.0
+    flops_tolerance: float = 0.05
+    min_trials: int = 4
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    trials: int = 30
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    objective_flops: Literal["worst_case", "expected"] = "expected"
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    # Baselines run first, so every front shows what the search beat: name -> dotted overrides.
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher_views: int = 1  # augmented views of the teacher cache (1 = augmentation off in trials)
+
+
+class SearchSpace:
+    """A loaded, validated space file."""
+
+    def __init__(self, path: Path, data: DataConfig, teacher: TeacherConfig, budget: str | None,
+                 fixed: dict[str, Any], params: list[ParamSpec], settings: SearchSettings) -> None:
+        self.path, self.data, self.teacher, self.budget = path, data, teacher, budget
+        self.fixed, self.params, self.settings = fixed, params, settings
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        path = Path(path)
+        raw = load_yaml(path)
+        try:
+            return cls._parse(path, raw)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+
+    @classmethod
+    def _parse(cls, path: Path, raw: Any) -> SearchSpace:
+        if not isinstance(raw, dict):
+            raise UserError("expected a mapping with keys " + ", ".join(_TOP_LEVEL))
+        for key in raw:
+            if key not in _TOP_LEVEL:
+                raise UserError(f"{key}: unknown key; known keys here: {', '.join(_TOP_LEVEL)}")
+        for key in ("data", "teacher"):
+            if key not in raw:
+                raise UserError(f"{key}: missing key")
+        data = from_dict(DataConfig, raw["data"], "data")
+        teacher = from_dict(TeacherConfig, raw["teacher"], "teacher")
+        budget = raw.get("budget")
+        if budget is not None:
+            from autosplit.search.budget import parse_budget
+
+            parse_budget(budget)
+            budget = str(budget)
+        fixed = raw.get("candidate") or {}
+        if not isinstance(fixed, dict):
+            raise UserError("candidate: expected a mapping of fixed candidate settings")
+        for key in ("data", "teacher", "max_flops"):
+            if key in fixed:
+                raise UserError(f"candidate.{key}: set by the space's top level and --budget, "
+                                "remove it here")
+        params = [_parse_param(name, spec) for name, spec in (raw.get("params") or {}).items()]
+        settings = from_dict(SearchSettings, raw.get("search") or {}, "search")
+        space = cls(path, data, teacher, budget, fixed, params, settings)
+        space._validate()
+        return space
+
+    # --- candidates -------------------------------------------------------------------------
+
+    def base_candidate(self, max_flops: int) -> Candidate:
+        from autosplit.distill.candidate import Candidate
+
+        plain = {**self.fixed, "data": dataclasses.asdict(self.data),
+                 "teacher": _plain(self.teacher), "max_flops": int(max_flops)}
+        return Candidate.from_dict(plain)
+
+    def suggest(self, trial: optuna.Trial, max_flops: int, *,
+                overrides: dict[str, Any] | None = None) -> Candidate:
+        """Draw the trial's values (conditional parameters in file order) into a candidate."""
+        base = self.base_candidate(max_flops)
+        values: dict[str, Any] = dict(base.flat())
+        chosen: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(values):
+                chosen[param.name] = values[param.name] = param.suggest(trial)
+        if overrides:
+            # A baseline pins some values; drawn values its choices make meaningless go (a
+            # single student has no n_parts), as do other parameters of a part it renames.
+            renamed = {key.removesuffix(".name") for key in overrides if key.endswith(".name")}
+            values = {**base.flat(), **chosen, **overrides}
+            chosen = {key: value for key, value in chosen.items()
+                      if key.split(".")[0] not in renamed
+                      and next(p for p in self.params if p.name == key).active(values)}
+            chosen.update(overrides)
+        return base.with_values(chosen)
+
+    def _draw(self, base: Candidate, pinned: dict[str, Any]) -> dict[str, Any]:
+        """A deterministic full draw (pinned values, else each parameter's first/low value)."""
+        return _draw_values(self.params, base.flat(), pinned)
+
+    def _validate(self) -> None:
+        """Every parameter path and baseline must make a valid candidate: fail at load, not
+        in trial 17."""
+        base = self.base_candidate(10**9)
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise UserError("params: a parameter is listed twice")
+        for param in self.params:
+            for key in param.when:
+                if key not in names and key not in base.flat():
+                    raise UserError(f"params.{param.name}.when.{key}: not a parameter or a "
+                                    "candidate path")
+            # Every choice of every parameter, in a full draw where its conditions hold.
+            for value in (param.choices if param.type == "categorical" else (param.low, param.high)):
+                if param.type == "int":
+                    value = int(value)
+                pinned = {key: allowed[0] for key, allowed in param.when.items()}
+                pinned[param.name] = value
+                try:
+                    base.with_values(self._draw(base, pinned))
+                except UserError as exc:
+                    raise UserError(f"params.{param.name} = {value!r}: {exc}") from None
+        for name, overrides in self.settings.baselines.items():
+            try:
+                base.with_values(overrides)
+            except UserError as exc:
+                raise UserError(f"search.baselines.{name}: {exc}") from None
+
+
+def _draw_values(params: list[ParamSpec], flat: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
+    values, chosen = dict(flat), {}
+    for param in params:
+        if param.active(values):
+            value = pinned[param.name] if param.name in pinned else param.sample_value()
+            chosen[param.name] = values[param.name] = value
+    return chosen
+
+
+def _parse_param(name: str, spec: Any) -> ParamSpec:
+    where = f"params.{name}"
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: expected a mapping like {{type: float, low: 0.1, high: 1}} "
+                        "or {choices: [a, b]}")
+    spec = dict(spec)
+    if "choices" in spec:
+        spec.setdefault("type", "categorical")
+    when = spec.pop("when", {}) or {}
+    if not isinstance(when, dict):
+        raise UserError(f"{where}.when: expected a mapping of path -> allowed values")
+    when = {k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in when.items()}
+    param = from_dict(ParamSpec, {"name": name, **spec}, where)
+    param = dataclasses.replace(param, when=when)
+    if param.type == "categorical":
+        if not param.choices:
+            raise UserError(f"{where}.choices: a categorical parameter needs choices")
+    else:
+        if param.low is None or param.high is None or not param.low < param.high:
+            raise UserError(f"{where}: needs low < high, got low={param.low} high={param.high}")
+        if param.log and param.low <= 0:
+            raise UserError(f"{where}.low: a log-scale parameter needs low > 0")
+    return param
+
+
+def _plain(obj: Any) -> Any:
+    from autosplit.config import to_dict
+
+    return to_dict(obj)

@@ -1,0 +1,388 @@
+"""Values of the method parts, the staged schedule, recipes, and real training on digits."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autosplit.config import DataConfig, TeacherConfig, TrainConfig
+from autosplit.data import Splits, TensorLoader
+from autosplit.device import Runtime
+from autosplit.distill import (
+    METHODS,
+    Candidate,
+    Distiller,
+    PartSpec,
+    SplitSpec,
+    StudentSpec,
+    build_distiller,
+    recipe_candidate,
+    train_candidate,
+)
+from autosplit.distill.losses import factor_distance, kd_loss, reskd_residual_mse, tckd_nckd
+from autosplit.distill.run import split_epochs, stage_config
+from autosplit.errors import UserError
+from autosplit.models import ZooModel, create_model
+from autosplit.train import Classifier, fit, make_optimizer
+
+INPUT_SHAPE = (1, 8, 8)
+CLASSES = 10
+WITH_PARTS = ("assistant", "res_chain")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()  # tiny models on a shared CPU: one thread is far faster
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ZooModel:
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=CLASSES, in_channels=1, width=1.5).eval()
+    return model.requires_grad_(False)
+
+
+def make_candidate(structure: str = "single", logit: str = "kd", feature: str = "none", *,
+                   twi: bool = False, schedule: str = "joint", **values: Any) -> Candidate:
+    parts = structure in WITH_PARTS
+    candidate = Candidate(
+        data=DataConfig(name="digits", augment=False), teacher=TeacherConfig(model="tiny", width=1.5),
+        max_flops=10**6, student=StudentSpec(family="tiny"),
+        split=SplitSpec(base_share=0.7 if parts else 1.0, base_width=0.5,
+                        part_width=0.25 if parts else None),
+        structure=PartSpec(structure), logit_loss=PartSpec(logit), feature_loss=PartSpec(feature),
+        twi=twi, schedule=schedule, train=TrainConfig(epochs=2, batch_size=32))
+    return candidate.with_values(values) if values else candidate
+
+
+def make_distiller(teacher: ZooModel, *args: Any, **kwargs: Any) -> Distiller:
+    torch.manual_seed(0)
+    return build_distiller(make_candidate(*args, **kwargs), teacher=teacher, num_classes=CLASSES,
+                           in_channels=1, input_shape=INPUT_SHAPE)
+
+
+def batch(size: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(0, CLASSES, (size,), generator=gen)
+
+
+def step(distiller: Distiller, teacher: ZooModel, *, epoch: int = 0, term: str = "loss") -> dict:
+    """Forward, loss, backward of ``term``; returns the loss dict (graph kept)."""
+    images, labels = batch()
+    outputs = distiller(images)
+    with torch.no_grad():
+        taps = teacher.forward_taps(images)
+    losses = distiller.loss(outputs, {k: taps[k] for k in distiller.teacher_taps}, labels, epoch=epoch)
+    losses[term].backward()
+    return {"outputs": outputs, "losses": losses, "taps": taps, "labels": labels}
+
+
+def sgd_step(distiller: Distiller, teacher: ZooModel) -> None:
+    """One real optimiser step (momentum, weight decay) as ``fit`` takes it."""
+    optimizer = make_optimizer(distiller.trainable_parameters(), TrainConfig(lr=0.5))
+    distiller.train()
+    optimizer.zero_grad()
+    step(distiller, teacher)
+    optimizer.step()
+
+
+# --- residual methods -------------------------------------------------------------------------
+
+
+def test_rkd_assistant_target_is_detached(teacher: ZooModel) -> None:
+    distiller = make_distiller(teacher, "assistant", "ce")
+    run = step(distiller, teacher, term="loss_rkd_residual")
+    student = distiller.student
+    base_side = [*student.base.parameters(), *student.adapter_base.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in base_side)
+    assert all(p.grad is not None and p.grad.any() for p in student.adapter_assistant.parameters())
+    feat_teacher = run["taps"][teacher.last_stage.name]
+    residual = feat_teacher - run["outputs"]["feat_base"]
+    expected = F.mse_loss(run["outputs"]["feat_assistant"], residual) / residual.pow(2).mean()
+    assert torch.allclose(run["losses"]["loss_rkd_residual"], expected)
+
+
+def test_rkd_can_mimic_every_stage(teacher: ZooModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import dataclass
+
+    from autosplit.distill.parts.rkd import RKD, RKDParams
+
+    @dataclass(frozen=True)
+    class EveryStage(RKDParams):
+        mimic_stages: str = "all"
+
+    monkeypatch.setattr(RKD, "Params", EveryStage)
+    distiller = make_distiller(teacher, "assistant", "ce")
+    assert distiller.teacher_taps == {"stage1", "stage2"}
+    run = step(distiller, teacher, term="loss_rkd_mimic")
+    (adapted,) = run["outputs"]["rkd_mimic"]
+    assert adapted.shape == run["taps"]["stage1"].shape
+    expected = (F.mse_loss(run["outputs"]["feat_base"], run["taps"]["stage2"]) / run["taps"]["stage2"].pow(2).mean()
+                + F.mse_loss(adapted, run["taps"]["stage1"]) / run["taps"]["stage1"].pow(2).mean())
+    assert torch.allclose(run["losses"]["loss_rkd_mimic"], expected)
+    assert all(p.grad is not None for p in distiller.parts["structure"].adapters.parameters())
+
+
+def test_reskd_kd_trains_only_the_res_student_through_the_sum(teacher: ZooModel) -> None:
+    distiller = make_distiller(teacher, "res_chain", "kd")
+    run = step(distiller, teacher, term="loss_kd_z1")
+    student = distiller.student
+    assert all(p.grad is None for p in student.base.parameters())
+    assert all(p.grad is None for p in student.res2.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in student.res1.parameters())
+    z1 = run["outputs"]["partial_logits"][1]  # sg(z^(0)) + z_R1 has z^(1)'s value
+    assert torch.allclose(run["losses"]["loss_kd_z1"], 0.9 * kd_loss(z1, run["taps"]["logits"]))
+
+
+def test_reskd_mse_matches_the_gap(teacher: ZooModel) -> None:
+    distiller = make_distiller(teacher, "res_chain", "kd", **{"structure.residual": "mse",
+                                                               "structure.residual_weight": 2.0})
+    run = step(distiller, teacher, term="loss_reskd_2")
+    out, losses = run["outputs"], run["losses"]
+    assert "loss_kd_z1" not in losses and "loss_kd" in losses  # the logit loss sees z^(0) only
+    expected = reskd_residual_mse(out["part_logits"][1], run["taps"]["logits"], out["partial_logits"][1])
+    assert torch.allclose(losses["loss_reskd_2"], 2.0 * expected)
+    assert all(p.grad is None for p in [*distiller.student.base.parameters(),
+                                        *distiller.student.res1.parameters()])
+
+
+@pytest.mark.parametrize("twi", [True, False])
+def test_era_terms(teacher: ZooModel, twi: bool) -> None:
+    distiller = make_distiller(teacher, "branches", "kd", twi=twi)
+    run = step(distiller, teacher)
+    out, losses, labels = run["outputs"], run["losses"], run["labels"]
+    assert ("loss_era_recon_ce" in losses) is twi and ("loss_era_proj_ce" in losses) is twi
+    assert torch.allclose(losses["loss_era_feat"], 5.0 * F.mse_loss(out["pooled_proj"], run["taps"]["pooled"]))
+    if twi:
+        recon = out["recon_logits"]
+        expected = sum(0.5**i * F.cross_entropy(z, labels) for i, z in enumerate(recon)) / len(recon)
+        assert torch.allclose(losses["loss_era_recon_ce"], expected)
+
+
+@pytest.mark.parametrize("structure", ["single", "branches", "assistant", "res_chain"])
+def test_twi_head_is_the_teachers_and_never_steps(teacher: ZooModel, structure: str) -> None:
+    teacher = copy.deepcopy(teacher).requires_grad_(True)  # freezing is the distiller's job
+    distiller = make_distiller(teacher, structure, "kd", twi=True)
+    if structure in ("single", "res_chain"):
+        head = distiller.parts["twi"].teacher_head
+    else:
+        head = distiller.student.teacher_head if structure == "branches" else distiller.student.head
+    assert torch.equal(head.weight, teacher.head.weight) and torch.equal(head.bias, teacher.head.bias)
+    sgd_step(distiller, teacher)
+    sgd_step(distiller, teacher)
+    assert torch.equal(head.weight, teacher.head.weight) and torch.equal(head.bias, teacher.head.bias)
+    assert not {id(p) for p in head.parameters()} & {id(p) for p in distiller.trainable_parameters()}
+
+
+@pytest.mark.parametrize(("structure", "stage_index"),
+                         [("res_chain", 1), ("res_chain", 0), ("assistant", 0), ("assistant", 1),
+                          ("branches", 1)])
+def test_staged_step_changes_only_the_stage(teacher: ZooModel, structure: str, stage_index: int) -> None:
+    distiller = make_distiller(teacher, structure, "dkd", "hint", schedule="staged")
+    stages = distiller.stages()
+    assert len(stages) == (3 if structure == "res_chain" else 2)
+    stage = stages[stage_index]
+    names = {id(p): name for name, p in distiller.named_parameters()}
+    owners = {names[id(p)].split(".")[1] for p in stage.parameters}  # student children / parts
+    expected = {("res_chain", 0): {"base", "feature"}, ("res_chain", 1): {"res1"},
+                ("assistant", 0): {"base", "adapter_base", "feature"},
+                ("assistant", 1): {"assistant", "adapter_assistant", "head"},
+                ("branches", 1): {"projector", "branch1", "branch2", "branch3", "branch4"}}
+    assert owners == expected[structure, stage_index]
+    distiller.set_stage(stage)
+    before = copy.deepcopy(distiller.state_dict())
+    sgd_step(distiller, teacher)
+    in_stage = {names[id(p)] for p in stage.parameters}
+    changed = {k for k, v in distiller.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed & in_stage  # the stage trained...
+    moved = {k for k in changed - in_stage if not k.endswith("num_batches_tracked")}
+    # ...and nothing else moved, BN statistics of frozen modules included, except the running
+    # statistics of the stage's own batch-norms.
+    own_bn = {k.rsplit(".", 1)[0] for k in in_stage}
+    assert {k for k in moved if k.rsplit(".", 1)[0] not in own_bn} == set()
+    if structure == "res_chain" and stage_index == 1:
+        assert distiller.predict(batch()[0]).shape == (8, CLASSES)
+        assert {k for k in changed if k.startswith(("student.base.", "student.res2."))} == set()
+    distiller.set_stage(None)
+    assert len(distiller.trainable_parameters()) == len(stages[0].parameters) + sum(
+        len(s.parameters) for s in stages[1:])
+
+
+# --- logit losses -----------------------------------------------------------------------------
+
+
+def test_aekt_fixed_weight_is_weighted_tckd_nckd(teacher: ZooModel) -> None:
+    distiller = make_distiller(teacher, "single", "aekt", **{"logit_loss.fixed_weight": 0.7})
+    run = step(distiller, teacher)
+    out, labels = run["outputs"], run["labels"]
+    z_dist = out["aekt_dist"][0]
+    assert not torch.equal(z_dist, out["logits"])  # a separate head (near identity)
+    assert torch.allclose(z_dist, out["logits"], atol=0.2)
+    tckd, nckd = tckd_nckd(z_dist, run["taps"]["logits"], labels, temperature=4.0)
+    expected = 16.0 * (8.0 * nckd + 0.7 * tckd).mean()
+    assert torch.allclose(run["losses"]["loss_aekt"], expected)
+    assert torch.allclose(run["losses"]["loss_ce"], F.cross_entropy(out["logits"], labels))
+    # FC_ser is training-only: the deployed prediction is z_cls.
+    distiller.eval()
+    assert torch.equal(distiller.predict(batch()[0]), distiller.student(batch()[0]))
+
+
+def test_dkd_warmup_scales_with_epoch(teacher: ZooModel) -> None:
+    distiller = make_distiller(teacher, "single", "dkd", **{"logit_loss.warmup_epochs": 4})
+    distiller.eval()
+    images, labels = batch()
+    outputs = distiller(images)
+    taps = {"logits": teacher(images)}
+    full = distiller.loss(outputs, taps, labels, epoch=3)["loss_dkd"]
+    assert float(full.detach()) > 0
+    for epoch, factor in [(0, 0.25), (1, 0.5), (2, 0.75), (3, 1.0), (50, 1.0)]:
+        value = distiller.loss(outputs, taps, labels, epoch=epoch)["loss_dkd"]
+        assert torch.allclose(value, factor * full)
+    ce = distiller.loss(outputs, taps, labels, epoch=0)["loss_ce"]
+    assert torch.allclose(ce, F.cross_entropy(outputs["logits"], labels))
+
+
+# --- feature losses ---------------------------------------------------------------------------
+
+
+def test_iekd_exploration_pushes_away(teacher: ZooModel) -> None:
+    distiller = make_distiller(teacher, "single", "ce", "iekd")
+    part = distiller.parts["feature"]
+    distiller.eval()  # the same batch-norm behaviour before and after the step
+    run = step(distiller, teacher, term="loss_iekd_explore")
+    factor_teacher = part.teacher_encoder(run["taps"][teacher.last_stage.name])
+    distance = factor_distance(run["outputs"]["iekd_explore"], factor_teacher)
+    assert float(run["losses"]["loss_iekd_explore"].detach()) < 0
+    assert torch.allclose(run["losses"]["loss_iekd_explore"], -50.0 * distance)
+    assert torch.allclose(run["losses"]["loss_iekd_inherit"],
+                          200.0 * factor_distance(run["outputs"]["iekd_inherit"], factor_teacher))
+    optimizer = torch.optim.SGD(part.encode_explore.parameters(), lr=0.05)
+    optimizer.step()  # a step on the exploration term alone: the factors move apart
+    with torch.no_grad():
+        after = factor_distance(distiller(batch()[0])["iekd_explore"], factor_teacher)
+    assert float(after) > float(distance.detach())
+
+
+class _Source:
+    def __init__(self, teacher: ZooModel) -> None:
+        self.teacher = teacher
+
+    def outputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.teacher.forward_taps(batch.images)
+
+
+def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
+        teacher: ZooModel, digits_splits: Splits, cpu: Runtime) -> None:
+    distiller = make_distiller(teacher, "single", "ce", "iekd")
+    part = distiller.parts["feature"]
+    loader = TensorLoader(digits_splits.train, digits_splits.info, batch_size=128, shuffle=True,
+                          augment=False)
+    feats = teacher.forward_taps(next(iter(loader)).images)[teacher.last_stage.name]
+    coders = torch.nn.Sequential(part.teacher_encoder, part.teacher_decoder)
+
+    def l1() -> float:
+        coders.eval()
+        with torch.no_grad():
+            return float(F.l1_loss(coders(feats), feats))
+
+    before = l1()
+    distiller.prepare(_Source(teacher), loader, cpu)
+    assert bool(part.prepared) and l1() < before
+    assert all(not p.requires_grad for p in coders.parameters())
+    weights = copy.deepcopy(coders.state_dict())
+    sgd_step(distiller, teacher)
+    assert all(torch.equal(v, coders.state_dict()[k]) for k, v in weights.items())
+
+
+def test_hint_adapter_is_training_only(teacher: ZooModel) -> None:
+    from autosplit.distill import student_flops
+
+    plain = make_distiller(teacher, "single", "ce")
+    hinted = make_distiller(teacher, "single", "ce", "hint")
+    assert student_flops(plain.student, INPUT_SHAPE) == student_flops(hinted.student, INPUT_SHAPE)
+    run = step(hinted, teacher)
+    tap = hinted.parts["feature"].teacher_tap
+    assert run["outputs"]["hint_feat"].shape == run["taps"][tap].shape
+    assert torch.allclose(run["losses"]["loss_hint"],
+                          100.0 * F.mse_loss(run["outputs"]["hint_feat"], run["taps"][tap]))
+
+
+def test_refused_combination(teacher: ZooModel) -> None:
+    with pytest.raises(UserError, match="parallel"):
+        make_distiller(teacher, "res_chain", "aekt", **{"logit_loss.layout": "parallel"})
+
+
+# --- recipes and schedule ---------------------------------------------------------------------
+
+
+def test_recipes_have_the_papers_defaults() -> None:
+    assert set(METHODS) == {"ce", "kd", "dkd", "fitnets", "rkd", "reskd", "iekd", "era", "aekt"}
+    base = make_candidate(logit="dkd", **{"logit_loss.beta": 2.0})
+    dkd = recipe_candidate("dkd", base)
+    assert dkd.logit_loss.get("beta") == 8.0 and dkd.logit_loss.get("warmup_epochs") == 20
+    assert recipe_candidate("kd", base).logit_loss.as_dict() == {"ce_weight": 0.1, "kd_weight": 0.9,
+                                                                "temperature": 4.0}
+    assert recipe_candidate("fitnets", base).feature_loss.get("weight") == 100.0
+    era = recipe_candidate("era", base)
+    assert era.twi and era.structure.get("n_parts") == 4 and era.structure.get("lambda_f") == 5.0
+    rkd = recipe_candidate("rkd", make_candidate().with_values({"split.base_width": None}))
+    assert rkd.structure.name == "assistant" and rkd.schedule == "staged"
+    assert rkd.split.base_share < 1.0
+    assert recipe_candidate("ce", rkd).structure.name == "single"  # part widths dropped
+    assert recipe_candidate("iekd", base).feature_loss.get("ratio") == 0.5
+    with pytest.raises(UserError, match="unknown method"):
+        recipe_candidate("nope", base)
+
+
+def test_epochs_split_evenly() -> None:
+    assert split_epochs(7, 3) == [3, 2, 2] and split_epochs(4, 2) == [2, 2]
+    with pytest.raises(UserError, match="train.epochs"):
+        split_epochs(2, 3)
+    cfg = stage_config(TrainConfig(epochs=240, schedule="multistep", milestones=(150, 180, 210),
+                                   warmup_epochs=5), 80)
+    assert cfg.epochs == 80 and cfg.milestones == (50, 60, 70) and cfg.warmup_epochs == 5
+
+
+# --- real training on digits ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(digits_splits: Splits, cpu: Runtime) -> ZooModel:
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=CLASSES, in_channels=1, width=1.5)
+    info = digits_splits.info
+    train = TensorLoader(digits_splits.train, info, batch_size=64, shuffle=True, augment=False)
+    val = TensorLoader(digits_splits.val, info, batch_size=512, shuffle=False, augment=False)
+    fit(Classifier(model), train, val, TrainConfig(epochs=4, batch_size=64), cpu, progress=False)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize(("structure", "schedule", "epochs"),
+                         [("single", "joint", 2), ("res_chain", "joint", 2), ("res_chain", "staged", 3)])
+def test_train_candidate_on_digits(trained_teacher: ZooModel, digits_splits: Splits, cpu: Runtime,
+                                   structure: str, schedule: str, epochs: int) -> None:
+    candidate = make_candidate(structure, "kd", schedule=schedule,
+                               **{"train.epochs": epochs, "train.lr": 0.1})
+    seen: list[int] = []
+    result = train_candidate(candidate, digits_splits, trained_teacher, cpu, progress=False,
+                             on_epoch_end=lambda stats: seen.append(stats.epoch))
+    assert result.val_acc > 30.0  # chance is 10%
+    assert seen == list(range(1, epochs + 1)) == [h.epoch for h in result.history]
+    assert result.flops.worst_case > 0 and result.params > 0 and result.seconds > 0
+    assert sum(e for _, e in result.stages) == epochs
+    if structure == "res_chain":
+        assert result.exit is not None and result.expected_flops <= result.flops.worst_case
+        assert result.student.exit_threshold == result.exit.threshold
+        assert [name for name, _ in result.stages] == (["base", "part1", "part2"] if schedule == "staged"
+                                                       else ["joint"])
+    else:
+        assert result.exit is None and result.expected_flops == result.flops.worst_case

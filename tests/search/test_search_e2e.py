@@ -1,0 +1,119 @@
+"""Real searches on digits: Optuna on SQLite, MLflow on SQLite, real training, export, retrain."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from autosplit.search.budget import parse_budget
+from autosplit.search.driver import SearchOptions, run_search
+from autosplit.search.space import SearchSpace
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = ROOT / "search_spaces" / "digits_tiny.yaml"
+
+
+def options(tmp: Path, **kw) -> SearchOptions:
+    base = SearchOptions(space=SearchSpace.from_yaml(SPACE), budget=parse_budget("0.5x"), trials=4,
+                         study_name="digits-test", storage=f"sqlite:///{tmp}/optuna.db",
+                         tracking_uri=f"sqlite:///{tmp}/mlflow.db", sampler="tpe", seed=0,
+                         device="cpu", runs_dir=tmp / "runs", progress=False)
+    return dataclasses.replace(base, **kw)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    study, ctx = run_search(options(tmp), say=lambda _m: None)
+    return tmp, study, ctx
+
+
+def test_trials_run_under_the_budget_with_the_baselines_first(searched):
+    _tmp, study, ctx = searched
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert [t.user_attrs.get("autosplit.baseline") for t in trials[:2]] == ["kd-single", "best-published"]
+    assert trials[0].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "kd"
+    assert trials[1].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "dkd"
+    for trial in trials:
+        assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert "flops_over_budget" in trial.constraints
+        flops = trial.user_attrs["autosplit.flops"]
+        assert trial.constraints["flops_over_budget"] == pytest.approx((flops - ctx.max_flops) / ctx.max_flops)
+        if trial.state == TrialState.COMPLETE and trial.user_attrs["autosplit.state"] == "complete":
+            assert flops <= ctx.max_flops
+            assert trial.values[0] == trial.user_attrs["autosplit.val_acc"] > 30.0  # chance is 10 %
+            assert Path(trial.user_attrs["autosplit.weights"]).is_file()
+    assert study.user_attrs["autosplit.budget_flops"] == ctx.max_flops
+    assert ctx.max_flops == int(0.5 * ctx.teacher_flops)
+
+
+def test_rerunning_runs_only_what_is_missing(searched):
+    tmp, study, _ctx = searched
+    run_search(options(tmp), say=lambda _m: None)
+    assert len(study.get_trials()) == 4
+    run_search(options(tmp, trials=5), say=lambda _m: None)
+    assert len(study.get_trials()) == 5
+
+
+def test_every_trial_is_a_nested_mlflow_run(searched):
+    tmp, study, _ctx = searched
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    experiment = client.get_experiment_by_name("digits-test")
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parents and {c.data.tags["mlflow.parentRunId"] for c in children} <= {p.info.run_id for p in parents}
+    run_ids = {t.user_attrs["autosplit.run_id"] for t in study.get_trials()}
+    assert run_ids <= {c.info.run_id for c in children}
+    child = next(c for c in children if c.info.run_id == study.get_trials()[0].user_attrs["autosplit.run_id"])
+    assert child.data.params["structure.name"] == "single"
+    assert "val/acc" in child.data.metrics and "flops/worst_case" in child.data.metrics
+    assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 2  # per epoch
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"front.csv", "front.png", "front.html"} <= artifacts
+
+
+def test_export_then_retrain_reproduces_the_trial(searched):
+    tmp, study, ctx = searched
+    from autosplit.cli import main
+
+    out = tmp / "export"
+    storage = f"sqlite:///{tmp}/optuna.db"
+    assert main(["front", "--study-name", "digits-test", "--storage", storage]) == 0
+    assert main(["export", "--study-name", "digits-test", "--storage", storage, "--out", str(out),
+                 "--runs-dir", str(tmp / "runs"), "--device", "cpu"]) == 0
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert (out / "best.pt").is_file()
+    assert list((out / "front").glob("trial-*.yaml"))
+    prov = best["provenance"]
+    assert prov["flops_convention"].startswith("fvcore")
+    assert prov["study"] == "digits-test" and prov["mlflow_run_id"]
+    assert prov["data_fingerprint"] == ctx.splits.fingerprint and len(prov["teacher_sha256"]) == 64
+    assert best["result"]["flops_worst_case"] <= ctx.max_flops
+    assert 0.0 < best["result"]["test_acc"] <= 100.0
+
+    from autosplit.export import read_config, retrain
+
+    config = read_config(out / "best.yaml")
+    outcome = retrain(config.candidate, ctx.splits, ctx.teacher, ctx.runtime, tmp / "runs",
+                      teacher_views=config.teacher_views)
+    assert abs(outcome["val_acc"] - best["result"]["val_acc"]) <= 0.5
+
+
+def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
+    opts = options(tmp_path, trials=1, budget=parse_budget("300"), study_name="tiny-budget")
+    study, _ctx = run_search(opts, say=lambda _m: None)
+    trial = study.get_trials()[0]
+    assert trial.user_attrs["autosplit.state"] == "infeasible"
+    assert trial.constraints["flops_over_budget"] > 0
+    assert "autosplit.val_curve" not in trial.user_attrs  # no epoch ran
+    assert "autosplit.weights" not in trial.user_attrs
+    assert optuna.load_study(study_name="tiny-budget", storage=opts.storage).best_trials == []

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autosplit.errors import UserError
+from autosplit.search.budget import parse_budget
+from autosplit.search.space import SearchSpace
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def test_the_shipped_spaces_are_there():
+    names = {p.name for p in SPACES}
+    assert {"fashion_mnist.yaml", "digits_tiny.yaml", "cifar100_resnet.yaml",
+            "imagenet_resnet.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_space_loads_and_its_baselines_are_valid(path):
+    space = SearchSpace.from_yaml(path)
+    assert space.params, "a space with nothing to search"
+    base = space.base_candidate(10**7)
+    assert base.data == space.data and base.teacher == space.teacher
+    for overrides in space.settings.baselines.values():
+        assert base.with_values(overrides).structure.name == "single"
+
+
+def test_fixed_trial_drives_suggest_with_conditional_parameters():
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "fashion_mnist.yaml")
+    chain = optuna.trial.FixedTrial({
+        "structure.name": "res_chain", "structure.n_parts": 2, "split.budget_share": 0.9,
+        "split.base_share": 0.6, "twi": False, "logit_loss.name": "dkd",
+        "logit_loss.temperature": 2.0, "logit_loss.beta": 4.0, "logit_loss.warmup_epochs": 1,
+        "feature_loss.name": "none", "train.lr": 0.05})
+    candidate = space.suggest(chain, 7_000_000)
+    assert candidate.structure.name == "res_chain" and candidate.structure.get("n_parts") == 2
+    assert candidate.logit_loss.name == "dkd" and candidate.logit_loss.get("beta") == 4.0
+    assert candidate.split.base_share == 0.6 and candidate.max_flops == 7_000_000
+    assert candidate.train.epochs == 3  # fixed part of the space kept
+
+    # A single student never draws n_parts or base_share: FixedTrial would raise if asked for
+    # a parameter it was not given.
+    single = optuna.trial.FixedTrial({
+        "structure.name": "single", "split.budget_share": 1.0, "twi": False,
+        "logit_loss.name": "kd", "logit_loss.temperature": 4.0, "logit_loss.kd_weight": 0.9,
+        "feature_loss.name": "hint", "feature_loss.weight": 100.0, "train.lr": 0.1})
+    candidate = space.suggest(single, 7_000_000)
+    assert candidate.structure.name == "single" and candidate.feature_loss.name == "hint"
+
+
+def test_baseline_overrides_win_over_the_draw():
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "digits_tiny.yaml")
+    trial = optuna.trial.FixedTrial({
+        "structure.name": "res_chain", "structure.n_parts": 1, "split.budget_share": 0.7,
+        "split.base_share": 0.7, "logit_loss.name": "kd", "logit_loss.temperature": 4.0,
+        "feature_loss.name": "none"})
+    candidate = space.suggest(trial, 10**6, overrides=space.settings.baselines["kd-single"])
+    assert candidate.structure.name == "single" and candidate.split.budget_share == 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("  structure.name:", "  structure.nam:"),
+         r"params\.structure\.nam = .*structure\.nam: unknown key"),
+        (lambda t: t.replace("search:", "serch:"), r"serch: unknown key"),
+        (lambda t: t.replace("low: 1.0, high: 8.0", "low: 8.0, high: 1.0"),
+         r"params\.logit_loss\.temperature: needs low < high"),
+        (lambda t: t.replace("choices: [kd, dkd]", "choices: [kd, dkdd]"),
+         r"params\.logit_loss\.name = 'dkdd'.*unknown logit loss 'dkdd'"),
+        (lambda t: t.replace("budget: 0.5x", "budget: lots"), r"--budget 'lots'"),
+        (lambda t: t.replace("epochs: 2", "epochs: two"), r"candidate.*train\.epochs: expected an integer|train\.epochs"),
+    ],
+)
+def test_validation_names_the_file_and_the_key(tmp_path, edit, message):
+    text = (ROOT / "search_spaces" / "digits_tiny.yaml").read_text()
+    path = tmp_path / "broken.yaml"
+    path.write_text(edit(text))
+    with pytest.raises(UserError, match=message) as info:
+        SearchSpace.from_yaml(path)
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(("text", "relative", "absolute"),
+                         [("0.25x", 0.25, None), ("1X", 1.0, None), ("5M", None, 5_000_000),
+                          ("1.2G", None, 1_200_000_000), ("350k", None, 350_000)])
+def test_budgets(text, relative, absolute):
+    budget = parse_budget(text)
+    assert (budget.relative, budget.absolute) == (relative, absolute)
+    assert budget.resolve(40_000_000) == (int(relative * 40_000_000) if relative else absolute)
+
+
+@pytest.mark.parametrize("text", ["", "x", "-1x", "lots", "0"])
+def test_bad_budgets_are_one_clear_error(text):
+    with pytest.raises(UserError, match="--budget"):
+        parse_budget(text)
