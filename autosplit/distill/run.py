@@ -119,8 +119,10 @@ def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, run
         teacher_source = LiveTeacher(teacher, sorted(distiller.teacher_taps | {"logits"}), runtime)
     _check_taps(teacher_source, distiller.teacher_taps)
     train_split = _limit(splits.train, cfg.max_train_samples)
+    # A cache of K augmented views serves epoch e with view e % K: the loader must agree.
+    n_views = getattr(teacher_source, "n_views", None) if candidate.data.augment else None
     train_loader = TensorLoader(train_split, splits.info, batch_size=cfg.batch_size, shuffle=True,
-                                augment=candidate.data.augment, seed=cfg.seed,
+                                augment=candidate.data.augment, seed=cfg.seed, n_views=n_views,
                                 device=runtime.device,
                                 drop_last=len(train_split) >= cfg.batch_size)
     val_loader = TensorLoader(splits.val, splits.info, batch_size=512, shuffle=False,
