@@ -106,21 +106,8 @@ def _space_and_budget(args: argparse.Namespace):
     return space, parse_budget(text)
 
 
-def parse_duration(text: str | None) -> float | None:
-    """``90``, ``90s``, ``15m``, ``2h`` -> seconds."""
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600}
-    raw = text.strip().lower()
-    try:
-        if raw and raw[-1] in units:
-            return float(raw[:-1]) * units[raw[-1]]
-        return float(raw)
-    except ValueError:
-        raise UserError(f"--timeout {text!r}: expected seconds or a duration like 15m, 2h") from None
-
-
 def cmd_search(args: argparse.Namespace) -> int:
+    from autosplit.search.budget import parse_duration
     from autosplit.search.driver import SearchOptions, run_search
     from autosplit.search.front import front_table
     from autosplit.search.study import records, study_info
@@ -131,7 +118,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers}: must be >= 1")
     trials = args.trials or space.settings.trials
     options = SearchOptions(space=space, budget=budget, trials=trials,
-                            timeout=parse_duration(args.timeout), study_name=args.study_name,
+                            timeout=parse_duration(args.timeout or space.settings.timeout),
+                            study_name=args.study_name,
                             storage=args.storage, tracking_uri=args.tracking_uri,
                             sampler=args.sampler or space.settings.sampler, seed=args.seed,
                             workers=args.workers, device=args.device, runs_dir=Path(args.runs_dir),

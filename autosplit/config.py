@@ -215,6 +215,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     max_train_samples: int | None = None
+    grad_clip_norm: float | None = None  # clip the global gradient norm (None: no clipping)
 
     def validate(self, path: str = "") -> None:
         if self.epochs < 1:
@@ -225,6 +226,8 @@ class TrainConfig:
             raise UserError(f"{_join(path, 'lr')}: must be > 0, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"{_join(path, 'label_smoothing')}: must be in [0, 1)")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise UserError(f"{_join(path, 'grad_clip_norm')}: must be > 0 or null")
         if self.schedule == "multistep" and not self.milestones:
             raise UserError(f"{_join(path, 'milestones')}: multistep needs milestones, e.g. [150, 180, 210]")
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -161,8 +162,10 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
         start_epoch, history = _resume(checkpoint, checkpoint_config, task, optimizer)
     step = start_epoch * steps_per_epoch
     show = progress and os.environ.get("AUTOSPLIT_NO_PROGRESS") != "1"
+    # On a terminal the bar redraws twice a second; into a log file, once a minute.
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc=desc, disable=not show,
-               leave=False, dynamic_ncols=True)
+               leave=False, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 60.0)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             task.train()
@@ -182,6 +185,10 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
                     losses = task.loss(outputs, teacher_outputs, batch.labels, epoch=epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
+                if cfg.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 # Sum on-device; one sync per epoch instead of one per step.

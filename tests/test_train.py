@@ -107,3 +107,17 @@ def test_diverging_loss_stops_with_a_clear_error(digits_splits, cpu):
             p.mul_(float("nan")) if p.dim() > 1 else None
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         fit(task, train, val, replace(TrainConfig(), epochs=1), cpu, progress=False)
+
+
+def test_gradient_clipping_bounds_the_step(digits_splits, cpu):
+    train = TensorLoader(digits_splits.train, digits_splits.info, batch_size=4096, shuffle=False,
+                         augment=False)  # one batch: one optimiser step
+    val = TensorLoader(digits_splits.val, digits_splits.info, batch_size=512, shuffle=False,
+                       augment=False)
+    cfg = TrainConfig(epochs=1, lr=0.5, momentum=0.0, nesterov=False, weight_decay=0.0,
+                      schedule="constant", grad_clip_norm=1e-3)
+    task = _task(digits_splits)
+    before = torch.cat([p.detach().flatten().clone() for p in task.parameters()])
+    fit(task, train, val, cfg, cpu, progress=False)
+    after = torch.cat([p.detach().flatten() for p in task.parameters()])
+    assert 0 < float((after - before).norm()) <= 0.5 * 1e-3 * 1.0001

@@ -175,15 +175,6 @@ def need_teacher(teacher_outputs: Mapping[str, Tensor] | None, tap: str, who: st
     return teacher_outputs[tap]
 
 
-def resize_map(feature_map: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) -> (B, C, *size): average-pool down, bilinear up."""
-    if tuple(feature_map.shape[-2:]) == tuple(size):
-        return feature_map
-    if feature_map.shape[-2] >= size[0] and feature_map.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(feature_map, size)
-    return F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
-
-
 # ---------------------------------------------------------------------------------------------
 
 

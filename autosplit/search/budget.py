@@ -48,3 +48,18 @@ def parse_budget(text: str | int | float) -> Budget:
     if flops <= 0:
         raise UserError(f"--budget {raw}: must be > 0")
     return Budget(raw, None, flops)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``90``, ``90s``, ``15m``, ``2h`` -> seconds (``--timeout`` and ``search.timeout``)."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = str(text).strip().lower()
+    try:
+        seconds = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
+    except ValueError:
+        raise UserError(f"--timeout {text!r}: expected seconds or a duration like 15m, 2h") from None
+    if seconds <= 0:
+        raise UserError(f"--timeout {text!r}: must be > 0")
+    return seconds

@@ -160,7 +160,9 @@ def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
             "flops/worst_case": flops.worst_case, "optuna/trial_number": trial.number,
             "time/wall_s": time.perf_counter() - started})
         raise optuna.TrialPruned(f"dominated after epoch {len(curve)}") from None
-    except Exception:
+    except Exception as exc:
+        trial.set_user_attr(A + "state", "failed")
+        trial.set_user_attr(A + "error", str(exc)[:500])
         ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
 
@@ -170,6 +172,7 @@ def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     weights = _save_trial(ctx, trial.number, candidate, result)
     wall = time.perf_counter() - started
     train_seconds = sum(h.seconds for h in result.history)
+    ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
     for key, value in {"state": "complete", "candidate": candidate.to_dict(),
                        "val_acc": result.val_acc, "expected_flops": result.expected_flops,
                        "params": result.params, "weights": str(weights),
@@ -329,8 +332,9 @@ def run_worker(options: SearchOptions, ctx: SearchContext, study_name: str, stor
     if options.progress and worker_index == 0:
         callbacks.append(_ProgressCallback(options.trials, study))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A candidate whose training diverges is a failed trial, not a failed search.
     study.optimize(lambda trial: objective(ctx, trial), n_trials=n, timeout=options.timeout,
-                   callbacks=callbacks, gc_after_trial=True)
+                   callbacks=callbacks, gc_after_trial=True, catch=(FloatingPointError,))
 
 
 def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None) -> Any:
@@ -352,7 +356,8 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
         stats = studies.records(study)
         ctx.tracker.log_search_cost({
             "cpu_seconds": time.process_time(),
-            "gpu_seconds": 0.0 if not torch.cuda.is_available() else float(time.process_time()),
+            # Wall time this worker held its GPU for training (0 on CPU-only runs).
+            "gpu_seconds": ctx.cost.get("train_seconds", 0.0) if ctx.runtime.is_cuda else 0.0,
             "pruned": sum(r.state == "pruned" for r in stats),
             "infeasible": sum(r.state == "infeasible" for r in stats),
             "cache_hits": ctx.cost["cache_hits"], "cache_builds": ctx.cost["cache_builds"]})

@@ -90,6 +90,7 @@ class EarlyStopping:
 @dataclass(frozen=True)
 class SearchSettings:
     trials: int = 30
+    timeout: str | None = None  # default for --timeout, e.g. "14m": no trial starts after it
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     objective_flops: Literal["worst_case", "expected"] = "expected"
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
@@ -146,6 +147,14 @@ class SearchSpace:
                                 "remove it here")
         params = [_parse_param(name, spec) for name, spec in (raw.get("params") or {}).items()]
         settings = from_dict(SearchSettings, raw.get("search") or {}, "search")
+        if settings.timeout is not None:
+            from autosplit.search.budget import parse_duration
+
+            try:
+                parse_duration(settings.timeout)
+            except UserError:
+                raise UserError(f"search.timeout: {settings.timeout!r} is not a duration like "
+                                "15m or 2h") from None
         space = cls(path, data, teacher, budget, fixed, params, settings)
         space._validate()
         return space

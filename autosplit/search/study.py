@@ -23,8 +23,10 @@ from autosplit.search.front import TrialRecord
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 20
-GRACE_SECONDS = 60
+# A worker that misses heartbeats for GRACE seconds is taken for dead; its trial is failed and
+# re-queued. Environment overrides exist for tests that kill workers on purpose.
+HEARTBEAT_SECONDS = int(os.environ.get("AUTOSPLIT_HEARTBEAT_SECONDS", "20"))
+GRACE_SECONDS = int(os.environ.get("AUTOSPLIT_GRACE_SECONDS", "60"))
 MAX_RETRY = 2
 WORKER_ATTR = "autosplit.worker"
 

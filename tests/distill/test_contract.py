@@ -10,7 +10,6 @@ count; a state_dict loaded into a fresh distiller gives identical predictions an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,7 +30,7 @@ from autosplit.distill import (
     recipe_candidate,
     student_flops,
 )
-from autosplit.models import ZooModel, create_model
+from autosplit.models import ZooModel
 
 INPUT_SHAPE = (1, 8, 8)  # digits
 CLASSES = 10
@@ -39,19 +38,9 @@ WITH_PARTS = ("assistant", "res_chain")
 SMALL = {"res_chain": {"n_parts": 2}, "branches": {"n_parts": 2}}  # fewer parts: faster
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # tiny models on a shared CPU: one thread is far faster
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def teacher() -> ZooModel:
-    torch.manual_seed(0)
-    # Left trainable on purpose: the distiller itself must keep gradients and steps off it.
-    return create_model("tiny", num_classes=CLASSES, in_channels=1, width=1.5).eval()
+def teacher(tiny_teacher: ZooModel) -> ZooModel:
+    return tiny_teacher
 
 
 def make_candidate(structure: str = "single", logit: str = "kd", feature: str = "none", *,

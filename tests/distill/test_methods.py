@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,19 +34,9 @@ CLASSES = 10
 WITH_PARTS = ("assistant", "res_chain")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()  # tiny models on a shared CPU: one thread is far faster
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def teacher() -> ZooModel:
-    torch.manual_seed(0)
-    model = create_model("tiny", num_classes=CLASSES, in_channels=1, width=1.5).eval()
-    return model.requires_grad_(False)
+def teacher(tiny_teacher: ZooModel) -> ZooModel:
+    return tiny_teacher.requires_grad_(False)
 
 
 def make_candidate(structure: str = "single", logit: str = "kd", feature: str = "none", *,
@@ -220,7 +209,8 @@ def test_staged_step_changes_only_the_stage(teacher: ZooModel, structure: str, s
 
 
 def test_aekt_fixed_weight_is_weighted_tckd_nckd(teacher: ZooModel) -> None:
-    distiller = make_distiller(teacher, "single", "aekt", **{"logit_loss.fixed_weight": 0.7})
+    distiller = make_distiller(teacher, "single", "aekt", **{"logit_loss.fixed_weight": 0.7,
+                                                             "logit_loss.warmup_epochs": 0})
     run = step(distiller, teacher)
     out, labels = run["outputs"], run["labels"]
     z_dist = out["aekt_dist"][0]
@@ -235,16 +225,17 @@ def test_aekt_fixed_weight_is_weighted_tckd_nckd(teacher: ZooModel) -> None:
     assert torch.equal(distiller.predict(batch()[0]), distiller.student(batch()[0]))
 
 
-def test_dkd_warmup_scales_with_epoch(teacher: ZooModel) -> None:
-    distiller = make_distiller(teacher, "single", "dkd", **{"logit_loss.warmup_epochs": 4})
+@pytest.mark.parametrize("logit", ["dkd", "aekt"])
+def test_warmup_scales_with_epoch(teacher: ZooModel, logit: str) -> None:
+    distiller = make_distiller(teacher, "single", logit, **{"logit_loss.warmup_epochs": 4})
     distiller.eval()
     images, labels = batch()
     outputs = distiller(images)
     taps = {"logits": teacher(images)}
-    full = distiller.loss(outputs, taps, labels, epoch=3)["loss_dkd"]
+    full = distiller.loss(outputs, taps, labels, epoch=3)[f"loss_{logit}"]
     assert float(full.detach()) > 0
     for epoch, factor in [(0, 0.25), (1, 0.5), (2, 0.75), (3, 1.0), (50, 1.0)]:
-        value = distiller.loss(outputs, taps, labels, epoch=epoch)["loss_dkd"]
+        value = distiller.loss(outputs, taps, labels, epoch=epoch)[f"loss_{logit}"]
         assert torch.allclose(value, factor * full)
     ce = distiller.loss(outputs, taps, labels, epoch=0)["loss_ce"]
     assert torch.allclose(ce, F.cross_entropy(outputs["logits"], labels))

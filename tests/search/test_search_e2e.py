@@ -117,3 +117,17 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
     assert "autosplit.val_curve" not in trial.user_attrs  # no epoch ran
     assert "autosplit.weights" not in trial.user_attrs
     assert optuna.load_study(study_name="tiny-budget", storage=opts.storage).best_trials == []
+
+
+def test_a_diverging_candidate_fails_its_trial_not_the_search(tmp_path):
+    space_file = tmp_path / "diverge.yaml"
+    space_file.write_text(SPACE.read_text().replace("    lr: 0.1\n    seed: 0\nparams:",
+                                                    "    lr: 1.0e+6\n    seed: 0\nparams:"))
+    opts = options(tmp_path, trials=2, study_name="diverge", space=SearchSpace.from_yaml(space_file),
+                   tracking=False)
+    study, _ctx = run_search(opts, say=lambda _m: None)
+    trials = study.get_trials()
+    assert len(trials) == 2  # both attempts ran; the search itself returned normally
+    assert all(t.state == TrialState.FAIL for t in trials)
+    assert all(t.user_attrs["autosplit.state"] == "failed" for t in trials)
+    assert "lower the learning rate" in trials[0].user_attrs["autosplit.error"]

@@ -34,7 +34,7 @@ def test_fixed_trial_drives_suggest_with_conditional_parameters():
     chain = optuna.trial.FixedTrial({
         "structure.name": "res_chain", "structure.n_parts": 2, "split.budget_share": 0.9,
         "split.base_share": 0.6, "twi": False, "logit_loss.name": "dkd",
-        "logit_loss.temperature": 2.0, "logit_loss.beta": 4.0, "logit_loss.warmup_epochs": 1,
+        "logit_loss.temperature": 2.0, "logit_loss.beta": 4.0, "logit_loss.warmup_epochs": 3,
         "feature_loss.name": "none", "train.lr": 0.05})
     candidate = space.suggest(chain, 7_000_000)
     assert candidate.structure.name == "res_chain" and candidate.structure.get("n_parts") == 2
@@ -98,3 +98,18 @@ def test_budgets(text, relative, absolute):
 def test_bad_budgets_are_one_clear_error(text):
     with pytest.raises(UserError, match="--budget"):
         parse_budget(text)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0)])
+def test_durations(text, seconds):
+    from autosplit.search.budget import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+def test_a_bad_space_timeout_names_its_key(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text((ROOT / "search_spaces" / "digits_tiny.yaml").read_text()
+                    .replace("  trials: 6\n", "  trials: 6\n  timeout: soon\n"))
+    with pytest.raises(UserError, match=r"t\.yaml: search\.timeout: 'soon' is not a duration"):
+        SearchSpace.from_yaml(path)

@@ -28,7 +28,9 @@ class AEKT(LogitPart):
     ``parallel``: z_dist from its own head beside the deployed one. Both heads are training-only.
     Reading (the paper's weight function is not public, METHODS.md): ``w = clip(sg(p^T_t /
     p^S_t), w_min, w_max) ** power``; ``w_min``, ``w_max`` have no published values.
-    ``fixed_weight`` replaces ``w`` by a constant (ablations, tests).
+    ``fixed_weight`` replaces ``w`` by a constant (ablations, tests). The transfer term warms up
+    linearly over ``warmup_epochs`` as DKD's does (AEKT builds on DKD's decoupling; without it the
+    serial head's early gradients at tau^2 * beta = 128 diverged in short runs here).
     """
 
     @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class AEKT(LogitPart):
         power: float = 1.0
         layout: Literal["serial", "parallel"] = "serial"
         fixed_weight: float | None = None
+        warmup_epochs: int = 20
 
     terms = ("ce", "aekt")
 
@@ -86,7 +89,8 @@ class AEKT(LogitPart):
         transfer = aekt_loss(logits_dist, logits_teacher, labels, beta=p.beta,
                              temperature=p.temperature, w_min=p.w_min, w_max=p.w_max,
                              power=p.power, weight=weight)
-        return {"ce": p.ce_weight * self.ce(logits, labels), "aekt": transfer}
+        warm = min((epoch + 1) / p.warmup_epochs, 1.0) if p.warmup_epochs > 0 else 1.0
+        return {"ce": p.ce_weight * self.ce(logits, labels), "aekt": warm * transfer}
 
 
 def _near_identity(classes: int) -> nn.Linear:

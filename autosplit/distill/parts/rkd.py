@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from autosplit.distill._base import Outputs, Part, PartContext, need_teacher, resize_map
+from autosplit.distill._base import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.losses import normalized_mse
+from autosplit.distill.student import resize as resize_map
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""Several `autosplit search` workers on one study: PostgreSQL, journal files, killed workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = str(ROOT / "search_spaces" / "digits_tiny.yaml")
+
+
+def _cmd(*args: str) -> list[str]:
+    exe = shutil.which("autosplit")
+    return [exe] if exe else [sys.executable, "-m", "autosplit.cli"], list(args)
+
+
+def worker(runs: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    head, tail = _cmd("search", "--space", SPACE, "--runs-dir", str(runs), "--device", "cpu",
+                      "--quiet", *args)
+    return subprocess.Popen([*head, *tail], cwd=runs, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "AUTOSPLIT_NO_PROGRESS": "1",
+                                 "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _mlflow_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=500)
+
+
+def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ("--study-name", "pg-two", "--storage", postgres_url, "--tracking-uri", tracking,
+            "--trials", "6")
+    procs = [worker(digits_runs, *args, "--seed", str(i)) for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    study = optuna.load_study(study_name="pg-two", storage=postgres_url)
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 6 and len(finished) <= 7  # the last trial may overlap by one
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    baselines = [t.user_attrs.get("autosplit.baseline") for t in trials]
+    assert sorted(b for b in baselines if b) == ["best-published", "kd-single"]  # enqueued once
+    workers = {t.user_attrs["autosplit.worker"] for t in trials}
+    assert len(workers) == 2  # both processes ran trials
+
+    runs = _mlflow_runs(tracking, "pg-two")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2  # one per search invocation, both in the one experiment
+    assert {t.user_attrs["autosplit.run_id"] for t in trials} <= {c.info.run_id for c in children}
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs, tmp_path):
+    env = {"AUTOSPLIT_HEARTBEAT_SECONDS": "1", "AUTOSPLIT_GRACE_SECONDS": "3"}
+    args = ("--study-name", "pg-kill", "--storage", postgres_url, "--no-tracking", "--trials", "3")
+    victim = worker(digits_runs, *args, env=env)
+    deadline = time.time() + 120
+    running = []
+    while time.time() < deadline and not running:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="pg-kill", storage=postgres_url)
+        except KeyError:
+            continue
+        running = study.get_trials(states=(TrialState.RUNNING,))
+    assert running, "the worker never started a trial"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = running[0].number
+    time.sleep(4)  # past the grace period: the heartbeat is stale
+    finish(worker(digits_runs, *args, env=env))
+    trials = optuna.load_study(study_name="pg-kill", storage=postgres_url).get_trials()
+    assert trials[killed].state == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed
+               or t.system_attrs.get("stale_trial") == killed]
+    assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retried[0].params == trials[killed].params
+
+
+def test_local_workers_on_a_journal_file(digits_runs, tmp_path):
+    out = finish(worker(digits_runs, "--study-name", "journal-two", "--workers", "2",
+                        "--trials", "4", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"))
+    assert "front" in out.lower() or "budget" in out.lower()
+    journal = digits_runs / "optuna-journal.log"
+    assert journal.is_file()
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="journal-two",
+                              storage=JournalStorage(JournalFileBackend(str(journal))))
+    trials = study.get_trials()
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 4 <= len(done) <= 5
+    assert len({t.user_attrs["autosplit.worker"] for t in trials}) == 2
+
+
+def test_dead_local_workers_trials_are_failed_and_requeued(tmp_path):
+    from autosplit.search.study import WORKER_ATTR, fail_dead_local_trials, open_storage, open_study
+
+    storage = open_storage(f"journal:{tmp_path}/j.log")
+    study = open_study("s", storage, create=True)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{dead.pid}")
+    alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study._storage.set_trial_user_attr(alive._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    assert fail_dead_local_trials(study) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[trial.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == {"x": trial.params["x"]}
