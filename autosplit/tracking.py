@@ -99,6 +99,29 @@ def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, 
     return flat
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite store across local processes.
+
+    MLflow creates and migrates the schema on first open; two workers doing that at once on a
+    fresh file break each other's migrations (seen here with --workers 2). A file lock beside
+    the database makes the second wait for the first. Servers need no lock.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db_path = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(db_path.with_name(db_path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class MlflowTracker:
     """Tracker writing to an MLflow store (``sqlite:///…`` file or an ``http(s)://`` server).
 
@@ -110,7 +133,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        with self._talking("connect"):
+        with self._talking("connect"), _sqlite_init_lock(tracking_uri):
             self._client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
             self._client.search_experiments(max_results=1)  # fail now, not after a trial trained
         self._lock = threading.Lock()

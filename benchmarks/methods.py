@@ -17,8 +17,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from autosplit.distill import METHODS
 from autosplit.distill.recipes import recipe_candidate
 from autosplit.export import test_loader
@@ -108,5 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     main()

@@ -396,10 +396,12 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     study_name = options.study_name or default_study_name(options.space, options.budget)
     storage_url = options.storage or studies.default_storage(options.runs_dir, options.workers)
     storage = studies.open_storage(storage_url)
-    study = studies.open_study(study_name, storage, create=True)
+    study, created = studies.create_or_load(study_name, storage)
     describe_study(study, ctx, options)
-    studies.fail_dead_local_trials(study)
-    enqueue_baselines(study, options.space)
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        studies.fail_dead_local_trials(study)  # RDB storages have Optuna's heartbeat for this
+    if created:  # only the worker that made the study: never twice when started together
+        enqueue_baselines(study, options.space)
     todo = remaining_trials(study, options.trials)
     say(f"study {study_name} on {studies._redact(storage_url)}: "
         f"{options.trials - todo} of {options.trials} trials already done")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +54,28 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            # The heartbeat is marked experimental in Optuna 5; it is the supported way to
-            # fail and retry trials of killed workers on RDB storages.
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-                engine_kwargs=None if url.startswith("sqlite") else {"pool_pre_ping": True})
-    except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--storage {_redact(url)}: cannot open ({first[:200]}); check the URL, "
-                        "that the server runs and the driver is installed") from None
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                # The heartbeat is marked experimental in Optuna 5; it is the supported way to
+                # fail and retry trials of killed workers on RDB storages.
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY),
+                    engine_kwargs=None if url.startswith("sqlite") else {"pool_pre_ping": True})
+        except Exception as exc:  # noqa: BLE001 - drivers raise many types; one line for the user
+            text = str(exc)
+            # Workers started together on an empty database race to create Optuna's tables;
+            # the loser sees a duplicate and simply opens what the winner made.
+            if attempt < 5 and ("duplicate key" in text or "already exists" in text):
+                time.sleep(0.5 + random.random())
+                continue
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise UserError(f"--storage {_redact(url)}: cannot open ({first[:200]}); check the "
+                            "URL, that the server runs and the driver is installed") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(name: str, seed: int | None, *, n_startup: int = 8) -> optuna.samplers.BaseSampler:
@@ -82,14 +93,27 @@ def make_sampler(name: str, seed: int | None, *, n_startup: int = 8) -> optuna.s
 def open_study(name: str, storage: optuna.storages.BaseStorage, *,
                sampler: optuna.samplers.BaseSampler | None = None, create: bool) -> optuna.Study:
     if create:
-        return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                   directions=["maximize", "minimize"], load_if_exists=True)
+        return create_or_load(name, storage, sampler=sampler)[0]
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         known = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise UserError(f"--study-name {name!r}: no such study in this storage; known: "
                         f"{', '.join(known) or '(none)'}") from None
+
+
+def create_or_load(name: str, storage: optuna.storages.BaseStorage, *,
+                   sampler: optuna.samplers.BaseSampler | None = None) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it. The storage's unique study name makes
+    exactly one of several workers started together the creator (who enqueues the baselines)."""
+    from optuna.exceptions import DuplicatedStudyError
+
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                    directions=["maximize", "minimize"], load_if_exists=False)
+        return study, True
+    except DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
 
 
 def worker_id() -> str:
@@ -156,6 +180,6 @@ def _redact(url: str) -> str:
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url

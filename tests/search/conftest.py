@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def postgres_url(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL binaries not found; scripts/setup.sh installs postgresql")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg2")
-    root = tmp_path_factory.mktemp("pg")
+    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, the driver the `postgres` extra installs.
+    pytest.importorskip("psycopg")
+    # Not under pytest's tmp dir: that is private to root (0700), and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="autosplit-pg-"))
     data = root / "data"
     as_user: list[str] = []
     if os.geteuid() == 0:
@@ -51,25 +54,25 @@ def postgres_url(tmp_path_factory):
     subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"),
                     "-w", "start"], check=True, capture_output=True)
     try:
-        import psycopg2
+        import psycopg
 
         deadline = time.time() + 30
         while True:
             try:
-                conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres",
-                                        dbname="postgres")
+                conn = psycopg.connect(host="127.0.0.1", port=port, user="postgres",
+                                       dbname="postgres", autocommit=True)
                 break
-            except psycopg2.OperationalError:
+            except psycopg.OperationalError:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.3)
-        conn.autocommit = True
-        conn.cursor().execute("CREATE DATABASE autosplit")
+        conn.execute("CREATE DATABASE autosplit")
         conn.close()
         yield f"postgresql://postgres@127.0.0.1:{port}/autosplit"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -102,10 +102,27 @@ def test_export_then_retrain_reproduces_the_trial(searched):
 
     from autosplit.export import read_config, retrain
 
+    # --confirm-seeds retrains the top front members with more seeds: mean ± sd.
+    confirmed = tmp / "confirmed"
+    assert main(["export", "--study-name", "digits-test", "--storage", storage, "--out",
+                 str(confirmed), "--runs-dir", str(tmp / "runs"), "--device", "cpu",
+                 "--confirm-seeds", "2"]) == 0
+    confirm = yaml.safe_load((confirmed / "best.yaml").read_text())["result"]["confirm"]
+    assert confirm["seeds"] == 2 and 0 < confirm["val_acc_mean"] <= 100
+    assert confirm["val_acc_sd"] >= 0 and 0 < confirm["test_acc_mean"] <= 100
+
     config = read_config(out / "best.yaml")
     outcome = retrain(config.candidate, ctx.splits, ctx.teacher, ctx.runtime, tmp / "runs",
                       teacher_views=config.teacher_views)
     assert abs(outcome["val_acc"] - best["result"]["val_acc"]) <= 0.5
+
+    weights = tmp / "student.pt"
+    assert main(["train", "--config", str(out / "best.yaml"), "--runs-dir", str(tmp / "runs"),
+                 "--device", "cpu", "--quiet", "--out", str(weights)]) == 0
+    from autosplit.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(weights, kind="student")
+    assert saved["config"] == best["candidate"] and 0 < saved["extra"]["test_acc"] <= 100
 
 
 def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
