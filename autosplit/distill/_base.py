@@ -168,6 +168,11 @@ class LogitPart(Part):
         raise NotImplementedError
 
 
+def linear_warmup(epoch: int, warmup_epochs: int) -> float:
+    """DKD's warm-up factor ``min((epoch + 1) / warmup_epochs, 1)`` at 0-based ``epoch``."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
 def need_teacher(teacher_outputs: Mapping[str, Tensor] | None, tap: str, who: str) -> Tensor:
     if teacher_outputs is None or tap not in teacher_outputs:
         have = "none" if teacher_outputs is None else ", ".join(sorted(teacher_outputs))

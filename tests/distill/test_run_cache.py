@@ -15,19 +15,25 @@ from autosplit.distill.run import train_candidate
 from autosplit.models import create_model
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_cached_and_live_teacher_give_the_same_training(cpu, tmp_path, augment):
+def setup(cpu, tmp_path, *, augment: bool, batch_size: int):
+    """Digits, a tiny teacher, a tiny-student KD candidate and a 2-view teacher cache."""
     data = DataConfig(name="digits", val_fraction=0.2, augment=augment)
     splits = load_splits(data)
     torch.manual_seed(0)
     teacher = create_model("tiny", num_classes=10, in_channels=1).eval()
     candidate = Candidate(data=data, teacher=TeacherConfig(model="tiny"), max_flops=10**6,
-                          train=TrainConfig(epochs=3, lr=0.05, batch_size=64, seed=1))
+                          train=TrainConfig(epochs=3, lr=0.05, batch_size=batch_size, seed=1))
     candidate = dataclasses.replace(candidate, student=dataclasses.replace(candidate.student, family="tiny"))
     cache = teacher_outputs(teacher, splits.train, splits.info, cpu, taps=["logits"],
                             teacher_key="t", data_fingerprint=splits.fingerprint,
                             split_name="train", cache_dir=tmp_path, augment=augment, n_views=2,
                             seed=1)
+    return splits, teacher, candidate, cache
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_cached_and_live_teacher_give_the_same_training(cpu, tmp_path, augment):
+    splits, teacher, candidate, cache = setup(cpu, tmp_path, augment=augment, batch_size=64)
     cached = train_candidate(candidate, splits, teacher, cpu, teacher_source=cache, progress=False)
     live = train_candidate(candidate, splits, teacher, cpu, progress=False,
                            teacher_source=LiveTeacher(teacher, ["logits"], cpu))
@@ -58,16 +64,7 @@ class Spy:
 
 
 def test_every_epoch_trains_on_the_view_the_cache_holds(cpu, tmp_path):
-    data = DataConfig(name="digits", val_fraction=0.2, augment=True)
-    splits = load_splits(data)
-    torch.manual_seed(0)
-    teacher = create_model("tiny", num_classes=10, in_channels=1).eval()
-    candidate = Candidate(data=data, teacher=TeacherConfig(model="tiny"), max_flops=10**6,
-                          train=TrainConfig(epochs=3, lr=0.05, batch_size=256, seed=1))
-    candidate = dataclasses.replace(candidate, student=dataclasses.replace(candidate.student, family="tiny"))
-    cache = teacher_outputs(teacher, splits.train, splits.info, cpu, taps=["logits"],
-                            teacher_key="t", data_fingerprint=splits.fingerprint,
-                            split_name="train", cache_dir=tmp_path, augment=True, n_views=2, seed=1)
+    splits, teacher, candidate, cache = setup(cpu, tmp_path, augment=True, batch_size=256)
     spy = Spy(cache, LiveTeacher(teacher, ["logits"], cpu))
     train_candidate(candidate, splits, teacher, cpu, teacher_source=spy, progress=False)
     assert sorted(set(spy.views)) == [0, 1]  # epoch 3 reuses view 0 instead of a new view 2

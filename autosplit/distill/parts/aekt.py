@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from autosplit.distill._base import LogitPart, Outputs, PartContext, need_teacher
+from autosplit.distill._base import LogitPart, Outputs, PartContext, linear_warmup, need_teacher
 from autosplit.distill.losses import aekt_loss
 from autosplit.distill.registry import LOGIT_LOSSES
 from autosplit.errors import UserError
@@ -89,7 +89,7 @@ class AEKT(LogitPart):
         transfer = aekt_loss(logits_dist, logits_teacher, labels, beta=p.beta,
                              temperature=p.temperature, w_min=p.w_min, w_max=p.w_max,
                              power=p.power, weight=weight)
-        warm = min((epoch + 1) / p.warmup_epochs, 1.0) if p.warmup_epochs > 0 else 1.0
+        warm = linear_warmup(epoch, p.warmup_epochs)
         return {"ce": p.ce_weight * self.ce(logits, labels), "aekt": warm * transfer}
 
 

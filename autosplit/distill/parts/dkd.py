@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from autosplit.distill._base import LogitPart, Outputs, need_teacher
+from autosplit.distill._base import LogitPart, Outputs, linear_warmup, need_teacher
 from autosplit.distill.losses import dkd_loss
 from autosplit.distill.registry import LOGIT_LOSSES
 
@@ -39,9 +39,7 @@ class DKD(LogitPart):
 
     def warm(self, epoch: int) -> float:
         """The DKD weight's linear warm-up factor at 0-based ``epoch``."""
-        if self.params.warmup_epochs <= 0:
-            return 1.0
-        return min((epoch + 1) / self.params.warmup_epochs, 1.0)
+        return linear_warmup(epoch, self.params.warmup_epochs)
 
     def stream_loss(self, stream: int, logits: Tensor, outputs: Outputs,
                     teacher_outputs: Mapping[str, Tensor] | None, labels: Tensor, *,
