@@ -150,18 +150,8 @@ class _EvalContext:
                                    runs_dir=runs_dir, progress=False)
 
     def test_accuracy(self, candidate_plain: dict[str, Any], weights: str) -> float:
-        from autosplit.checkpoint import load_checkpoint
-        from autosplit.distill.candidate import Candidate
-        from autosplit.distill.run import build_and_count
-        from autosplit.train import evaluate
-
-        candidate = Candidate.from_dict(candidate_plain)
-        distiller, _ = build_and_count(candidate, self.teacher.model, self.splits)
-        student = distiller.student
-        student.load_state_dict(load_checkpoint(weights, kind="student")["state_dict"])
-        student.exit_threshold = candidate.structure.get("exit_threshold")
-        student = self.runtime.prepare(student).eval()
-        return evaluate(student, test_loader(self.splits, self.runtime), self.runtime)
+        return trained_test_accuracy(candidate_plain, weights, self.teacher.model, self.splits,
+                                     self.runtime)
 
     def confirm(self, candidate_plain: dict[str, Any], seeds: int, views: int) -> dict[str, Any]:
         """Retrain with ``seeds`` further seeds: mean ± sd of val and test accuracy."""
@@ -181,11 +171,28 @@ class _EvalContext:
                 "test_acc_sd": statistics.stdev(tests) if seeds > 1 else 0.0}
 
 
-def test_loader(splits: Any, runtime: Any) -> Any:
-    from autosplit.data import TensorLoader
+def trained_test_accuracy(candidate_plain: dict[str, Any], weights: str | Path, teacher: Any,
+                          splits: Any, runtime: Any) -> float:
+    """Test accuracy of a trial's saved student (its exit gate applied), rebuilt from its
+    pinned candidate."""
+    from autosplit.checkpoint import load_checkpoint
+    from autosplit.distill.candidate import Candidate
+    from autosplit.distill.run import build_and_count
+    from autosplit.train import evaluate
 
-    return TensorLoader(splits.test, splits.info, batch_size=512, shuffle=False, augment=False,
-                        device=runtime.device)
+    candidate = Candidate.from_dict(candidate_plain)
+    distiller, _ = build_and_count(candidate, teacher, splits)
+    student = distiller.student
+    student.load_state_dict(load_checkpoint(weights, kind="student")["state_dict"])
+    student.exit_threshold = candidate.structure.get("exit_threshold")
+    student = runtime.prepare(student).eval()
+    return evaluate(student, test_loader(splits, runtime), runtime)
+
+
+def test_loader(splits: Any, runtime: Any) -> Any:
+    from autosplit.data import eval_loader
+
+    return eval_loader(splits.test, splits.info, runtime.device)
 
 
 def retrain(candidate: Any, splits: Any, teacher: Any, runtime: Any, runs_dir: Path, *,

@@ -142,6 +142,11 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return count_flops_report(model, input_shape).total
 
 
+class BudgetTooSmall(UserError):
+    """No width of a family fits a FLOPs target (the search records such a candidate as
+    infeasible instead of failing)."""
+
+
 def solve_width(
     build: Callable[[float], nn.Module],
     input_shape: tuple[int, int, int],
@@ -177,7 +182,7 @@ def solve_width(
         return by_width[width]
 
     if flops_at(low) > target_flops:
-        raise UserError(
+        raise BudgetTooSmall(
             f"no width fits {format_flops(target_flops)} FLOPs: the narrowest allowed (width "
             f"{low:g}) already needs {format_flops(flops_at(low))}; raise the budget or give this "
             "part a larger share of it"

@@ -16,7 +16,7 @@ from torch import nn
 
 from autosplit.checkpoint import load_checkpoint, load_state_dict_file, save_checkpoint
 from autosplit.config import DataConfig, TeacherConfig, config_hash, from_dict, to_dict
-from autosplit.data import Splits, TensorLoader
+from autosplit.data import Splits, TensorLoader, eval_loader
 from autosplit.device import Runtime
 from autosplit.errors import UserError
 from autosplit.models import ZooModel, create_model
@@ -115,8 +115,7 @@ def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime
 
 
 def _eval_loader(splits: Splits, which: str, runtime: Runtime) -> TensorLoader:
-    return TensorLoader(getattr(splits, which), splits.info, batch_size=512, shuffle=False,
-                        augment=False, device=runtime.device)
+    return eval_loader(getattr(splits, which), splits.info, runtime.device)
 
 
 def _load_into(model: nn.Module, state_dict: dict, path: Path) -> None:

@@ -153,6 +153,7 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
     """
     optimizer = make_optimizer(task.trainable_parameters(), cfg)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = runtime.grad_scaler()
     steps_per_epoch = len(train_loader)
     history: list[EpochStats] = []
@@ -187,8 +188,7 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
                 scaler.scale(losses["loss"]).backward()
                 if cfg.grad_clip_norm is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip_norm)
+                    torch.nn.utils.clip_grad_norm_(stepped, cfg.grad_clip_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 # Sum on-device; one sync per epoch instead of one per step.

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from autosplit.export import test_loader
+from autosplit.export import trained_test_accuracy
 from autosplit.search import study as studies
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
@@ -44,17 +44,9 @@ def overhead_shares(study) -> list[float]:
 
 
 def test_accuracy(ctx, trial) -> float:
-    from autosplit.checkpoint import load_checkpoint
-    from autosplit.distill.candidate import Candidate
-    from autosplit.distill.run import build_and_count
-    from autosplit.train import evaluate
-
-    candidate = Candidate.from_dict(trial.user_attrs["autosplit.candidate"])
-    distiller, _ = build_and_count(candidate, ctx.teacher.model, ctx.splits)
-    student = distiller.student
-    student.load_state_dict(load_checkpoint(trial.user_attrs["autosplit.weights"])["state_dict"])
-    student.exit_threshold = candidate.structure.get("exit_threshold")
-    return evaluate(student.eval(), test_loader(ctx.splits, ctx.runtime), ctx.runtime)
+    return trained_test_accuracy(trial.user_attrs["autosplit.candidate"],
+                                 trial.user_attrs["autosplit.weights"], ctx.teacher.model,
+                                 ctx.splits, ctx.runtime)
 
 
 def main() -> None:

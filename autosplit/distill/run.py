@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from autosplit.data import Split, Splits, TensorLoader
+from autosplit.data import Split, Splits, TensorLoader, eval_loader
 from autosplit.errors import UserError
 from autosplit.train import EpochStats, TeacherSource, evaluate, fit, seed_everything
 
@@ -88,30 +88,41 @@ def stage_config(cfg: TrainConfig, epochs: int) -> TrainConfig:
 def build_and_count(candidate: Candidate, teacher: ZooModel, splits: Splits
                     ) -> tuple[Distiller, StudentFlops]:
     """The candidate's Distiller and its Student's FLOPs, counted before any training."""
-    from autosplit.distill._base import build_distiller
     from autosplit.distill.student import student_flops
 
+    distiller = _build(candidate, teacher, splits)
+    return distiller, student_flops(distiller.student, splits.info.input_shape)
+
+
+def _build(candidate: Candidate, teacher: ZooModel, splits: Splits) -> Distiller:
+    from autosplit.distill._base import build_distiller
+
     info = splits.info
-    distiller = build_distiller(candidate, teacher=teacher, num_classes=info.num_classes,
-                                in_channels=info.in_channels, input_shape=info.input_shape)
-    return distiller, student_flops(distiller.student, info.input_shape)
+    return build_distiller(candidate, teacher=teacher, num_classes=info.num_classes,
+                           in_channels=info.in_channels, input_shape=info.input_shape)
 
 
 def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, runtime: Runtime, *,
                     teacher_source: TeacherSource | None = None, progress: bool = True,
-                    on_epoch_end: Callable[[EpochStats], None] | None = None) -> CandidateResult:
+                    on_epoch_end: Callable[[EpochStats], None] | None = None,
+                    flops: StudentFlops | None = None) -> CandidateResult:
     """Train ``candidate`` on ``splits.train`` and measure it on ``splits.val``.
 
     ``teacher_source`` gives the teacher's outputs per batch (a ``CachedTeacher`` holding at
     least ``distiller.teacher_taps``); by default the teacher runs live. ``on_epoch_end`` sees
-    every epoch with its number across stages, and may raise ``StopTraining``.
+    every epoch with its number across stages, and may raise ``StopTraining``. ``flops``, when
+    the caller already counted this candidate's student (the search does, to decide
+    feasibility), skips counting it again.
     """
     from autosplit.cache import LiveTeacher
 
     started = time.perf_counter()
     cfg = candidate.train
     seed_everything(cfg.seed)
-    distiller, flops = build_and_count(candidate, teacher, splits)
+    if flops is None:
+        distiller, flops = build_and_count(candidate, teacher, splits)
+    else:
+        distiller = _build(candidate, teacher, splits)
     log.info("candidate %s/%s/%s: %d FLOPs worst case", candidate.structure.name,
              candidate.logit_loss.name, candidate.feature_loss.name, flops.worst_case)
     distiller = runtime.prepare(distiller)
@@ -125,8 +136,7 @@ def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, run
                                 augment=candidate.data.augment, seed=cfg.seed, n_views=n_views,
                                 device=runtime.device,
                                 drop_last=len(train_split) >= cfg.batch_size)
-    val_loader = TensorLoader(splits.val, splits.info, batch_size=512, shuffle=False,
-                              augment=False, device=runtime.device)
+    val_loader = eval_loader(splits.val, splits.info, runtime.device)
     distiller.prepare(teacher_source, train_loader, runtime)
 
     stages = distiller.stages()

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from autosplit.config import from_dict
 from autosplit.distill.candidate import Candidate
 from autosplit.errors import UserError
-from autosplit.flops import count_flops_report, solve_width
+from autosplit.flops import BudgetTooSmall, count_flops_report, solve_width
 from autosplit.models import ZooModel, create_model
 
 
@@ -111,12 +111,12 @@ class BuildContext:
         if explicit is not None:
             return explicit
         if target_flops < 1:
-            raise UserError(f"{what}: its share of the budget is {target_flops:.0f} FLOPs; "
+            raise BudgetTooSmall(f"{what}: its share of the budget is {target_flops:.0f} FLOPs; "
                             "raise max_flops or the share")
         try:
             return solve_width(build, self.input_shape, int(target_flops))
-        except UserError as exc:
-            raise UserError(f"{what}: {exc}") from None
+        except BudgetTooSmall as exc:
+            raise BudgetTooSmall(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)

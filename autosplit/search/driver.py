@@ -51,16 +51,24 @@ class SearchContext:
 
     def teacher_source(self, taps: set[str], candidate: Any) -> Any:
         """The cached teacher outputs holding ``taps`` over the rows trials train on."""
-        key = tuple(sorted(taps | {"logits"}))
+        taps = taps | {"logits"}
+        # What the outputs depend on besides the teacher and data (a space may search these).
+        augment = candidate.data.augment
+        key = (tuple(sorted(taps)), _train_rows(candidate, self.splits), augment,
+               candidate.train.seed if augment else 0)
         if key in self.caches:
             self.cost["cache_hits"] += 1
         else:
             cache = teacher_cache_for(candidate, self.teacher, self.splits, self.runtime,
                                       self.runs_dir, views=self.space.settings.teacher_views,
-                                      taps=set(key))
+                                      taps=taps)
             self.cost["cache_hits" if cache.hit else "cache_builds"] += 1
             self.caches[key] = cache
         return self.caches[key]
+
+
+def _train_rows(candidate: Any, splits: Any) -> int:
+    return min(candidate.train.max_train_samples or len(splits.train), len(splits.train))
 
 
 def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Any, runs_dir: Path, *,
@@ -77,7 +85,7 @@ def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Any, r
     if taps is None:
         distiller, _ = build_and_count(candidate, teacher.model, splits)
         taps = set(distiller.teacher_taps)
-    rows = min(candidate.train.max_train_samples or len(splits.train), len(splits.train))
+    rows = _train_rows(candidate, splits)
     split = Split(splits.train.images[:rows], splits.train.labels[:rows])
     return teacher_outputs(teacher.model, split, splits.info, runtime,
                            taps=sorted(taps | {"logits"}), teacher_key=teacher.key,
@@ -101,7 +109,7 @@ def label_of(candidate: Any) -> str:
 
 def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     """One trial: draw, count, (maybe) train, record. Returns (val_acc, FLOPs)."""
-    from autosplit.distill.run import train_candidate
+    from autosplit.distill.run import deployed_parameters, train_candidate
 
     started = time.perf_counter()
     trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
@@ -117,8 +125,7 @@ def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     trial.set_constraint("flops_over_budget", over)
     trial.set_user_attr(A + "label", label_of(candidate))
     trial.set_user_attr(A + "flops", int(flops.worst_case))
-    trial.set_user_attr(A + "params", sum(p.numel() for _, m in student.inference_modules()
-                                          for p in m.parameters()))
+    trial.set_user_attr(A + "params", deployed_parameters(student))
     run_id = ctx.tracker.start_trial(trial_number=trial.number, params=candidate.flat(),
                                      tags={"autosplit.label": label_of(candidate),
                                            "autosplit.baseline": baseline or ""})
@@ -153,7 +160,8 @@ def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     del distiller  # train_candidate builds its own, from the pinned candidate
     try:
         result = train_candidate(candidate, ctx.splits, ctx.teacher.model, ctx.runtime,
-                                 teacher_source=source, progress=False, on_epoch_end=on_epoch_end)
+                                 teacher_source=source, progress=False, on_epoch_end=on_epoch_end,
+                                 flops=flops)
     except StopTraining:
         trial.set_user_attr(A + "state", "pruned")
         ctx.tracker.end_trial(run_id, state="pruned", metrics={
@@ -192,12 +200,11 @@ def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
     """Build and count; when no width fits the share, count the narrowest build instead, so
     the trial is recorded as infeasible with its real cost rather than failing."""
     from autosplit.distill.run import build_and_count
+    from autosplit.flops import BudgetTooSmall
 
     try:
         return build_and_count(candidate, ctx.teacher.model, ctx.splits)
-    except UserError as exc:
-        if "no width" not in str(exc) and "share of the budget" not in str(exc):
-            raise
+    except BudgetTooSmall as exc:
         log.info("no width fits (%s); counting the narrowest build", exc)
         has_parts = candidate.structure.name in ("assistant", "res_chain")
         narrow = candidate.with_values({"split.base_width": SMALLEST_WIDTH,
@@ -352,8 +359,8 @@ def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None)
 
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     def refresh(study: optuna.Study, _trial: Any) -> None:
-        ctx.tracker.update_front(studies.records(study), ctx.max_flops)
         stats = studies.records(study)
+        ctx.tracker.update_front(stats, ctx.max_flops)
         ctx.tracker.log_search_cost({
             "cpu_seconds": time.process_time(),
             # Wall time this worker held its GPU for training (0 on CPU-only runs).

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from autosplit.config import DataConfig, TeacherConfig, from_dict, load_yaml
+from autosplit.config import DataConfig, TeacherConfig, from_dict, load_yaml, to_dict
 from autosplit.errors import UserError
 
 if TYPE_CHECKING:
@@ -164,8 +164,8 @@ class SearchSpace:
     def base_candidate(self, max_flops: int) -> Candidate:
         from autosplit.distill.candidate import Candidate
 
-        plain = {**self.fixed, "data": dataclasses.asdict(self.data),
-                 "teacher": _plain(self.teacher), "max_flops": int(max_flops)}
+        plain = {**self.fixed, "data": to_dict(self.data), "teacher": to_dict(self.teacher),
+                 "max_flops": int(max_flops)}
         return Candidate.from_dict(plain)
 
     def suggest(self, trial: optuna.Trial, max_flops: int, *,
@@ -253,9 +253,3 @@ def _parse_param(name: str, spec: Any) -> ParamSpec:
         if param.log and param.low <= 0:
             raise UserError(f"{where}.low: a log-scale parameter needs low > 0")
     return param
-
-
-def _plain(obj: Any) -> Any:
-    from autosplit.config import to_dict
-
-    return to_dict(obj)
