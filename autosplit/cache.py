@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -122,3 +123,30 @@ def teacher_outputs(model: nn.Module, split: Split, info: DatasetInfo, runtime: 
     log.info("teacher cache built %s: %d view(s), taps %s, %.1f MB in %.1fs", path, len(views),
              ",".join(taps), cached.nbytes / 2**20, time.perf_counter() - started)
     return cached
+
+
+def train_rows(candidate: Any, splits: Any) -> int:
+    """How many training rows ``candidate`` trains on (a prefix of the training split)."""
+    return min(candidate.train.max_train_samples or len(splits.train), len(splits.train))
+
+
+def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Runtime,
+                      runs_dir: str | Path, *, views: int = 1, taps: set[str] | None = None) -> Any:
+    """Teacher outputs over the training rows a candidate uses (the search's and retrain's path).
+
+    Feature taps are stored in fp16, logits in fp32; ``views`` augmented views when the data
+    augments, so epoch ``e`` trains on view ``e % views``.
+    """
+    from autosplit.data import Split
+    from autosplit.distill.run import build_and_count
+
+    if taps is None:
+        distiller, _ = build_and_count(candidate, teacher.model, splits)
+        taps = set(distiller.teacher_taps)
+    rows = train_rows(candidate, splits)
+    split = Split(splits.train.images[:rows], splits.train.labels[:rows])
+    return teacher_outputs(teacher.model, split, splits.info, runtime,
+                           taps=sorted(taps | {"logits"}), teacher_key=teacher.key,
+                           data_fingerprint=splits.fingerprint, split_name=f"train[:{rows}]",
+                           cache_dir=Path(runs_dir) / "cache", augment=candidate.data.augment,
+                           n_views=views, seed=candidate.train.seed, fp16=True)

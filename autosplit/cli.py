@@ -108,33 +108,76 @@ def _space_and_budget(args: argparse.Namespace):
 
 def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.budget import parse_duration
-    from autosplit.search.driver import SearchOptions, run_search
-    from autosplit.search.front import front_table
-    from autosplit.search.study import records, study_info
+    from autosplit.search.driver import SearchOptions, proxy_fidelity, run_search
     from autosplit.tracking import default_tracking_uri
 
     space, budget = _space_and_budget(args)
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be >= 1")
-    trials = args.trials or space.settings.trials
+    trials = args.trials if args.trials is not None else space.settings.trials
+    if trials < 0:
+        raise UserError(f"--trials {trials}: must be >= 0 (the study's total number of trials)")
     options = SearchOptions(space=space, budget=budget, trials=trials,
-                            timeout=parse_duration(args.timeout or space.settings.timeout),
+                            time_limit=parse_duration(args.time_limit or space.settings.time_limit),
                             study_name=args.study_name,
                             storage=args.storage, tracking_uri=args.tracking_uri,
                             sampler=args.sampler or space.settings.sampler, seed=args.seed,
                             workers=args.workers, device=args.device, runs_dir=Path(args.runs_dir),
-                            progress=not args.quiet, early_stopping=not args.no_early_stopping,
+                            progress=not args.quiet, halving=not args.no_halving,
                             tracking=not args.no_tracking)
     study, ctx = run_search(options)
-    info = study_info(study)
     print()
-    print(front_table(records(study), ctx.max_flops, teacher_flops=info.get("autosplit.teacher_flops")))
+    print(_front_text(study, rung=None))
+    tau = proxy_fidelity(study)
+    if tau:
+        print("proxy fidelity (Kendall tau, rung accuracy vs final accuracy over the finalists): "
+              + ", ".join(f"rung {k}: {v['tau']:+.2f} (n={int(v['n'])})" for k, v in tau.items()))
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     print(f"export: autosplit export --study-name {study.study_name}"
           + (f" --storage {args.storage}" if args.storage else ""))
     return 0
+
+
+def _front_text(study: Any, *, rung: int | None) -> str:
+    """The final front when the study has one (unless a rung is asked for), else the search's
+    front at the top rung, or the front of rung ``rung``."""
+    from autosplit.search.front import (
+        final_members,
+        final_table,
+        front_table,
+        rung_records,
+        search_records,
+    )
+    from autosplit.search.study import records, study_info
+
+    info = study_info(study)
+    budget = int(info["autosplit.budget_flops"])
+    teacher_flops = info.get("autosplit.teacher_flops")
+    cost = "expected_flops" if info.get("autosplit.objective_flops") == "expected" else "flops"
+    recs = records(study)
+    if rung is not None:
+        at = rung_records(recs, rung)
+        if not at:
+            raise UserError(f"--rung {rung}: no trial of study {study.study_name!r} finished "
+                            "that rung")
+        return f"rung {rung}:\n" + front_table(at, budget, teacher_flops=teacher_flops, cost=cost)
+    members = final_members(recs, info.get("autosplit.final_members"))
+    if members:
+        return final_table(members, budget, teacher_flops=teacher_flops, cost=cost,
+                           fidelity=_final_fidelity(study))
+    return front_table(search_records(recs), budget, teacher_flops=teacher_flops, cost=cost)
+
+
+def _final_fidelity(study: Any) -> str:
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get("autosplit.stage") == "final" and "autosplit.candidate" in \
+                trial.user_attrs:
+            train = trial.user_attrs["autosplit.candidate"]["train"]
+            rows = train.get("max_train_samples") or "all"
+            return f"{train['epochs']} epochs x {rows} rows"
+    return ""
 
 
 def _open_existing(args: argparse.Namespace):
@@ -152,13 +195,8 @@ def _open_existing(args: argparse.Namespace):
 
 
 def cmd_front(args: argparse.Namespace) -> int:
-    from autosplit.search.front import front_table
-    from autosplit.search.study import records, study_info
-
     study, _ = _open_existing(args)
-    info = study_info(study)
-    print(front_table(records(study), int(info["autosplit.budget_flops"]),
-                      teacher_flops=info.get("autosplit.teacher_flops")))
+    print(_front_text(study, rung=args.rung))
     return 0
 
 
@@ -202,7 +240,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.config}: val {outcome['val_acc']:.2f}%  test {outcome['test_acc']:.2f}%  "
           f"FLOPs {format_flops(result.worst_case_flops)} worst case, "
           f"{format_flops(int(result.expected_flops))} expected (fvcore: 1 multiply-add = 1 FLOP)")
-    if "val_acc" in config.result:
+    if "val_acc_mean" in config.result:
+        mean, sd = config.result["val_acc_mean"], config.result["val_acc_sd"]
+        tolerance = max(sd, 0.5)
+        verdict = "within" if abs(outcome["val_acc"] - mean) <= tolerance else "OUTSIDE"
+        print(f"final stage measured val {mean:.2f} ± {sd:.2f}% over "
+              f"{len(config.result.get('seeds', []))} seeds; this run is {verdict} "
+              f"{tolerance:.2f} pt of it")
+    elif "val_acc" in config.result:
         print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
     if args.out:
         from autosplit.checkpoint import save_checkpoint
@@ -239,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--space", help="search-space YAML (default: search_spaces/fashion_mnist.yaml)")
     search.add_argument("--budget", help="FLOPs cap: 0.25x (of the teacher) or 5M, 1.2G")
     search.add_argument("--trials", type=int, help="the study's total number of trials")
-    search.add_argument("--timeout", help="stop starting trials after this long (e.g. 20m)")
+    search.add_argument("--time-limit", help="wall time of the whole job: teacher, search and "
+                        "final stage (e.g. 30m, 2h, off; default: the space's)")
     search.add_argument("--study-name", help="default: <space>-<budget>")
     search.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
     search.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
@@ -249,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", default="auto", help="auto | cpu | cuda")
     search.add_argument("--data-dir", help="where the dataset files are")
     search.add_argument("--runs-dir", default="runs")
-    search.add_argument("--no-early-stopping", action="store_true")
+    search.add_argument("--no-halving", action="store_true",
+                        help="train every trial at the top rung (no successive halving)")
     search.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.set_defaults(func=cmd_search)
@@ -260,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--study-name", required=True)
         cmd.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
         cmd.add_argument("--runs-dir", default="runs")
+        if name == "front":
+            cmd.add_argument("--rung", type=int, help="show rung N's front instead of the final")
         if name == "export":
             cmd.add_argument("--out", help="folder (default runs/exports/<study>)")
             cmd.add_argument("--confirm-seeds", type=int, default=0,

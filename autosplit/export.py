@@ -8,8 +8,10 @@ package versions, FLOPs convention, data and teacher checksums, study, trial and
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import statistics
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -74,65 +76,154 @@ def read_config(path: str | Path) -> ExportedConfig:
 def export_study(study: Any, out_dir: Path, *, storage_url: str, runtime: Any,
                  runs_dir: Path, confirm_seeds: int = 0, confirm_top: int = 3,
                  say: Any = print) -> list[Path]:
-    """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths."""
+    """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths.
+
+    With a final stage, the front is the final one: each member's result holds the final
+    fidelity, its seeds, val and test accuracy as mean ± sd (test read here, never in the
+    search), and the weights of the seed whose val accuracy is closest to the mean. Without one,
+    the search's own front is exported. All or nothing: the files are written into a fresh
+    folder that replaces ``out_dir`` only once every file is there.
+    """
     from autosplit.search import study as studies
-    from autosplit.search.front import pareto_front
+    from autosplit.search.front import final_front, final_members, pareto_front, search_records
     from autosplit.search.space import SearchSpace
 
     info = studies.study_info(study)
     budget = int(info["autosplit.budget_flops"])
-    front = pareto_front(studies.records(study), budget)
-    if not front:
+    cost = "expected_flops" if info.get("autosplit.objective_flops") == "expected" else "flops"
+    records = studies.records(study)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    members = final_members(records, info.get("autosplit.final_members"))
+    if members:
+        front = final_front(members, budget, cost=cost)
+        entries = [_Entry(m.number, m.label, m.baseline, m.val_mean,
+                          [trials[n] for n in m.trials]) for m in front]
+    else:
+        search_front = pareto_front(search_records(records), budget, cost=cost)
+        entries = [_Entry(r.number, r.label, r.baseline, float(r.val_acc or 0.0),
+                          [trials[r.number]]) for r in search_front]
+    if not entries:
         raise UserError(f"study {study.study_name!r} has no finished feasible trial yet; run "
                         "`autosplit search` first")
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    best = max(front, key=lambda r: (r.val_acc, -(r.flops or 0)))
+    best = max(entries, key=lambda e: (e.val_acc, -e.number))
     space_path = Path(info["autosplit.space"])
     views = SearchSpace.from_yaml(space_path).settings.teacher_views if space_path.is_file() else 1
-
-    context = _EvalContext(trials[best.number].user_attrs["autosplit.candidate"], runtime, runs_dir)
+    context = _EvalContext(best.runs[0].user_attrs["autosplit.candidate"], runtime, runs_dir)
     teacher_sha = sha256_file(info["autosplit.teacher_path"])
-    written = []
     out_dir = Path(out_dir)
-    confirm_for = {r.number for r in sorted(front, key=lambda r: -r.val_acc)[:confirm_top]}
-    for record in front:
-        trial = trials[record.number]
-        attrs = trial.user_attrs
-        result = {"val_acc": attrs["autosplit.val_acc"], "flops_worst_case": attrs["autosplit.flops"],
-                  "flops_expected": attrs["autosplit.expected_flops"],
-                  "params": attrs["autosplit.params"], "train_seconds": attrs.get("autosplit.train_seconds"),
-                  "test_acc": context.test_accuracy(attrs["autosplit.candidate"], attrs["autosplit.weights"])}
-        if confirm_seeds and record.number in confirm_for:
-            result["confirm"] = context.confirm(attrs["autosplit.candidate"], confirm_seeds, views)
-        provenance = {
-            "packages": package_versions(), "flops_convention": FLOPS_CONVENTION,
-            "data_fingerprint": info["autosplit.data_fingerprint"],
-            "teacher_key": info["autosplit.teacher_key"], "teacher_sha256": teacher_sha,
-            "teacher_test_acc": info.get("autosplit.teacher_test_acc"),
-            "budget": info.get("autosplit.budget"), "budget_flops": budget,
-            "study": study.study_name, "storage": studies._redact(storage_url),
-            "trial": record.number, "mlflow_run_id": attrs.get("autosplit.run_id"),
-            "label": record.label, "baseline": record.baseline,
-            "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        document = {"candidate": attrs["autosplit.candidate"], "result": result,
-                    "provenance": provenance, "training": {"teacher_views": views}}
-        stem = f"trial-{record.number:04d}"
-        weights = Path(attrs["autosplit.weights"])
-        targets = [out_dir / "front" / stem]
-        if record.number == best.number:
-            targets.append(out_dir / "best")
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if weights.is_file():
-                tmp = target.with_suffix(".pt.tmp")
-                shutil.copyfile(weights, tmp)
-                tmp.replace(target.with_suffix(".pt"))
-                document["provenance"]["weights"] = target.with_suffix(".pt").name
-            atomic_write_text(target.with_suffix(".yaml"), dump_yaml(document))
-            written.append(target.with_suffix(".yaml"))
-        say(f"trial {record.number:>4}  val {result['val_acc']:.2f}%  test {result['test_acc']:.2f}%"
-            f"  {record.label}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_parent_dir(out_dir)))
+    written: list[Path] = []
+    try:
+        confirm_for = {e.number for e in sorted(entries, key=lambda e: -e.val_acc)[:confirm_top]}
+        for entry in entries:
+            document, weights = _document(entry, context, info, study, storage_url, budget,
+                                          teacher_sha, views)
+            if confirm_seeds and entry.number in confirm_for:
+                document["result"]["confirm"] = context.confirm(document["candidate"],
+                                                                confirm_seeds, views)
+            stem = f"trial-{entry.number:04d}"
+            targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
+            for target in targets:
+                (staging / target).parent.mkdir(parents=True, exist_ok=True)
+                if weights.is_file():
+                    shutil.copyfile(weights, staging / target.with_suffix(".pt"))
+                    document["provenance"]["weights"] = target.with_suffix(".pt").name
+                atomic_write_text(staging / target.with_suffix(".yaml"), dump_yaml(document))
+                written.append(out_dir / target.with_suffix(".yaml"))
+            result = document["result"]
+            say(f"trial {entry.number:>4}  val {_pm(result, 'val')}  test {_pm(result, 'test')}"
+                f"  {entry.label}")
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return written
+
+
+@dataclass
+class _Entry:
+    """One exported front member: its search trial and the runs that measured it (the final
+    stage's seeds, or the search trial itself)."""
+
+    number: int
+    label: str
+    baseline: str | None
+    val_acc: float
+    runs: list[Any]  # FrozenTrial
+
+
+def _pm(result: dict[str, Any], which: str) -> str:
+    if f"{which}_acc_mean" in result:
+        return f"{result[f'{which}_acc_mean']:.2f} ± {result[f'{which}_acc_sd']:.2f}%"
+    return f"{result[f'{which}_acc']:.2f}%"
+
+
+def _document(entry: _Entry, context: _EvalContext, info: dict[str, Any], study: Any,
+              storage_url: str, budget: int, teacher_sha: str, views: int
+              ) -> tuple[dict[str, Any], Path]:
+    """The export YAML of one member, and the weights file to ship with it."""
+    from autosplit.search import study as studies
+
+    tests = [context.test_accuracy(t.user_attrs["autosplit.candidate"],
+                                   t.user_attrs["autosplit.weights"]) for t in entry.runs]
+    vals = [float(t.user_attrs["autosplit.val_acc"]) for t in entry.runs]
+    mean = statistics.fmean(vals)
+    # The seed whose val accuracy is closest to the mean: its weights and candidate ship.
+    shipped = min(range(len(vals)), key=lambda i: (abs(vals[i] - mean), i))
+    attrs = entry.runs[shipped].user_attrs
+    result: dict[str, Any] = {
+        "val_acc": vals[shipped], "test_acc": tests[shipped],
+        "flops_worst_case": attrs["autosplit.flops"],
+        "flops_expected": attrs.get("autosplit.expected_flops"),
+        "params": attrs.get("autosplit.params"), "train_seconds": attrs.get("autosplit.train_seconds")}
+    if attrs.get("autosplit.stage") == "final":
+        train = attrs["autosplit.candidate"]["train"]
+        result.update({
+            "stage": "final",
+            "fidelity": {"epochs": train["epochs"], "rows": train.get("max_train_samples")},
+            "seeds": [t.user_attrs["autosplit.candidate"]["train"]["seed"] for t in entry.runs],
+            "seed_shipped": train["seed"],
+            "val_accs": vals, "val_acc_mean": mean,
+            "val_acc_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "test_accs": tests, "test_acc_mean": statistics.fmean(tests),
+            "test_acc_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0})
+    provenance = {
+        "packages": package_versions(), "flops_convention": FLOPS_CONVENTION,
+        "data_fingerprint": info["autosplit.data_fingerprint"],
+        "teacher_key": info["autosplit.teacher_key"], "teacher_sha256": teacher_sha,
+        "teacher_test_acc": info.get("autosplit.teacher_test_acc"),
+        "budget": info.get("autosplit.budget"), "budget_flops": budget,
+        "study": study.study_name, "storage": studies._redact(storage_url),
+        "trial": entry.number, "final_trials": [t.number for t in entry.runs],
+        "mlflow_run_id": attrs.get("autosplit.run_id"), "label": entry.label,
+        "baseline": entry.baseline, "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    document = {"candidate": attrs["autosplit.candidate"], "result": result,
+                "provenance": provenance, "training": {"teacher_views": views}}
+    return document, Path(attrs["autosplit.weights"])
+
+
+def _parent_dir(out_dir: Path) -> Path:
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out_dir}: cannot create {parent} ({exc.strerror}); choose a "
+                        "writable folder") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out_dir}: {parent} is not writable; choose a writable folder")
+    return parent
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Put the finished ``staging`` folder where ``out_dir`` is; an older export is removed only
+    after the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _EvalContext:
@@ -198,8 +289,8 @@ def test_loader(splits: Any, runtime: Any) -> Any:
 def retrain(candidate: Any, splits: Any, teacher: Any, runtime: Any, runs_dir: Path, *,
             teacher_views: int = 1, progress: bool = False) -> dict[str, Any]:
     """Train a candidate through the search's own code path, then evaluate on test."""
+    from autosplit.cache import teacher_cache_for
     from autosplit.distill.run import train_candidate
-    from autosplit.search.driver import teacher_cache_for
     from autosplit.train import evaluate
 
     source = teacher_cache_for(candidate, teacher, splits, runtime, runs_dir, views=teacher_views)

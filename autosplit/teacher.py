@@ -69,6 +69,12 @@ def load_teacher(path: str | Path, splits: Splits) -> Teacher:
                    float(extra["train_seconds"]), from_cache=True)
 
 
+def is_cached(config: TeacherConfig, splits: Splits, runs_dir: str | Path) -> bool:
+    """Whether ``get_teacher`` would load this teacher rather than train or import it."""
+    return (Path(runs_dir) / "teachers" / teacher_key(config, splits.fingerprint)
+            / "teacher.pt").is_file()
+
+
 def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime: Runtime, *,
                 runs_dir: str | Path = "runs", progress: bool = True) -> Teacher:
     """Return the cached teacher for (config, data), training or importing it on a miss."""

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from autosplit.errors import UserError
-from autosplit.search.front import FLOPS_CONVENTION, TrialRecord, hypervolume_history, pareto_front
+from autosplit.search.front import (
+    FLOPS_CONVENTION,
+    FinalMember,
+    TrialRecord,
+    final_front,
+    hypervolume_history,
+    pareto_front,
+)
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -49,6 +56,9 @@ class Tracker(Protocol):
     def end_trial(self, run_id: str, *, state: str, metrics: dict[str, float]) -> None: ...
     def update_front(self, records: list[TrialRecord], budget_flops: int) -> None: ...
     def log_search_cost(self, metrics: dict[str, float]) -> None: ...
+    def log_final_stage(self, members: list[FinalMember],
+                        rungs: dict[int, list[TrialRecord]], proxy: dict[int, dict[str, float]],
+                        budget_flops: int) -> None: ...
     def end_search(self, status: str = "FINISHED") -> None: ...
 
 
@@ -75,6 +85,11 @@ class NullTracker:
         pass
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_final_stage(self, members: list[FinalMember],
+                        rungs: dict[int, list[TrialRecord]], proxy: dict[int, dict[str, float]],
+                        budget_flops: int) -> None:
         pass
 
     def end_search(self, status: str = "FINISHED") -> None:
@@ -276,6 +291,38 @@ class MlflowTracker:
                 self._client.set_tag(self.parent_run_id, "mlflow.note.content",
                                      _search_note(self._study_name, {}, budget_flops, front),
                                      synchronous=True)
+
+    def log_final_stage(self, members: list[FinalMember],
+                        rungs: dict[int, list[TrialRecord]], proxy: dict[int, dict[str, float]],
+                        budget_flops: int) -> None:
+        """The final front (with ±1 sd error bars), each rung's front, and the proxy's Kendall
+        tau against the final stage, on the parent run."""
+        from autosplit.search import front_plots
+
+        front = final_front(members, budget_flops)
+        with tempfile.TemporaryDirectory(prefix="autosplit-final-") as tmp:
+            folder = Path(tmp)
+            names = ["final_front.csv", "final_front.png"]
+            front_plots.write_final_csv(folder / names[0], members, front)
+            front_plots.write_final_png(folder / names[1], members, front, budget_flops,
+                                        f"{self._study_name} — final stage")
+            for rung, records in sorted(rungs.items()):
+                rung_front = pareto_front(records, budget_flops)
+                name = f"rung{rung}_front.png"
+                front_plots.write_png(folder / name, records, rung_front, budget_flops,
+                                      f"{self._study_name} — rung {rung}")
+                names.append(name)
+            metrics: dict[str, float] = {f"final/kendall_tau_rung{k}": v["tau"]
+                                         for k, v in proxy.items()}
+            if front:
+                best = max(front, key=lambda m: m.val_mean)
+                metrics.update({"final/best_val_acc_mean": best.val_mean,
+                                "final/best_val_acc_sd": best.val_sd,
+                                "final/front_size": float(len(front))})
+            with self._lock, self._talking("log the final stage"):
+                for name in names:
+                    self._client.log_artifact(self.parent_run_id, str(folder / name))
+                self._log_batch(self.parent_run_id, metrics=_metrics(metrics, 0))
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         with self._talking("log the search cost"):

@@ -17,12 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
+from autosplit.cache import teacher_cache_for
 from autosplit.distill import METHODS
 from autosplit.distill.recipes import recipe_candidate
 from autosplit.export import test_loader
 from autosplit.flops import count_flops, format_flops
 from autosplit.search.budget import parse_budget
-from autosplit.search.driver import SearchOptions, prepare, teacher_cache_for
+from autosplit.search.driver import SearchOptions, prepare
 from autosplit.search.space import SearchSpace
 from autosplit.train import evaluate
 

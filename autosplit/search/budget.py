@@ -50,16 +50,17 @@ def parse_budget(text: str | int | float) -> Budget:
     return Budget(raw, None, flops)
 
 
-def parse_duration(text: str | None) -> float | None:
-    """``90``, ``90s``, ``15m``, ``2h`` -> seconds (``--timeout`` and ``search.timeout``)."""
-    if text is None:
+def parse_duration(text: str | None, flag: str = "--time-limit") -> float | None:
+    """``90``, ``90s``, ``15m``, ``2h`` -> seconds; ``none``/``off`` -> no limit (``None``)."""
+    if text is None or str(text).strip().lower() in ("none", "off"):
         return None
     units = {"s": 1, "m": 60, "h": 3600}
     raw = str(text).strip().lower()
     try:
         seconds = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
     except ValueError:
-        raise UserError(f"--timeout {text!r}: expected seconds or a duration like 15m, 2h") from None
+        raise UserError(f"{flag} {text!r}: expected seconds or a duration like 30m, 2h "
+                        "(or off)") from None
     if seconds <= 0:
-        raise UserError(f"--timeout {text!r}: must be > 0")
+        raise UserError(f"{flag} {text!r}: must be > 0 (or off for no limit)")
     return seconds

@@ -1,6 +1,13 @@
 """The search: an Optuna study over candidates, maximising validation accuracy and minimising
 FLOPs under ``FLOPs <= budget`` (a constraint, so over-budget candidates are recorded, never
-trained). Kept thin: the space draws candidates, ``distill.run`` trains them, the tracker logs.
+trained). Kept thin: the space draws candidates, ``distill.run`` trains them, ``promotion``
+decides who climbs a rung, ``plan`` decides what fits in the time limit, the tracker logs.
+
+A search has three phases, all under one time limit: the teacher (unless cached), the search
+(every trial starts at the cheapest rung; successive halving promotes the best 1/eta), and the
+final stage (the front's top members and the baselines at the final fidelity, over seeds).
+Final-stage jobs are Optuna trials too (enqueued, marked ``stage: final``), so several workers
+share them, and a killed job is failed and re-run like any trial.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -22,12 +29,17 @@ from autosplit.config import atomic_write_text
 from autosplit.errors import UserError
 from autosplit.search import study as studies
 from autosplit.search.budget import Budget
-from autosplit.search.early_stop import Finished, should_stop
-from autosplit.search.space import SearchSpace
-from autosplit.train import EpochStats, StopTraining
+from autosplit.search.plan import CostModel, Deadline
+from autosplit.search.promotion import RungResult, promotable
+from autosplit.search.space import FinalStage, Rung, SearchSpace
+from autosplit.train import EpochStats
+
+if TYPE_CHECKING:
+    from autosplit.distill.candidate import Candidate
 
 log = logging.getLogger(__name__)
 A = "autosplit."
+STAGE, RUNGS, MEMBER, SEED = A + "stage", A + "rungs", A + "member", A + "seed"
 SMALLEST_WIDTH = 0.05  # the width solver's lower end
 
 
@@ -45,12 +57,39 @@ class SearchContext:
     study_name: str
     tracker: Any
     progress: bool = False
-    early_stopping: bool = True
-    caches: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    halving: bool = True  # False: every trial trains at the top rung only
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the whole job
+    search_deadline: Deadline = field(default_factory=lambda: Deadline(None))  # search phase
+    cost_model: CostModel = field(default_factory=lambda: CostModel({1.0: 1e9}))
+    final_seeds: int | None = None  # the plan's seeds (None: the space's)
+    finalists: int | None = None  # the plan's finalists (None: the space's top_k)
+    caches: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
+
+    @property
+    def eta(self) -> int:
+        return self.space.settings.fidelity.eta
+
+    @property
+    def final(self) -> FinalStage | None:
+        return self.space.settings.fidelity.final
+
+    def rungs(self, candidate: Candidate) -> list[Rung]:
+        """The rungs a trial climbs: the space's, or the candidate's own training as one."""
+        rungs = list(self.space.settings.fidelity.rungs) or [
+            Rung(candidate.train.epochs, candidate.train.max_train_samples)]
+        return rungs if self.halving else rungs[-1:]
+
+    def estimate(self, candidate: Candidate, flops: float, *, kind: str) -> float:
+        """Predicted seconds to train ``candidate`` here (see ``plan.CostModel``)."""
+        return self.cost_model.training_seconds(
+            flops=float(flops), epochs=candidate.train.epochs,
+            rows=_train_rows(candidate, self.splits), val_rows=len(self.splits.val), kind=kind)
 
     def teacher_source(self, taps: set[str], candidate: Any) -> Any:
         """The cached teacher outputs holding ``taps`` over the rows trials train on."""
+        from autosplit.cache import teacher_cache_for
+
         taps = taps | {"logits"}
         # What the outputs depend on besides the teacher and data (a space may search these).
         augment = candidate.data.augment
@@ -59,6 +98,8 @@ class SearchContext:
         if key in self.caches:
             self.cost["cache_hits"] += 1
         else:
+            # One cache in memory at a time: a final stage's full-data cache is large.
+            self.caches.clear()
             cache = teacher_cache_for(candidate, self.teacher, self.splits, self.runtime,
                                       self.runs_dir, views=self.space.settings.teacher_views,
                                       taps=taps)
@@ -68,30 +109,9 @@ class SearchContext:
 
 
 def _train_rows(candidate: Any, splits: Any) -> int:
-    return min(candidate.train.max_train_samples or len(splits.train), len(splits.train))
+    from autosplit.cache import train_rows
 
-
-def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Any, runs_dir: Path, *,
-                      views: int = 1, taps: set[str] | None = None) -> Any:
-    """Teacher outputs over the training rows a candidate uses (the search's and retrain's path).
-
-    Feature taps are stored in fp16, logits in fp32; ``views`` augmented views when the data
-    augments, so epoch ``e`` trains on view ``e % views``.
-    """
-    from autosplit.cache import teacher_outputs
-    from autosplit.data import Split
-    from autosplit.distill.run import build_and_count
-
-    if taps is None:
-        distiller, _ = build_and_count(candidate, teacher.model, splits)
-        taps = set(distiller.teacher_taps)
-    rows = _train_rows(candidate, splits)
-    split = Split(splits.train.images[:rows], splits.train.labels[:rows])
-    return teacher_outputs(teacher.model, split, splits.info, runtime,
-                           taps=sorted(taps | {"logits"}), teacher_key=teacher.key,
-                           data_fingerprint=splits.fingerprint, split_name=f"train[:{rows}]",
-                           cache_dir=Path(runs_dir) / "cache", augment=candidate.data.augment,
-                           n_views=views, seed=candidate.train.seed, fp16=True)
+    return train_rows(candidate, splits)
 
 
 def label_of(candidate: Any) -> str:
@@ -107,12 +127,33 @@ def label_of(candidate: Any) -> str:
     return text
 
 
-def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
-    """One trial: draw, count, (maybe) train, record. Returns (val_acc, FLOPs)."""
-    from autosplit.distill.run import deployed_parameters, train_candidate
+def objective(ctx: SearchContext, trial: optuna.Trial, phase: str = "search"
+              ) -> tuple[float, float]:
+    """One trial: a search trial climbs the rungs, a final-stage job trains one member once."""
+    if trial.user_attrs.get(STAGE) == "final":
+        return final_job(ctx, trial)
+    if phase == "final":
+        # Optuna samples a fresh trial when another worker took the last waiting job between
+        # our check and the pop; the final phase runs no search trial, so it ends here.
+        trial.set_user_attr(STAGE, "search")
+        trial.set_user_attr(A + "state", "skipped")
+        trial.study.stop()
+        raise optuna.TrialPruned("no final-stage job left for this worker")
+    return search_trial(ctx, trial)
+
+
+def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
+    """Draw, count, then train rung by rung while successive halving promotes the trial.
+
+    Each rung trains from scratch at its fidelity (see ``at_fidelity``). Returns (val_acc, FLOPs)
+    at the top rung; a trial stopped below it is PRUNED, its rung results kept as user attrs.
+    """
+    from autosplit.distill.run import deployed_parameters
 
     started = time.perf_counter()
     trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
+    trial.set_user_attr(STAGE, "search")
+    trial.set_user_attr(RUNGS, [])  # a retried trial starts its rungs again
     baseline = trial.user_attrs.get(A + "baseline")
     overrides = ctx.space.settings.baselines.get(baseline, {}) if baseline else {}
     candidate = ctx.space.suggest(trial, ctx.max_flops, overrides=overrides)
@@ -126,9 +167,12 @@ def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     trial.set_user_attr(A + "label", label_of(candidate))
     trial.set_user_attr(A + "flops", int(flops.worst_case))
     trial.set_user_attr(A + "params", deployed_parameters(student))
+    taps = set(distiller.teacher_taps)
+    del distiller, student  # train_candidate builds its own, from the pinned candidate
     run_id = ctx.tracker.start_trial(trial_number=trial.number, params=candidate.flat(),
                                      tags={"autosplit.label": label_of(candidate),
-                                           "autosplit.baseline": baseline or ""})
+                                           "autosplit.baseline": baseline or "",
+                                           "autosplit.stage": "search"})
     trial.set_user_attr(A + "run_id", run_id)
     overhead = time.perf_counter() - started
     if over > 0:
@@ -140,60 +184,157 @@ def objective(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
                  flops.worst_case, ctx.max_flops)
         return 0.0, float(flops.worst_case)
 
-    finished = _finished_curves(trial.study) if ctx.early_stopping else []
-    rule = ctx.space.settings.early_stopping
-    curve: list[float] = []
+    rungs = ctx.rungs(candidate)
+    reached: list[dict[str, Any]] = []
+    result = trained = None
+    stop_reason = ""
+    for index, rung in enumerate(rungs):
+        at = at_fidelity(candidate, rung)
+        estimate = ctx.estimate(at, flops.worst_case, kind="trial")
+        if not ctx.search_deadline.fits(estimate):
+            stop_reason = "time"
+            break
+        outcome = _train(ctx, trial, at, flops, run_id, taps,
+                         step_offset=sum(r["epochs"] for r in reached), rung=index)
+        ctx.cost_model.observe("trial", estimate, outcome.seconds)
+        result, trained = outcome, at
+        reached.append({"epochs": rung.epochs, "rows": _train_rows(at, ctx.splits),
+                        "val_acc": outcome.val_acc, "seconds": round(outcome.seconds, 2),
+                        "expected_flops": outcome.expected_flops})
+        trial.set_user_attr(RUNGS, reached)
+        if index + 1 < len(rungs):
+            me = RungResult(trial.number, outcome.val_acc, _cost(ctx, outcome))
+            if not promotable(me, finished_at_rung(trial.study, index, ctx), ctx.eta):
+                stop_reason = "halving"
+                break
 
-    def on_epoch_end(stats: EpochStats) -> None:
-        curve.append(stats.val_acc)
-        trial.set_user_attr(A + "val_curve", curve)
-        ctx.tracker.log_epoch(run_id, stats.epoch, {
-            "train/loss": stats.train_loss, "train/acc": stats.train_acc, "val/acc": stats.val_acc,
-            "train/lr": stats.lr, "train/images_per_s": stats.images_per_second,
-            **{f"train/{k}": v for k, v in stats.loss_terms.items()}})
-        if ctx.early_stopping and should_stop(rule, epoch=stats.epoch, val_acc=stats.val_acc,
-                                              flops=float(flops.worst_case), finished=finished,
-                                              total_epochs=candidate.train.epochs):
-            raise StopTraining
-
-    source = ctx.teacher_source(set(distiller.teacher_taps), candidate)
-    del distiller  # train_candidate builds its own, from the pinned candidate
-    try:
-        result = train_candidate(candidate, ctx.splits, ctx.teacher.model, ctx.runtime,
-                                 teacher_source=source, progress=False, on_epoch_end=on_epoch_end,
-                                 flops=flops)
-    except StopTraining:
-        trial.set_user_attr(A + "state", "pruned")
+    if result is None:  # not even the cheapest rung fits in the time left
+        trial.set_user_attr(A + "state", "skipped")
+        trial.set_user_attr(A + "candidate", candidate.to_dict())
         ctx.tracker.end_trial(run_id, state="pruned", metrics={
-            "flops/worst_case": flops.worst_case, "optuna/trial_number": trial.number,
-            "time/wall_s": time.perf_counter() - started})
-        raise optuna.TrialPruned(f"dominated after epoch {len(curve)}") from None
-    except Exception as exc:
-        trial.set_user_attr(A + "state", "failed")
-        trial.set_user_attr(A + "error", str(exc)[:500])
-        ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
-        raise
+            "optuna/trial_number": trial.number})
+        trial.study.stop()
+        raise optuna.TrialPruned("no time left for the cheapest rung")
 
     record_started = time.perf_counter()
     if result.exit is not None:
-        candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
-    weights = _save_trial(ctx, trial.number, candidate, result)
+        trained = trained.with_values({"structure.exit_threshold": result.exit.threshold})
+    weights = _save_trial(ctx, trial.number, trained, result)
     wall = time.perf_counter() - started
-    train_seconds = sum(h.seconds for h in result.history)
+    train_seconds = sum(r["seconds"] for r in reached)
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
-    for key, value in {"state": "complete", "candidate": candidate.to_dict(),
+    top = len(reached) == len(rungs)
+    state = "complete" if top else "stopped"
+    for key, value in {"state": state, "candidate": trained.to_dict(), "rung": len(reached) - 1,
                        "val_acc": result.val_acc, "expected_flops": result.expected_flops,
                        "params": result.params, "weights": str(weights),
                        "train_seconds": train_seconds}.items():
         trial.set_user_attr(A + key, value)
+    ctx.tracker.end_trial(run_id, state="complete" if top else "pruned", metrics={
+        "val/acc": result.val_acc, "flops/worst_case": result.worst_case_flops,
+        "flops/expected": result.expected_flops, "params": result.params,
+        "search/rung": len(reached) - 1, "time/wall_s": wall, "time/train_s": train_seconds,
+        "optuna/trial_number": trial.number,
+        "time/overhead_s": overhead + (time.perf_counter() - record_started)})
+    if not top:
+        why = ("out of time" if stop_reason == "time" else
+               f"not in the top 1/{ctx.eta} at rung {len(reached) - 1}")
+        raise optuna.TrialPruned(f"stopped after rung {len(reached) - 1}: {why}")
+    return result.val_acc, _cost(ctx, result)
+
+
+def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
+    """The final stage: one member of the front (or a baseline) trained at the final fidelity
+    with one seed."""
+    from autosplit.distill.candidate import Candidate
+
+    started = time.perf_counter()
+    trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
+    member_number, seed_index = int(trial.user_attrs[MEMBER]), int(trial.user_attrs[SEED])
+    others = trial.study.get_trials(deepcopy=False)
+    # Two workers that end their search phase together may both enqueue a job; the earliest
+    # live copy trains and the others stop here, before any work.
+    if any(t.number < trial.number and t.state != TrialState.FAIL
+           and t.user_attrs.get(STAGE) == "final" and t.user_attrs.get(A + "state") != "duplicate"
+           and (t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) == (member_number, seed_index)
+           for t in others):
+        trial.set_user_attr(A + "state", "duplicate")
+        raise optuna.TrialPruned(f"final job {member_number}/{seed_index} is already taken")
+    member = next(t for t in others if t.number == member_number)
+    # The job was enqueued with the member's parameters: drawing them records them on this
+    # trial, so the sampler sees a final result at the member's point of the space.
+    ctx.space.suggest(trial, ctx.max_flops)
+    final = ctx.final
+    assert final is not None
+    candidate = Candidate.from_dict(member.user_attrs[A + "candidate"])
+    if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
+        candidate = candidate.with_values({"structure.exit_threshold": None})
+    candidate = at_fidelity(candidate, Rung(final.epochs, final.rows)).with_values(
+        {"train.seed": candidate.train.seed + seed_index})
+    label = member.user_attrs.get(A + "label", "")
+    baseline = member.user_attrs.get(A + "baseline")
+    flops = member.user_attrs[A + "flops"]
+    for key, value in {"label": label, "flops": flops, "baseline": baseline,
+                       "params": member.user_attrs.get(A + "params")}.items():
+        if value is not None:
+            trial.set_user_attr(A + key, value)
+    trial.set_constraint("flops_over_budget", (flops - ctx.max_flops) / ctx.max_flops)
+    run_id = ctx.tracker.start_trial(trial_number=trial.number, params=candidate.flat(), tags={
+        "autosplit.label": label, "autosplit.baseline": baseline or "",
+        "autosplit.stage": "final", "autosplit.member": str(member_number),
+        "autosplit.seed": str(candidate.train.seed)})
+    trial.set_user_attr(A + "run_id", run_id)
+    estimate = ctx.estimate(candidate, flops, kind="final")
+    if not ctx.deadline.fits(estimate):
+        trial.set_user_attr(A + "state", "skipped")
+        ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
+        raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
+    from autosplit.distill.run import build_and_count
+
+    distiller, counted = build_and_count(candidate, ctx.teacher.model, ctx.splits)
+    taps = set(distiller.teacher_taps)
+    del distiller
+    result = _train(ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None)
+    ctx.cost_model.observe("final", estimate, result.seconds)
+    if result.exit is not None:
+        candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
+    weights = _save_trial(ctx, trial.number, candidate, result)
+    for key, value in {"state": "complete", "candidate": candidate.to_dict(),
+                       "val_acc": result.val_acc, "expected_flops": result.expected_flops,
+                       "weights": str(weights), "train_seconds": result.seconds}.items():
+        trial.set_user_attr(A + key, value)
     ctx.tracker.end_trial(run_id, state="complete", metrics={
         "val/acc": result.val_acc, "flops/worst_case": result.worst_case_flops,
         "flops/expected": result.expected_flops, "params": result.params,
-        "time/wall_s": wall, "time/train_s": train_seconds, "optuna/trial_number": trial.number,
-        "time/overhead_s": overhead + (time.perf_counter() - record_started)})
-    cost = (result.expected_flops if ctx.space.settings.objective_flops == "expected"
-            else result.worst_case_flops)
-    return result.val_acc, float(cost)
+        "time/wall_s": time.perf_counter() - started, "time/train_s": result.seconds,
+        "optuna/trial_number": trial.number})
+    return result.val_acc, _cost(ctx, result)
+
+
+def _train(ctx: SearchContext, trial: optuna.Trial, candidate: Candidate, flops: Any, run_id: str,
+           taps: set[str], *, step_offset: int, rung: int | None) -> Any:
+    """Train ``candidate`` through the one code path retrain uses; log each epoch."""
+    from autosplit.distill.run import train_candidate
+
+    def on_epoch_end(stats: EpochStats) -> None:
+        ctx.tracker.log_epoch(run_id, step_offset + stats.epoch, {
+            "train/loss": stats.train_loss, "train/acc": stats.train_acc,
+            "val/acc": stats.val_acc, "train/lr": stats.lr,
+            "train/images_per_s": stats.images_per_second,
+            **({"search/rung": rung} if rung is not None else {}),
+            **{f"train/{k}": v for k, v in stats.loss_terms.items()}})
+
+    source = ctx.teacher_source(taps, candidate)
+    try:
+        return train_candidate(candidate, ctx.splits, ctx.teacher.model, ctx.runtime,
+                               teacher_source=source, progress=False,
+                               on_epoch_end=on_epoch_end, flops=flops)
+    except Exception as exc:
+        trial.set_user_attr(A + "state", "failed")
+        trial.set_user_attr(A + "error", str(exc)[:500])
+        ctx.tracker.end_trial(run_id, state="failed",
+                              metrics={"optuna/trial_number": trial.number})
+        raise
 
 
 def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
@@ -212,13 +353,42 @@ def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
         return build_and_count(narrow, ctx.teacher.model, ctx.splits)
 
 
-def _finished_curves(study: optuna.Study) -> list[Finished]:
+def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list[RungResult]:
+    """Feasible trials that finished ``rung`` so far (running ones included, failed ones not:
+    a failed trial is re-run with its parameters and would otherwise count twice)."""
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        curve = t.user_attrs.get(A + "val_curve")
-        if curve and t.user_attrs.get(A + "state") == "complete":
-            out.append(Finished(float(t.user_attrs[A + "flops"]), curve))
+    for t in study.get_trials(deepcopy=False):
+        reached = t.user_attrs.get(RUNGS) or []
+        if (t.state == TrialState.FAIL or t.user_attrs.get(STAGE) != "search"
+                or len(reached) <= rung):
+            continue
+        flops = float(t.user_attrs[A + "flops"])
+        if flops > ctx.max_flops:
+            continue
+        cost = (float(reached[rung].get("expected_flops") or flops)
+                if ctx.space.settings.objective_flops == "expected" else flops)
+        out.append(RungResult(t.number, float(reached[rung]["val_acc"]), cost))
     return out
+
+
+def _cost(ctx: SearchContext, result: Any) -> float:
+    return float(result.expected_flops if ctx.space.settings.objective_flops == "expected"
+                 else result.worst_case_flops)
+
+
+def at_fidelity(candidate: Candidate, rung: Rung) -> Candidate:
+    """The candidate trained at ``rung``: its epochs over its first rows, from scratch.
+
+    Restart, not resume: a rung's accuracy is then exactly what ``autosplit train`` reproduces
+    at that fidelity, and every schedule (cosine lr, DKD/AEKT warm-up over the run) keeps its
+    meaning; a finished 1-epoch cosine run resumed for 3 would be a warm restart instead.
+    Warm-ups set in epochs are clipped to the rung's length.
+    """
+    values: dict[str, Any] = {"train.epochs": rung.epochs, "train.max_train_samples": rung.rows}
+    warmup = candidate.logit_loss.get("warmup_epochs")
+    if warmup is not None and warmup > rung.epochs:
+        values["logit_loss.warmup_epochs"] = rung.epochs
+    return candidate.with_values(values)
 
 
 def _save_trial(ctx: SearchContext, number: int, candidate: Any, result: Any) -> Path:
@@ -242,7 +412,7 @@ class SearchOptions:
     space: SearchSpace
     budget: Budget
     trials: int
-    timeout: float | None = None
+    time_limit: float | None = None  # seconds for the whole job (teacher, search, final stage)
     study_name: str | None = None
     storage: str | None = None
     tracking_uri: str | None = None
@@ -252,37 +422,138 @@ class SearchOptions:
     device: str = "auto"
     runs_dir: Path = Path("runs")
     progress: bool = True
-    early_stopping: bool = True
+    halving: bool = True
+    final_stage: bool = True
     tracking: bool = True
+    clock: Callable[[], float] = time.monotonic
 
 
 def default_study_name(space: SearchSpace, budget: Budget) -> str:
     return f"{space.name}-{budget.slug}"
 
 
-def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = print) -> SearchContext:
-    """Data, teacher (trained once, cached) and the budget in FLOPs."""
+def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = print,
+            shared: _SharedPlan | None = None) -> SearchContext:
+    """Data, the time plan (from throughput measured here), the teacher (trained once, cached)
+    and the budget in FLOPs. A worker process gets its parent's plan as ``shared``."""
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.flops import count_flops
-    from autosplit.teacher import get_teacher
+    from autosplit.search.plan import RESERVE
+    from autosplit.teacher import build_teacher_model, get_teacher, is_cached
 
+    deadline = Deadline(options.time_limit, clock=options.clock)
     runtime = resolve_runtime(options.device)
     space = options.space
     splits = load_splits(space.data)
-    teacher = get_teacher(space.teacher, space.data, splits, runtime, runs_dir=options.runs_dir,
-                          progress=options.progress)
-    teacher_flops = count_flops(teacher.model, splits.info.input_shape)
+    teacher_cfg = space.teacher
+    teacher_flops = count_flops(build_teacher_model(teacher_cfg, splits), splits.info.input_shape)
     max_flops = options.budget.resolve(teacher_flops)
-    state = "cached" if teacher.from_cache else f"trained in {teacher.train_seconds:.0f}s"
-    log_teacher(f"teacher {space.teacher.model} ({state}): test {teacher.test_acc:.2f}%, "
+    ctx = SearchContext(space=space, splits=splits, teacher=None, runtime=runtime,
+                        max_flops=max_flops, teacher_flops=teacher_flops,
+                        runs_dir=Path(options.runs_dir), study_name="", tracker=None,
+                        progress=options.progress, halving=options.halving, deadline=deadline)
+    final_reserve = 0.0
+    if shared is not None:
+        shared.apply(ctx)
+        teacher_cfg = dataclasses.replace(teacher_cfg, train=dataclasses.replace(
+            teacher_cfg.train, epochs=shared.teacher_epochs))
+    elif options.time_limit is not None:  # without a limit nothing is planned or estimated
+        ctx.cost_model = _measure_cost_model(ctx)
+    if shared is None and options.time_limit is not None:
+        chosen = _plan(ctx, options, cached=is_cached(teacher_cfg, splits, options.runs_dir))
+        log_teacher(chosen.describe())
+        for warning in chosen.warnings:
+            log_teacher(f"warning: {warning}")
+        if chosen.teacher_epochs < teacher_cfg.train.epochs:
+            teacher_cfg = dataclasses.replace(teacher_cfg, train=dataclasses.replace(
+                teacher_cfg.train, epochs=chosen.teacher_epochs))
+        ctx.finalists, ctx.final_seeds = chosen.finalists, chosen.seeds
+        final_reserve = chosen.final_seconds
+    ctx.teacher = get_teacher(teacher_cfg, space.data, splits, runtime,
+                              runs_dir=options.runs_dir, progress=options.progress)
+    if shared is None and options.time_limit is not None:
+        # Work starts only while it can end inside the limit less a small reserve for the end
+        # (fronts, MLflow); the search phase leaves the final stage its planned share.
+        work_ends = deadline.started + options.time_limit * (1.0 - RESERVE)
+        ctx.deadline = Deadline.until(work_ends, clock=options.clock)
+        ctx.search_deadline = Deadline.until(work_ends - final_reserve, clock=options.clock)
+    state = ("cached" if ctx.teacher.from_cache
+             else f"trained in {ctx.teacher.train_seconds:.0f}s")
+    log_teacher(f"teacher {space.teacher.model} ({state}): test {ctx.teacher.test_acc:.2f}%, "
                 f"{teacher_flops:,} FLOPs; budget {options.budget.text} = {max_flops:,} FLOPs")
     from autosplit.tracking import NullTracker
 
-    return SearchContext(space=space, splits=splits, teacher=teacher, runtime=runtime,
-                         max_flops=max_flops, teacher_flops=teacher_flops,
-                         runs_dir=Path(options.runs_dir), study_name="", tracker=NullTracker(),
-                         progress=options.progress, early_stopping=options.early_stopping)
+    ctx.tracker = NullTracker()
+    return ctx
+
+
+def _measure_cost_model(ctx: SearchContext) -> CostModel:
+    """Training images/s of the teacher's architecture and of a single student at the budget."""
+    from autosplit.search.throughput import training_images_per_second
+    from autosplit.teacher import build_teacher_model
+
+    info = ctx.splits.info
+    batch = ctx.space.base_candidate(ctx.max_flops).train.batch_size
+    teacher_ips = training_images_per_second(
+        build_teacher_model(ctx.space.teacher, ctx.splits), info.input_shape, info.num_classes,
+        ctx.runtime, batch_size=ctx.space.teacher.train.batch_size)
+    student, student_flops = _budget_student(ctx)
+    student_ips = training_images_per_second(student, info.input_shape, info.num_classes,
+                                             ctx.runtime, batch_size=batch)
+    log.info("throughput here: teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
+             teacher_ips, ctx.teacher_flops, student_ips, student_flops)
+    return CostModel({float(ctx.teacher_flops): teacher_ips, float(student_flops): student_ips})
+
+
+def _budget_student(ctx: SearchContext) -> tuple[torch.nn.Module, int]:
+    """A single student using the whole budget: the size the planner measures."""
+    from autosplit.distill.run import build_and_count
+    from autosplit.teacher import build_teacher_model
+
+    baselines = list(ctx.space.settings.baselines.values())
+    candidate = ctx.space.base_candidate(ctx.max_flops)
+    if baselines:
+        candidate = candidate.with_values(baselines[0])
+    from autosplit.flops import BudgetTooSmall
+
+    try:
+        distiller, flops = build_and_count(candidate, build_teacher_model(ctx.space.teacher,
+                                                                          ctx.splits), ctx.splits)
+    except BudgetTooSmall as exc:
+        raise UserError(f"--budget {ctx.max_flops:,} FLOPs: no student of this space fits it "
+                        f"({exc}); raise --budget") from None
+    return distiller.student, flops.worst_case
+
+
+def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
+    from autosplit.search.plan import EVAL_WEIGHT, PlanInput, TimeLimitTooShort, make_plan
+
+    space, splits, model = ctx.space, ctx.splits, ctx.cost_model
+    base = space.base_candidate(ctx.max_flops)
+    rung0 = at_fidelity(base, ctx.rungs(base)[0])
+    final = ctx.final
+    teacher_epoch = model.training_seconds(flops=ctx.teacher_flops, epochs=1,
+                                           rows=len(splits.train), val_rows=len(splits.val),
+                                           kind="teacher") - model.fixed_seconds
+    final_job = final_cache = 0.0
+    if final is not None and options.final_stage:
+        at_final = at_fidelity(base, Rung(final.epochs, final.rows))
+        final_job = ctx.estimate(at_final, ctx.max_flops, kind="final")
+        # Building the teacher cache over the final rows: forward passes of the teacher.
+        views = space.settings.teacher_views if space.data.augment else 1
+        final_cache = (_train_rows(at_final, splits) * views * EVAL_WEIGHT
+                       / model.images_per_second(ctx.teacher_flops))
+    try:
+        return make_plan(PlanInput(
+            time_limit=float(options.time_limit), teacher_cached=cached,
+            teacher_epochs=space.teacher.train.epochs, teacher_epoch_seconds=teacher_epoch,
+            final_seconds=final_job, final_fixed_seconds=final_cache,
+            final_members=final.top_k if final else 0, final_seeds=final.seeds if final else 0,
+            baselines=len(space.settings.baselines) if final else 0,
+            rung0_seconds=ctx.estimate(rung0, ctx.max_flops, kind="trial")))
+    except TimeLimitTooShort as exc:
+        raise UserError(str(exc)) from None
 
 
 def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:
@@ -297,7 +568,8 @@ def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptio
     info = {**wanted, A + "budget": options.budget.text, A + "teacher_flops": ctx.teacher_flops,
             A + "teacher_test_acc": ctx.teacher.test_acc, A + "teacher_val_acc": ctx.teacher.val_acc,
             A + "space": str(options.space.path.resolve()),
-            A + "space_yaml": options.space.path.read_text(), A + "teacher_path": str(ctx.teacher.path)}
+            A + "space_yaml": options.space.path.read_text(), A + "teacher_path": str(ctx.teacher.path),
+            A + "objective_flops": options.space.settings.objective_flops}
     for key, value in info.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
@@ -314,34 +586,62 @@ def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
     study.set_user_attr(A + "baselines_enqueued", True)
 
 
+def _is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
+    return t.user_attrs.get(STAGE) != "final"
+
+
 def remaining_trials(study: optuna.Study, total: int) -> int:
+    """Search trials still to run: the total less those finished, stopped or running (a trial
+    skipped for lack of time does not count)."""
     done = [t for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+            if _is_search_trial(t) and t.user_attrs.get(A + "state") != "skipped"
+            and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
     return max(0, total - len(done))
 
 
 def run_worker(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
-               *, parent_run_id: str | None, worker_index: int) -> None:
-    """One worker's loop: trials until the study holds ``options.trials`` or time runs out."""
-    from optuna.study import MaxTrialsCallback
-
+               *, parent_run_id: str | None, worker_index: int, phase: str = "search") -> None:
+    """One worker's loop. ``search``: trials until the study holds ``options.trials`` or the
+    search phase's time is up; ``final``: the waiting final-stage jobs."""
     storage = studies.open_storage(storage_url)
     seed = None if options.seed is None else options.seed + worker_index
     study = studies.open_study(study_name, storage, sampler=studies.make_sampler(options.sampler, seed),
                                create=False)
     ctx.study_name = study_name
     ctx.tracker = _tracker(options, study_name, parent_run_id)
-    n = remaining_trials(study, options.trials)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if phase == "final":
+        n = len(_waiting_final(study))
+        callbacks: list[Any] = [_StopWhenNoFinalJobWaits()]
+    else:
+        n = remaining_trials(study, options.trials)
+        callbacks = [_StopAtTotal(options.trials), _front_callback(ctx)]
+        if options.progress and worker_index == 0:
+            callbacks.append(_ProgressCallback(options.trials, study))
     if n == 0:
         return
-    callbacks = [MaxTrialsCallback(options.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                 _front_callback(ctx)]
-    if options.progress and worker_index == 0:
-        callbacks.append(_ProgressCallback(options.trials, study))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A candidate whose training diverges is a failed trial, not a failed search.
-    study.optimize(lambda trial: objective(ctx, trial), n_trials=n, timeout=options.timeout,
-                   callbacks=callbacks, gc_after_trial=True, catch=(FloatingPointError,))
+    study.optimize(lambda trial: objective(ctx, trial, phase), n_trials=n, callbacks=callbacks,
+                   gc_after_trial=True, catch=(FloatingPointError,))
+
+
+class _StopAtTotal:
+    """Stop when the study holds ``total`` search trials (final-stage jobs are not counted)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, study: optuna.Study, _trial: Any) -> None:
+        if remaining_trials(study, self.total) == 0:
+            study.stop()
+
+
+class _StopWhenNoFinalJobWaits:
+    """The final phase ends when no final-stage job waits (other workers took the rest)."""
+
+    def __call__(self, study: optuna.Study, _trial: Any) -> None:
+        if not _waiting_final(study):
+            study.stop()
 
 
 def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None) -> Any:
@@ -360,12 +660,12 @@ def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None)
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     def refresh(study: optuna.Study, _trial: Any) -> None:
         stats = studies.records(study)
-        ctx.tracker.update_front(stats, ctx.max_flops)
+        ctx.tracker.update_front(studies.search_front_records(stats), ctx.max_flops)
         ctx.tracker.log_search_cost({
             "cpu_seconds": time.process_time(),
             # Wall time this worker held its GPU for training (0 on CPU-only runs).
             "gpu_seconds": ctx.cost.get("train_seconds", 0.0) if ctx.runtime.is_cuda else 0.0,
-            "pruned": sum(r.state == "pruned" for r in stats),
+            "stopped": sum(r.state == "stopped" for r in stats),
             "infeasible": sum(r.state == "infeasible" for r in stats),
             "cache_hits": ctx.cost["cache_hits"], "cache_builds": ctx.cost["cache_builds"]})
 
@@ -373,32 +673,114 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
 
 
 class _ProgressCallback:
-    """A live line: trials done / pruned / infeasible and the best feasible accuracy so far."""
+    """A live line: trials done / stopped / infeasible and the best feasible accuracy so far."""
 
     def __init__(self, total: int, study: optuna.Study) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc="search", dynamic_ncols=True,
                         disable=os.environ.get("AUTOSPLIT_NO_PROGRESS") == "1")
-        self.bar.update(len([r for r in studies.records(study) if r.state != "running"]))
+        self.bar.update(len([r for r in studies.records(study)
+                             if r.stage == "search" and r.state != "running"]))
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
         from autosplit.search.front import pareto_front
 
-        recs = studies.records(study)
+        recs = [r for r in studies.records(study) if r.stage == "search"]
         budget = study.user_attrs[A + "budget_flops"]
-        front = pareto_front(recs, budget)
+        front = pareto_front(studies.search_front_records(recs), budget)
         best = max((r.val_acc for r in front), default=float("nan"))
-        self.bar.n = len([r for r in recs if r.state not in ("running", "waiting")])
-        self.bar.set_postfix(done=sum(r.state == "complete" for r in recs),
-                             pruned=sum(r.state == "pruned" for r in recs),
+        self.bar.n = len([r for r in recs if r.state not in ("running", "waiting", "skipped")])
+        self.bar.set_postfix(top_rung=sum(r.state == "complete" for r in recs),
+                             stopped=sum(r.state == "stopped" for r in recs),
                              infeasible=sum(r.state == "infeasible" for r in recs),
                              front=len(front), best=f"{best:.2f}%")
         self.bar.refresh()
 
 
+# --- the final stage --------------------------------------------------------------------------
+
+
+def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[int]:
+    """The ``k`` best search trials: highest rung reached first, then the promotion ranking
+    (non-dominated sorting and crowding) among the trials of that rung. Baselines are not
+    counted here: they join the final stage anyway."""
+    from autosplit.search.promotion import select
+
+    chosen: list[int] = []
+    top = max((len(t.user_attrs.get(RUNGS) or []) for t in study.get_trials(deepcopy=False)
+               if _is_search_trial(t)), default=0)
+    for rung in range(top - 1, -1, -1):
+        pool = [r for r in finished_at_rung(study, rung, ctx) if r.number not in chosen
+                and not _baseline(study, r.number)]
+        chosen += [r.number for r in select(pool, k - len(chosen))]
+        if len(chosen) >= k:
+            break
+    return chosen
+
+
+def _baseline(study: optuna.Study, number: int) -> str | None:
+    return next((t.user_attrs.get(A + "baseline") for t in study.get_trials(deepcopy=False)
+                 if t.number == number), None)
+
+
+def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
+    """Enqueue (member, seed) jobs not yet done or waiting; seeds in the outer loop, so a short
+    time limit still gives every member its first seed. Returns the members."""
+    final = ctx.final
+    if final is None:
+        return []
+    finalists = choose_finalists(study, ctx, ctx.finalists or final.top_k)
+    trials = study.get_trials(deepcopy=False)
+    baselines = [t.number for t in trials if _is_search_trial(t)
+                 and t.user_attrs.get(A + "baseline") and t.user_attrs.get(RUNGS)
+                 and t.state != TrialState.FAIL]
+    members = finalists + [b for b in baselines if b not in finalists]
+    have = {(t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) for t in trials
+            if t.user_attrs.get(STAGE) == "final" and t.state != TrialState.FAIL}
+    by_number = {t.number: t for t in trials}
+    for seed in range(ctx.final_seeds or final.seeds):
+        for member in members:
+            if (member, seed) not in have:
+                attrs = {STAGE: "final", MEMBER: member, SEED: seed}
+                if by_number[member].user_attrs.get(A + "baseline"):
+                    attrs[A + "baseline"] = by_number[member].user_attrs[A + "baseline"]
+                study.enqueue_trial(by_number[member].params, user_attrs=attrs)
+    # A union: a worker that ends its search later may add a finalist the first one missed.
+    known = list(study.user_attrs.get(A + "final_members") or [])
+    members = known + [m for m in members if m not in known]
+    study.set_user_attr(A + "final_members", members)
+    return members
+
+
+def _waiting_final(study: optuna.Study) -> list[Any]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if t.user_attrs.get(STAGE) == "final"]
+
+
+def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
+    """Kendall tau between each rung's accuracy and the final stage's mean accuracy, over the
+    final members that reached the rung (``n`` of them)."""
+    from scipy.stats import kendalltau
+
+    from autosplit.search.front import final_members
+
+    members = final_members(studies.records(study), study.user_attrs.get(A + "final_members"))
+    rungs_of = {t.number: t.user_attrs.get(RUNGS) or [] for t in study.get_trials(deepcopy=False)}
+    out: dict[int, dict[str, float]] = {}
+    top = max((len(rungs_of.get(m.number, [])) for m in members), default=0)
+    for rung in range(top):
+        pairs = [(rungs_of[m.number][rung]["val_acc"], m.val_mean) for m in members
+                 if len(rungs_of.get(m.number, [])) > rung]
+        if len(pairs) >= 3:
+            tau = kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+            out[rung] = {"tau": float(tau), "n": float(len(pairs))}
+    return out
+
+
 def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) -> tuple[optuna.Study, SearchContext]:
-    """Prepare once, then run ``options.workers`` worker processes (or this one) on one study."""
+    """Plan and prepare once, run the search phase with ``options.workers`` worker processes
+    (or this one), then the final stage, all on one study."""
     ctx = prepare(options, log_teacher=say)
     study_name = options.study_name or default_study_name(options.space, options.budget)
     storage_url = options.storage or studies.default_storage(options.runs_dir, options.workers)
@@ -413,40 +795,67 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     say(f"study {study_name} on {studies._redact(storage_url)}: "
         f"{options.trials - todo} of {options.trials} trials already done")
     parent = None
-    if options.tracking and todo:
+    if options.tracking:
         from autosplit.tracking import MlflowTracker, default_tracking_uri
 
         parent_tracker = MlflowTracker(options.tracking_uri or default_tracking_uri(options.runs_dir))
         parent = parent_tracker.start_search(study_name=study_name, settings={
             "budget": options.budget.text, "budget_flops": ctx.max_flops,
             "sampler": options.sampler, "seed": options.seed, "trials": options.trials,
-            "workers": options.workers, "space": str(options.space.path)})
+            "workers": options.workers, "space": str(options.space.path),
+            "time_limit_s": options.time_limit or 0})
     status = "FINISHED"
     try:
-        if todo and options.workers > 1:
-            _run_processes(options, ctx, study_name, storage_url, parent)
-        elif todo:
-            run_worker(options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=0)
+        if todo:
+            _run_phase(options, ctx, study_name, storage_url, parent, "search")
+        if options.final_stage and ctx.final is not None:
+            enqueue_final_stage(study, ctx)
+            if _waiting_final(study):
+                _run_phase(options, ctx, study_name, storage_url, parent, "final")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if parent is not None:
-            parent_tracker.update_front(studies.records(study), ctx.max_flops)
+            records = studies.records(study)
+            parent_tracker.update_front(studies.search_front_records(records), ctx.max_flops)
+            if ctx.final is not None:
+                from autosplit.search.front import final_members, rung_records
+
+                members = final_members(records, study.user_attrs.get(A + "final_members"))
+                rungs = {k: rung_records(records, k)
+                         for k in range(len(ctx.space.settings.fidelity.rungs))}
+                parent_tracker.log_final_stage(members, rungs, proxy_fidelity(study),
+                                               ctx.max_flops)
             parent_tracker.end_search(status)
     return study, ctx
 
 
+def _run_phase(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
+               parent: str | None, phase: str) -> None:
+    if options.workers > 1:
+        _run_processes(options, ctx, study_name, storage_url, parent, phase)
+    else:
+        run_worker(options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=0,
+                   phase=phase)
+
+
 def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
-                   parent: str | None) -> None:
-    """N local worker processes on one journal/RDB storage (spawned: no shared torch state)."""
+                   parent: str | None, phase: str) -> None:
+    """N local worker processes on one journal/RDB storage (spawned: no shared torch state).
+
+    Each worker gets the deadlines as wall-clock times (monotonic clocks are per process) and
+    the cost model measured here, so workers neither re-plan nor re-measure.
+    """
     import multiprocessing as mp
 
     context = mp.get_context("spawn")
-    worker_options = dataclasses.replace(options, workers=1)
+    worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic)
     threads = max(1, (os.cpu_count() or 1) // options.workers)
+    shared = _SharedPlan.of(ctx)
     procs = [context.Process(target=_worker_main, name=f"autosplit-worker-{i}",
-                             args=(worker_options, study_name, storage_url, parent, i, threads))
+                             args=(worker_options, study_name, storage_url, parent, i, threads,
+                                   shared, phase))
              for i in range(options.workers)]
     for proc in procs:
         proc.start()
@@ -458,8 +867,38 @@ def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, 
                         "command to finish the study")
 
 
+@dataclass(frozen=True)
+class _SharedPlan:
+    """What the parent decided, in a form that crosses a process boundary: deadlines as
+    wall-clock times (each process has its own monotonic clock), the measured cost model."""
+
+    deadline_wall: float | None
+    search_wall: float | None
+    cost_ref: dict[float, float]
+    finalists: int | None
+    seeds: int | None
+    teacher_epochs: int
+
+    @classmethod
+    def of(cls, ctx: SearchContext) -> _SharedPlan:
+        def wall(d: Deadline) -> float | None:
+            return None if d.at is None else time.time() + d.remaining()
+
+        return cls(wall(ctx.deadline), wall(ctx.search_deadline), dict(ctx.cost_model.ref),
+                   ctx.finalists, ctx.final_seeds, ctx.teacher.config.train.epochs)
+
+    def apply(self, ctx: SearchContext) -> None:
+        def local(at: float | None) -> Deadline:
+            return Deadline(None if at is None else at - time.time())
+
+        ctx.deadline, ctx.search_deadline = local(self.deadline_wall), local(self.search_wall)
+        ctx.cost_model = CostModel(dict(self.cost_ref))
+        ctx.finalists, ctx.final_seeds = self.finalists, self.seeds
+
+
 def _worker_main(options: SearchOptions, study_name: str, storage_url: str, parent: str | None,
-                 index: int, threads: int) -> None:
+                 index: int, threads: int, shared: _SharedPlan, phase: str) -> None:
     torch.set_num_threads(threads)
-    ctx = prepare(options, log_teacher=lambda _msg: None)
-    run_worker(options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=index)
+    ctx = prepare(options, log_teacher=lambda _msg: None, shared=shared)
+    run_worker(options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=index,
+               phase=phase)

@@ -40,6 +40,94 @@ class TrialRecord:
     label: str  # short description, e.g. "res_chain K=2 + dkd"
     run_id: str | None = None
     baseline: str | None = None  # "kd-single" / "best-published" for the baseline trials
+    stage: str = "search"  # "search" or "final" (a final-stage job: ``member`` x ``seed``)
+    rung_accs: tuple[float, ...] = ()  # search: val accuracy at each rung reached
+    member: int | None = None  # final: the search trial this job retrains
+    seed: int | None = None  # final: the training seed
+
+
+def search_records(records: Iterable[TrialRecord]) -> list[TrialRecord]:
+    """The search phase's trials ("complete" = reached the top rung; "stopped" below it)."""
+    return [r for r in records if r.stage == "search"]
+
+
+def rung_records(records: Iterable[TrialRecord], rung: int) -> list[TrialRecord]:
+    """Every search trial that finished ``rung``, with its accuracy *at that rung*, as a
+    complete record: the rung's front is drawn from these."""
+    import dataclasses
+
+    return [dataclasses.replace(r, state="complete", val_acc=r.rung_accs[rung])
+            for r in records if r.stage == "search" and len(r.rung_accs) > rung
+            and r.state != "failed"]
+
+
+@dataclass(frozen=True)
+class FinalMember:
+    """One member of the final stage: a search trial retrained at the final fidelity with
+    several seeds. Accuracy is the mean over seeds; ``sd`` the sample standard deviation."""
+
+    number: int  # the search trial
+    label: str
+    baseline: str | None
+    flops: int
+    expected_flops: float
+    params: int | None
+    val_accs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    trials: tuple[int, ...]  # the final-stage trials, one per seed
+
+    @property
+    def val_mean(self) -> float:
+        return sum(self.val_accs) / len(self.val_accs)
+
+    @property
+    def val_sd(self) -> float:
+        n = len(self.val_accs)
+        if n < 2:
+            return 0.0
+        mean = self.val_mean
+        return (sum((a - mean) ** 2 for a in self.val_accs) / (n - 1)) ** 0.5
+
+    def record(self) -> TrialRecord:
+        """As a record (mean accuracy), for the front and hypervolume functions."""
+        return TrialRecord(number=self.number, state="complete", val_acc=self.val_mean,
+                           flops=self.flops, expected_flops=self.expected_flops,
+                           params=self.params, label=self.label, baseline=self.baseline)
+
+
+def final_members(records: Iterable[TrialRecord], members: Sequence[int] | None = None
+                  ) -> list[FinalMember]:
+    """The final stage's completed jobs grouped by member (one job per seed counted once),
+    limited to ``members`` (the latest final stage's) when given; by member number."""
+    records = list(records)
+    by_number = {r.number: r for r in records}
+    jobs: dict[int, dict[int, TrialRecord]] = {}
+    for r in sorted(records, key=lambda r: r.number):
+        if (r.stage == "final" and r.state == "complete" and r.val_acc is not None
+                and r.member is not None and (members is None or r.member in members)):
+            jobs.setdefault(r.member, {}).setdefault(r.seed if r.seed is not None else -1, r)
+    out = []
+    for number, by_seed in sorted(jobs.items()):
+        runs = list(by_seed.values())
+        source = by_number.get(number, runs[0])
+        expected = [r.expected_flops for r in runs if r.expected_flops is not None]
+        out.append(FinalMember(
+            number=number, label=source.label or runs[0].label,
+            baseline=source.baseline or runs[0].baseline,
+            flops=int(runs[0].flops if runs[0].flops is not None else source.flops or 0),
+            expected_flops=(sum(expected) / len(expected) if expected
+                            else float(runs[0].flops or 0)),
+            params=source.params, val_accs=tuple(float(r.val_acc) for r in runs),
+            seeds=tuple(sorted(by_seed)), trials=tuple(r.number for r in runs)))
+    return out
+
+
+def final_front(members: Sequence[FinalMember], budget_flops: int, *, cost: Cost = "flops"
+                ) -> list[FinalMember]:
+    """The non-dominated members on (mean accuracy, cost), cheapest first."""
+    by_number = {m.number: m for m in members}
+    return [by_number[r.number] for r in
+            pareto_front([m.record() for m in members], budget_flops, cost=cost)]
 
 
 def is_feasible(record: TrialRecord, budget_flops: int) -> bool:
@@ -214,3 +302,63 @@ def _row(rank: str, record: TrialRecord, budget_flops: int, teacher_flops: int |
         record.label,
         " ".join(marks),
     )
+
+
+def final_table(members: Sequence[FinalMember], budget_flops: int, *,
+                teacher_flops: int | None = None, cost: Cost = "flops",
+                fidelity: str = "") -> str:
+    """The final front ``autosplit front`` prints by default: mean ± sd over seeds.
+
+    ``best`` is the most accurate member on the front (what ``export`` writes as best.yaml);
+    ``within 1 sd`` marks members whose mean is within one standard deviation of the best's,
+    which the seeds cannot tell apart from it.
+    """
+    front = final_front(members, budget_flops, cost=cost)
+    on_front = {m.number for m in front}
+    best = max(front, key=lambda m: (m.val_mean, -m.flops, -m.number)) if front else None
+    others = [m for m in members if m.baseline and m.number not in on_front]
+    header = ("rank", "trial", "val acc % (mean ± sd)", "seeds", "FLOPs", "%budget", "%teacher",
+              "exp. FLOPs", "params", "label", "mark")
+    rows = []
+    for rank, member in enumerate(front, start=1):
+        rows.append(_final_row(str(rank), member, best, budget_flops, teacher_flops))
+    for member in others:
+        rows.append(_final_row("-", member, best, budget_flops, teacher_flops))
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
+              for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i >= 9 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
+    against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
+    at = f" at {fidelity}" if fidelity else ""
+    out = [f"Final front{at}: max mean val acc, min {against} — budget "
+           f"{_fmt_flops(budget_flops)} FLOPs{teacher} ({FLOPS_CONVENTION})", line(header)]
+    out += [line(row) for row in rows[:len(front)]]
+    if not front:
+        out.append("  (no finished final-stage job yet)")
+    rule = f"---- budget {_fmt_flops(budget_flops)} "
+    out.append(rule + "-" * max(0, len(line(header)) - len(rule)))
+    if others:
+        out.append("baselines not on the front:")
+        out += [line(row) for row in rows[len(front):]]
+    return "\n".join(out)
+
+
+def _final_row(rank: str, member: FinalMember, best: FinalMember | None, budget_flops: int,
+               teacher_flops: int | None) -> tuple[str, ...]:
+    marks = []
+    if best is not None and member.number == best.number:
+        marks.append("best")
+    elif best is not None and member.val_mean >= best.val_mean - best.val_sd:
+        marks.append("within 1 sd of best")
+    if member.baseline:
+        marks.append(f"baseline:{member.baseline}")
+    return (rank, str(member.number), f"{member.val_mean:.2f} ± {member.val_sd:.2f}",
+            str(len(member.val_accs)), _fmt_flops(member.flops),
+            _percent(member.flops, budget_flops), _percent(member.flops, teacher_flops),
+            _fmt_flops(member.expected_flops),
+            f"{member.params:,}" if member.params is not None else "-", member.label,
+            " ".join(marks))

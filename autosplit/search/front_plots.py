@@ -11,7 +11,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from autosplit.search.front import FLOPS_CONVENTION, TrialRecord
+from autosplit.search.front import FLOPS_CONVENTION, FinalMember, TrialRecord
 
 CSV_COLUMNS = ("rank", "trial", "val_acc", "flops", "expected_flops", "params", "label",
                "baseline", "run_id")
@@ -144,3 +144,56 @@ def write_html(path: Path, records: Sequence[TrialRecord], front: Sequence[Trial
                          yaxis_title="validation accuracy (%)")
     figure.write_html(str(path), include_plotlyjs=True, full_html=True,
                       config={"displaylogo": False})
+
+
+def write_final_png(path: Path, members: Sequence[FinalMember], front: Sequence[FinalMember],
+                    budget_flops: int, title: str) -> None:
+    """The final front: each member's mean val accuracy over seeds with a ±1 sd error bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    figure = Figure(figsize=(8, 5), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    on_front = {m.number for m in front}
+    for group, colour, label in (
+            ([m for m in members if m.number in on_front and not m.baseline], _FRONT_COLOUR,
+             "final front"),
+            ([m for m in members if m.number not in on_front and not m.baseline], "0.6",
+             "other finalists"),
+            ([m for m in members if m.baseline], _BASELINE_COLOUR, "baselines")):
+        if not group:
+            continue
+        axes.errorbar([m.flops for m in group], [m.val_mean for m in group],
+                      yerr=[m.val_sd for m in group], fmt="*" if colour == _BASELINE_COLOUR
+                      else "o", color=colour, capsize=4, markersize=8, label=label, zorder=3)
+        for m in group:
+            axes.annotate(m.baseline or f"#{m.number}", (m.flops, m.val_mean),
+                          textcoords="offset points", xytext=(5, 4), fontsize=8, color=colour)
+    if front:
+        axes.plot([m.flops for m in front], [m.val_mean for m in front], drawstyle="steps-post",
+                  color=_FRONT_COLOUR, linewidth=1.2, zorder=2)
+    axes.axvline(budget_flops, color="black", linestyle="--", linewidth=1,
+                 label=f"budget {_flops_text(budget_flops)}", zorder=1)
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _flops_text(x)))
+    axes.set_xlabel(f"FLOPs, worst case ({FLOPS_CONVENTION})")
+    axes.set_ylabel("validation accuracy (%), mean ± sd over seeds")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_final_csv(path: Path, members: Sequence[FinalMember], front: Sequence[FinalMember]
+                    ) -> None:
+    on_front = {m.number for m in front}
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("trial", "on_front", "val_acc_mean", "val_acc_sd", "seeds", "flops",
+                         "expected_flops", "params", "label", "baseline", "final_trials"))
+        for m in members:
+            writer.writerow((m.number, m.number in on_front, m.val_mean, m.val_sd,
+                             len(m.val_accs), m.flops, m.expected_flops, _blank(m.params),
+                             m.label, _blank(m.baseline), " ".join(map(str, m.trials))))

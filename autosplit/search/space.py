@@ -71,29 +71,64 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class EarlyStopping:
-    """Pareto-aware early stopping (Optuna cannot prune multi-objective studies).
+class Rung:
+    """One fidelity: ``epochs`` over the first ``rows`` training rows (``None``: all of them)."""
 
-    After epoch ``after_epoch`` or later, a trial stops when a finished feasible trial that cost
-    no more FLOPs (within ``flops_tolerance``) was already ``margin`` points more accurate at the
-    same epoch: the running trial can then hardly reach the front. ``min_trials`` finished
-    trials are needed before anything is stopped.
+    epochs: int
+    rows: int | None = None
+
+    def validate(self, path: str = "") -> None:
+        if self.epochs < 1:
+            raise UserError(f"{path}.epochs: must be >= 1, got {self.epochs}")
+        if self.rows is not None and self.rows < 1:
+            raise UserError(f"{path}.rows: must be >= 1 or null (all rows), got {self.rows}")
+
+
+@dataclass(frozen=True)
+class FinalStage:
+    """After the search: the front's ``top_k`` members and the baselines, each trained at this
+    fidelity with ``seeds`` seeds (``train.seed``, ``train.seed + 1``, ...)."""
+
+    epochs: int
+    rows: int | None = None
+    seeds: int = 2
+    top_k: int = 2
+
+    def validate(self, path: str = "") -> None:
+        Rung(self.epochs, self.rows).validate(path)
+        if self.seeds < 1 or self.top_k < 1:
+            raise UserError(f"{path}: seeds and top_k must be >= 1, got {self.seeds}, {self.top_k}")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How a search spends its time: rungs from cheap to dear, the reduction factor ``eta`` of
+    successive halving (the top 1/eta of a rung go on), and the final stage.
+
+    With no rungs, every trial trains once at the candidate's own ``train.epochs`` and
+    ``train.max_train_samples``; with no final stage, ``front`` and ``export`` use the top rung.
     """
 
-    enabled: bool = True
-    after_epoch: int = 1
-    margin: float = 2.0
-    flops_tolerance: float = 0.05
-    min_trials: int = 4
+    rungs: tuple[Rung, ...] = ()
+    eta: int = 3
+    final: FinalStage | None = None
+
+    def validate(self, path: str = "") -> None:
+        if self.eta < 2:
+            raise UserError(f"{path}.eta: must be >= 2, got {self.eta}")
+        work = [r.epochs * (r.rows or 10**12) for r in self.rungs]
+        if any(b <= a for a, b in zip(work, work[1:], strict=False)):
+            raise UserError(f"{path}.rungs: list them from cheap to dear (epochs x rows must "
+                            "grow from one rung to the next)")
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    trials: int = 30
-    timeout: str | None = None  # default for --timeout, e.g. "14m": no trial starts after it
+    trials: int = 30  # a cap: under a time limit the search phase may run fewer
+    time_limit: str | None = None  # default for --time-limit: the whole job, e.g. "30m"
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     objective_flops: Literal["worst_case", "expected"] = "expected"
-    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    fidelity: Fidelity = field(default_factory=Fidelity)
     # Baselines run first, so every front shows what the search beat: name -> dotted overrides.
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_views: int = 1  # augmented views of the teacher cache (1 = augmentation off in trials)
@@ -147,14 +182,14 @@ class SearchSpace:
                                 "remove it here")
         params = [_parse_param(name, spec) for name, spec in (raw.get("params") or {}).items()]
         settings = from_dict(SearchSettings, raw.get("search") or {}, "search")
-        if settings.timeout is not None:
+        if settings.time_limit is not None:
             from autosplit.search.budget import parse_duration
 
             try:
-                parse_duration(settings.timeout)
+                parse_duration(settings.time_limit)
             except UserError:
-                raise UserError(f"search.timeout: {settings.timeout!r} is not a duration like "
-                                "15m or 2h") from None
+                raise UserError(f"search.time_limit: {settings.time_limit!r} is not a duration "
+                                "like 30m or 2h") from None
         space = cls(path, data, teacher, budget, fixed, params, settings)
         space._validate()
         return space

@@ -31,6 +31,9 @@ HEARTBEAT_SECONDS = int(os.environ.get("AUTOSPLIT_HEARTBEAT_SECONDS", "20"))
 GRACE_SECONDS = int(os.environ.get("AUTOSPLIT_GRACE_SECONDS", "60"))
 MAX_RETRY = 2
 WORKER_ATTR = "autosplit.worker"
+# What a re-run of a dead worker's trial keeps: what the trial *is* (a baseline, a final-stage
+# job for a member and seed), not what it had measured.
+RETRY_ATTRS = ("autosplit.baseline", "autosplit.stage", "autosplit.member", "autosplit.seed")
 
 
 def default_storage(runs_dir: str | Path, workers: int) -> str:
@@ -131,7 +134,7 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             # Re-run the same parameters, as Optuna's RetryFailedTrialCallback does for RDB.
             study.enqueue_trial(trial.params, user_attrs={
-                k: v for k, v in trial.user_attrs.items() if k == "autosplit.baseline"})
+                k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS})
             failed += 1
     if failed:
         log.warning("failed and re-queued %d trial(s) left RUNNING by dead workers", failed)
@@ -160,11 +163,23 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
                        expected_flops=attrs.get("autosplit.expected_flops"),
                        params=attrs.get("autosplit.params"), label=attrs.get("autosplit.label", ""),
                        run_id=attrs.get("autosplit.run_id"),
-                       baseline=attrs.get("autosplit.baseline"))
+                       baseline=attrs.get("autosplit.baseline"),
+                       stage=attrs.get("autosplit.stage", "search"),
+                       rung_accs=tuple(float(r["val_acc"])
+                                       for r in attrs.get("autosplit.rungs") or []),
+                       member=attrs.get("autosplit.member"), seed=attrs.get("autosplit.seed"))
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
     return [record_of(t) for t in study.get_trials(deepcopy=False)]
+
+
+def search_front_records(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The search phase's records: its front is drawn from the trials that reached the top
+    rung (state "complete"); final-stage jobs are shown by the final front instead."""
+    from autosplit.search.front import search_records
+
+    return search_records(records)
 
 
 def study_info(study: optuna.Study) -> dict[str, Any]:

@@ -73,7 +73,14 @@ def test_baseline_overrides_win_over_the_draw():
         (lambda t: t.replace("choices: [kd, dkd]", "choices: [kd, dkdd]"),
          r"params\.logit_loss\.name = 'dkdd'.*unknown logit loss 'dkdd'"),
         (lambda t: t.replace("budget: 0.5x", "budget: lots"), r"--budget 'lots'"),
-        (lambda t: t.replace("epochs: 2", "epochs: two"), r"candidate.*train\.epochs: expected an integer|train\.epochs"),
+        (lambda t: t.replace("    epochs: 2\n", "    epochs: two\n"),
+         r"train\.epochs: expected an integer"),
+        (lambda t: t.replace("{epochs: 2, rows: null}]", "{epochs: 0, rows: null}]"),
+         r"search\.fidelity\.rungs\[1\]\.epochs: must be >= 1"),
+        (lambda t: t.replace("rungs: [{epochs: 1, rows: 600}, {epochs: 2, rows: null}]",
+                             "rungs: [{epochs: 2, rows: null}, {epochs: 1, rows: 600}]"),
+         r"search\.fidelity\.rungs: list them from cheap to dear"),
+        (lambda t: t.replace("eta: 2", "eta: 1"), r"search\.fidelity\.eta: must be >= 2"),
     ],
 )
 def test_validation_names_the_file_and_the_key(tmp_path, edit, message):
@@ -107,9 +114,9 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-def test_a_bad_space_timeout_names_its_key(tmp_path):
+def test_a_bad_space_time_limit_names_its_key(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text((ROOT / "search_spaces" / "digits_tiny.yaml").read_text()
-                    .replace("  trials: 6\n", "  trials: 6\n  timeout: soon\n"))
-    with pytest.raises(UserError, match=r"t\.yaml: search\.timeout: 'soon' is not a duration"):
+                    .replace("  sampler: tpe\n", "  sampler: tpe\n  time_limit: soon\n"))
+    with pytest.raises(UserError, match=r"t\.yaml: search\.time_limit: 'soon' is not a duration"):
         SearchSpace.from_yaml(path)

@@ -1,0 +1,182 @@
+"""One time limit for the whole job: plan the teacher, the search and the final stage from this
+machine's measured throughput, and never start work that cannot finish in time.
+
+Machines of one kind differ 3-4x in speed, so nothing here uses a time measured elsewhere. The
+plan starts from two throughputs measured at run time (training images/s of the teacher's
+architecture and of a student at the budget) and corrects itself as real trainings finish
+(:class:`CostModel`). When the limit is too short, work shrinks in a fixed order: fewer search
+trials, then fewer finalists, then fewer seeds, then fewer teacher epochs (warned about).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Share of the limit held back for what the plan does not model (start-up, MLflow, fronts,
+# export of the front at the end); the run must end within the limit + 5 %.
+RESERVE = 0.04
+# Validation passes are forward-only: about a third of a training step's work per image.
+EVAL_WEIGHT = 1.0 / 3.0
+MIN_SEARCH_JOBS = 2  # the search keeps room for at least this many rung-0 trials beyond baselines
+
+
+@dataclass
+class CostModel:
+    """Seconds a training job takes here, from measured throughput, corrected as jobs finish.
+
+    Throughput is measured at two sizes (``ref`` points: FLOPs -> training images/s) and
+    interpolated in log-log space for other sizes (small networks run less efficiently per
+    FLOP, so time is not simply proportional to FLOPs). Each finished job adds the ratio of its
+    real to its predicted time; predictions are scaled by the median ratio of their kind.
+    """
+
+    ref: dict[float, float]  # FLOPs per image -> training images per second
+    fixed_seconds: float = 2.0  # per job: build, FLOPs count, set-up
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+
+    def images_per_second(self, flops: float) -> float:
+        flops = max(flops, 1.0)
+        points = sorted(self.ref.items())
+        if len(points) == 1:  # one measurement: time proportional to FLOPs
+            (f0, r0), = points
+            return r0 * f0 / flops
+        # The segment around ``flops`` (or the nearest end one), interpolated in log-log space.
+        segments = list(zip(points, points[1:], strict=False))
+        (f0, r0), (f1, r1) = next(((a, b) for a, b in segments if flops <= b[0]), segments[-1])
+        # Slope between 0 (fixed cost per image) and -1 (cost proportional to FLOPs).
+        slope = min(0.0, max(-1.0, math.log(r1 / r0) / math.log(f1 / f0)))
+        return r0 * (flops / f0) ** slope
+
+    def training_seconds(self, *, flops: float, epochs: int, rows: int, val_rows: int,
+                         kind: str = "trial", extra_images: float = 0.0) -> float:
+        """Predicted wall time of training ``epochs`` over ``rows`` (validating each epoch)."""
+        images = epochs * (rows + EVAL_WEIGHT * val_rows) + extra_images
+        raw = self.fixed_seconds + images / self.images_per_second(flops)
+        return raw * self.correction(kind)
+
+    def correction(self, kind: str) -> float:
+        seen = self.ratios.get(kind) or self.ratios.get("trial") or []
+        return statistics.median(seen) if seen else 1.0
+
+    def observe(self, kind: str, predicted: float, actual: float) -> None:
+        """A finished job: remember how far off the (uncorrected) prediction was."""
+        base = predicted / self.correction(kind)
+        if base > 0 and actual > 0:
+            self.ratios.setdefault(kind, []).append(actual / base)
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What the planner needs to know, all measured or read from the space."""
+
+    time_limit: float  # seconds for the whole job
+    teacher_cached: bool
+    teacher_epochs: int
+    teacher_epoch_seconds: float  # one teacher epoch here, validation included
+    final_seconds: float  # one final-fidelity training of one member with one seed
+    final_fixed_seconds: float  # once per final stage (the teacher cache over its rows)
+    final_members: int  # finalists wanted (the space's top_k)
+    final_seeds: int
+    baselines: int  # trained in the final stage beside the finalists
+    rung0_seconds: float  # one cheapest-rung trial
+
+
+@dataclass(frozen=True)
+class Plan:
+    teacher_epochs: int
+    teacher_seconds: float
+    search_seconds: float
+    finalists: int
+    seeds: int
+    final_seconds: float
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        def minutes(seconds: float) -> str:
+            return f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds:.0f} s"
+
+        teacher = (f"teacher {minutes(self.teacher_seconds)}" if self.teacher_seconds
+                   else "teacher cached")
+        return (f"plan: {teacher}, search {minutes(self.search_seconds)}, final "
+                f"{minutes(self.final_seconds)} for {self.finalists} finalist"
+                f"{'s' if self.finalists != 1 else ''} + baselines x {self.seeds} seed"
+                f"{'s' if self.seeds != 1 else ''}")
+
+
+class TimeLimitTooShort(ValueError):
+    pass
+
+
+def make_plan(inp: PlanInput) -> Plan:
+    """Shares of the limit: shrink search, then finalists, then seeds, then teacher epochs."""
+    usable = inp.time_limit * (1.0 - RESERVE)
+    search_min = (inp.baselines + MIN_SEARCH_JOBS) * inp.rung0_seconds
+    epochs = 0 if inp.teacher_cached else inp.teacher_epochs
+
+    def final(members: int, seeds: int) -> float:
+        if members == 0:
+            return 0.0
+        return inp.final_fixed_seconds + (members + inp.baselines) * seeds * inp.final_seconds
+
+    options = [(k, inp.final_seeds) for k in range(inp.final_members, 0, -1)]
+    options += [(1, s) for s in range(inp.final_seeds - 1, 0, -1)]
+    if inp.final_members == 0:  # no final stage
+        options = [(0, 0)]
+    for members, seeds in options:
+        left = usable - epochs * inp.teacher_epoch_seconds - final(members, seeds)
+        if left >= search_min:
+            return Plan(epochs or inp.teacher_epochs, epochs * inp.teacher_epoch_seconds, left,
+                        members, seeds, final(members, seeds))
+    if inp.teacher_cached:
+        raise TimeLimitTooShort(_too_short(inp, usable, search_min + final(1, 1)))
+    # Last resort: a shorter teacher, with the smallest final stage and search.
+    members = min(1, inp.final_members)
+    for seeds in sorted({min(2, inp.final_seeds), min(1, inp.final_seeds)}, reverse=True):
+        room = usable - final(members, seeds) - search_min
+        fit = int(room // inp.teacher_epoch_seconds) if inp.teacher_epoch_seconds > 0 else epochs
+        if fit >= 1:
+            fit = min(fit, epochs)
+            left = usable - fit * inp.teacher_epoch_seconds - final(members, seeds)
+            warning = (f"the time limit gives the teacher {fit} of the {epochs} epochs its space "
+                       f"asks for (about {inp.teacher_epoch_seconds:.0f} s an epoch here); raise "
+                       "--time-limit for the full teacher")
+            return Plan(fit, fit * inp.teacher_epoch_seconds, left, members, seeds,
+                        final(members, seeds), (warning,))
+    raise TimeLimitTooShort(_too_short(inp, usable, search_min + final(1, 1)
+                                       + inp.teacher_epoch_seconds))
+
+
+def _too_short(inp: PlanInput, usable: float, needed: float) -> str:
+    need = needed / (1.0 - RESERVE)
+    return (f"--time-limit {inp.time_limit / 60:.1f}m is too short on this machine: the smallest "
+            f"plan (one teacher epoch if not cached, baselines and {MIN_SEARCH_JOBS} trials at the "
+            f"cheapest rung, one finalist with one seed) needs about {math.ceil(need / 60)} min")
+
+
+class Deadline:
+    """An end in the clock's seconds (``None``: no end); "can this still finish in time?"."""
+
+    def __init__(self, seconds: float | None, *, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.at = None if seconds is None else self.started + seconds
+
+    @classmethod
+    def until(cls, at: float | None, *, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        deadline = cls(None, clock=clock)
+        deadline.at = at
+        return deadline
+
+    def remaining(self) -> float:
+        return math.inf if self.at is None else self.at - self.clock()
+
+    def fits(self, seconds: float) -> bool:
+        return seconds <= self.remaining()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started

@@ -1,0 +1,51 @@
+"""Measure this machine's training throughput at run time (the planner never uses a time
+measured elsewhere: machines of one kind differ 3-4x)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autosplit.device import Runtime
+
+
+def training_images_per_second(model: nn.Module, input_shape: tuple[int, int, int],
+                               num_classes: int, runtime: Runtime, *, batch_size: int,
+                               max_seconds: float = 2.0, max_steps: int = 30) -> float:
+    """Training images/s of ``model`` (forward, cross-entropy, backward, SGD step) here.
+
+    Runs on a copy, so the model passed in is left as it was. Two warm-up steps are not timed;
+    then steps run until ``max_seconds`` or ``max_steps``, at least three of them.
+    """
+    model = runtime.prepare(copy.deepcopy(model)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, *input_shape, generator=generator).to(runtime.device)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(runtime.device)
+    images = runtime.images(images)
+
+    def step() -> None:
+        with runtime.autocast():
+            out = model(images)
+            logits = out["logits"] if isinstance(out, dict) else out
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    if runtime.is_cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    steps = 0
+    while steps < 3 or (steps < max_steps and time.perf_counter() - started < max_seconds):
+        step()
+        steps += 1
+    if runtime.is_cuda:
+        torch.cuda.synchronize()
+    return steps * batch_size / max(time.perf_counter() - started, 1e-9)

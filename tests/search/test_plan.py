@@ -1,0 +1,118 @@
+"""The time planner, with a fake clock and made-up throughput: shares add up, work shrinks in
+the documented order, and nothing starts that cannot finish."""
+
+import pytest
+
+from autosplit.search.plan import (
+    RESERVE,
+    CostModel,
+    Deadline,
+    PlanInput,
+    TimeLimitTooShort,
+    make_plan,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def inputs(**kw) -> PlanInput:
+    base = dict(time_limit=1800.0, teacher_cached=False, teacher_epochs=10,
+                teacher_epoch_seconds=60.0, final_seconds=50.0, final_fixed_seconds=20.0,
+                final_members=2, final_seeds=2, baselines=2, rung0_seconds=10.0)
+    base.update(kw)
+    return PlanInput(**base)
+
+
+def test_shares_add_up_to_the_usable_limit():
+    plan = make_plan(inputs())
+    usable = 1800.0 * (1 - RESERVE)
+    assert plan.teacher_seconds == 600.0  # 10 epochs x 60 s
+    assert plan.final_seconds == 20.0 + (2 + 2) * 2 * 50.0  # cache + members+baselines x seeds
+    assert plan.teacher_seconds + plan.search_seconds + plan.final_seconds == pytest.approx(usable)
+    assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (2, 2, 10)
+    assert plan.warnings == ()
+
+
+def test_a_cached_teacher_costs_nothing_and_the_search_gets_its_time():
+    plan = make_plan(inputs(teacher_cached=True))
+    assert plan.teacher_seconds == 0.0
+    assert plan.search_seconds == pytest.approx(1800 * (1 - RESERVE) - 420.0)
+    assert "teacher cached" in plan.describe()
+
+
+def test_shrinks_search_then_finalists_then_seeds_then_teacher():
+    # usable = 0.96 L. Search needs (2 baselines + 2) x 10 s = 40 s at least.
+    # Full plan: 600 + 420 + 40 = 1060 s usable -> L >= 1104.2
+    assert make_plan(inputs(time_limit=1110)).finalists == 2
+    # One finalist: final = 20 + 3 x 2 x 50 = 320 -> needs 960 usable (L = 1000)
+    plan = make_plan(inputs(time_limit=1010))
+    assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (1, 2, 10)
+    # One seed: final = 20 + 3 x 50 = 170 -> needs 810 usable (L = 843.75)
+    plan = make_plan(inputs(time_limit=850))
+    assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (1, 1, 10)
+    # Below that the teacher gives up epochs, with a warning, keeping 2 seeds when it can.
+    plan = make_plan(inputs(time_limit=700))
+    # usable 672: 672 - 320 (1 finalist, 2 seeds) - 40 = 312 -> 5 teacher epochs
+    assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (1, 2, 5)
+    assert plan.warnings and "5 of the 10 epochs" in plan.warnings[0]
+    assert plan.teacher_seconds + plan.search_seconds + plan.final_seconds <= 672 + 1e-9
+
+
+def test_a_limit_that_fits_nothing_is_refused_with_the_minimum():
+    with pytest.raises(TimeLimitTooShort, match="too short on this machine.*needs about"):
+        make_plan(inputs(time_limit=200))
+    with pytest.raises(TimeLimitTooShort):
+        make_plan(inputs(time_limit=100, teacher_cached=True))
+
+
+def test_no_final_stage_leaves_everything_to_the_search():
+    plan = make_plan(inputs(final_members=0, final_seeds=0, baselines=0, teacher_cached=True))
+    assert plan.final_seconds == 0.0
+    assert plan.search_seconds == pytest.approx(1800 * (1 - RESERVE))
+
+
+def test_cost_model_interpolates_throughput_in_log_log_space():
+    model = CostModel({1e6: 4000.0, 16e6: 1000.0}, fixed_seconds=0.0)
+    # Between the points: images/s falls as FLOPs^-0.5 here, so at 4M: 4000 / 2 = 2000.
+    assert model.images_per_second(4e6) == pytest.approx(2000.0)
+    # One epoch of 1000 rows and 300 val rows (a third of the work each) at 4M FLOPs:
+    assert model.training_seconds(flops=4e6, epochs=1, rows=1000, val_rows=300) == \
+        pytest.approx(1100 / 2000)
+    single = CostModel({1e6: 1000.0}, fixed_seconds=0.0)
+    assert single.images_per_second(2e6) == pytest.approx(500.0)  # time proportional to FLOPs
+
+
+def test_cost_model_learns_from_finished_jobs():
+    model = CostModel({1e6: 1000.0}, fixed_seconds=0.0)
+    predicted = model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0)
+    assert predicted == pytest.approx(1.0)
+    for actual in (2.0, 3.0, 2.5):  # this machine is slower than the micro-benchmark said
+        model.observe("trial", model.training_seconds(flops=1e6, epochs=1, rows=1000,
+                                                      val_rows=0), actual)
+    # Ratios observed against the uncorrected prediction: 2, 3, 2.5 -> median 2.5.
+    assert model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0) == \
+        pytest.approx(2.5)
+    # A kind with no history of its own borrows the trials' correction.
+    assert model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0,
+                                  kind="final") == pytest.approx(2.5)
+
+
+def test_nothing_starts_that_cannot_finish():
+    clock = FakeClock()
+    deadline = Deadline(100.0, clock=clock)
+    started = []
+    for job, seconds in enumerate([30.0, 30.0, 30.0, 30.0, 5.0, 20.0]):
+        if deadline.fits(seconds):
+            started.append(job)
+            clock.now += seconds  # the job runs exactly as long as predicted
+    assert started == [0, 1, 2, 4]  # job 3 (30 s) no longer fits at 90 s; job 4 (5 s) does
+    assert deadline.remaining() == pytest.approx(5.0)
+    assert clock.now - deadline.started <= 100.0
+    unlimited = Deadline(None, clock=clock)
+    assert unlimited.fits(1e12) and Deadline.until(clock.now - 1, clock=clock).remaining() < 0
