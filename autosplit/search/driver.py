@@ -63,6 +63,7 @@ class SearchContext:
     cost_model: CostModel = field(default_factory=lambda: CostModel({1.0: 1e9}))
     final_seeds: int | None = None  # the plan's seeds (None: the space's)
     finalists: int | None = None  # the plan's finalists (None: the space's top_k)
+    final_epochs: int | None = None  # the plan's final-stage epochs (None: the space's)
     caches: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
 
@@ -269,7 +270,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     candidate = Candidate.from_dict(member.user_attrs[A + "candidate"])
     if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
         candidate = candidate.with_values({"structure.exit_threshold": None})
-    candidate = at_fidelity(candidate, Rung(final.epochs, final.rows)).with_values(
+    candidate = at_fidelity(candidate, Rung(ctx.final_epochs or final.epochs, final.rows)).with_values(
         {"train.seed": candidate.train.seed + seed_index})
     label = member.user_attrs.get(A + "label", "")
     baseline = member.user_attrs.get(A + "baseline")
@@ -469,6 +470,7 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
             teacher_cfg = dataclasses.replace(teacher_cfg, train=dataclasses.replace(
                 teacher_cfg.train, epochs=chosen.teacher_epochs))
         ctx.finalists, ctx.final_seeds = chosen.finalists, chosen.seeds
+        ctx.final_epochs = chosen.final_epochs if ctx.final is not None else None
         final_reserve = chosen.final_seconds
     ctx.teacher = get_teacher(teacher_cfg, space.data, splits, runtime,
                               runs_dir=options.runs_dir, progress=options.progress)
@@ -550,6 +552,7 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
             teacher_epochs=space.teacher.train.epochs, teacher_epoch_seconds=teacher_epoch,
             final_seconds=final_job, final_fixed_seconds=final_cache,
             final_members=final.top_k if final else 0, final_seeds=final.seeds if final else 0,
+            final_epochs=final.epochs if final else 1,
             baselines=len(space.settings.baselines) if final else 0,
             rung0_seconds=ctx.estimate(rung0, ctx.max_flops, kind="trial")))
     except TimeLimitTooShort as exc:
@@ -787,8 +790,10 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     storage = studies.open_storage(storage_url)
     study, created = studies.create_or_load(study_name, storage)
     describe_study(study, ctx, options)
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        studies.fail_dead_local_trials(study)  # RDB storages have Optuna's heartbeat for this
+    # A worker of this host that died (kill -9, power loss) left its trial RUNNING: fail and
+    # re-queue it now rather than count it as done. RDB storages also have Optuna's heartbeat,
+    # which covers workers on other machines after its grace period.
+    studies.fail_dead_local_trials(study)
     if created:  # only the worker that made the study: never twice when started together
         enqueue_baselines(study, options.space)
     todo = remaining_trials(study, options.trials)
@@ -877,6 +882,7 @@ class _SharedPlan:
     cost_ref: dict[float, float]
     finalists: int | None
     seeds: int | None
+    final_epochs: int | None
     teacher_epochs: int
 
     @classmethod
@@ -885,7 +891,8 @@ class _SharedPlan:
             return None if d.at is None else time.time() + d.remaining()
 
         return cls(wall(ctx.deadline), wall(ctx.search_deadline), dict(ctx.cost_model.ref),
-                   ctx.finalists, ctx.final_seeds, ctx.teacher.config.train.epochs)
+                   ctx.finalists, ctx.final_seeds, ctx.final_epochs,
+                   ctx.teacher.config.train.epochs)
 
     def apply(self, ctx: SearchContext) -> None:
         def local(at: float | None) -> Deadline:
@@ -894,6 +901,7 @@ class _SharedPlan:
         ctx.deadline, ctx.search_deadline = local(self.deadline_wall), local(self.search_wall)
         ctx.cost_model = CostModel(dict(self.cost_ref))
         ctx.finalists, ctx.final_seeds = self.finalists, self.seeds
+        ctx.final_epochs = self.final_epochs
 
 
 def _worker_main(options: SearchOptions, study_name: str, storage_url: str, parent: str | None,

@@ -5,7 +5,8 @@ Machines of one kind differ 3-4x in speed, so nothing here uses a time measured 
 plan starts from two throughputs measured at run time (training images/s of the teacher's
 architecture and of a student at the budget) and corrects itself as real trainings finish
 (:class:`CostModel`). When the limit is too short, work shrinks in a fixed order: fewer search
-trials, then fewer finalists, then fewer seeds, then fewer teacher epochs (warned about).
+trials, then fewer finalists, then fewer seeds, then fewer final-stage epochs, then fewer teacher
+epochs (the last two warned about).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class PlanInput:
     final_seeds: int
     baselines: int  # trained in the final stage beside the finalists
     rung0_seconds: float  # one cheapest-rung trial
+    final_epochs: int = 1  # the epochs ``final_seconds`` is for (the space's final fidelity)
 
 
 @dataclass(frozen=True)
@@ -93,18 +95,20 @@ class Plan:
     finalists: int
     seeds: int
     final_seconds: float
+    final_epochs: int = 1
     warnings: tuple[str, ...] = ()
 
     def describe(self) -> str:
         def minutes(seconds: float) -> str:
             return f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds:.0f} s"
 
-        teacher = (f"teacher {minutes(self.teacher_seconds)}" if self.teacher_seconds
-                   else "teacher cached")
+        teacher = (f"teacher {minutes(self.teacher_seconds)} ({self.teacher_epochs} epochs)"
+                   if self.teacher_seconds else "teacher cached")
         return (f"plan: {teacher}, search {minutes(self.search_seconds)}, final "
                 f"{minutes(self.final_seconds)} for {self.finalists} finalist"
                 f"{'s' if self.finalists != 1 else ''} + baselines x {self.seeds} seed"
-                f"{'s' if self.seeds != 1 else ''}")
+                f"{'s' if self.seeds != 1 else ''} at {self.final_epochs} epoch"
+                f"{'s' if self.final_epochs != 1 else ''}")
 
 
 class TimeLimitTooShort(ValueError):
@@ -112,42 +116,57 @@ class TimeLimitTooShort(ValueError):
 
 
 def make_plan(inp: PlanInput) -> Plan:
-    """Shares of the limit: shrink search, then finalists, then seeds, then teacher epochs."""
+    """Shares of the limit. What must shrink shrinks in this order: search trials (down to the
+    baselines and ``MIN_SEARCH_JOBS`` cheapest-rung trials), then finalists, then seeds, then
+    the final stage's epochs (down to 1), and only then the teacher's epochs, with a warning
+    for each of the last two. The teacher comes last because every later search reuses it."""
     usable = inp.time_limit * (1.0 - RESERVE)
     search_min = (inp.baselines + MIN_SEARCH_JOBS) * inp.rung0_seconds
     epochs = 0 if inp.teacher_cached else inp.teacher_epochs
+    per_epoch = inp.final_seconds / max(1, inp.final_epochs)
 
-    def final(members: int, seeds: int) -> float:
+    def final(members: int, seeds: int, final_epochs: int) -> float:
         if members == 0:
             return 0.0
-        return inp.final_fixed_seconds + (members + inp.baselines) * seeds * inp.final_seconds
+        return (inp.final_fixed_seconds
+                + (members + inp.baselines) * seeds * per_epoch * final_epochs)
 
-    options = [(k, inp.final_seeds) for k in range(inp.final_members, 0, -1)]
-    options += [(1, s) for s in range(inp.final_seeds - 1, 0, -1)]
+    top = inp.final_epochs
+    options = [(k, inp.final_seeds, top) for k in range(inp.final_members, 0, -1)]
+    options += [(1, s, top) for s in range(inp.final_seeds - 1, 0, -1)]
+    options += [(1, 1, e) for e in range(top - 1, 0, -1)]
     if inp.final_members == 0:  # no final stage
-        options = [(0, 0)]
-    for members, seeds in options:
-        left = usable - epochs * inp.teacher_epoch_seconds - final(members, seeds)
+        options = [(0, 0, 0)]
+    for members, seeds, final_epochs in options:
+        left = usable - epochs * inp.teacher_epoch_seconds - final(members, seeds, final_epochs)
         if left >= search_min:
             return Plan(epochs or inp.teacher_epochs, epochs * inp.teacher_epoch_seconds, left,
-                        members, seeds, final(members, seeds))
+                        members, seeds, final(members, seeds, final_epochs), final_epochs,
+                        _final_warning(final_epochs, top))
+    members, seeds, final_epochs = options[-1]
+    smallest = final(members, seeds, final_epochs)
     if inp.teacher_cached:
-        raise TimeLimitTooShort(_too_short(inp, usable, search_min + final(1, 1)))
+        raise TimeLimitTooShort(_too_short(inp, usable, search_min + smallest))
     # Last resort: a shorter teacher, with the smallest final stage and search.
-    members = min(1, inp.final_members)
-    for seeds in sorted({min(2, inp.final_seeds), min(1, inp.final_seeds)}, reverse=True):
-        room = usable - final(members, seeds) - search_min
-        fit = int(room // inp.teacher_epoch_seconds) if inp.teacher_epoch_seconds > 0 else epochs
-        if fit >= 1:
-            fit = min(fit, epochs)
-            left = usable - fit * inp.teacher_epoch_seconds - final(members, seeds)
-            warning = (f"the time limit gives the teacher {fit} of the {epochs} epochs its space "
-                       f"asks for (about {inp.teacher_epoch_seconds:.0f} s an epoch here); raise "
-                       "--time-limit for the full teacher")
-            return Plan(fit, fit * inp.teacher_epoch_seconds, left, members, seeds,
-                        final(members, seeds), (warning,))
-    raise TimeLimitTooShort(_too_short(inp, usable, search_min + final(1, 1)
-                                       + inp.teacher_epoch_seconds))
+    room = usable - smallest - search_min
+    fit = int(room // inp.teacher_epoch_seconds) if inp.teacher_epoch_seconds > 0 else epochs
+    if fit < 1:
+        raise TimeLimitTooShort(_too_short(inp, usable, search_min + smallest
+                                           + inp.teacher_epoch_seconds))
+    fit = min(fit, epochs)
+    left = usable - fit * inp.teacher_epoch_seconds - smallest
+    warning = (f"the time limit gives the teacher {fit} of the {epochs} epochs its space asks "
+               f"for (about {inp.teacher_epoch_seconds:.0f} s an epoch here); raise --time-limit "
+               "for the full teacher")
+    return Plan(fit, fit * inp.teacher_epoch_seconds, left, members, seeds, smallest,
+                final_epochs, (*_final_warning(final_epochs, top), warning))
+
+
+def _final_warning(final_epochs: int, wanted: int) -> tuple[str, ...]:
+    if final_epochs >= wanted:
+        return ()
+    return (f"the time limit gives the final stage {final_epochs} of the {wanted} epochs its "
+            "space asks for; raise --time-limit for the full final fidelity",)
 
 
 def _too_short(inp: PlanInput, usable: float, needed: float) -> str:

@@ -124,7 +124,8 @@ def worker_id() -> str:
 
 
 def fail_dead_local_trials(study: optuna.Study) -> int:
-    """Fail RUNNING trials whose worker process on this host is gone (journal storages)."""
+    """Fail RUNNING trials whose worker process on this host is gone, and re-queue each with
+    its parameters (``autosplit.retry_of`` names the failed trial)."""
     host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -134,7 +135,8 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             # Re-run the same parameters, as Optuna's RetryFailedTrialCallback does for RDB.
             study.enqueue_trial(trial.params, user_attrs={
-                k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS})
+                **{k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS},
+                "autosplit.retry_of": trial.number})
             failed += 1
     if failed:
         log.warning("failed and re-queued %d trial(s) left RUNNING by dead workers", failed)

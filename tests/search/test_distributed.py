@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -103,7 +104,9 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs,
     finish(worker(digits_runs, *args, env=env))
     trials = optuna.load_study(study_name="pg-kill", storage=postgres_url).get_trials()
     assert trials[killed].state == TrialState.FAIL
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed
+    # Same host: found dead by its pid at the next start; elsewhere Optuna's heartbeat would.
+    retried = [t for t in trials if t.user_attrs.get("autosplit.retry_of") == killed
+               or t.system_attrs.get("failed_trial") == killed
                or t.system_attrs.get("stale_trial") == killed]
     assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retried[0].params == trials[killed].params
@@ -146,3 +149,67 @@ def test_dead_local_workers_trials_are_failed_and_requeued(tmp_path):
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1
     assert waiting[0].system_attrs["fixed_params"] == {"x": trial.params["x"]}  # same draw again
+
+
+# A search killed with SIGKILL in the middle of a rung, then run again with the same command:
+# the killed trial is failed and re-run from the cheapest rung with its parameters, the study
+# reaches its total, and the final stage runs; nothing is left RUNNING or WAITING.
+
+
+def _slow_top_rung_space(tmp_path):
+    # A top rung of a few seconds, so the kill lands inside it on any machine.
+    text = open(SPACE).read().replace("{epochs: 2, rows: null}]", "{epochs: 8, rows: null}]")
+    assert "{epochs: 8, rows: null}]" in text
+    path = tmp_path / "slow_top.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _running_at_top_rung(storage: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        study = optuna.load_study(study_name="resume", storage=storage)
+        trials = study.get_trials(states=(TrialState.RUNNING,))
+    except (KeyError, sqlite3.OperationalError, optuna.exceptions.StorageInternalError):
+        return []  # the study is not created yet, or the writer holds the lock
+    except Exception as exc:  # SQLAlchemy wraps "database is locked"
+        if "locked" in str(exc):
+            return []
+        raise
+    # Rung 0 recorded and still running: the trial was promoted and trains rung 1 now (the
+    # first trial always is: no finished trial dominates it).
+    return [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"
+            and len(t.user_attrs.get("autosplit.rungs") or []) == 1]
+
+
+def test_a_search_killed_mid_rung_resumes_to_its_total(digits_runs, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = ("--space", _slow_top_rung_space(tmp_path), "--study-name", "resume",
+            "--storage", storage, "--no-tracking", "--trials", "4")
+    victim = worker(digits_runs, *args)
+    deadline = time.monotonic() + 300
+    running: list = []
+    while not running and victim.poll() is None and time.monotonic() < deadline:
+        running = _running_at_top_rung(storage)
+        time.sleep(0.05)
+    assert running, "the search never reached its top rung"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = running[0]
+
+    finish(worker(digits_runs, *args))  # the same command, at once
+
+    trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert trials[killed.number].state == TrialState.FAIL
+    search = [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"
+              and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(search) == 4  # the total: the killed trial did not use up a slot
+    retry = [t for t in trials if t.user_attrs.get("autosplit.retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].params == killed.params
+    assert retry[0].user_attrs["autosplit.rungs"][0]["epochs"] == 1  # from the cheapest rung
+    finals = [t for t in trials if t.user_attrs.get("autosplit.stage") == "final"
+              and t.user_attrs.get("autosplit.state") == "complete"]
+    members = optuna.load_study(study_name="resume", storage=storage).user_attrs[
+        "autosplit.final_members"]
+    assert sorted((t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+                  for t in finals) == sorted((m, s) for m in members for s in range(2))

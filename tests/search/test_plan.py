@@ -56,12 +56,31 @@ def test_shrinks_search_then_finalists_then_seeds_then_teacher():
     # One seed: final = 20 + 3 x 50 = 170 -> needs 810 usable (L = 843.75)
     plan = make_plan(inputs(time_limit=850))
     assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (1, 1, 10)
-    # Below that the teacher gives up epochs, with a warning, keeping 2 seeds when it can.
+    # Below that the teacher gives up epochs, with a warning, and the final stage is at its
+    # smallest: usable 672 - 170 (1 finalist, 1 seed) - 40 = 462 -> 7 teacher epochs.
     plan = make_plan(inputs(time_limit=700))
-    # usable 672: 672 - 320 (1 finalist, 2 seeds) - 40 = 312 -> 5 teacher epochs
-    assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (1, 2, 5)
-    assert plan.warnings and "5 of the 10 epochs" in plan.warnings[0]
+    assert (plan.finalists, plan.seeds, plan.teacher_epochs) == (1, 1, 7)
+    assert plan.warnings and "7 of the 10 epochs" in plan.warnings[-1]
     assert plan.teacher_seconds + plan.search_seconds + plan.final_seconds <= 672 + 1e-9
+
+
+def test_final_epochs_shrink_after_seeds_and_before_the_teacher():
+    # A final job of 4 epochs costs 80 s (20 s an epoch). Full teacher 600 s, search min 40 s.
+    four = dict(final_seconds=80.0, final_epochs=4, final_fixed_seconds=0.0)
+    # 1 finalist + 2 baselines, 1 seed, 4 epochs: 240 s -> needs 880 usable.
+    plan = make_plan(inputs(time_limit=880 / 0.96 + 1, **four))
+    assert (plan.finalists, plan.seeds, plan.final_epochs, plan.teacher_epochs) == (1, 1, 4, 10)
+    assert plan.warnings == ()
+    # 2 epochs: 3 x 40 = 120 s -> needs 760 usable; the final stage warns, the teacher is whole.
+    plan = make_plan(inputs(time_limit=760 / 0.96 + 1, **four))
+    assert (plan.final_epochs, plan.teacher_epochs, plan.final_seconds) == (2, 10, 120.0)
+    assert len(plan.warnings) == 1 and "final stage 2 of the 4 epochs" in plan.warnings[0]
+    # Below 1 epoch's worth (60 s -> 700 usable), the teacher gives up epochs too.
+    plan = make_plan(inputs(time_limit=650 / 0.96, **four))
+    # 650 usable - 60 - 40 = 550 -> 9 teacher epochs (of 60 s)
+    assert (plan.final_epochs, plan.teacher_epochs) == (1, 9)
+    assert "final stage 1 of the 4" in plan.warnings[0] and "9 of the 10" in plan.warnings[1]
+    assert "at 1 epoch" in plan.describe() and "(9 epochs)" in plan.describe()
 
 
 def test_a_limit_that_fits_nothing_is_refused_with_the_minimum():

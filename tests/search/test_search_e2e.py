@@ -108,6 +108,19 @@ def test_export_then_retrain_reproduces_the_trial(searched):
     assert prov["data_fingerprint"] == ctx.splits.fingerprint and len(prov["teacher_sha256"]) == 64
     assert best["result"]["flops_worst_case"] <= ctx.max_flops
     assert 0.0 < best["result"]["test_acc"] <= 100.0
+    # best.yaml comes from the final stage: its fidelity, its seeds, val and test mean ± sd,
+    # and the weights of the seed whose val accuracy is closest to the mean.
+    result = best["result"]
+    final = ctx.space.settings.fidelity.final
+    assert result["stage"] == "final"
+    assert result["fidelity"] == {"epochs": final.epochs, "rows": final.rows}
+    assert best["candidate"]["train"]["epochs"] == final.epochs
+    assert len(result["seeds"]) == final.seeds == len(result["val_accs"]) == len(result["test_accs"])
+    assert result["val_acc_mean"] == pytest.approx(sum(result["val_accs"]) / final.seeds)
+    assert result["val_acc_sd"] >= 0 and result["test_acc_sd"] >= 0
+    closest = min(result["val_accs"], key=lambda v: abs(v - result["val_acc_mean"]))
+    assert result["val_acc"] == closest
+    assert best["candidate"]["train"]["seed"] == result["seed_shipped"] in result["seeds"]
 
     from autosplit.export import read_config, retrain
 
@@ -124,6 +137,10 @@ def test_export_then_retrain_reproduces_the_trial(searched):
     outcome = retrain(config.candidate, ctx.splits, ctx.teacher, ctx.runtime, tmp / "runs",
                       teacher_views=config.teacher_views)
     assert abs(outcome["val_acc"] - best["result"]["val_acc"]) <= 0.5
+    # ... and so lands within the final stage's val sd (or 0.5 pt) of its mean.
+    tolerance = max(best["result"]["val_acc_sd"], 0.5)
+    assert abs(outcome["val_acc"] - best["result"]["val_acc_mean"]) <= tolerance + best[
+        "result"]["val_acc_sd"]
 
     weights = tmp / "student.pt"
     assert main(["train", "--config", str(out / "best.yaml"), "--runs-dir", str(tmp / "runs"),
