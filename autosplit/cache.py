@@ -130,6 +130,25 @@ def train_rows(candidate: Any, splits: Any) -> int:
     return min(candidate.train.max_train_samples or len(splits.train), len(splits.train))
 
 
+def _cache_args(candidate: Any, teacher_key: str, splits: Any, *, views: int, taps: set[str]
+                ) -> dict[str, Any]:
+    rows = train_rows(candidate, splits)
+    return dict(taps=sorted(taps | {"logits"}), teacher_key=teacher_key,
+                data_fingerprint=splits.fingerprint, split_name=f"train[:{rows}]",
+                augment=candidate.data.augment, n_views=views, seed=candidate.train.seed,
+                fp16=True)
+
+
+def teacher_cache_exists(candidate: Any, teacher_key: str, splits: Any, runs_dir: str | Path, *,
+                         views: int = 1, taps: set[str] | None = None) -> bool:
+    """Whether :func:`teacher_cache_for` would load its outputs from disk (no teacher pass)."""
+    args = _cache_args(candidate, teacher_key, splits, views=views, taps=taps or set())
+    key = cache_key(teacher_key=args["teacher_key"], data_fingerprint=args["data_fingerprint"],
+                    split=args["split_name"], taps=args["taps"], augment=args["augment"],
+                    n_views=args["n_views"], seed=args["seed"], fp16=args["fp16"])
+    return (Path(runs_dir) / "cache" / f"{key}.pt").is_file()
+
+
 def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Runtime,
                       runs_dir: str | Path, *, views: int = 1, taps: set[str] | None = None) -> Any:
     """Teacher outputs over the training rows a candidate uses (the search's and retrain's path).
@@ -146,7 +165,5 @@ def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Runtim
     rows = train_rows(candidate, splits)
     split = Split(splits.train.images[:rows], splits.train.labels[:rows])
     return teacher_outputs(teacher.model, split, splits.info, runtime,
-                           taps=sorted(taps | {"logits"}), teacher_key=teacher.key,
-                           data_fingerprint=splits.fingerprint, split_name=f"train[:{rows}]",
-                           cache_dir=Path(runs_dir) / "cache", augment=candidate.data.augment,
-                           n_views=views, seed=candidate.train.seed, fp16=True)
+                           cache_dir=Path(runs_dir) / "cache",
+                           **_cache_args(candidate, teacher.key, splits, views=views, taps=taps))

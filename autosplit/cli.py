@@ -176,7 +176,8 @@ def _final_fidelity(study: Any) -> str:
                 trial.user_attrs:
             train = trial.user_attrs["autosplit.candidate"]["train"]
             rows = train.get("max_train_samples") or "all"
-            return f"{train['epochs']} epochs x {rows} rows"
+            epochs = train["epochs"]
+            return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"
     return ""
 
 

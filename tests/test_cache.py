@@ -70,3 +70,30 @@ def test_damaged_cache_file_is_rebuilt(digits_splits, cpu, tmp_path):
     rebuilt = _cache(model, digits_splits, cpu, tmp_path)
     assert not rebuilt.hit
     torch.testing.assert_close(rebuilt.tensors[0]["logits"], cached.tensors[0]["logits"])
+
+
+def test_the_planner_can_tell_a_cache_on_disk_from_one_to_build(digits_splits, cpu, tmp_path):
+    from types import SimpleNamespace
+
+    from autosplit.cache import teacher_cache_exists, teacher_cache_for
+
+    teacher = SimpleNamespace(model=_teacher(digits_splits), key="t0")
+
+    def candidate(rows):
+        return SimpleNamespace(train=SimpleNamespace(max_train_samples=rows, seed=0),
+                               data=SimpleNamespace(augment=True))
+
+    assert not teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=2)
+    built = teacher_cache_for(candidate(300), teacher, digits_splits, cpu, tmp_path, views=2,
+                              taps={"stage1"})
+    assert not built.hit
+    assert teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=2,
+                                taps={"stage1"})
+    # Another row count, tap set, number of views or teacher is another cache.
+    assert not teacher_cache_exists(candidate(400), "t0", digits_splits, tmp_path, views=2,
+                                    taps={"stage1"})
+    assert not teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=2)
+    assert not teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=3,
+                                    taps={"stage1"})
+    assert not teacher_cache_exists(candidate(300), "t1", digits_splits, tmp_path, views=2,
+                                    taps={"stage1"})

@@ -529,9 +529,12 @@ def _budget_student(ctx: SearchContext) -> tuple[torch.nn.Module, int]:
 
 
 def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
+    from autosplit.cache import teacher_cache_exists
     from autosplit.search.plan import EVAL_WEIGHT, PlanInput, TimeLimitTooShort, make_plan
+    from autosplit.teacher import teacher_key
 
     space, splits, model = ctx.space, ctx.splits, ctx.cost_model
+    teacher_cfg = space.teacher
     base = space.base_candidate(ctx.max_flops)
     rung0 = at_fidelity(base, ctx.rungs(base)[0])
     final = ctx.final
@@ -542,10 +545,13 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
     if final is not None and options.final_stage:
         at_final = at_fidelity(base, Rung(final.epochs, final.rows))
         final_job = ctx.estimate(at_final, ctx.max_flops, kind="final")
-        # Building the teacher cache over the final rows: forward passes of the teacher.
+        # Building the teacher cache over the final rows (forward passes of the teacher),
+        # unless an earlier run left it on disk.
         views = space.settings.teacher_views if space.data.augment else 1
-        final_cache = (_train_rows(at_final, splits) * views * EVAL_WEIGHT
-                       / model.images_per_second(ctx.teacher_flops))
+        if not teacher_cache_exists(at_final, teacher_key(teacher_cfg, splits.fingerprint),
+                                    splits, options.runs_dir, views=views):
+            final_cache = (_train_rows(at_final, splits) * views * EVAL_WEIGHT
+                           / model.images_per_second(ctx.teacher_flops))
     try:
         return make_plan(PlanInput(
             time_limit=float(options.time_limit), teacher_cached=cached,

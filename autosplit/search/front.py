@@ -254,25 +254,11 @@ def front_table(records: Sequence[TrialRecord], budget_flops: int, *,
     for record in others:
         rows.append(_row("-", record, budget_flops, teacher_flops, False))
 
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
-              for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i >= 8 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
     teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
     against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
-    out = [f"Pareto front: max val acc, min {against} — budget {_fmt_flops(budget_flops)} FLOPs"
-           f"{teacher} ({FLOPS_CONVENTION})", line(header)]
-    out += [line(row) for row in rows[:len(front)]]
-    if not front:
-        out.append("  (no feasible complete trial yet)")
-    rule = f"---- budget {_fmt_flops(budget_flops)} "
-    out.append(rule + "-" * max(0, len(line(header)) - len(rule)))
-    if others:
-        out.append("baselines not on the front:")
-        out += [line(row) for row in rows[len(front):]]
+    out = _table(f"Pareto front: max val acc, min {against} — budget {_fmt_flops(budget_flops)} "
+                 f"FLOPs{teacher} ({FLOPS_CONVENTION})", header, rows, len(front), budget_flops,
+                 empty="  (no feasible complete trial yet)")
     counts = Counter(r.state for r in records)
     over = sum(1 for r in records if r.state == "complete" and r.flops is not None
                and r.flops > budget_flops)
@@ -324,27 +310,37 @@ def final_table(members: Sequence[FinalMember], budget_flops: int, *,
         rows.append(_final_row(str(rank), member, best, budget_flops, teacher_flops))
     for member in others:
         rows.append(_final_row("-", member, best, budget_flops, teacher_flops))
+    teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
+    against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
+    at = f" at {fidelity}" if fidelity else ""
+    return "\n".join(_table(f"Final front{at}: max mean val acc, min {against} — budget "
+                            f"{_fmt_flops(budget_flops)} FLOPs{teacher} ({FLOPS_CONVENTION})",
+                            header, rows, len(front), budget_flops,
+                            empty="  (no finished final-stage job yet)"))
+
+
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], n_front: int,
+           budget_flops: int, *, empty: str) -> list[str]:
+    """Lines of a front table: the first ``n_front`` rows ranked above the budget rule, the
+    rest listed below it as baselines not on the front. The last two columns (label, mark)
+    are left-aligned, numbers right-aligned."""
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
               for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i >= 9 else c.rjust(w)
+        return "  ".join(c.ljust(w) if i >= len(header) - 2 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
-    teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
-    against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
-    at = f" at {fidelity}" if fidelity else ""
-    out = [f"Final front{at}: max mean val acc, min {against} — budget "
-           f"{_fmt_flops(budget_flops)} FLOPs{teacher} ({FLOPS_CONVENTION})", line(header)]
-    out += [line(row) for row in rows[:len(front)]]
-    if not front:
-        out.append("  (no finished final-stage job yet)")
+    out = [title, line(header)]
+    out += [line(row) for row in rows[:n_front]]
+    if not n_front:
+        out.append(empty)
     rule = f"---- budget {_fmt_flops(budget_flops)} "
     out.append(rule + "-" * max(0, len(line(header)) - len(rule)))
-    if others:
+    if len(rows) > n_front:
         out.append("baselines not on the front:")
-        out += [line(row) for row in rows[len(front):]]
-    return "\n".join(out)
+        out += [line(row) for row in rows[n_front:]]
+    return out
 
 
 def _final_row(rank: str, member: FinalMember, best: FinalMember | None, budget_flops: int,

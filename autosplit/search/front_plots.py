@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from autosplit.search.front import FLOPS_CONVENTION, FinalMember, TrialRecord
 
@@ -72,7 +73,6 @@ def write_png(path: Path, records: Sequence[TrialRecord], front: Sequence[TrialR
     so no global figure state is touched and threads may draw at the same time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     figure = Figure(figsize=(8, 5), dpi=110)
     FigureCanvasAgg(figure)
@@ -100,16 +100,7 @@ def write_png(path: Path, records: Sequence[TrialRecord], front: Sequence[TrialR
         for r in baselines:
             axes.annotate(r.baseline or "", (r.flops, r.val_acc), textcoords="offset points",
                           xytext=(6, 4), fontsize=8, color=_BASELINE_COLOUR)
-    axes.axvline(budget_flops, color="black", linestyle="--", linewidth=1,
-                 label=f"budget {_flops_text(budget_flops)}", zorder=1)
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _flops_text(x)))
-    axes.set_xlabel(f"FLOPs, worst case ({FLOPS_CONVENTION})")
-    axes.set_ylabel("validation accuracy (%)")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
+    _finish(figure, axes, path, budget_flops, title, "validation accuracy (%)")
 
 
 def write_html(path: Path, records: Sequence[TrialRecord], front: Sequence[TrialRecord],
@@ -151,7 +142,6 @@ def write_final_png(path: Path, members: Sequence[FinalMember], front: Sequence[
     """The final front: each member's mean val accuracy over seeds with a ±1 sd error bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     figure = Figure(figsize=(8, 5), dpi=110)
     FigureCanvasAgg(figure)
@@ -174,11 +164,20 @@ def write_final_png(path: Path, members: Sequence[FinalMember], front: Sequence[
     if front:
         axes.plot([m.flops for m in front], [m.val_mean for m in front], drawstyle="steps-post",
                   color=_FRONT_COLOUR, linewidth=1.2, zorder=2)
+    _finish(figure, axes, path, budget_flops, title,
+            "validation accuracy (%), mean ± sd over seeds")
+
+
+def _finish(figure: Any, axes: Any, path: Path, budget_flops: int, title: str, ylabel: str
+            ) -> None:
+    """The budget line, axes, legend and file every front plot shares."""
+    from matplotlib.ticker import FuncFormatter
+
     axes.axvline(budget_flops, color="black", linestyle="--", linewidth=1,
                  label=f"budget {_flops_text(budget_flops)}", zorder=1)
     axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _flops_text(x)))
     axes.set_xlabel(f"FLOPs, worst case ({FLOPS_CONVENTION})")
-    axes.set_ylabel("validation accuracy (%), mean ± sd over seeds")
+    axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)

@@ -88,15 +88,29 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     assert len(client.get_metric_history(child.info.run_id, "train/loss")) == rung_epochs
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"front.csv", "front.png", "front.html"} <= artifacts
+    # The final stage: its own child runs, and on the parent its front beside the rung fronts.
+    assert {"final_front.csv", "final_front.png", "rung0_front.png", "rung1_front.png"} <= artifacts
+    finals = [c for c in children if c.data.tags.get("autosplit.stage") == "final"]
+    final_trials = [t for t in study.get_trials() if t.user_attrs.get("autosplit.stage") == "final"]
+    assert len(finals) == len(final_trials) > 0
+    assert {c.info.run_id for c in finals} == {t.user_attrs["autosplit.run_id"] for t in final_trials}
+    assert "final/best_val_acc_mean" in parents[0].data.metrics
 
 
-def test_export_then_retrain_reproduces_the_trial(searched):
+def test_export_then_retrain_reproduces_the_trial(searched, capsys):
     tmp, study, ctx = searched
     from autosplit.cli import main
 
     out = tmp / "export"
     storage = f"sqlite:///{tmp}/optuna.db"
     assert main(["front", "--study-name", "digits-test", "--storage", storage]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("Final front at 2 epochs") and " ± " in shown
+    assert main(["front", "--study-name", "digits-test", "--storage", storage, "--rung", "0"]) == 0
+    assert capsys.readouterr().out.startswith("rung 0:")
+    # No trial finished a rung that high: one line naming the flag, exit 2.
+    assert main(["front", "--study-name", "digits-test", "--storage", storage, "--rung", "7"]) == 2
+    assert capsys.readouterr().err.startswith("autosplit: --rung 7: no trial")
     assert main(["export", "--study-name", "digits-test", "--storage", storage, "--out", str(out),
                  "--runs-dir", str(tmp / "runs"), "--device", "cpu"]) == 0
     best = yaml.safe_load((out / "best.yaml").read_text())
