@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from autosplit.errors import UserError
+
+# --time-limit counts from here: the imports that follow (torch, optuna, MLflow) take seconds.
+STARTED = time.monotonic()
 
 DEFAULT_SPACE = "fashion_mnist.yaml"
 
@@ -124,7 +128,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                             sampler=args.sampler or space.settings.sampler, seed=args.seed,
                             workers=args.workers, device=args.device, runs_dir=Path(args.runs_dir),
                             progress=not args.quiet, halving=not args.no_halving,
-                            tracking=not args.no_tracking)
+                            tracking=not args.no_tracking, started=STARTED)
     study, ctx = run_search(options)
     print()
     print(_front_text(study, rung=None))

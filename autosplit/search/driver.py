@@ -60,6 +60,7 @@ class SearchContext:
     halving: bool = True  # False: every trial trains at the top rung only
     deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the whole job
     search_deadline: Deadline = field(default_factory=lambda: Deadline(None))  # search phase
+    final_reserve: float = 0.0  # the plan's seconds for the final stage, before corrections
     cost_model: CostModel = field(default_factory=lambda: CostModel({1.0: 1e9}))
     final_seeds: int | None = None  # the plan's seeds (None: the space's)
     finalists: int | None = None  # the plan's finalists (None: the space's top_k)
@@ -74,6 +75,13 @@ class SearchContext:
     @property
     def final(self) -> FinalStage | None:
         return self.space.settings.fidelity.final
+
+    def search_fits(self, seconds: float) -> bool:
+        """Whether a search job of ``seconds`` can start: it must end before the search phase
+        does, and leave the final stage its share as corrected by the jobs finished so far (on
+        a machine slower than measured, the search phase ends earlier)."""
+        final = self.final_reserve * self.cost_model.correction("final")
+        return self.search_deadline.fits(seconds) and self.deadline.fits(seconds + final)
 
     def rungs(self, candidate: Candidate) -> list[Rung]:
         """The rungs a trial climbs: the space's, or the candidate's own training as one."""
@@ -192,7 +200,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
         estimate = ctx.estimate(at, flops.worst_case, kind="trial")
-        if not ctx.search_deadline.fits(estimate):
+        if not ctx.search_fits(estimate):
             stop_reason = "time"
             break
         outcome = _train(ctx, trial, at, flops, run_id, taps,
@@ -427,6 +435,7 @@ class SearchOptions:
     final_stage: bool = True
     tracking: bool = True
     clock: Callable[[], float] = time.monotonic
+    started: float | None = None  # ``clock()`` when the process started (default: at prepare)
 
 
 def default_study_name(space: SearchSpace, budget: Budget) -> str:
@@ -440,10 +449,13 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.flops import count_flops
-    from autosplit.search.plan import RESERVE
+    from autosplit.search.plan import usable_seconds
     from autosplit.teacher import build_teacher_model, get_teacher, is_cached
 
     deadline = Deadline(options.time_limit, clock=options.clock)
+    if options.started is not None:  # the limit counts from process start (imports included)
+        deadline.started = options.started
+        deadline.at = None if options.time_limit is None else options.started + options.time_limit
     runtime = resolve_runtime(options.device)
     space = options.space
     splits = load_splits(space.data)
@@ -477,9 +489,10 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
     if shared is None and options.time_limit is not None:
         # Work starts only while it can end inside the limit less a small reserve for the end
         # (fronts, MLflow); the search phase leaves the final stage its planned share.
-        work_ends = deadline.started + options.time_limit * (1.0 - RESERVE)
+        work_ends = deadline.started + usable_seconds(options.time_limit)
         ctx.deadline = Deadline.until(work_ends, clock=options.clock)
         ctx.search_deadline = Deadline.until(work_ends - final_reserve, clock=options.clock)
+        ctx.final_reserve = final_reserve
     state = ("cached" if ctx.teacher.from_cache
              else f"trained in {ctx.teacher.train_seconds:.0f}s")
     log_teacher(f"teacher {space.teacher.model} ({state}): test {ctx.teacher.test_acc:.2f}%, "
@@ -861,7 +874,8 @@ def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, 
     import multiprocessing as mp
 
     context = mp.get_context("spawn")
-    worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic)
+    worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic,
+                                         started=None)
     threads = max(1, (os.cpu_count() or 1) // options.workers)
     shared = _SharedPlan.of(ctx)
     procs = [context.Process(target=_worker_main, name=f"autosplit-worker-{i}",
@@ -885,6 +899,7 @@ class _SharedPlan:
 
     deadline_wall: float | None
     search_wall: float | None
+    final_reserve: float
     cost_ref: dict[float, float]
     finalists: int | None
     seeds: int | None
@@ -896,7 +911,8 @@ class _SharedPlan:
         def wall(d: Deadline) -> float | None:
             return None if d.at is None else time.time() + d.remaining()
 
-        return cls(wall(ctx.deadline), wall(ctx.search_deadline), dict(ctx.cost_model.ref),
+        return cls(wall(ctx.deadline), wall(ctx.search_deadline), ctx.final_reserve,
+                   dict(ctx.cost_model.ref),
                    ctx.finalists, ctx.final_seeds, ctx.final_epochs,
                    ctx.teacher.config.train.epochs)
 
@@ -905,6 +921,7 @@ class _SharedPlan:
             return Deadline(None if at is None else at - time.time())
 
         ctx.deadline, ctx.search_deadline = local(self.deadline_wall), local(self.search_wall)
+        ctx.final_reserve = self.final_reserve
         ctx.cost_model = CostModel(dict(self.cost_ref))
         ctx.finalists, ctx.final_seeds = self.finalists, self.seeds
         ctx.final_epochs = self.final_epochs

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 # Share of the limit held back for what the plan does not model (start-up, MLflow, fronts,
 # export of the front at the end); the run must end within the limit + 5 %.
 RESERVE = 0.04
+RESERVE_MIN_SECONDS = 10.0  # a short limit still keeps room for the fronts and MLflow at the end
+
+
+def usable_seconds(time_limit: float) -> float:
+    """The part of the limit work may fill: the limit less the reserve for the end."""
+    return time_limit - max(RESERVE * time_limit, RESERVE_MIN_SECONDS)
 # Validation passes are forward-only: about a third of a training step's work per image.
 EVAL_WEIGHT = 1.0 / 3.0
 MIN_SEARCH_JOBS = 2  # the search keeps room for at least this many rung-0 trials beyond baselines
@@ -120,7 +126,7 @@ def make_plan(inp: PlanInput) -> Plan:
     baselines and ``MIN_SEARCH_JOBS`` cheapest-rung trials), then finalists, then seeds, then
     the final stage's epochs (down to 1), and only then the teacher's epochs, with a warning
     for each of the last two. The teacher comes last because every later search reuses it."""
-    usable = inp.time_limit * (1.0 - RESERVE)
+    usable = usable_seconds(inp.time_limit)
     search_min = (inp.baselines + MIN_SEARCH_JOBS) * inp.rung0_seconds
     epochs = 0 if inp.teacher_cached else inp.teacher_epochs
     per_epoch = inp.final_seconds / max(1, inp.final_epochs)
@@ -170,7 +176,7 @@ def _final_warning(final_epochs: int, wanted: int) -> tuple[str, ...]:
 
 
 def _too_short(inp: PlanInput, usable: float, needed: float) -> str:
-    need = needed / (1.0 - RESERVE)
+    need = max(needed / (1.0 - RESERVE), needed + RESERVE_MIN_SECONDS)
     return (f"--time-limit {inp.time_limit / 60:.1f}m is too short on this machine: the smallest "
             f"plan (one teacher epoch if not cached, baselines and {MIN_SEARCH_JOBS} trials at the "
             f"cheapest rung, one finalist with one seed) needs about {math.ceil(need / 60)} min")
