@@ -25,10 +25,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autosplit.cache import train_rows
 from autosplit.config import atomic_write_text
 from autosplit.errors import UserError
 from autosplit.search import study as studies
 from autosplit.search.budget import Budget
+from autosplit.search.front import search_records
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.space import FinalStage, Rung, SearchSpace
@@ -93,7 +95,7 @@ class SearchContext:
         """Predicted seconds to train ``candidate`` here (see ``plan.CostModel``)."""
         return self.cost_model.training_seconds(
             flops=float(flops), epochs=candidate.train.epochs,
-            rows=_train_rows(candidate, self.splits), val_rows=len(self.splits.val), kind=kind)
+            rows=train_rows(candidate, self.splits), val_rows=len(self.splits.val), kind=kind)
 
     def teacher_source(self, taps: set[str], candidate: Any) -> Any:
         """The cached teacher outputs holding ``taps`` over the rows trials train on."""
@@ -102,7 +104,7 @@ class SearchContext:
         taps = taps | {"logits"}
         # What the outputs depend on besides the teacher and data (a space may search these).
         augment = candidate.data.augment
-        key = (tuple(sorted(taps)), _train_rows(candidate, self.splits), augment,
+        key = (tuple(sorted(taps)), train_rows(candidate, self.splits), augment,
                candidate.train.seed if augment else 0)
         if key in self.caches:
             self.cost["cache_hits"] += 1
@@ -115,12 +117,6 @@ class SearchContext:
             self.cost["cache_hits" if cache.hit else "cache_builds"] += 1
             self.caches[key] = cache
         return self.caches[key]
-
-
-def _train_rows(candidate: Any, splits: Any) -> int:
-    from autosplit.cache import train_rows
-
-    return train_rows(candidate, splits)
 
 
 def label_of(candidate: Any) -> str:
@@ -207,7 +203,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                          step_offset=sum(r["epochs"] for r in reached), rung=index)
         ctx.cost_model.observe("trial", estimate, outcome.seconds)
         result, trained = outcome, at
-        reached.append({"epochs": rung.epochs, "rows": _train_rows(at, ctx.splits),
+        reached.append({"epochs": rung.epochs, "rows": train_rows(at, ctx.splits),
                         "val_acc": outcome.val_acc, "seconds": round(outcome.seconds, 2),
                         "expected_flops": outcome.expected_flops})
         trial.set_user_attr(RUNGS, reached)
@@ -563,7 +559,7 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
         views = space.settings.teacher_views if space.data.augment else 1
         if not teacher_cache_exists(at_final, teacher_key(teacher_cfg, splits.fingerprint),
                                     splits, options.runs_dir, views=views):
-            final_cache = (_train_rows(at_final, splits) * views * EVAL_WEIGHT
+            final_cache = (train_rows(at_final, splits) * views * EVAL_WEIGHT
                            / model.images_per_second(ctx.teacher_flops))
     try:
         return make_plan(PlanInput(
@@ -682,7 +678,7 @@ def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None)
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     def refresh(study: optuna.Study, _trial: Any) -> None:
         stats = studies.records(study)
-        ctx.tracker.update_front(studies.search_front_records(stats), ctx.max_flops)
+        ctx.tracker.update_front(search_records(stats), ctx.max_flops)
         ctx.tracker.log_search_cost({
             "cpu_seconds": time.process_time(),
             # Wall time this worker held its GPU for training (0 on CPU-only runs).
@@ -710,7 +706,7 @@ class _ProgressCallback:
 
         recs = [r for r in studies.records(study) if r.stage == "search"]
         budget = study.user_attrs[A + "budget_flops"]
-        front = pareto_front(studies.search_front_records(recs), budget)
+        front = pareto_front(search_records(recs), budget)
         best = max((r.val_acc for r in front), default=float("nan"))
         self.bar.n = len([r for r in recs if r.state not in ("running", "waiting", "skipped")])
         self.bar.set_postfix(top_rung=sum(r.state == "complete" for r in recs),
@@ -730,20 +726,17 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
     from autosplit.search.promotion import select
 
     chosen: list[int] = []
-    top = max((len(t.user_attrs.get(RUNGS) or []) for t in study.get_trials(deepcopy=False)
-               if _is_search_trial(t)), default=0)
+    trials = study.get_trials(deepcopy=False)
+    baselines = {t.number for t in trials if t.user_attrs.get(A + "baseline")}
+    top = max((len(t.user_attrs.get(RUNGS) or []) for t in trials if _is_search_trial(t)),
+              default=0)
     for rung in range(top - 1, -1, -1):
         pool = [r for r in finished_at_rung(study, rung, ctx) if r.number not in chosen
-                and not _baseline(study, r.number)]
+                and r.number not in baselines]
         chosen += [r.number for r in select(pool, k - len(chosen))]
         if len(chosen) >= k:
             break
     return chosen
-
-
-def _baseline(study: optuna.Study, number: int) -> str | None:
-    return next((t.user_attrs.get(A + "baseline") for t in study.get_trials(deepcopy=False)
-                 if t.number == number), None)
 
 
 def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
@@ -842,7 +835,7 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     finally:
         if parent is not None:
             records = studies.records(study)
-            parent_tracker.update_front(studies.search_front_records(records), ctx.max_flops)
+            parent_tracker.update_front(search_records(records), ctx.max_flops)
             if ctx.final is not None:
                 from autosplit.search.front import final_members, rung_records
 

@@ -176,14 +176,6 @@ def records(study: optuna.Study) -> list[TrialRecord]:
     return [record_of(t) for t in study.get_trials(deepcopy=False)]
 
 
-def search_front_records(records: list[TrialRecord]) -> list[TrialRecord]:
-    """The search phase's records: its front is drawn from the trials that reached the top
-    rung (state "complete"); final-stage jobs are shown by the final front instead."""
-    from autosplit.search.front import search_records
-
-    return search_records(records)
-
-
 def study_info(study: optuna.Study) -> dict[str, Any]:
     """What the search stored about itself (budget, teacher, data) for front/export."""
     attrs = study.user_attrs
