@@ -205,23 +205,24 @@ class SearchSpace:
 
     def suggest(self, trial: optuna.Trial, max_flops: int, *,
                 overrides: dict[str, Any] | None = None) -> Candidate:
-        """Draw the trial's values (conditional parameters in file order) into a candidate."""
+        """Draw the trial's values (conditional parameters in file order) into a candidate.
+
+        ``overrides`` (a baseline) pin values: those are not drawn, so the trial's Optuna
+        parameters hold only values it trains with, and the conditions of the others are
+        read with the pinned values (a single student draws no ``n_parts``). Parameters of a
+        part a baseline renames (``logit_loss.name``) are not drawn either.
+        """
         base = self.base_candidate(max_flops)
-        values: dict[str, Any] = dict(base.flat())
+        overrides = dict(overrides or {})
+        renamed = {key.removesuffix(".name") for key in overrides if key.endswith(".name")}
+        values: dict[str, Any] = {**base.flat(), **overrides}
         chosen: dict[str, Any] = {}
         for param in self.params:
+            if param.name in overrides or param.name.split(".")[0] in renamed:
+                continue
             if param.active(values):
                 chosen[param.name] = values[param.name] = param.suggest(trial)
-        if overrides:
-            # A baseline pins some values; drawn values its choices make meaningless go (a
-            # single student has no n_parts), as do other parameters of a part it renames.
-            renamed = {key.removesuffix(".name") for key in overrides if key.endswith(".name")}
-            values = {**base.flat(), **chosen, **overrides}
-            chosen = {key: value for key, value in chosen.items()
-                      if key.split(".")[0] not in renamed
-                      and next(p for p in self.params if p.name == key).active(values)}
-            chosen.update(overrides)
-        return base.with_values(chosen)
+        return base.with_values({**chosen, **overrides})
 
     def _draw(self, base: Candidate, pinned: dict[str, Any]) -> dict[str, Any]:
         """A deterministic full draw (pinned values, else each parameter's first/low value)."""

@@ -82,15 +82,73 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def make_sampler(name: str, seed: int | None, *, n_startup: int = 8) -> optuna.samplers.BaseSampler:
-    """Constraints come from ``Trial.set_constraint``; Optuna 5 samplers read them directly."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True,
-                                          constant_liar=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, n_startup))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise UserError(f"--sampler {name!r}: expected tpe, nsga2 or random")
+    """Constraints come from ``Trial.set_constraint``; Optuna 5 samplers read them directly.
+
+    With a seed, each trial draws from its own seed, derived from ``seed`` and the trial's
+    number (see ``TrialSeededSampler``): workers and invocations sharing a study never repeat
+    each other's draws, and a fresh study with the same seed repeats its own.
+    """
+    if name not in SAMPLERS:
+        raise UserError(f"--sampler {name!r}: expected tpe, nsga2 or random")
+
+    def build(trial_seed: int | None) -> optuna.samplers.BaseSampler:
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=n_startup,
+                                              multivariate=True, constant_liar=True)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=trial_seed,
+                                                 population_size=max(4, n_startup))
+        return optuna.samplers.RandomSampler(seed=trial_seed)
+
+    return build(None) if seed is None else TrialSeededSampler(build, seed)
+
+
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number`` in a search run with ``--seed seed``."""
+    return (seed * 1_000_003 + number) % 2**32
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler re-made for every trial with ``trial_seed(seed, trial.number)``.
+
+    A sampler seeded once per process repeats its random draws in every process that uses the
+    same seed: two invocations on one study (concurrent, or one resumed) trained identical
+    candidates. Trial numbers are unique within a study, whichever worker gets them, so seeding
+    by number gives each trial its own draw. The samplers keep nothing per instance that a
+    fresh one cannot rebuild from the study's trials.
+    """
+
+    def __init__(self, build: Any, seed: int) -> None:
+        self._build, self.seed = build, seed
+        self._inner = build(seed)
+
+    def seed_for(self, number: int) -> int:
+        return trial_seed(self.seed, number)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = self._build(self.seed_for(trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, *,
@@ -124,23 +182,59 @@ def worker_id() -> str:
 
 
 def fail_dead_local_trials(study: optuna.Study) -> int:
-    """Fail RUNNING trials whose worker process on this host is gone, and re-queue each with
-    its parameters (``autosplit.retry_of`` names the failed trial)."""
+    """Fail RUNNING trials whose worker process on this host is gone, and re-queue them (see
+    ``requeue_interrupted``). Returns how many were failed."""
     host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(WORKER_ATTR, "")
         owner_host, _, pid = owner.rpartition(":")
         if owner_host == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            # Re-run the same parameters, as Optuna's RetryFailedTrialCallback does for RDB.
-            study.enqueue_trial(trial.params, user_attrs={
-                **{k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS},
-                "autosplit.retry_of": trial.number})
+            study.tell(trial.number, state=TrialState.FAIL)
             failed += 1
     if failed:
-        log.warning("failed and re-queued %d trial(s) left RUNNING by dead workers", failed)
+        log.warning("failed %d trial(s) left RUNNING by dead workers", failed)
+    requeue_interrupted(study)
     return failed
+
+
+# ``autosplit.state`` of a trial that failed through no fault of its candidate: interrupted
+# (Ctrl-C, SIGTERM) or stopped by its environment (a full disk). A FAIL trial without a state
+# died with its worker. Both are re-run with their parameters; "failed" (the candidate's own
+# training raised, e.g. diverged) is not, since it would fail again.
+INTERRUPTED = "interrupted"
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Re-queue every FAIL trial that was interrupted or whose worker died, once, with its
+    parameters and what it *is* (``RETRY_ATTRS``); ``autosplit.retry_of`` names the trial it
+    repeats. A chain of retries stops after ``MAX_RETRY``. Returns the re-queued numbers."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("autosplit.retry_of") for t in trials}
+    # RDB storages' heartbeat re-queues stale trials itself; its copies name their originals.
+    retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    by_number = {t.number: t for t in trials}
+    out = []
+    for trial in trials:
+        if (trial.state != TrialState.FAIL or trial.number in retried
+                or trial.user_attrs.get("autosplit.state") not in (None, INTERRUPTED)
+                or _retry_depth(trial, by_number) >= MAX_RETRY):
+            continue
+        study.enqueue_trial(trial.params, user_attrs={
+            **{k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS},
+            "autosplit.retry_of": trial.number})
+        out.append(trial.number)
+    if out:
+        log.warning("re-queued %d interrupted trial(s) with their parameters: %s", len(out),
+                    ", ".join(map(str, out)))
+    return out
+
+
+def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:
+    depth = 0
+    while (parent := trial.user_attrs.get("autosplit.retry_of")) is not None and parent in by_number:
+        depth, trial = depth + 1, by_number[parent]
+    return depth
 
 
 def _alive(pid: int) -> bool:
