@@ -121,6 +121,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     trials = args.trials if args.trials is not None else space.settings.trials
     if trials < 0:
         raise UserError(f"--trials {trials}: must be >= 0 (the study's total number of trials)")
+    if trials == 0:  # before the teacher trains: a total of 0 means no work at all
+        print("--trials 0: nothing to run (the study's total is 0 trials)")
+        return 0
     options = SearchOptions(space=space, budget=budget, trials=trials,
                             time_limit=parse_duration(args.time_limit or space.settings.time_limit),
                             study_name=args.study_name,
@@ -342,18 +345,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    """SIGINT and SIGTERM stop the command the same way: a KeyboardInterrupt that closes the
+    running trial. A second signal while that clean-up runs exits at once; the next start
+    fails and re-runs whatever was left open."""
+    import os
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os._exit(130))
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+    import signal
+    import threading
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"autosplit: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("autosplit: interrupted; finished work is kept, re-run to continue", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        what = f" by {exc.args[0]}" if exc.args else ""
+        again = "resume" if args.command == "search" else "run it again"
+        print(f"autosplit: interrupted{what}; finished work is kept; to {again}: autosplit "
+              f"{shlex.join(argv)}", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

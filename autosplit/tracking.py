@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "infeasible": "KILLED",
+_RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "infeasible": "KILLED", "killed": "KILLED",
                "failed": "FAILED"}
 
 

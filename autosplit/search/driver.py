@@ -134,7 +134,53 @@ def label_of(candidate: Any) -> str:
 
 def objective(ctx: SearchContext, trial: optuna.Trial, phase: str = "search"
               ) -> tuple[float, float]:
-    """One trial: a search trial climbs the rungs, a final-stage job trains one member once."""
+    """One trial: a search trial climbs the rungs, a final-stage job trains one member once.
+
+    A trial stopped by its environment rather than by its candidate (Ctrl-C, SIGTERM, a full
+    disk, any OSError) is marked interrupted and its MLflow run closed as KILLED; Optuna fails
+    it and the exception stops the search. The next start re-runs it with its parameters
+    (``studies.requeue_interrupted``).
+    """
+    try:
+        return _objective(ctx, trial, phase)
+    except (KeyboardInterrupt, OSError) as exc:
+        _mark_interrupted(ctx, trial, exc)
+        raise
+
+
+def _mark_interrupted(ctx: SearchContext, trial: optuna.Trial, exc: BaseException) -> None:
+    try:
+        trial.set_user_attr(A + "state", studies.INTERRUPTED)
+        trial.set_user_attr(A + "error", (repr(exc) if isinstance(exc, KeyboardInterrupt)
+                                          else str(exc))[:500])
+        run_id = trial.user_attrs.get(A + "run_id")
+        if run_id:
+            ctx.tracker.end_trial(run_id, state="killed",
+                                  metrics={"optuna/trial_number": trial.number})
+    except Exception as inner:  # noqa: BLE001 - a full disk may refuse these writes too; the
+        # next start still finds the trial FAIL without a verdict and re-runs it.
+        log.debug("could not record the interruption of trial %d: %s", trial.number, inner)
+
+
+class QuietInterrupts(logging.Filter):
+    """Drop Optuna's traceback for a trial failed by an interruption or an OSError: the
+    command line reports those in one line. Other failures keep Optuna's full report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quiet: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None and issubclass(
+                record.exc_info[0], KeyboardInterrupt | OSError):
+            self.quiet.add(message.split(" failed", 1)[0])  # "Trial 7"
+            return False
+        head = message.split(" failed with value", 1)
+        return not (len(head) == 2 and head[0] in self.quiet)
+
+
+def _objective(ctx: SearchContext, trial: optuna.Trial, phase: str) -> tuple[float, float]:
     if trial.user_attrs.get(STAGE) == "final":
         return final_job(ctx, trial)
     if phase == "final":
@@ -159,6 +205,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
     trial.set_user_attr(STAGE, "search")
     trial.set_user_attr(RUNGS, [])  # a retried trial starts its rungs again
+    if isinstance(trial.study.sampler, studies.TrialSeededSampler):
+        trial.set_user_attr(A + "sampler_seed", trial.study.sampler.seed_for(trial.number))
     baseline = trial.user_attrs.get(A + "baseline")
     overrides = ctx.space.settings.baselines.get(baseline, {}) if baseline else {}
     candidate = ctx.space.suggest(trial, ctx.max_flops, overrides=overrides)
@@ -268,7 +316,9 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     member = next(t for t in others if t.number == member_number)
     # The job was enqueued with the member's parameters: drawing them records them on this
     # trial, so the sampler sees a final result at the member's point of the space.
-    ctx.space.suggest(trial, ctx.max_flops)
+    baseline = member.user_attrs.get(A + "baseline")
+    ctx.space.suggest(trial, ctx.max_flops,
+                      overrides=ctx.space.settings.baselines.get(baseline) if baseline else None)
     final = ctx.final
     assert final is not None
     candidate = Candidate.from_dict(member.user_attrs[A + "candidate"])
@@ -277,7 +327,6 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     candidate = at_fidelity(candidate, Rung(ctx.final_epochs or final.epochs, final.rows)).with_values(
         {"train.seed": candidate.train.seed + seed_index})
     label = member.user_attrs.get(A + "label", "")
-    baseline = member.user_attrs.get(A + "baseline")
     flops = member.user_attrs[A + "flops"]
     for key, value in {"label": label, "flops": flops, "baseline": baseline,
                        "params": member.user_attrs.get(A + "params")}.items():
@@ -334,6 +383,8 @@ def _train(ctx: SearchContext, trial: optuna.Trial, candidate: Candidate, flops:
         return train_candidate(candidate, ctx.splits, ctx.teacher.model, ctx.runtime,
                                teacher_source=source, progress=False,
                                on_epoch_end=on_epoch_end, flops=flops)
+    except OSError:
+        raise  # the environment's fault, not the candidate's: see ``objective``
     except Exception as exc:
         trial.set_user_attr(A + "state", "failed")
         trial.set_user_attr(A + "error", str(exc)[:500])
@@ -462,6 +513,8 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
                         max_flops=max_flops, teacher_flops=teacher_flops,
                         runs_dir=Path(options.runs_dir), study_name="", tracker=None,
                         progress=options.progress, halving=options.halving, deadline=deadline)
+    if shared is None:
+        check_budget(ctx, options.budget, say=log_teacher)
     final_reserve = 0.0
     if shared is not None:
         shared.apply(ctx)
@@ -497,6 +550,31 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
 
     ctx.tracker = NullTracker()
     return ctx
+
+
+def check_budget(ctx: SearchContext, budget: Budget, *, say: Callable[[str], None]) -> None:
+    """Refuse a budget below the narrowest student the space builds (every trial would be
+    infeasible), before the teacher trains; warn about one above the teacher's FLOPs."""
+    from autosplit.distill.run import build_and_count
+    from autosplit.flops import format_flops
+    from autosplit.teacher import build_teacher_model
+
+    narrowest = ctx.space.base_candidate(ctx.max_flops).with_values(
+        {"split.base_width": SMALLEST_WIDTH, "split.budget_share": 1.0})
+    _, counted = build_and_count(narrowest, build_teacher_model(ctx.space.teacher, ctx.splits),
+                                 ctx.splits)
+    smallest = int(counted.worst_case)
+    if ctx.max_flops < smallest:
+        raise UserError(
+            f"--budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs: below the smallest "
+            f"student this space builds ({format_flops(smallest)} FLOPs, "
+            f"{ctx.space.base_candidate(ctx.max_flops).student.family} at width "
+            f"{SMALLEST_WIDTH}); raise --budget to at least {smallest / ctx.teacher_flops:.3g}x "
+            f"or {format_flops(smallest)}")
+    if ctx.max_flops > ctx.teacher_flops:
+        say(f"warning: --budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs is above the "
+            f"teacher's {format_flops(ctx.teacher_flops)}; students may be as large as the "
+            "teacher")
 
 
 def _measure_cost_model(ctx: SearchContext) -> CostModel:
@@ -597,10 +675,9 @@ def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
     """The baselines run first (once per study), so the front always shows what was beaten."""
     if study.user_attrs.get(A + "baselines_enqueued"):
         return
-    names = {p.name: p for p in space.params}
-    for name, overrides in space.settings.baselines.items():
-        params = {k: v for k, v in overrides.items() if k in names and names[k].contains(v)}
-        study.enqueue_trial(params, user_attrs={A + "baseline": name})
+    for name in space.settings.baselines:
+        # No parameters: a baseline's pinned values are not drawn (``SearchSpace.suggest``).
+        study.enqueue_trial({}, user_attrs={A + "baseline": name})
     study.set_user_attr(A + "baselines_enqueued", True)
 
 
@@ -622,12 +699,16 @@ def run_worker(options: SearchOptions, ctx: SearchContext, study_name: str, stor
     """One worker's loop. ``search``: trials until the study holds ``options.trials`` or the
     search phase's time is up; ``final``: the waiting final-stage jobs."""
     storage = studies.open_storage(storage_url)
-    seed = None if options.seed is None else options.seed + worker_index
-    study = studies.open_study(study_name, storage, sampler=studies.make_sampler(options.sampler, seed),
-                               create=False)
+    # One seed for every worker and invocation: the sampler derives each trial's own seed
+    # from it and the trial's number, unique in the study (``studies.TrialSeededSampler``).
+    sampler = studies.make_sampler(options.sampler, options.seed)
+    study = studies.open_study(study_name, storage, sampler=sampler, create=False)
     ctx.study_name = study_name
     ctx.tracker = _tracker(options, study_name, parent_run_id)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet = QuietInterrupts()
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    optimize_log.addFilter(quiet)
     if phase == "final":
         n = len(_waiting_final(study))
         callbacks: list[Any] = [_StopWhenNoFinalJobWaits()]
@@ -639,8 +720,11 @@ def run_worker(options: SearchOptions, ctx: SearchContext, study_name: str, stor
     if n == 0:
         return
     # A candidate whose training diverges is a failed trial, not a failed search.
-    study.optimize(lambda trial: objective(ctx, trial, phase), n_trials=n, callbacks=callbacks,
-                   gc_after_trial=True, catch=(FloatingPointError,))
+    try:
+        study.optimize(lambda trial: objective(ctx, trial, phase), n_trials=n,
+                       callbacks=callbacks, gc_after_trial=True, catch=(FloatingPointError,))
+    finally:
+        optimize_log.removeFilter(quiet)
 
 
 class _StopAtTotal:
@@ -796,15 +880,17 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
 def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) -> tuple[optuna.Study, SearchContext]:
     """Plan and prepare once, run the search phase with ``options.workers`` worker processes
     (or this one), then the final stage, all on one study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     ctx = prepare(options, log_teacher=say)
     study_name = options.study_name or default_study_name(options.space, options.budget)
     storage_url = options.storage or studies.default_storage(options.runs_dir, options.workers)
     storage = studies.open_storage(storage_url)
     study, created = studies.create_or_load(study_name, storage)
     describe_study(study, ctx, options)
-    # A worker of this host that died (kill -9, power loss) left its trial RUNNING: fail and
-    # re-queue it now rather than count it as done. RDB storages also have Optuna's heartbeat,
-    # which covers workers on other machines after its grace period.
+    # A worker of this host that died (kill -9, power loss) left its trial RUNNING: fail it
+    # now rather than count it as done; it and any interrupted trial are re-queued with their
+    # parameters. RDB storages also have Optuna's heartbeat, which covers workers on other
+    # machines after its grace period.
     studies.fail_dead_local_trials(study)
     if created:  # only the worker that made the study: never twice when started together
         enqueue_baselines(study, options.space)
@@ -877,8 +963,20 @@ def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, 
              for i in range(options.workers)]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        # The workers ignore SIGINT and answer only to us, so that one Ctrl-C (which the
+        # terminal sends to the whole process group) interrupts each of them exactly once.
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=WORKER_STOP_SECONDS)
+            if proc.is_alive():
+                proc.kill()  # its trial is failed and re-queued at the next start
+        raise
     bad = [p.name for p in procs if p.exitcode != 0]
     if bad:
         raise UserError(f"worker(s) {', '.join(bad)} failed; see the log above. Re-run the same "
@@ -922,7 +1020,28 @@ class _SharedPlan:
 
 def _worker_main(options: SearchOptions, study_name: str, storage_url: str, parent: str | None,
                  index: int, threads: int, shared: _SharedPlan, phase: str) -> None:
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a Ctrl-C as SIGTERM
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     torch.set_num_threads(threads)
-    ctx = prepare(options, log_teacher=lambda _msg: None, shared=shared)
-    run_worker(options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=index,
-               phase=phase)
+    try:
+        ctx = prepare(options, log_teacher=lambda _msg: None, shared=shared)
+        run_worker(options, ctx, study_name, storage_url, parent_run_id=parent,
+                   worker_index=index, phase=phase)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (UserError, OSError) as exc:
+        print(f"autosplit: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, UserError) else 1)
+
+
+WORKER_STOP_SECONDS = 60  # a worker answers SIGTERM by closing its trial: seconds, not minutes
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up is not interrupted again
+    raise KeyboardInterrupt(signal.Signals(signum).name)
