@@ -166,7 +166,16 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
 
 
 def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
-    opts = options(tmp_path, trials=1, budget=parse_budget("300"), study_name="tiny-budget")
+    # A budget a single student fits (below that the search is refused) but a chain of three
+    # parts does not, even at the narrowest widths.
+    text = SPACE.read_text().replace("choices: [single, res_chain, branches, assistant]",
+                                     "choices: [res_chain]")
+    text = text.replace("{type: int, low: 1, high: 2, when", "{choices: [2], when")
+    text = text[:text.index("  baselines:")]
+    space_file = tmp_path / "chains.yaml"
+    space_file.write_text(text)
+    opts = options(tmp_path, trials=1, budget=parse_budget("3.5k"), study_name="tiny-budget",
+                   space=SearchSpace.from_yaml(space_file))
     study, _ctx = run_search(opts, say=lambda _m: None)
     trial = study.get_trials()[0]
     assert trial.user_attrs["autosplit.state"] == "infeasible"

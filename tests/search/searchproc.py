@@ -1,0 +1,51 @@
+"""Helpers for tests that run `autosplit search` as real processes on the digits space."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = str(ROOT / "search_spaces" / "digits_tiny.yaml")
+
+
+def _cmd(*args: str) -> list[str]:
+    exe = shutil.which("autosplit")
+    return [exe] if exe else [sys.executable, "-m", "autosplit.cli"], list(args)
+
+
+def worker(runs: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    head, tail = _cmd("search", "--space", SPACE, "--runs-dir", str(runs), "--device", "cpu",
+                      "--quiet", *args)
+    return subprocess.Popen([*head, *tail], cwd=runs, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "AUTOSPLIT_NO_PROGRESS": "1",
+                                 "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _mlflow_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=500)
+
+
+def _slow_top_rung_space(tmp_path):
+    # A top rung of a few seconds, so the kill lands inside it on any machine.
+    text = open(SPACE).read().replace("{epochs: 2, rows: null}]", "{epochs: 8, rows: null}]")
+    assert "{epochs: 8, rows: null}]" in text
+    path = tmp_path / "slow_top.yaml"
+    path.write_text(text)
+    return str(path)
+
+
