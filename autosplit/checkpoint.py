@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,10 @@ def _torch_load(path: Path, what: str, *, fix: str = "re-create it or point to a
     """``torch.load`` with ``weights_only=True``; any failure becomes one sentence naming the
     file and why (torch's own messages run to paragraphs)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle makes torch warn before it fails; the failure says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged file can fail in many ways inside torch
         reason = _why(exc)
         raise UnreadableCheckpoint(f"{path}: not a readable {what}: {reason}; {fix}",

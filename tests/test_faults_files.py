@@ -351,12 +351,21 @@ def test_a_corrupt_teacher_cache_or_fit_state_is_rebuilt_with_one_warning(space_
     assert not fit_state.exists()
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
 @pytest.mark.parametrize(("content", "why"), [
     ("truncated", "the file is empty, truncated or corrupt"),
+    ("object", "it holds Python objects besides tensors, which autosplit does not unpickle "
+               "(torch.load weights_only=True)"),
     ("pickle", "it holds Python objects besides tensors, which autosplit does not unpickle "
                "(torch.load weights_only=True)")])
-def test_a_users_teacher_checkpoint_is_refused_in_one_sentence(tmp_path, capsys, content, why):
+def test_a_users_teacher_checkpoint_is_refused_in_one_sentence(tmp_path, capsys, recwarn,
+                                                               content, why):
     import argparse
+    import pickle
 
     import torch
 
@@ -364,14 +373,17 @@ def test_a_users_teacher_checkpoint_is_refused_in_one_sentence(tmp_path, capsys,
     if content == "truncated":
         torch.save({"w": torch.zeros(1000)}, weights)
         weights.write_bytes(weights.read_bytes()[:300])
-    else:
+    elif content == "object":
         torch.save({"w": argparse.Namespace(a=1)}, weights)
+    else:  # a bare pickle (protocol 5), on which torch also warns before refusing
+        weights.write_bytes(pickle.dumps(_RunsCode(), protocol=5))
     space = tmp_path / "space.yaml"
     space.write_text(tiny_space_text().replace("  width: 1.0\n", f"  width: 1.0\n  checkpoint: {weights}\n"))
     assert _teacher(space, tmp_path / "runs") == 2
     assert one_line(capsys.readouterr().err) == (
         f"autosplit: {weights}: not a readable weights file: {why}; point teacher.checkpoint to "
         "another file")
+    assert [str(w.message) for w in recwarn] == []  # a warning would be a second stderr line
 
 
 def test_a_diverging_teacher_is_one_line(tmp_path, capsys):
