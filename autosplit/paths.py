@@ -22,7 +22,7 @@ FAULTS = {
     errno.ENOSPC: ("no space left on device", "free space or choose another folder"),
     errno.EDQUOT: ("disk quota exceeded", "free space or choose another folder"),
     errno.EROFS: ("read-only file system", "choose a writable folder"),
-    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied", "check its permissions or choose another folder"),
 }
 # SQLite reports the same faults through its driver's own exception, by text.
 _SQLITE_FAULTS = (("database or disk is full", errno.ENOSPC),

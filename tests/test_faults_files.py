@@ -450,6 +450,13 @@ def test_disk_fault_reads_sqlite_and_respects_from_none():
     assert disk_fault(sqlite) == ("a SQLite database: no space left on device (SQLite: database "
                                   "or disk is full); free space or choose another folder, e.g. "
                                   "another --runs-dir")
+    # What MLflow tracking raises on a full disk: the line names the store's file instead.
+    tracking = UserError("MLflow tracking at sqlite:////data/runs/mlflow.db: could not log "
+                         "metrics: (sqlite3.OperationalError) database or disk is full (check "
+                         "--tracking-uri, or pass --no-tracking)")
+    assert disk_fault(tracking).startswith("/data/runs/mlflow.db: no space left on device")
+    readonly = RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database")
+    assert "read-only file system (SQLite: readonly database)" in disk_fault(readonly)
     try:
         try:
             raise OSError(errno.EROFS, "Read-only file system", "/ro/x")
