@@ -464,3 +464,14 @@ def test_disk_fault_reads_sqlite_and_respects_from_none():
             raise UserError("a clearer line of our own") from None
     except UserError as ours:
         assert disk_fault(ours) is None  # `from None` means: our own line already says it
+
+
+def test_the_real_command_prints_one_line_too(tmp_path):
+    """In-process tests cannot see warnings Python prints to stderr; the installed command can."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "autosplit.cli", "flops", "--model", "resnet8",
+                          "--width", "100000"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2
+    assert one_line(out.stderr).startswith("autosplit: --input 3x32x32: cannot run resnet8")
