@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,14 @@ from autosplit.config import atomic_write_bytes
 from autosplit.errors import UserError
 
 FORMAT = "autosplit-checkpoint-1"
+
+
+class UnreadableCheckpoint(UserError):
+    """A file torch cannot load; ``reason`` says why in a few words (for a warning line)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def save_checkpoint(path: str | os.PathLike, *, kind: str, state_dict: dict[str, Any],
@@ -25,16 +34,19 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, state_dict: dict[str,
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
-    """Load with ``weights_only=True`` (no code runs); refuse corrupt or foreign files by path."""
+def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
+                    fix: str = "re-create it or point to another file") -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no code runs); refuse corrupt or foreign files by path,
+    ending the line with ``fix``, what the user can do about it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; check the path")
-    payload = _torch_load(path, "checkpoint")
+    payload = _torch_load(path, "checkpoint", fix=fix)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path}: not an autosplit checkpoint (no '{FORMAT}' header)")
+        raise UserError(f"{path}: not an autosplit checkpoint (no '{FORMAT}' header); {fix}")
     if kind is not None and payload.get("kind") != kind:
-        raise UserError(f"{path}: holds a {payload.get('kind')!r} checkpoint, expected {kind!r}")
+        raise UserError(f"{path}: holds a {payload.get('kind')!r} checkpoint, expected {kind!r}; "
+                        f"{fix}")
     return payload
 
 
@@ -43,22 +55,39 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; check teacher.checkpoint")
-    payload = _torch_load(path, "weights file")
+    payload = _torch_load(path, "weights file", fix="point teacher.checkpoint to another file")
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         payload = payload["state_dict"]
     elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
-        raise UserError(f"{path}: holds no state_dict of tensors")
+        raise UserError(f"{path}: holds no state_dict of tensors; point teacher.checkpoint to "
+                        "a file saved with torch.save(model.state_dict(), path)")
     return payload
 
 
-def _torch_load(path: Path, what: str) -> object:
-    """``torch.load`` with ``weights_only=True``; any failure becomes one line naming the file."""
+def _torch_load(path: Path, what: str, *, fix: str = "re-create it or point to another file"
+                ) -> object:
+    """``torch.load`` with ``weights_only=True``; any failure becomes one sentence naming the
+    file and why (torch's own messages run to paragraphs)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle makes torch warn before it fails; the failure says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged file can fail in many ways inside torch
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise UserError(f"{path}: not a readable {what} ({first[:160]}); "
-                        "re-create it or point to another file") from None
+        reason = _why(exc)
+        raise UnreadableCheckpoint(f"{path}: not a readable {what}: {reason}; {fix}",
+                                   reason) from None
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, EOFError) or "zip archive" in text or "central directory" in text:
+        return "the file is empty, truncated or corrupt"
+    if "Weights only load failed" in text:
+        return ("it holds Python objects besides tensors, which autosplit does not unpickle "
+                "(torch.load weights_only=True)")
+    if isinstance(exc, KeyError | ValueError) or "load key" in text:
+        return "the file is not a PyTorch file"
+    return f"torch.load raised {type(exc).__name__}"

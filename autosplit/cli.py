@@ -54,10 +54,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
+    from autosplit.paths import check_output_dir
     from autosplit.teacher import get_teacher
 
     space = find_space(args.space)
     data, teacher_cfg = load_space_sections(space)
+    check_output_dir(args.runs_dir, "--runs-dir")
     if args.data_dir:
         data = dataclasses.replace(data, data_dir=args.data_dir)
     runtime = resolve_runtime(args.device)
@@ -81,9 +83,15 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from autosplit.models import create_model
 
     shape = _parse_shape(args.input)
-    model = create_model(args.model, num_classes=args.classes, in_channels=shape[0],
-                         width=args.width, depth=args.depth)
-    report = count_flops_report(model, shape)
+    try:
+        model = create_model(args.model, num_classes=args.classes, in_channels=shape[0],
+                             width=args.width, depth=args.depth)
+        report = count_flops_report(model, shape)
+    except (RuntimeError, MemoryError) as exc:  # out of memory, or too small for the model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = "not enough memory" if "alloc" in first or isinstance(exc, MemoryError) else first
+        raise UserError(f"--input {args.input}: cannot run {args.model} (width {args.width:g}) "
+                        f"on it ({why[:160]}); try a smaller --input or --width") from None
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} width {args.width:g} input {args.input} classes {args.classes}: "
           f"{format_flops(report.total)} FLOPs ({report.total:,}), {params:,} params")
@@ -115,6 +123,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.driver import SearchOptions, proxy_fidelity, run_search
     from autosplit.tracking import default_tracking_uri
 
+    _check_search_paths(args)
     space, budget = _space_and_budget(args)
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be >= 1")
@@ -145,6 +154,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"export: autosplit export --study-name {study.study_name}"
           + (f" --storage {args.storage}" if args.storage else ""))
     return 0
+
+
+def _check_search_paths(args: argparse.Namespace) -> None:
+    """Before any work: the runs dir, study name and SQLite files the search will write."""
+    from autosplit.paths import check_output_dir, check_sqlite_url, check_study_name
+
+    check_output_dir(args.runs_dir, "--runs-dir")
+    if args.study_name is not None:
+        check_study_name(args.study_name)
+    if args.storage is not None:
+        check_sqlite_url(args.storage, "--storage")
+    if args.tracking_uri is not None and not args.no_tracking:
+        check_sqlite_url(args.tracking_uri, "--tracking-uri")
 
 
 def _front_text(study: Any, *, rung: int | None) -> str:
@@ -194,12 +216,17 @@ def _open_existing(args: argparse.Namespace):
     url = args.storage or studies.default_storage(args.runs_dir, 1)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         journal = studies.default_storage(args.runs_dir, 2)
-        if args.storage is None and Path(journal.removeprefix("journal:")).is_file():
-            url = journal
-        else:
-            raise UserError(f"--storage {url}: no study database there; run `autosplit search` "
-                            "first or pass --storage")
-    return studies.open_study(args.study_name, studies.open_storage(url), create=False), url
+        if args.storage is not None:
+            raise UserError(f"--storage {url}: no such database file; check the path, or run "
+                            "`autosplit search` first")
+        if not Path(journal.removeprefix("journal:")).is_file():
+            missing = "does not exist" if not Path(args.runs_dir).is_dir() else "holds no study"
+            raise UserError(f"--runs-dir {args.runs_dir}: {missing} (no optuna.db there); run "
+                            "`autosplit search` first, or pass --runs-dir or --storage")
+        url = journal
+    # front and export only read: a study on a read-only disk is still shown and exported.
+    storage = studies.open_storage(url, write=False)
+    return studies.open_study(args.study_name, storage, create=False), url
 
 
 def cmd_front(args: argparse.Namespace) -> int:
@@ -211,9 +238,17 @@ def cmd_front(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from autosplit.device import resolve_runtime
     from autosplit.export import export_study
+    from autosplit.paths import check_output_dir, check_study_name
 
     study, url = _open_existing(args)
+    if args.out is None:
+        try:
+            check_study_name(study.study_name)
+        except UserError:
+            raise UserError(f"--study-name {study.study_name!r}: cannot name a folder under "
+                            f"{args.runs_dir}/exports; pass --out DIR") from None
     out = Path(args.out) if args.out else Path(args.runs_dir) / "exports" / study.study_name
+    check_output_dir(out, "--out")
     written = export_study(study, out, storage_url=url, runtime=resolve_runtime(args.device),
                            runs_dir=Path(args.runs_dir), confirm_seeds=args.confirm_seeds)
     print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
@@ -228,9 +263,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from autosplit.device import resolve_runtime
     from autosplit.export import read_config, retrain
     from autosplit.flops import format_flops
+    from autosplit.paths import check_output_dir, check_output_file
     from autosplit.teacher import get_teacher
 
     config = read_config(args.config)
+    # Every place this run writes is checked now, not after training with the weights lost.
+    if args.out:
+        check_output_file(args.out, "--out")
+    check_output_dir(args.runs_dir, "--runs-dir")
     candidate = config.candidate
     if args.epochs is not None:
         candidate = candidate.with_values({"train.epochs": args.epochs})
@@ -240,6 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         candidate = dataclasses.replace(candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir))
     runtime = resolve_runtime(args.device)
     splits = load_splits(candidate.data)
+    _check_within_budget(candidate, splits, args.config)
     teacher = get_teacher(candidate.teacher, candidate.data, splits, runtime,
                           runs_dir=args.runs_dir, progress=not args.quiet)
     outcome = retrain(candidate, splits, teacher, runtime, Path(args.runs_dir),
@@ -258,13 +299,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif "val_acc" in config.result:
         print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
     if args.out:
-        from autosplit.checkpoint import save_checkpoint
-
-        save_checkpoint(args.out, kind="student", config=candidate.to_dict(),
-                        state_dict={k: v.cpu() for k, v in result.student.state_dict().items()},
-                        extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]})
-        print(f"weights: {args.out}")
+        _save_student(args, candidate, outcome)
     return 0
+
+
+def _check_within_budget(candidate: Any, splits: Any, where: str) -> None:
+    """Refuse, before any training, a candidate whose (edited) widths exceed its max_flops."""
+    from autosplit.distill.run import build_and_count
+    from autosplit.flops import format_flops
+    from autosplit.teacher import build_teacher_model
+
+    # An untrained teacher of the same shape: counting needs its structure, not its weights.
+    _, flops = build_and_count(candidate, build_teacher_model(candidate.teacher, splits), splits)
+    if flops.worst_case > candidate.max_flops:
+        raise UserError(f"{where}: the student's widths give {format_flops(flops.worst_case)} "
+                        f"FLOPs ({flops.worst_case:,}), over its max_flops "
+                        f"{format_flops(candidate.max_flops)} ({candidate.max_flops:,}); lower "
+                        "split.base_width / split.part_width or raise max_flops")
+
+
+def _save_student(args: argparse.Namespace, candidate: Any, outcome: dict[str, Any]) -> None:
+    """Write the trained weights to ``--out``; if that fails now (the disk filled during
+    training), save them under the runs dir instead so the training is not lost."""
+    from autosplit.checkpoint import save_checkpoint
+    from autosplit.paths import disk_fault
+
+    def save(path: str | Path) -> None:
+        save_checkpoint(path, kind="student", config=candidate.to_dict(),
+                        state_dict={k: v.cpu() for k, v in
+                                    outcome["result"].student.state_dict().items()},
+                        extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]})
+
+    try:
+        save(args.out)
+    except OSError as exc:
+        cause = disk_fault(exc) or f"{exc.filename or args.out}: {exc.strerror or exc}"
+        rescue = Path(args.runs_dir) / "rescued" / Path(args.out).name
+        try:
+            save(rescue)
+        except OSError:
+            raise UserError(f"--out {args.out}: could not write the weights ({cause})") from None
+        raise UserError(f"--out {args.out}: could not write the weights ({cause}); saved them "
+                        f"to {rescue} instead") from None
+    print(f"weights: {args.out}")
+
+
+# The largest image `flops` builds activations for (C*H*W): 3x2048x2048 fits, with room.
+MAX_INPUT_VALUES = 2**24
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
@@ -272,6 +353,12 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
         c, h, w = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise UserError(f"--input {text!r}: expected CxHxW, e.g. 3x32x32") from None
+    if min(c, h, w) < 1:
+        raise UserError(f"--input {text!r}: every size must be >= 1, e.g. 3x32x32")
+    if c * h * w > MAX_INPUT_VALUES:
+        raise UserError(f"--input {text}: {c * h * w:,} values per image, more than the "
+                        f"{MAX_INPUT_VALUES:,} autosplit counts on; use a smaller input, e.g. "
+                        "3x224x224")
     return c, h, w
 
 
@@ -366,20 +453,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from autosplit.paths import disk_fault
+
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"autosplit: {exc}", file=sys.stderr)
-        return 2
+        # A store error caused by the disk (tracking wraps a full disk as its own) names the
+        # disk: exit 1, a fault of the place written to, like the OSErrors below.
+        fault = disk_fault(exc)
+        print(f"autosplit: {fault or exc}", file=sys.stderr)
+        return 1 if fault else 2
     except KeyboardInterrupt as exc:
         what = f" by {exc.args[0]}" if exc.args else ""
         again = "resume" if args.command == "search" else "run it again"
         print(f"autosplit: interrupted{what}; finished work is kept; to {again}: autosplit "
               f"{shlex.join(argv)}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Full disk, quota, read-only or permission faults met during the work (found anywhere
+        # in the exception's causes): one line naming the file. Everything else is a bug and
+        # keeps its traceback.
+        fault = disk_fault(exc)
+        if fault is None:
+            raise
+        print(f"autosplit: {fault}", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -20,6 +20,7 @@ from typing import Any
 
 from autosplit.config import atomic_write_text, dump_yaml, load_yaml
 from autosplit.errors import UserError
+from autosplit.paths import naming
 
 FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP, batch 1"
 PACKAGES = ("autosplit", "torch", "torchvision", "optuna", "mlflow", "fvcore", "numpy")
@@ -125,10 +126,13 @@ def export_study(study: Any, out_dir: Path, *, storage_url: str, runtime: Any,
             targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
             for target in targets:
                 (staging / target).parent.mkdir(parents=True, exist_ok=True)
+                # A failed write names the file it would have become, not the staging copy.
                 if weights.is_file():
-                    shutil.copyfile(weights, staging / target.with_suffix(".pt"))
+                    with naming(out_dir / target.with_suffix(".pt"), always=True):
+                        shutil.copyfile(weights, staging / target.with_suffix(".pt"))
                     document["provenance"]["weights"] = target.with_suffix(".pt").name
-                atomic_write_text(staging / target.with_suffix(".yaml"), dump_yaml(document))
+                with naming(out_dir / target.with_suffix(".yaml"), always=True):
+                    atomic_write_text(staging / target.with_suffix(".yaml"), dump_yaml(document))
                 written.append(out_dir / target.with_suffix(".yaml"))
             result = document["result"]
             say(f"trial {entry.number:>4}  val {_pm(result, 'val')}  test {_pm(result, 'test')}"
@@ -274,7 +278,12 @@ def trained_test_accuracy(candidate_plain: dict[str, Any], weights: str | Path, 
     candidate = Candidate.from_dict(candidate_plain)
     distiller, _ = build_and_count(candidate, teacher, splits)
     student = distiller.student
-    student.load_state_dict(load_checkpoint(weights, kind="student")["state_dict"])
+    if not Path(weights).is_file():
+        raise UserError(f"{weights}: a trial's weights are missing; nothing was exported; "
+                        "restore the file (the search wrote it)")
+    payload = load_checkpoint(weights, kind="student",
+                              fix="nothing was exported; restore the file (the search wrote it)")
+    student.load_state_dict(payload["state_dict"])
     student.exit_threshold = candidate.structure.get("exit_threshold")
     student = runtime.prepare(student).eval()
     return evaluate(student, test_loader(splits, runtime), runtime)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from autosplit.checkpoint import load_checkpoint, load_state_dict_file, save_checkpoint
+from autosplit.checkpoint import (
+    UnreadableCheckpoint,
+    load_checkpoint,
+    load_state_dict_file,
+    save_checkpoint,
+)
 from autosplit.config import DataConfig, TeacherConfig, config_hash, from_dict, to_dict
 from autosplit.data import Splits, TensorLoader, eval_loader
 from autosplit.device import Runtime
@@ -82,11 +87,16 @@ def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime
     folder = Path(runs_dir) / "teachers" / key
     path = folder / "teacher.pt"
     if path.is_file():
-        teacher = load_teacher(path, splits)
-        teacher.model = runtime.prepare(teacher.model)
-        log.info("teacher %s from cache %s (val %.2f%%, test %.2f%%)", config.model, path,
-                 teacher.val_acc, teacher.test_acc)
-        return teacher
+        try:
+            teacher = load_teacher(path, splits)
+        except UserError as exc:  # autosplit's own file: rebuilt, as the output cache is
+            log.warning("teacher cache %s unusable (%s); training the teacher again", path,
+                        _reason(exc))
+        else:
+            teacher.model = runtime.prepare(teacher.model)
+            log.info("teacher %s from cache %s (val %.2f%%, test %.2f%%)", config.model, path,
+                     teacher.val_acc, teacher.test_acc)
+            return teacher
 
     model = build_teacher_model(config, splits)
     started = time.perf_counter()
@@ -100,10 +110,16 @@ def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime
         train_loader = TensorLoader(splits.train, splits.info, batch_size=config.train.batch_size,
                                     shuffle=True, augment=data.augment, seed=config.train.seed,
                                     device=runtime.device, drop_last=True)
-        fit(task, train_loader, _eval_loader(splits, "val", runtime), config.train, runtime,
-            progress=progress, desc=f"teacher {config.model}",
-            checkpoint=folder / "fit-state.pt",
-            checkpoint_config={"teacher": to_dict(config), "data": splits.fingerprint})
+        fit_state = folder / "fit-state.pt"
+        fit_config = {"teacher": to_dict(config), "data": splits.fingerprint}
+        _drop_unusable_fit_state(fit_state, fit_config)
+        try:
+            fit(task, train_loader, _eval_loader(splits, "val", runtime), config.train, runtime,
+                progress=progress, desc=f"teacher {config.model}", checkpoint=fit_state,
+                checkpoint_config=fit_config)
+        except FloatingPointError as exc:
+            raise UserError(f"{exc} (teacher.train.lr, now {config.train.lr:g}) or set "
+                            "teacher.train.grad_clip_norm") from None
     train_seconds = time.perf_counter() - started
     model = freeze(model)
     val_acc = evaluate(model, _eval_loader(splits, "val", runtime), runtime)
@@ -118,6 +134,29 @@ def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime
     log.info("teacher %s trained in %.0fs: val %.2f%%, test %.2f%% -> %s", config.model,
              train_seconds, val_acc, test_acc, path)
     return Teacher(model, config, key, path, val_acc, test_acc, train_seconds, from_cache=False)
+
+
+def _drop_unusable_fit_state(path: Path, config: dict) -> None:
+    """Delete a teacher's fit-state that ``fit`` could not resume from (damaged, foreign, or
+    written for another config), with one warning: training then starts from epoch 0."""
+    if not path.is_file():
+        return
+    try:
+        payload = load_checkpoint(path, kind="fit-state")
+        extra = payload["extra"]
+        usable = (payload["config"] == config and isinstance(extra, dict)
+                  and {"epoch", "optimizer", "history"} <= set(extra))
+        reason = "written for another configuration or incomplete"
+    except UserError as exc:
+        usable, reason = False, _reason(exc)
+    if not usable:
+        log.warning("teacher fit-state %s unusable (%s); training the teacher from epoch 0",
+                    path, reason)
+        path.unlink(missing_ok=True)
+
+
+def _reason(exc: UserError) -> str:
+    return exc.reason if isinstance(exc, UnreadableCheckpoint) else str(exc)
 
 
 def _eval_loader(splits: Splits, which: str, runtime: Runtime) -> TensorLoader:

@@ -43,20 +43,28 @@ def default_storage(runs_dir: str | Path, workers: int) -> str:
     return f"sqlite:///{runs / 'optuna.db'}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``; one clear line when it cannot be reached."""
+def open_storage(url: str, *, write: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; one clear line when it cannot be reached, or (to
+    ``write``) when its file is on a read-only, full or unwritable place: Optuna itself would
+    only fail at the first write, blaming "invalid data ... exceeding max length"."""
     import warnings
 
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    from autosplit.paths import check_output_file, check_sqlite_url
+
     if url.startswith("journal:") or url.endswith(".log"):
         path = Path(url.removeprefix("journal:"))
+        if write:
+            check_output_file(path, "--storage")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_url(url, "--storage", write=write)
+        if write:
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(6):
         try:
             with warnings.catch_warnings():
