@@ -1,0 +1,219 @@
+"""MlflowTracker when things go wrong, on real stores: an unreachable store is found in seconds,
+runs of a process killed with -9 are closed at the next start, a store that goes away
+mid-search costs one warning, and a full disk is reported as a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autosplit.errors import UserError
+from autosplit.search.front import TrialRecord
+from autosplit.tracking import HTTP_DEFAULTS, MlflowTracker, check_tracking
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on a free loopback port; ``stop`` kills it like a crash."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.uri = ""
+
+    def start(self, deadline_s: float = 180.0) -> str:
+        import urllib.request
+
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + deadline_s
+        while True:  # poll /health until it answers, within a generous deadline
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.uri
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def bounded_http_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracker sets MLflow's HTTP retry variables when unset; restore them after."""
+    for name in HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def server(tmp_path: Path, bounded_http_env: None) -> Iterator[MlflowServer]:
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_closed_port_fails_in_seconds(bounded_http_env: None) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # bound then released: nothing listens
+    started = time.monotonic()
+    with pytest.raises(UserError, match="could not reach the server") as info:
+        check_tracking(uri)
+    assert time.monotonic() - started < 20
+    assert uri in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unusable_sqlite_path_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="a-file") as info:
+        check_tracking(f"sqlite:///{blocker / 'mlflow.db'}")
+    assert "\n" not in str(info.value)
+
+
+_DIES = """
+import os, sys, time
+from autosplit.tracking import MlflowTracker
+tracker = MlflowTracker(sys.argv[1])
+tracker.start_search(study_name="study-dead", settings={})
+tracker.start_trial(trial_number=0, params={"lr": 0.1}, tags={})
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_runs_of_a_killed_process_are_closed_at_the_next_start(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", _DIES, store], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    finally:
+        proc.kill()  # kill -9: no finally, no atexit in the victim
+        proc.wait(timeout=30)
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("study-dead")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]
+    assert {r.data.tags["autosplit.worker"].rpartition(":")[2] for r in runs} == {str(proc.pid)}
+
+    alive = MlflowTracker(store)  # a live search of this host must not be touched
+    mine = alive.start_search(study_name="study-dead", settings={})
+    assert alive.close_dead_runs("study-dead") == 2
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert statuses.pop(mine) == "RUNNING"
+    assert set(statuses.values()) == {"KILLED"}
+    assert alive.close_dead_runs("study-dead") == 0
+    assert alive.close_dead_runs("no-such-study") == 0
+
+
+def test_killed_state_and_orphans_closed_by_end_search(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(store)
+    parent = tracker.start_search(study_name="study-int", settings={})
+    interrupted = tracker.start_trial(trial_number=0, params={}, tags={})
+    tracker.end_trial(interrupted, state="killed", metrics={})
+    orphan = tracker.start_trial(trial_number=1, params={}, tags={})  # never ended
+    tracker.end_search("KILLED")
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(interrupted).info.status == "KILLED"
+    assert client.get_run(interrupted).data.tags["autosplit.state"] == "killed"
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "KILLED"
+
+
+def test_store_gone_mid_search_warns_once_and_goes_on(server: MlflowServer) -> None:
+    warnings: list[str] = []
+    tracker = MlflowTracker(server.uri, warn=warnings.append)
+    tracker.check_reachable()
+    parent = tracker.start_search(study_name="study-gone", settings={"budget": "0.5x"})
+    run_id = tracker.start_trial(trial_number=0, params={"lr": 0.1}, tags={})
+    tracker.log_epoch(run_id, 0, {"val/acc": 50.0})
+    server.stop()
+    started = time.monotonic()
+    tracker.log_epoch(run_id, 1, {"val/acc": 60.0})
+    tracker.end_trial(run_id, state="complete", metrics={"val/acc": 60.0})
+    assert tracker.start_trial(trial_number=1, params={}, tags={}) == ""
+    tracker.update_front([TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd")], 2000)
+    tracker.log_search_cost({"cpu_seconds": 1.0})
+    tracker.end_search()
+    # Another tracker of the same search (a later phase's worker) stays silent and offline.
+    worker = MlflowTracker.for_worker(server.uri, study_name="study-gone", parent_run_id=parent,
+                                      warn=warnings.append)
+    assert worker.off and worker.start_trial(trial_number=2, params={}, tags={}) == ""
+    assert time.monotonic() - started < 60  # bounded retries, not MLflow's minutes
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"MLflow tracking at {server.uri} failed (")
+    assert warnings[0].endswith("the search goes on; run autosplit sync --study-name "
+                                "study-gone when the store is back")
+    assert "\n" not in warnings[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MB tmpfs, to be filled up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_not_a_store_failure(small_disk: Path) -> None:
+    warnings: list[str] = []
+    tracker = MlflowTracker(f"sqlite:///{small_disk / 'mlflow.db'}", warn=warnings.append)
+    tracker.start_search(study_name="study-full", settings={})
+    run_id = tracker.start_trial(trial_number=0, params={"lr": 0.1}, tags={})
+    with open(small_disk / "filler", "wb") as filler:  # fill the disk to the last block
+        try:
+            while True:
+                filler.write(b"\0" * (1 << 20))
+                filler.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    record = TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd", run_id)
+    with pytest.raises(OSError) as info:
+        for step in range(200):  # artifacts first fail; the metrics' pages fill up next
+            tracker.update_front([record], 2000)
+            tracker.log_epoch(run_id, step, {"val/acc": 60.0})
+    assert info.value.errno == errno.ENOSPC
+    assert not isinstance(info.value, UserError) and warnings == []
