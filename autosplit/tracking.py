@@ -429,9 +429,12 @@ class MlflowTracker:
             if not token:
                 return runs
 
-    def attach(self, *, study_name: str, parent_run_id: str) -> None:
+    def attach(self, *, study_name: str, parent_run_id: str, revive: bool = False) -> None:
         """Log under a parent run another process started (``--workers N``: one parent run
-        per invocation, child runs from every worker process)."""
+        per invocation, child runs from every worker process). ``revive``: even when that
+        search's tracking failed in this process (``autosplit sync``, the store being back)."""
+        if revive:
+            _FAILED_PARENTS.discard(parent_run_id)
         self._study_name, self._parent_run_id = study_name, parent_run_id
         if self.off:
             return
