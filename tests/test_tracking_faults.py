@@ -217,3 +217,141 @@ def test_full_disk_is_not_a_store_failure(small_disk: Path) -> None:
             tracker.log_epoch(run_id, step, {"val/acc": 60.0})
     assert info.value.errno == errno.ENOSPC
     assert not isinstance(info.value, UserError) and warnings == []
+
+
+# --- whole searches on digits (real training, Optuna on SQLite) -------------------------------
+
+SPACE = ROOT / "search_spaces" / "digits_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs dir whose digits teacher is trained once for this module."""
+    from autosplit.cli import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    assert main(["teacher", "--space", str(SPACE), "--runs-dir", str(runs), "--device", "cpu",
+                 "--quiet"]) == 0
+    return runs
+
+
+def search_options(tmp: Path, runs: Path, tracking_uri: str, **kw: object):
+    import dataclasses
+
+    from autosplit.search.budget import parse_budget
+    from autosplit.search.driver import SearchOptions
+    from autosplit.search.space import SearchSpace
+
+    base = SearchOptions(space=SearchSpace.from_yaml(SPACE), budget=parse_budget("0.5x"),
+                         trials=3, study_name="digits-faults",
+                         storage=f"sqlite:///{tmp}/optuna.db", tracking_uri=tracking_uri,
+                         sampler="tpe", seed=0, device="cpu", runs_dir=runs, progress=False)
+    return dataclasses.replace(base, **kw)
+
+
+def experiment_runs(uri: str, name: str) -> list[object]:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_unreachable_store_stops_the_search_before_the_study(tmp_path: Path,
+                                                             bounded_http_env: None) -> None:
+    from autosplit.search.driver import run_search
+
+    runs = tmp_path / "runs"
+    options = search_options(tmp_path, runs, f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(UserError, match="MLflow tracking at http://127.0.0.1"):
+        run_search(options, say=lambda _m: None)
+    assert time.monotonic() - started < 20
+    assert not (tmp_path / "optuna.db").exists()  # the study was not touched
+    assert not runs.exists()  # nor was the teacher trained
+
+
+def test_ctrl_c_leaves_no_run_running(tmp_path: Path, digits_runs: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while trial 1 trains: its run, and the parent, end KILLED."""
+    from autosplit.search import driver
+
+    real_train = driver._train
+
+    def interrupted(ctx, trial, *args, **kw):  # type: ignore[no-untyped-def]
+        if trial.number == 1:
+            raise KeyboardInterrupt
+        return real_train(ctx, trial, *args, **kw)
+
+    monkeypatch.setattr(driver, "_train", interrupted)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        driver.run_search(search_options(tmp_path, digits_runs, store, study_name="digits-int"),
+                          say=lambda _m: None)
+    runs = experiment_runs(store, "digits-int")
+    statuses = {r.data.tags.get("optuna.trial_number", "parent"): r.info.status  # type: ignore
+                for r in runs}
+    assert statuses["parent"] == "KILLED" and statuses["1"] == "KILLED"
+    assert "RUNNING" not in statuses.values()
+
+
+def test_store_gone_mid_search_then_sync(tmp_path: Path, digits_runs: Path, server: MlflowServer,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The server dies after trial 0: the search ends as it would have, with one warning;
+    once the server is back, sync logs exactly the trials it missed, and only once."""
+    from optuna.trial import TrialState
+
+    from autosplit.cli import main
+    from autosplit.search import driver
+    from autosplit.search.sync import should_have_run
+
+    real_trial = driver.search_trial
+
+    def outage_after_first(ctx, trial):  # type: ignore[no-untyped-def]
+        try:
+            return real_trial(ctx, trial)
+        finally:
+            if trial.number == 0:
+                server.stop()
+
+    monkeypatch.setattr(driver, "search_trial", outage_after_first)
+    study, _ctx = driver.run_search(search_options(tmp_path, digits_runs, server.uri),
+                                    say=lambda _m: None)
+    err = capsys.readouterr().err
+    assert err.count("autosplit: warning: MLflow tracking at") == 1, err
+    assert "autosplit sync --study-name digits-faults" in err and "Traceback" not in err
+    trials = study.get_trials()
+    searched = [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"]
+    assert len(searched) == 3 and all(t.state != TrialState.FAIL for t in trials)
+    assert any(t.user_attrs.get("autosplit.stage") == "final" for t in trials)
+    expected = sorted(t.number for t in trials if should_have_run(t))
+
+    uri = server.start()  # the same backend database, on a new port
+    before = {r.data.tags["optuna.trial_number"] for r in experiment_runs(uri, "digits-faults")  # type: ignore
+              if "optuna.trial_number" in r.data.tags}  # type: ignore
+    assert before == {"0"}  # only trial 0 was logged before the outage
+    args = ["sync", "--study-name", "digits-faults", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+            "--tracking-uri", uri, "--runs-dir", str(digits_runs)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"logged {len(expected) - 1} trial(s) to MLflow, 1 already there" in out
+    assert main(args) == 0
+    assert f"logged 0 trial(s) to MLflow, {len(expected)} already there" in capsys.readouterr().out
+
+    runs = experiment_runs(uri, "digits-faults")
+    trial_runs = [r for r in runs if "optuna.trial_number" in r.data.tags]  # type: ignore
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs) == expected  # type: ignore
+    assert all(r.info.status != "RUNNING" for r in trial_runs)  # type: ignore
+    # The parent stays RUNNING only because its process (this test) is alive; the next
+    # search or sync from a new process closes it (test_runs_of_a_killed_process_...).
+    running = [r for r in runs if r.info.status == "RUNNING"]  # type: ignore
+    assert [r.data.tags["autosplit.role"] for r in running] == ["search"]  # type: ignore
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs}  # type: ignore
+    for trial in trials:
+        if trial.number in by_number and trial.state == TrialState.COMPLETE \
+                and trial.user_attrs.get("autosplit.val_acc") is not None:
+            assert by_number[trial.number].data.metrics["val/acc"] == pytest.approx(  # type: ignore
+                trial.user_attrs["autosplit.val_acc"])
+    parent = running[0].info.run_id  # type: ignore
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent)}
+    assert {"front.csv", "final_front.csv"} <= artifacts  # refreshed by sync
