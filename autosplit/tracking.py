@@ -606,9 +606,19 @@ def _redact(uri: str) -> str:
     return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a password
 
 
+# What requests/urllib3 bury in a long "Max retries exceeded ..." text, said in a few words.
+_NETWORK_CAUSES = (("Connection refused", "connection refused: is the server running?"),
+                   ("timed out", "no answer in time"), ("Name or service not known", "unknown host"),
+                   ("Failed to resolve", "unknown host"),
+                   ("Temporary failure in name resolution", "unknown host"))
+
+
 def _store_error(uri: str, what: str, exc: BaseException) -> UserError:
     shown = _redact(uri)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].replace(uri, shown)
+    text = str(exc)
+    first = next((short for needle, short in _NETWORK_CAUSES if needle in text), None)
+    if first is None:
+        first = (text.strip().splitlines() or [type(exc).__name__])[0].replace(uri, shown)
     return UserError(f"MLflow tracking at {shown}: could not {what}: {first[:300]}{_ADVICE}")
 
 
