@@ -209,6 +209,10 @@ class MlflowTracker:
         if _is_http(tracking_uri):
             for name, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+        # A failing store is reported once, by us: not by urllib3's line per retry nor by
+        # MLflow's traceback of each SQLAlchemy error.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         if connect:
             self._connect()
 
