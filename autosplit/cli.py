@@ -256,6 +256,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Log to MLflow the finished trials of a study that have no run yet (the store was down
+    during the search, or its process died); a second run logs nothing."""
+    from autosplit.search.sync import sync_study
+    from autosplit.tracking import MlflowTracker, check_tracking, default_tracking_uri
+
+    study, _ = _open_existing(args)
+    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    check_tracking(uri)
+
+    def stop(message: str) -> None:  # a store failing during sync: stop, say so, re-run later
+        raise UserError(message.split("; the search goes on")[0] + "; re-run autosplit sync "
+                        f"--study-name {study.study_name} when the store is back")
+
+    logged, already = sync_study(study, MlflowTracker(uri, warn=stop))
+    print(f"study {study.study_name}: logged {logged} trial(s) to MLflow, {already} already "
+          f"there ({uri})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -410,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
                              help="retrain the top front members with N more seeds")
             cmd.add_argument("--device", default="auto")
         cmd.set_defaults(func=func)
+
+    sync = sub.add_parser("sync", help="log to MLflow the finished trials a search could not log")
+    sync.add_argument("--study-name", required=True)
+    sync.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
+    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
+    sync.add_argument("--runs-dir", default="runs")
+    sync.set_defaults(func=cmd_sync)
 
     train = sub.add_parser("train", help="retrain an exported candidate; report test accuracy")
     train.add_argument("--config", required=True, help="best.yaml from export, or a candidate YAML")

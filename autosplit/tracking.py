@@ -11,12 +11,16 @@ hold a tracker on the same store. optuna-integration's MLflow callback is deprec
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import re
+import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -35,8 +39,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "infeasible": "KILLED", "killed": "KILLED",
-               "failed": "FAILED"}
+_RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "infeasible": "KILLED",
+               "failed": "FAILED", "killed": "KILLED"}
+WORKER_TAG = "autosplit.worker"  # host:pid of the process that started the run
+TRIAL_TAG = "optuna.trial_number"  # what ``autosplit sync`` matches trials on
+STATE_TAG = "autosplit.state"  # set by end_trial: a run without it never finished logging
+# Errors of the machine, not of the store: a full disk must be reported as such.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+CHECK_SECONDS = 5.0  # how long check_tracking waits for an http(s) store
+# HTTP stores: MLflow's default (7 retries with backoff, 120 s timeout) spends minutes on a
+# dead server. Bounded here unless the user set them; see MLflow's environment_variables.py.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# Parent run ids whose tracking failed in this process: every tracker logging under such a
+# parent stays silent, so one search warns once however many trackers its phases open.
+_FAILED_PARENTS: set[str] = set()
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
@@ -137,39 +158,146 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_tracking(uri: str, *, timeout: float = CHECK_SECONDS) -> None:
+    """Raise ``UserError`` within about ``timeout`` seconds when the store cannot be reached.
+
+    An http(s) server gets one request with no retry (MLflow's client would retry for
+    minutes); any other store (SQLite) is opened, which creates its schema on first use.
+    """
+    if not _is_http(uri):
+        MlflowTracker(uri)
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    try:
+        response = http_request(get_default_host_creds(uri), endpoint, "POST",
+                                json={"max_results": 1}, max_retries=0, timeout=timeout)
+        verify_rest_response(response, endpoint)
+    except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types
+        raise _store_error(uri, "reach the server", exc) from None
+
+
+def _print_warning(message: str) -> None:
+    print(f"autosplit: warning: {message}", file=sys.stderr, flush=True)
+
+
 class MlflowTracker:
     """Tracker writing to an MLflow store (``sqlite:///…`` file or an ``http(s)://`` server).
 
     For a SQLite store the artifacts go beside the database (``<runs>/mlartifacts/<study>``),
     not MLflow's default ``./mlruns`` in whatever directory the user happened to be in.
+
+    Opening the store fails loudly (``UserError``). Once open, a failure of the store does not
+    stop the search: the tracker warns once (through ``warn``) and records nothing more;
+    ``autosplit sync`` logs the missing trials later. A full disk is not a store failure: an
+    ``OSError`` with errno ENOSPC, EDQUOT or EROFS propagates unchanged.
     """
 
-    def __init__(self, tracking_uri: str) -> None:
-        from mlflow.tracking import MlflowClient
-
+    def __init__(self, tracking_uri: str, *, warn: Callable[[str], None] | None = None,
+                 connect: bool = True) -> None:
         self.tracking_uri = tracking_uri
-        with self._talking("connect"), _sqlite_init_lock(tracking_uri):
-            self._client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
-            self._client.search_experiments(max_results=1)  # fail now, not after a trial trained
+        self._warn = warn or _print_warning
         self._lock = threading.Lock()
+        self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
         self._study_name = ""
         self._hypervolume_step = -1  # finished-trial count of the last hypervolume point
+        self._failed: str | None = None  # the cause, once the store failed mid-search
+        if _is_http(tracking_uri):
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+        # A failing store is reported once, by us: not by urllib3's line per retry nor by
+        # MLflow's traceback of each SQLAlchemy error.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        if connect:
+            self._connect()
+
+    def _connect(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        with self._talking("connect", strict=True), _sqlite_init_lock(self.tracking_uri):
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.client.search_experiments(max_results=1)  # fail now, not after a trial
+
+    @classmethod
+    def for_worker(cls, tracking_uri: str, *, study_name: str, parent_run_id: str,
+                   warn: Callable[[str], None] | None = None) -> MlflowTracker:
+        """A tracker logging under ``parent_run_id``; silent when that search's tracking has
+        already failed, and failing soft (one warning) when the store is gone."""
+        tracker = cls(tracking_uri, warn=warn, connect=False)
+        tracker._study_name, tracker._parent_run_id = study_name, parent_run_id
+        if tracker.off:
+            return tracker
+        try:
+            tracker._connect()
+        except UserError as exc:
+            tracker._fail(exc)
+            return tracker
+        tracker.attach(study_name=study_name, parent_run_id=parent_run_id)
+        return tracker
+
+    def check_reachable(self) -> None:
+        """``check_tracking`` on this tracker's store."""
+        check_tracking(self.tracking_uri)
+
+    @property
+    def off(self) -> bool:
+        """Whether tracking has failed for this search: every call is then a no-op."""
+        parent = self._parent_run_id or ""
+        return (self._failed is not None or parent in _FAILED_PARENTS
+                or parent.startswith(_UNLOGGED))
 
     @contextlib.contextmanager
-    def _talking(self, what: str) -> Iterator[None]:
-        """Turn the store's failures into one line that names the URI (no traceback)."""
+    def _talking(self, what: str, *, strict: bool = False) -> Iterator[None]:
+        """Turn the store's failures into one line that names the URI (no traceback).
+
+        ``strict``: raise it as ``UserError`` (opening the store); otherwise warn once and
+        turn the tracker off (mid-search). Disk-full errors propagate unchanged either way.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
             yield
-        except (MlflowException, OSError) as exc:
-            raise _store_error(self.tracking_uri, what, exc) from exc
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise
+            self._store_failed(what, exc, strict)
+        except MlflowException as exc:
+            full = _disk_full(exc)
+            if full is not None:
+                raise full from exc
+            self._store_failed(what, exc, strict)
         except Exception as exc:  # SQLAlchemy / requests errors not wrapped by MLflow
-            if type(exc).__module__.split(".")[0] in ("sqlalchemy", "requests", "urllib3"):
-                raise _store_error(self.tracking_uri, what, exc) from exc
-            raise
+            if type(exc).__module__.split(".")[0] not in ("sqlalchemy", "requests", "urllib3"):
+                raise
+            full = _disk_full(exc)
+            if full is not None:
+                raise full from exc
+            self._store_failed(what, exc, strict)
+
+    def _store_failed(self, what: str, exc: BaseException, strict: bool) -> None:
+        error = _store_error(self.tracking_uri, what, exc)
+        if strict:
+            raise error from exc
+        log.debug("MLflow tracking failed", exc_info=exc)
+        self._fail(error)
+
+    def _fail(self, error: UserError) -> None:
+        """Turn tracking off for this search, warning once (the first tracker to fail)."""
+        if self.off:
+            return
+        cause = str(error).split(": could not ", 1)[-1].removesuffix(_ADVICE)
+        self._failed = cause
+        if self._parent_run_id is not None:
+            _FAILED_PARENTS.add(self._parent_run_id)
+        shown = _redact(self.tracking_uri)
+        study = self._study_name or "S"
+        self._warn(f"MLflow tracking at {shown} failed ({cause}); the search goes on; run "
+                   f"autosplit sync --study-name {study} when the store is back")
 
     @property
     def parent_run_id(self) -> str:
@@ -188,7 +316,7 @@ class MlflowTracker:
 
     def _experiment(self, study_name: str) -> str:
         """Get or create the study's experiment; another worker may be creating it right now."""
-        client = self._client
+        client = self.client
         experiment = client.get_experiment_by_name(study_name)
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":  # runs cannot be created in it otherwise
@@ -206,46 +334,139 @@ class MlflowTracker:
                 raise
             return experiment.experiment_id
 
+    @property
+    def client(self) -> MlflowClient:
+        assert self._client is not None, "the store is not open"
+        return self._client
+
     def start_search(self, *, study_name: str, settings: dict[str, str | int | float]) -> str:
+        """The parent run; when the store fails here, an ``unlogged-…`` id that every tracker
+        given it treats as off."""
         from mlflow.entities import Param
 
-        with self._talking(f"start the search run of study {study_name!r}"):
-            self._study_name = study_name
-            self._experiment_id = self._experiment(study_name)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            run = self._client.create_run(
-                self._experiment_id, run_name=f"search-{stamp}",
-                tags={"autosplit.role": "search", "autosplit.study": study_name,
-                      "mlflow.note.content": _search_note(study_name, settings, None, [])})
-            self._parent_run_id = run.info.run_id
-            params = [Param(k, _clip(str(v))) for k, v in sorted(settings.items())]
-            self._log_batch(self._parent_run_id, params=params)
+        self._study_name = study_name
+        if not self.off:
+            with self._talking(f"start the search run of study {study_name!r}"):
+                self._experiment_id = self._experiment(study_name)
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                run = self.client.create_run(
+                    self._experiment_id, run_name=f"search-{stamp}",
+                    tags={"autosplit.role": "search", "autosplit.study": study_name,
+                          WORKER_TAG: _worker_id(),
+                          "mlflow.note.content": _search_note(study_name, settings, None, [])})
+                self._parent_run_id = run.info.run_id
+                params = [Param(k, _clip(str(v))) for k, v in sorted(settings.items())]
+                self._log_batch(self._parent_run_id, params=params)
+        if self._parent_run_id is None:  # the store failed before the parent run existed
+            self._parent_run_id = f"{_UNLOGGED}{_worker_id()}-{time.time_ns()}"
+            _FAILED_PARENTS.add(self._parent_run_id)
         return self._parent_run_id
 
-    def attach(self, *, study_name: str, parent_run_id: str) -> None:
+    def close_dead_runs(self, study_name: str) -> int:
+        """Set KILLED the runs of the study's experiment still RUNNING whose worker was on
+        this host and is dead (kill -9, power loss, a store that failed before the end).
+        Returns how many; 0 when tracking is off."""
+        from autosplit.search.study import _alive
+
+        if self.off:
+            return 0
+        host = socket.gethostname()
+        closed = 0
+        with self._talking(f"close the runs left RUNNING in study {study_name!r}"):
+            experiment = self.client.get_experiment_by_name(study_name)
+            if experiment is None:
+                return 0
+            for run in self._search_all([experiment.experiment_id],
+                                        "attributes.status = 'RUNNING'"):
+                owner_host, _, pid = run.data.tags.get(WORKER_TAG, "").rpartition(":")
+                if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                    closed += 1
+        if closed:
+            log.warning("closed %d MLflow run(s) left RUNNING by dead workers", closed)
+        return closed
+
+    def study_runs(self, study_name: str) -> tuple[dict[int, tuple[str, bool]], list[Any]]:
+        """What the store holds of a study: trial number -> (run id, finished logging) for the
+        trial runs, and the parent runs oldest first (``autosplit sync`` reads both)."""
+        with self._talking(f"read the runs of study {study_name!r}", strict=True):
+            self._study_name = study_name
+            self._experiment_id = self._experiment(study_name)
+            runs = self._search_all([self._experiment_id], "")
+        trials: dict[int, tuple[str, bool]] = {}
+        for run in runs:
+            number = run.data.tags.get(TRIAL_TAG, "")
+            if run.data.tags.get("autosplit.role") == "trial" and number.isdigit():
+                finished = STATE_TAG in run.data.tags and run.info.status != "RUNNING"
+                if not trials.get(int(number), ("", False))[1]:  # a finished run wins
+                    trials[int(number)] = (run.info.run_id, finished)
+        parents = sorted((r for r in runs if r.data.tags.get("autosplit.role") == "search"),
+                         key=lambda r: r.info.start_time)
+        return trials, parents
+
+    def log_trial(self, *, trial_number: int, params: dict[str, object], tags: dict[str, str],
+                  state: str, metrics: dict[str, float], run_id: str = "") -> str:
+        """A trial logged after the fact (``autosplit sync``): a new child run of the current
+        parent, or ``run_id``'s run completed (one its search began and never ended)."""
+        from mlflow.entities import Param, RunTag
+
+        if not run_id:
+            run_id = self.start_trial(trial_number=trial_number, params=params, tags=tags)
+        elif not self.off:
+            with self._talking(f"complete run {run_id}"):
+                have = self.client.get_run(run_id).data.params
+                missing = {k: v for k, v in flatten_params(params).items() if k not in have}
+                self._log_batch(run_id, params=[Param(k, _clip(v)) for k, v in missing.items()],
+                                tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+        self.end_trial(run_id, state=state, metrics=metrics)
+        return run_id
+
+    def _search_all(self, experiment_ids: list[str], filter_string: str) -> list[Any]:
+        """Every run matching ``filter_string``, page by page."""
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(experiment_ids, filter_string, max_results=1000,
+                                           page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def attach(self, *, study_name: str, parent_run_id: str, revive: bool = False) -> None:
         """Log under a parent run another process started (``--workers N``: one parent run
-        per invocation, child runs from every worker process)."""
+        per invocation, child runs from every worker process). ``revive``: even when that
+        search's tracking failed in this process (``autosplit sync``, the store being back)."""
+        if revive:
+            _FAILED_PARENTS.discard(parent_run_id)
+        self._study_name, self._parent_run_id = study_name, parent_run_id
+        if self.off:
+            return
         with self._talking(f"attach to parent run {parent_run_id}"):
-            run = self._client.get_run(parent_run_id)
-        self._study_name = study_name
-        self._experiment_id = run.info.experiment_id
-        self._parent_run_id = parent_run_id
+            self._experiment_id = self.client.get_run(parent_run_id).info.experiment_id
 
     def start_trial(self, *, trial_number: int, params: dict[str, object],
                     tags: dict[str, str]) -> str:
+        """The trial's run id; "" when tracking is off (every call on "" is a no-op)."""
         from mlflow.entities import Param
 
+        run_id = ""
+        if self.off:
+            return run_id
         with self._talking(f"start the run of trial {trial_number}"):
-            run = self._client.create_run(
+            run = self.client.create_run(
                 self._experiment_id or "", run_name=f"trial-{trial_number}",
                 tags={**tags, "mlflow.parentRunId": self.parent_run_id,
-                      "autosplit.role": "trial", "optuna.trial_number": str(trial_number)})
+                      "autosplit.role": "trial", TRIAL_TAG: str(trial_number),
+                      WORKER_TAG: _worker_id()})
+            run_id = run.info.run_id
             flat = flatten_params(params)
-            self._log_batch(run.info.run_id,
-                            params=[Param(k, _clip(v)) for k, v in sorted(flat.items())])
-        return run.info.run_id
+            self._log_batch(run_id, params=[Param(k, _clip(v)) for k, v in sorted(flat.items())])
+        return run_id
 
     def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        if self.off or not run_id:
+            return
         with self._talking(f"log epoch {step} of run {run_id}"):
             self._log_batch(run_id, metrics=_metrics(metrics, step))
 
@@ -254,10 +475,11 @@ class MlflowTracker:
 
         if state not in _RUN_STATUS:
             raise ValueError(f"state must be one of {sorted(_RUN_STATUS)}, not {state!r}")
+        if self.off or not run_id:
+            return
         with self._talking(f"end run {run_id}"):
-            self._log_batch(run_id, metrics=_metrics(metrics, 0),
-                            tags=[RunTag("autosplit.state", state)])
-            self._client.set_terminated(run_id, status=_RUN_STATUS[state])
+            self._log_batch(run_id, metrics=_metrics(metrics, 0), tags=[RunTag(STATE_TAG, state)])
+            self.client.set_terminated(run_id, status=_RUN_STATUS[state])
 
     def update_front(self, records: list[TrialRecord], budget_flops: int) -> None:
         """Rewrite front.csv/.png/.html and hypervolume.csv on the parent run; log the metric.
@@ -268,6 +490,8 @@ class MlflowTracker:
         """
         from autosplit.search import front_plots
 
+        if self.off:
+            return
         front = pareto_front(records, budget_flops)
         history = hypervolume_history(records, budget_flops)
         finished = sum(1 for r in records if r.state not in ("running", "waiting"))
@@ -280,7 +504,7 @@ class MlflowTracker:
             front_plots.write_html(folder / "front.html", records, front, budget_flops, title)
             with self._lock, self._talking("update the front artifacts"):
                 for name in ("front.csv", "front.png", "front.html", "hypervolume.csv"):
-                    self._client.log_artifact(self.parent_run_id, str(folder / name))
+                    self.client.log_artifact(self.parent_run_id, str(folder / name))
                 metrics = {"search/front_size": float(len(front))}
                 if front:
                     metrics["search/best_val_acc"] = max(float(r.val_acc or 0.0) for r in front)
@@ -288,7 +512,7 @@ class MlflowTracker:
                     self._hypervolume_step = finished
                     metrics["search/hypervolume"] = history[-1][1] if history else 0.0
                 self._log_batch(self.parent_run_id, metrics=_metrics(metrics, finished))
-                self._client.set_tag(self.parent_run_id, "mlflow.note.content",
+                self.client.set_tag(self.parent_run_id, "mlflow.note.content",
                                      _search_note(self._study_name, {}, budget_flops, front),
                                      synchronous=True)
 
@@ -299,6 +523,8 @@ class MlflowTracker:
         tau against the final stage, on the parent run."""
         from autosplit.search import front_plots
 
+        if self.off:
+            return
         front = final_front(members, budget_flops)
         with tempfile.TemporaryDirectory(prefix="autosplit-final-") as tmp:
             folder = Path(tmp)
@@ -321,27 +547,41 @@ class MlflowTracker:
                                 "final/front_size": float(len(front))})
             with self._lock, self._talking("log the final stage"):
                 for name in names:
-                    self._client.log_artifact(self.parent_run_id, str(folder / name))
+                    self.client.log_artifact(self.parent_run_id, str(folder / name))
                 self._log_batch(self.parent_run_id, metrics=_metrics(metrics, 0))
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
+        if self.off:
+            return
         with self._talking("log the search cost"):
             self._log_batch(self.parent_run_id,
                             metrics=_metrics({f"cost/{k}": v for k, v in metrics.items()}, 0))
 
     def end_search(self, status: str = "FINISHED") -> None:
+        """End the parent run, and first its child runs still RUNNING (a trial interrupted by
+        Ctrl-C or a worker process that died): KILLED, or FAILED when the search failed."""
+        if self.off:
+            return
         with self._talking("end the search run"):
-            self._client.set_terminated(self.parent_run_id, status=status)
+            orphans = self._search_all(
+                [self._experiment_id or self.client.get_run(self.parent_run_id)
+                 .info.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
+                "and attributes.status = 'RUNNING'")
+            for run in orphans:
+                self.client.set_terminated(run.info.run_id,
+                                           status="FAILED" if status == "FAILED" else "KILLED")
+            self.client.set_terminated(self.parent_run_id, status=status)
 
     def _log_batch(self, run_id: str, *, metrics: list[Any] | None = None,
                    params: list[Any] | None = None, tags: list[Any] | None = None) -> None:
         """log_batch in chunks MLflow accepts (100 params/tags, 1000 metrics per call)."""
         metrics, params, tags = metrics or [], params or [], tags or []
         for i in range(0, max(len(params), len(tags), 1), 100):
-            self._client.log_batch(run_id, params=params[i:i + 100], tags=tags[i:i + 100],
+            self.client.log_batch(run_id, params=params[i:i + 100], tags=tags[i:i + 100],
                                    synchronous=True)
         for i in range(0, len(metrics), 1000):
-            self._client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
 
 
 def _metrics(values: Mapping[str, float | int | None], step: int) -> list[Any]:
@@ -356,11 +596,47 @@ def _clip(text: str) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param value limit
 
 
+_ADVICE = " (check --tracking-uri, or pass --no-tracking)"
+_UNLOGGED = "unlogged-"  # the prefix of a parent run id the store never received
+
+
+def _worker_id() -> str:
+    from autosplit.search.study import worker_id
+
+    return worker_id()
+
+
+def _redact(uri: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a password
+
+
+# What requests/urllib3 bury in a long "Max retries exceeded ..." text, said in a few words.
+_NETWORK_CAUSES = (("Connection refused", "connection refused: is the server running?"),
+                   ("timed out", "no answer in time"), ("Name or service not known", "unknown host"),
+                   ("Failed to resolve", "unknown host"),
+                   ("Temporary failure in name resolution", "unknown host"))
+
+
 def _store_error(uri: str, what: str, exc: BaseException) -> UserError:
-    shown = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a password
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].replace(uri, shown)
-    return UserError(f"MLflow tracking at {shown}: could not {what}: {first[:300]} "
-                     "(check --tracking-uri, or pass --no-tracking)")
+    shown = _redact(uri)
+    text = str(exc)
+    first = next((short for needle, short in _NETWORK_CAUSES if needle in text), None)
+    if first is None:
+        first = (text.strip().splitlines() or [type(exc).__name__])[0].replace(uri, shown)
+    return UserError(f"MLflow tracking at {shown}: could not {what}: {first[:300]}{_ADVICE}")
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """SQLite reports a full disk as its own error ("database or disk is full"), which MLflow
+    wraps; give it back as the OSError it is, so that it is not blamed on the store."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return seen
+        if "database or disk is full" in str(seen):
+            return OSError(errno.ENOSPC, f"disk full while writing the MLflow store ({seen})")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _search_note(study_name: str, settings: Mapping[str, object], budget_flops: int | None,

@@ -751,16 +751,19 @@ def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None)
 
     if not options.tracking:
         return NullTracker()
-    tracker = MlflowTracker(options.tracking_uri or default_tracking_uri(options.runs_dir))
+    uri = options.tracking_uri or default_tracking_uri(options.runs_dir)
     if parent_run_id is None:
+        tracker = MlflowTracker(uri)
         tracker.start_search(study_name=study_name, settings={"budget": options.budget.text})
-    else:
-        tracker.attach(study_name=study_name, parent_run_id=parent_run_id)
-    return tracker
+        return tracker
+    # A store that fails from here on costs the search nothing but its tracking (one warning).
+    return MlflowTracker.for_worker(uri, study_name=study_name, parent_run_id=parent_run_id)
 
 
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     def refresh(study: optuna.Study, _trial: Any) -> None:
+        if getattr(ctx.tracker, "off", False):  # tracking failed: nothing to draw for
+            return
         stats = studies.records(study)
         ctx.tracker.update_front(search_records(stats), ctx.max_flops)
         ctx.tracker.log_search_cost({
@@ -880,6 +883,10 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
 def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) -> tuple[optuna.Study, SearchContext]:
     """Plan and prepare once, run the search phase with ``options.workers`` worker processes
     (or this one), then the final stage, all on one study."""
+    if options.tracking:  # an unreachable store fails now: before the teacher, before the study
+        from autosplit.tracking import check_tracking, default_tracking_uri
+
+        check_tracking(options.tracking_uri or default_tracking_uri(options.runs_dir))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     ctx = prepare(options, log_teacher=say)
     study_name = options.study_name or default_study_name(options.space, options.budget)
@@ -902,6 +909,9 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
         from autosplit.tracking import MlflowTracker, default_tracking_uri
 
         parent_tracker = MlflowTracker(options.tracking_uri or default_tracking_uri(options.runs_dir))
+        # Runs of this study left RUNNING by a dead process of this host (kill -9, a store or
+        # disk that failed before their end): KILLED now, as their Optuna trials were failed.
+        parent_tracker.close_dead_runs(study_name)
         parent = parent_tracker.start_search(study_name=study_name, settings={
             "budget": options.budget.text, "budget_flops": ctx.max_flops,
             "sampler": options.sampler, "seed": options.seed, "trials": options.trials,
@@ -920,18 +930,38 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
         raise
     finally:
         if parent is not None:
+            _end_parent(parent_tracker, study, ctx, status)
+    return study, ctx
+
+
+def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: str) -> None:
+    """The parent run's front and final stage, then its end, which runs whatever the front
+    update raises. With an exception already in flight (Ctrl-C, a failed worker, a full disk)
+    the status says so, and an error of the front update is logged, not raised over it."""
+    import sys
+
+    in_flight = sys.exc_info()[1]
+    if isinstance(in_flight, KeyboardInterrupt):
+        status = "KILLED"
+    elif in_flight is not None:
+        status = "FAILED"
+    try:
+        try:
             records = studies.records(study)
-            parent_tracker.update_front(search_records(records), ctx.max_flops)
+            tracker.update_front(search_records(records), ctx.max_flops)
             if ctx.final is not None:
                 from autosplit.search.front import final_members, rung_records
 
                 members = final_members(records, study.user_attrs.get(A + "final_members"))
                 rungs = {k: rung_records(records, k)
                          for k in range(len(ctx.space.settings.fidelity.rungs))}
-                parent_tracker.log_final_stage(members, rungs, proxy_fidelity(study),
-                                               ctx.max_flops)
-            parent_tracker.end_search(status)
-    return study, ctx
+                tracker.log_final_stage(members, rungs, proxy_fidelity(study), ctx.max_flops)
+        finally:
+            tracker.end_search(status)
+    except Exception as exc:
+        if in_flight is None:
+            raise
+        log.warning("could not finish the MLflow parent run (%s: %s)", type(exc).__name__, exc)
 
 
 def _run_phase(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
