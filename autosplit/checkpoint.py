@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import warnings
@@ -83,7 +84,11 @@ def _torch_load(path: Path, what: str, *, fix: str = "re-create it or point to a
 
 def _why(exc: Exception) -> str:
     text = str(exc)
-    if isinstance(exc, EOFError) or "zip archive" in text or "central directory" in text:
+    # A zip cut short fails in torch's reader, or (about 1 cut in 8) as EINVAL from a seek
+    # past the end of the file.
+    truncated = isinstance(exc, OSError) and exc.errno == errno.EINVAL
+    if (truncated or isinstance(exc, EOFError) or "zip archive" in text
+            or "central directory" in text):
         return "the file is empty, truncated or corrupt"
     if "Weights only load failed" in text:
         return ("it holds Python objects besides tensors, which autosplit does not unpickle "

@@ -814,12 +814,16 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
 
     chosen: list[int] = []
     trials = study.get_trials(deepcopy=False)
-    baselines = {t.number for t in trials if t.user_attrs.get(A + "baseline")}
+    # Not baselines, and not trials still running in another worker (they have not recorded
+    # their candidate yet; that worker adds them when its own search phase ends).
+    skip = {t.number for t in trials if t.user_attrs.get(A + "baseline")
+            or t.state not in (TrialState.COMPLETE, TrialState.PRUNED)
+            or A + "candidate" not in t.user_attrs}
     top = max((len(t.user_attrs.get(RUNGS) or []) for t in trials if _is_search_trial(t)),
               default=0)
     for rung in range(top - 1, -1, -1):
         pool = [r for r in finished_at_rung(study, rung, ctx) if r.number not in chosen
-                and r.number not in baselines]
+                and r.number not in skip]
         chosen += [r.number for r in select(pool, k - len(chosen))]
         if len(chosen) >= k:
             break
@@ -834,9 +838,13 @@ def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
         return []
     finalists = choose_finalists(study, ctx, ctx.finalists or final.top_k)
     trials = study.get_trials(deepcopy=False)
+    # Only baselines that have finished (and so recorded their candidate): another worker's
+    # may still be running; that worker enqueues it when its own search phase ends.
+    done = {t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and A + "candidate" in t.user_attrs}
     baselines = [t.number for t in trials if _is_search_trial(t)
                  and t.user_attrs.get(A + "baseline") and t.user_attrs.get(RUNGS)
-                 and t.state != TrialState.FAIL]
+                 and t.number in done]
     members = finalists + [b for b in baselines if b not in finalists]
     have = {(t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) for t in trials
             if t.user_attrs.get(STAGE) == "final" and t.state != TrialState.FAIL}

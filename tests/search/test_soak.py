@@ -27,7 +27,7 @@ def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise ProcessLookupError(pid)  # exited, not yet reaped: a zombie has no memory
 
 
 def _fds(pid: int) -> int:
@@ -52,9 +52,12 @@ def test_two_hundred_trials_in_a_row_keep_memory_and_open_files_bounded(digits_r
     while proc.poll() is None:
         done = _done(storage)
         try:
-            samples.append((done, _rss_mb(proc.pid), _fds(proc.pid)))
+            sample = (done, _rss_mb(proc.pid), _fds(proc.pid))
         except (FileNotFoundError, ProcessLookupError):
             break  # it just exited
+        samples.append(sample)
+        if len(samples) % 30 == 0:
+            print(f"soak sample: {sample}", flush=True)
         time.sleep(2.0)  # a sampling period, not a wait for something to happen
     _, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
