@@ -459,18 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    """SIGINT and SIGTERM stop the command the same way: a KeyboardInterrupt that closes the
-    running trial. A second signal while that clean-up runs exits at once; the next start
-    fails and re-runs whatever was left open."""
-    import os
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: os._exit(130))
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     import shlex
     import signal
@@ -480,11 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from autosplit import interrupts
     from autosplit.paths import disk_fault
 
     handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is threading.main_thread():  # SIGINT/SIGTERM: one way out
+        handlers = interrupts.install(signal.SIGINT, signal.SIGTERM)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -509,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autosplit: {fault}", file=sys.stderr)
         return 1
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        interrupts.restore(handlers)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from autosplit import interrupts
 from autosplit.checkpoint import load_checkpoint, save_checkpoint
 from autosplit.config import TrainConfig
 from autosplit.device import Runtime
@@ -198,6 +199,7 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
                 seen += batch.labels.numel()
                 step += 1
                 bar.update(1)
+                interrupts.check()  # a Ctrl-C whose KeyboardInterrupt a finaliser swallowed
             train_seconds = time.perf_counter() - epoch_start
             task.train(False)
             val_acc = evaluate(task.predict, val_loader, runtime)

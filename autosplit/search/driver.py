@@ -25,6 +25,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autosplit import interrupts
 from autosplit.cache import train_rows
 from autosplit.config import atomic_write_text
 from autosplit.errors import UserError
@@ -181,6 +182,7 @@ class QuietInterrupts(logging.Filter):
 
 
 def _objective(ctx: SearchContext, trial: optuna.Trial, phase: str) -> tuple[float, float]:
+    interrupts.check()  # a stop whose KeyboardInterrupt Python dropped between trials
     if trial.user_attrs.get(STAGE) == "final":
         return final_job(ctx, trial)
     if phase == "final":
@@ -734,6 +736,7 @@ class _StopAtTotal:
         self.total = total
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
+        interrupts.check()
         if remaining_trials(study, self.total) == 0:
             study.stop()
 
@@ -742,6 +745,7 @@ class _StopWhenNoFinalJobWaits:
     """The final phase ends when no final-stage job waits (other workers took the rest)."""
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
+        interrupts.check()
         if not _waiting_final(study):
             study.stop()
 
@@ -1061,8 +1065,10 @@ def _worker_main(options: SearchOptions, study_name: str, storage_url: str, pare
     import signal
     import sys
 
+    from autosplit import interrupts
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a Ctrl-C as SIGTERM
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupts.install(signal.SIGTERM)
     torch.set_num_threads(threads)
     try:
         ctx = prepare(options, log_teacher=lambda _msg: None, shared=shared)
@@ -1077,9 +1083,3 @@ def _worker_main(options: SearchOptions, study_name: str, storage_url: str, pare
 
 WORKER_STOP_SECONDS = 60  # a worker answers SIGTERM by closing its trial: seconds, not minutes
 
-
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up is not interrupted again
-    raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -58,7 +58,7 @@ def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(di
     victim.send_signal(signal.SIGTERM)
     code, lines = _stopped(victim)
 
-    assert code == 130
+    assert code == 130, lines
     stop = [line for line in lines if " INFO " not in line]  # start-up logs of a fresh store
     assert len(stop) == 1, lines  # no Optuna traceback before it
     lines = stop
@@ -95,7 +95,7 @@ def test_ctrl_c_stops_every_local_worker_and_leaves_nothing_running(digits_runs,
     victim.send_signal(signal.SIGINT)  # the parent: it forwards the stop to its workers
     code, lines = _stopped(victim)
 
-    assert code == 130
+    assert code == 130, lines
     assert len(lines) == 1 and lines[0].startswith("autosplit: interrupted by SIGINT"), lines
     trials = _trials(storage, "int2")
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -216,3 +216,21 @@ def test_a_budget_above_the_teacher_is_warned_about_in_one_line(digits_runs, tmp
                  "--device", "cpu", "--trials", "1", "--no-halving"]) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "above the teacher" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: --budget 3x")
+
+
+def test_a_stop_dropped_by_a_finaliser_is_raised_at_the_next_check():
+    from autosplit import interrupts
+
+    class Finalised:
+        def __del__(self):  # Python prints and drops an exception raised here
+            interrupts.handler(signal.SIGTERM, None)
+
+    previous = interrupts.install(signal.SIGTERM)
+    try:
+        obj = Finalised()
+        del obj  # the handler's KeyboardInterrupt is lost in __del__ ...
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            interrupts.check()  # ... and raised here, where training checks every step
+    finally:
+        interrupts.restore(previous)
+    interrupts.check()  # restored: no stop pending

@@ -1,0 +1,43 @@
+"""Ctrl-C and SIGTERM: one way to stop, with nothing swallowed.
+
+The handler raises ``KeyboardInterrupt`` at once, so a running trial stops within a batch. A
+signal that lands while Python runs a finaliser (``__del__``, e.g. during the garbage
+collection Optuna runs after each trial) has its exception printed and dropped by Python; so the
+request is also remembered, and ``check()`` (called at every training step and between trials)
+raises it again. A second signal exits at once: the next start fails and re-runs whatever was
+left open.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+_requested: str | None = None  # the name of the signal that asked to stop
+
+
+def handler(signum: int, _frame: Any) -> None:
+    global _requested
+    if _requested is not None:
+        os._exit(130)
+    _requested = signal.Signals(signum).name
+    raise KeyboardInterrupt(_requested)
+
+
+def check() -> None:
+    """Raise the stop a signal asked for, if one did (cheap: call it often)."""
+    if _requested is not None:
+        raise KeyboardInterrupt(_requested)
+
+
+def install(*signals: signal.Signals) -> dict[signal.Signals, Any]:
+    """Handle ``signals`` here (main thread only); returns the handlers they had."""
+    return {sig: signal.signal(sig, handler) for sig in signals}
+
+
+def restore(previous: dict[signal.Signals, Any]) -> None:
+    global _requested
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+    _requested = None
