@@ -1,10 +1,11 @@
 """Ctrl-C and SIGTERM: one way to stop, with nothing swallowed.
 
 The handler raises ``KeyboardInterrupt`` at once, so a running trial stops within a batch. A
-signal that lands while Python runs a finaliser (``__del__``, e.g. during the garbage
-collection Optuna runs after each trial) has its exception printed and dropped by Python; so the
-request is also remembered, and ``check()`` (called at every training step and between trials)
-raises it again. A second signal exits at once: the next start fails and re-runs whatever was
+signal that lands while Python runs a finaliser (``__del__`` or a weakref callback, e.g.
+SQLAlchemy's ``_collection_gced`` during the garbage collection Optuna runs after each trial)
+has its exception dropped by Python, with a traceback through ``sys.unraisablehook``; so the
+request is also remembered, ``check()`` (called at every training step and between trials)
+raises it again, and that traceback is not printed. A second signal exits at once: the next start fails and re-runs whatever was
 left open.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 _requested: str | None = None  # the name of the signal that asked to stop
@@ -31,8 +33,22 @@ def check() -> None:
         raise KeyboardInterrupt(_requested)
 
 
+_unraisable_before: Any = None
+
+
+def _unraisable(info: Any) -> None:
+    """Silence our own stop dropped in a finaliser (``check()`` raises it again); report
+    everything else as Python would."""
+    if isinstance(info.exc_value, KeyboardInterrupt) and _requested is not None:
+        return
+    (_unraisable_before or sys.__unraisablehook__)(info)
+
+
 def install(*signals: signal.Signals) -> dict[signal.Signals, Any]:
     """Handle ``signals`` here (main thread only); returns the handlers they had."""
+    global _unraisable_before
+    if sys.unraisablehook is not _unraisable:
+        _unraisable_before, sys.unraisablehook = sys.unraisablehook, _unraisable
     return {sig: signal.signal(sig, handler) for sig in signals}
 
 
@@ -40,4 +56,6 @@ def restore(previous: dict[signal.Signals, Any]) -> None:
     global _requested
     for sig, old in previous.items():
         signal.signal(sig, old)
+    if sys.unraisablehook is _unraisable:
+        sys.unraisablehook = _unraisable_before or sys.__unraisablehook__
     _requested = None

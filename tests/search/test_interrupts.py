@@ -218,17 +218,30 @@ def test_a_budget_above_the_teacher_is_warned_about_in_one_line(digits_runs, tmp
     assert len(warnings) == 1 and warnings[0].startswith("warning: --budget 3x")
 
 
-def test_a_stop_dropped_by_a_finaliser_is_raised_at_the_next_check():
+def test_a_stop_dropped_by_a_finaliser_is_raised_at_the_next_check(monkeypatch):
+    import sys
+
     from autosplit import interrupts
 
+    reported: list[type] = []  # what reaches the hook Python would print through
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(info.exc_type))
+
     class Finalised:
-        def __del__(self):  # Python prints and drops an exception raised here
-            interrupts.handler(signal.SIGTERM, None)
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):  # Python drops an exception raised here
+            if self.error is None:
+                interrupts.handler(signal.SIGTERM, None)
+            raise self.error
 
     previous = interrupts.install(signal.SIGTERM)
     try:
-        obj = Finalised()
-        del obj  # the handler's KeyboardInterrupt is lost in __del__ ...
+        obj = Finalised(ValueError("a real bug"))
+        del obj  # another finaliser's error is still reported
+        obj = Finalised(None)
+        del obj  # the handler's KeyboardInterrupt is lost in __del__, silently ...
+        assert reported == [ValueError]
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
             interrupts.check()  # ... and raised here, where training checks every step
     finally:
