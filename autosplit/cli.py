@@ -260,17 +260,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     """Log to MLflow the finished trials of a study that have no run yet (the store was down
     during the search, or its process died); a second run logs nothing."""
     from autosplit.search.sync import sync_study
-    from autosplit.tracking import MlflowTracker, check_tracking, default_tracking_uri
+    from autosplit.tracking import check_tracking, default_tracking_uri
 
     study, _ = _open_existing(args)
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
-    check_tracking(uri)
 
     def stop(message: str) -> None:  # a store failing during sync: stop, say so, re-run later
         raise UserError(message.split("; the search goes on")[0] + "; re-run autosplit sync "
                         f"--study-name {study.study_name} when the store is back")
 
-    logged, already = sync_study(study, MlflowTracker(uri, warn=stop))
+    logged, already = sync_study(study, check_tracking(uri, warn=stop))
     print(f"study {study.study_name}: logged {logged} trial(s) to MLflow, {already} already "
           f"there ({uri})")
     return 0

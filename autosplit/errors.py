@@ -6,3 +6,13 @@ class UserError(Exception):
 
     The CLI prints ``autosplit: <message>`` and exits with status 2; no traceback.
     """
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden, for messages (database and tracking URLs)."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url

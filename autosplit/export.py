@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autosplit.config import atomic_write_text, dump_yaml, load_yaml
-from autosplit.errors import UserError
+from autosplit.errors import UserError, redact_url
 from autosplit.paths import naming
 
 FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP, batch 1"
@@ -166,7 +166,6 @@ def _document(entry: _Entry, context: _EvalContext, info: dict[str, Any], study:
               storage_url: str, budget: int, teacher_sha: str, views: int
               ) -> tuple[dict[str, Any], Path]:
     """The export YAML of one member, and the weights file to ship with it."""
-    from autosplit.search import study as studies
 
     tests = [context.test_accuracy(t.user_attrs["autosplit.candidate"],
                                    t.user_attrs["autosplit.weights"]) for t in entry.runs]
@@ -197,7 +196,7 @@ def _document(entry: _Entry, context: _EvalContext, info: dict[str, Any], study:
         "teacher_key": info["autosplit.teacher_key"], "teacher_sha256": teacher_sha,
         "teacher_test_acc": info.get("autosplit.teacher_test_acc"),
         "budget": info.get("autosplit.budget"), "budget_flops": budget,
-        "study": study.study_name, "storage": studies._redact(storage_url),
+        "study": study.study_name, "storage": redact_url(storage_url),
         "trial": entry.number, "final_trials": [t.number for t in entry.runs],
         "mlflow_run_id": attrs.get("autosplit.run_id"), "label": entry.label,
         "baseline": entry.baseline, "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}

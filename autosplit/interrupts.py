@@ -3,10 +3,10 @@
 The handler raises ``KeyboardInterrupt`` at once, so a running trial stops within a batch. A
 signal that lands while Python runs a finaliser (``__del__`` or a weakref callback, e.g.
 SQLAlchemy's ``_collection_gced`` during the garbage collection Optuna runs after each trial)
-has its exception dropped by Python, with a traceback through ``sys.unraisablehook``; so the
-request is also remembered, ``check()`` (called at every training step and between trials)
-raises it again, and that traceback is not printed. A second signal exits at once: the next start fails and re-runs whatever was
-left open.
+has its exception dropped by Python, with a traceback through ``sys.unraisablehook``. So the
+request is also remembered: ``check()``, called at every training step and at the start of
+every trial, raises it again, and that traceback is not printed. A second signal exits at
+once; the next start fails and re-runs whatever was left open.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import re
-import socket
 import sys
 import tempfile
 import threading
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from autosplit.errors import UserError
+from autosplit.errors import UserError, redact_url
 from autosplit.search.front import (
     FLOPS_CONVENTION,
     FinalMember,
@@ -158,25 +157,27 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_tracking(uri: str, *, timeout: float = CHECK_SECONDS) -> None:
-    """Raise ``UserError`` within about ``timeout`` seconds when the store cannot be reached.
+def check_tracking(uri: str, *, timeout: float = CHECK_SECONDS,
+                   warn: Callable[[str], None] | None = None) -> MlflowTracker:
+    """The store, opened; ``UserError`` within about ``timeout`` seconds when it cannot be
+    reached.
 
-    An http(s) server gets one request with no retry (MLflow's client would retry for
+    An http(s) server first gets one request with no retry (MLflow's client would retry for
     minutes); any other store (SQLite) is opened, which creates its schema on first use.
+    ``warn``: as for ``MlflowTracker``.
     """
-    if not _is_http(uri):
-        MlflowTracker(uri)
-        return
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request, verify_rest_response
+    if _is_http(uri):
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-    endpoint = "/api/2.0/mlflow/experiments/search"
-    try:
-        response = http_request(get_default_host_creds(uri), endpoint, "POST",
-                                json={"max_results": 1}, max_retries=0, timeout=timeout)
-        verify_rest_response(response, endpoint)
-    except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types
-        raise _store_error(uri, "reach the server", exc) from None
+        endpoint = "/api/2.0/mlflow/experiments/search"
+        try:
+            response = http_request(get_default_host_creds(uri), endpoint, "POST",
+                                    json={"max_results": 1}, max_retries=0, timeout=timeout)
+            verify_rest_response(response, endpoint)
+        except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types
+            raise _store_error(uri, "reach the server", exc) from None
+    return MlflowTracker(uri, warn=warn)
 
 
 def _print_warning(message: str) -> None:
@@ -240,10 +241,6 @@ class MlflowTracker:
         tracker.attach(study_name=study_name, parent_run_id=parent_run_id)
         return tracker
 
-    def check_reachable(self) -> None:
-        """``check_tracking`` on this tracker's store."""
-        check_tracking(self.tracking_uri)
-
     @property
     def off(self) -> bool:
         """Whether tracking has failed for this search: every call is then a no-op."""
@@ -294,7 +291,7 @@ class MlflowTracker:
         self._failed = cause
         if self._parent_run_id is not None:
             _FAILED_PARENTS.add(self._parent_run_id)
-        shown = _redact(self.tracking_uri)
+        shown = redact_url(self.tracking_uri)
         study = self._study_name or "S"
         self._warn(f"MLflow tracking at {shown} failed ({cause}); the search goes on; run "
                    f"autosplit sync --study-name {study} when the store is back")
@@ -366,11 +363,10 @@ class MlflowTracker:
         """Set KILLED the runs of the study's experiment still RUNNING whose worker was on
         this host and is dead (kill -9, power loss, a store that failed before the end).
         Returns how many; 0 when tracking is off."""
-        from autosplit.search.study import _alive
+        from autosplit.search.study import dead_here
 
         if self.off:
             return 0
-        host = socket.gethostname()
         closed = 0
         with self._talking(f"close the runs left RUNNING in study {study_name!r}"):
             experiment = self.client.get_experiment_by_name(study_name)
@@ -378,8 +374,7 @@ class MlflowTracker:
                 return 0
             for run in self._search_all([experiment.experiment_id],
                                         "attributes.status = 'RUNNING'"):
-                owner_host, _, pid = run.data.tags.get(WORKER_TAG, "").rpartition(":")
-                if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+                if dead_here(run.data.tags.get(WORKER_TAG, "")):
                     self.client.set_terminated(run.info.run_id, status="KILLED")
                     closed += 1
         if closed:
@@ -606,10 +601,6 @@ def _worker_id() -> str:
     return worker_id()
 
 
-def _redact(uri: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a password
-
-
 # What requests/urllib3 bury in a long "Max retries exceeded ..." text, said in a few words.
 _NETWORK_CAUSES = (("Connection refused", "connection refused: is the server running?"),
                    ("timed out", "no answer in time"), ("Name or service not known", "unknown host"),
@@ -618,7 +609,7 @@ _NETWORK_CAUSES = (("Connection refused", "connection refused: is the server run
 
 
 def _store_error(uri: str, what: str, exc: BaseException) -> UserError:
-    shown = _redact(uri)
+    shown = redact_url(uri)
     text = str(exc)
     first = next((short for needle, short in _NETWORK_CAUSES if needle in text), None)
     if first is None:

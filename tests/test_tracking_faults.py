@@ -158,8 +158,7 @@ def test_killed_state_and_orphans_closed_by_end_search(tmp_path: Path) -> None:
 
 def test_store_gone_mid_search_warns_once_and_goes_on(server: MlflowServer) -> None:
     warnings: list[str] = []
-    tracker = MlflowTracker(server.uri, warn=warnings.append)
-    tracker.check_reachable()
+    tracker = check_tracking(server.uri, warn=warnings.append)
     parent = tracker.start_search(study_name="study-gone", settings={"budget": "0.5x"})
     run_id = tracker.start_trial(trial_number=0, params={"lr": 0.1}, tags={})
     tracker.log_epoch(run_id, 0, {"val/acc": 50.0})

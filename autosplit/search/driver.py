@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from autosplit import interrupts
 from autosplit.cache import train_rows
 from autosplit.config import atomic_write_text
-from autosplit.errors import UserError
+from autosplit.errors import UserError, redact_url
 from autosplit.search import study as studies
 from autosplit.search.budget import Budget
 from autosplit.search.front import search_records
@@ -182,7 +182,7 @@ class QuietInterrupts(logging.Filter):
 
 
 def _objective(ctx: SearchContext, trial: optuna.Trial, phase: str) -> tuple[float, float]:
-    interrupts.check()  # a stop whose KeyboardInterrupt Python dropped between trials
+    interrupts.check()  # a stop dropped since the last training step (gc after a trial)
     if trial.user_attrs.get(STAGE) == "final":
         return final_job(ctx, trial)
     if phase == "final":
@@ -405,10 +405,14 @@ def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
         return build_and_count(candidate, ctx.teacher.model, ctx.splits)
     except BudgetTooSmall as exc:
         log.info("no width fits (%s); counting the narrowest build", exc)
-        has_parts = candidate.structure.name in ("assistant", "res_chain")
-        narrow = candidate.with_values({"split.base_width": SMALLEST_WIDTH,
-                                        "split.part_width": SMALLEST_WIDTH if has_parts else None})
-        return build_and_count(narrow, ctx.teacher.model, ctx.splits)
+        return build_and_count(narrowest(candidate), ctx.teacher.model, ctx.splits)
+
+
+def narrowest(candidate: Any) -> Any:
+    """``candidate`` with every width at the solver's lower end: its smallest build."""
+    has_parts = candidate.structure.name in ("assistant", "res_chain")
+    return candidate.with_values({"split.base_width": SMALLEST_WIDTH,
+                                  "split.part_width": SMALLEST_WIDTH if has_parts else None})
 
 
 def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list[RungResult]:
@@ -509,14 +513,15 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
     space = options.space
     splits = load_splits(space.data)
     teacher_cfg = space.teacher
-    teacher_flops = count_flops(build_teacher_model(teacher_cfg, splits), splits.info.input_shape)
+    teacher_model = build_teacher_model(teacher_cfg, splits)  # untrained: for counting only
+    teacher_flops = count_flops(teacher_model, splits.info.input_shape)
     max_flops = options.budget.resolve(teacher_flops)
     ctx = SearchContext(space=space, splits=splits, teacher=None, runtime=runtime,
                         max_flops=max_flops, teacher_flops=teacher_flops,
                         runs_dir=Path(options.runs_dir), study_name="", tracker=None,
                         progress=options.progress, halving=options.halving, deadline=deadline)
     if shared is None:
-        check_budget(ctx, options.budget, say=log_teacher)
+        check_budget(ctx, options.budget, teacher_model, say=log_teacher)
     final_reserve = 0.0
     if shared is not None:
         shared.apply(ctx)
@@ -554,23 +559,23 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
     return ctx
 
 
-def check_budget(ctx: SearchContext, budget: Budget, *, say: Callable[[str], None]) -> None:
+def check_budget(ctx: SearchContext, budget: Budget, teacher_model: torch.nn.Module, *,
+                 say: Callable[[str], None]) -> None:
     """Refuse a budget below the narrowest student the space builds (every trial would be
-    infeasible), before the teacher trains; warn about one above the teacher's FLOPs."""
+    infeasible), before the teacher trains; warn about one above the teacher's FLOPs.
+    ``teacher_model``: the teacher's architecture (counting needs no trained weights)."""
     from autosplit.distill.run import build_and_count
     from autosplit.flops import format_flops
-    from autosplit.teacher import build_teacher_model
 
-    narrowest = ctx.space.base_candidate(ctx.max_flops).with_values(
-        {"split.base_width": SMALLEST_WIDTH, "split.budget_share": 1.0})
-    _, counted = build_and_count(narrowest, build_teacher_model(ctx.space.teacher, ctx.splits),
-                                 ctx.splits)
+    base = ctx.space.base_candidate(ctx.max_flops)
+    _, counted = build_and_count(narrowest(base).with_values({"split.budget_share": 1.0}),
+                                 teacher_model, ctx.splits)
     smallest = int(counted.worst_case)
     if ctx.max_flops < smallest:
         raise UserError(
             f"--budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs: below the smallest "
             f"student this space builds ({format_flops(smallest)} FLOPs, "
-            f"{ctx.space.base_candidate(ctx.max_flops).student.family} at width "
+            f"{base.student.family} at width "
             f"{SMALLEST_WIDTH}); raise --budget to at least {smallest / ctx.teacher_flops:.3g}x "
             f"or {format_flops(smallest)}")
     if ctx.max_flops > ctx.teacher_flops:
@@ -736,7 +741,6 @@ class _StopAtTotal:
         self.total = total
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
-        interrupts.check()
         if remaining_trials(study, self.total) == 0:
             study.stop()
 
@@ -745,7 +749,6 @@ class _StopWhenNoFinalJobWaits:
     """The final phase ends when no final-stage job waits (other workers took the rest)."""
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
-        interrupts.check()
         if not _waiting_final(study):
             study.stop()
 
@@ -766,8 +769,6 @@ def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None)
 
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     def refresh(study: optuna.Study, _trial: Any) -> None:
-        if getattr(ctx.tracker, "off", False):  # tracking failed: nothing to draw for
-            return
         stats = studies.records(study)
         ctx.tracker.update_front(search_records(stats), ctx.max_flops)
         ctx.tracker.log_search_cost({
@@ -895,10 +896,12 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
 def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) -> tuple[optuna.Study, SearchContext]:
     """Plan and prepare once, run the search phase with ``options.workers`` worker processes
     (or this one), then the final stage, all on one study."""
+    parent_tracker = None
     if options.tracking:  # an unreachable store fails now: before the teacher, before the study
         from autosplit.tracking import check_tracking, default_tracking_uri
 
-        check_tracking(options.tracking_uri or default_tracking_uri(options.runs_dir))
+        parent_tracker = check_tracking(options.tracking_uri
+                                        or default_tracking_uri(options.runs_dir))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     ctx = prepare(options, log_teacher=say)
     study_name = options.study_name or default_study_name(options.space, options.budget)
@@ -914,13 +917,10 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     if created:  # only the worker that made the study: never twice when started together
         enqueue_baselines(study, options.space)
     todo = remaining_trials(study, options.trials)
-    say(f"study {study_name} on {studies._redact(storage_url)}: "
+    say(f"study {study_name} on {redact_url(storage_url)}: "
         f"{options.trials - todo} of {options.trials} trials already done")
     parent = None
-    if options.tracking:
-        from autosplit.tracking import MlflowTracker, default_tracking_uri
-
-        parent_tracker = MlflowTracker(options.tracking_uri or default_tracking_uri(options.runs_dir))
+    if parent_tracker is not None:
         # Runs of this study left RUNNING by a dead process of this host (kill -9, a store or
         # disk that failed before their end): KILLED now, as their Optuna trials were failed.
         parent_tracker.close_dead_runs(study_name)
@@ -940,6 +940,9 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
         if parent is not None:
             _end_parent(parent_tracker, study, ctx, status)
@@ -948,15 +951,9 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
 
 def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: str) -> None:
     """The parent run's front and final stage, then its end, which runs whatever the front
-    update raises. With an exception already in flight (Ctrl-C, a failed worker, a full disk)
-    the status says so, and an error of the front update is logged, not raised over it."""
-    import sys
-
-    in_flight = sys.exc_info()[1]
-    if isinstance(in_flight, KeyboardInterrupt):
-        status = "KILLED"
-    elif in_flight is not None:
-        status = "FAILED"
+    update raises. When the search itself failed or was stopped (``status`` KILLED or FAILED:
+    its exception is in flight), an error of the front update is logged, not raised over it."""
+    in_flight = status != "FINISHED"
     try:
         try:
             records = studies.records(study)
@@ -1064,8 +1061,6 @@ def _worker_main(options: SearchOptions, study_name: str, storage_url: str, pare
                  index: int, threads: int, shared: _SharedPlan, phase: str) -> None:
     import signal
     import sys
-
-    from autosplit import interrupts
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a Ctrl-C as SIGTERM
     interrupts.install(signal.SIGTERM)

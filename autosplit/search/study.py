@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autosplit.errors import UserError
+from autosplit.errors import UserError, redact_url
 from autosplit.search.front import TrialRecord
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,12 @@ def open_storage(url: str, *, write: bool = True) -> optuna.storages.BaseStorage
                 time.sleep(0.5 + random.random())
                 continue
             first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-            raise UserError(f"--storage {_redact(url)}: cannot open ({first[:200]}); check the "
+            raise UserError(f"--storage {redact_url(url)}: cannot open ({first[:200]}); check the "
                             "URL, that the server runs and the driver is installed") from None
     raise AssertionError("unreachable")
+
+
+SAMPLERS = ("tpe", "nsga2", "random")
 
 
 def make_sampler(name: str, seed: int | None, *, n_startup: int = 8) -> optuna.samplers.BaseSampler:
@@ -109,9 +112,6 @@ def make_sampler(name: str, seed: int | None, *, n_startup: int = 8) -> optuna.s
         return optuna.samplers.RandomSampler(seed=trial_seed)
 
     return build(None) if seed is None else TrialSeededSampler(build, seed)
-
-
-SAMPLERS = ("tpe", "nsga2", "random")
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -192,12 +192,9 @@ def worker_id() -> str:
 def fail_dead_local_trials(study: optuna.Study) -> int:
     """Fail RUNNING trials whose worker process on this host is gone, and re-queue them (see
     ``requeue_interrupted``). Returns how many were failed."""
-    host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(WORKER_ATTR, "")
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if dead_here(trial.user_attrs.get(WORKER_ATTR, "")):
             study.tell(trial.number, state=TrialState.FAIL)
             failed += 1
     if failed:
@@ -245,6 +242,12 @@ def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:
     return depth
 
 
+def dead_here(owner: str) -> bool:
+    """Whether ``owner`` (a ``worker_id()``) is a process of this host that is gone."""
+    host, _, pid = owner.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -285,12 +288,3 @@ def study_info(study: optuna.Study) -> dict[str, Any]:
         raise UserError(f"study {study.study_name!r} was not made by autosplit search")
     return attrs
 
-
-def _redact(url: str) -> str:
-    """Hide a password in a database URL before printing it."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        if ":" in creds:
-            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url

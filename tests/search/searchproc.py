@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import optuna
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE = str(ROOT / "search_spaces" / "digits_tiny.yaml")
@@ -49,3 +52,21 @@ def _slow_top_rung_space(tmp_path):
     return str(path)
 
 
+
+
+def trials_now(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials as a running search has them, [] while it is not created yet or its
+    writer holds the lock (for polling; reads only)."""
+    from autosplit.errors import UserError
+    from autosplit.search import study as studies
+
+    try:
+        return optuna.load_study(study_name=name,
+                                 storage=studies.open_storage(storage, write=False)).get_trials()
+    except (KeyError, UserError, sqlite3.OperationalError,
+            optuna.exceptions.StorageInternalError):  # a database file still being created
+        return []
+    except Exception as exc:  # SQLAlchemy wraps "database is locked"
+        if "locked" in str(exc):
+            return []
+        raise

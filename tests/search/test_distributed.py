@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import optuna
 from optuna.trial import TrialState
-from searchproc import SPACE, _mlflow_runs, _slow_top_rung_space, finish, worker  # noqa: F401 - shared helpers
+from searchproc import SPACE, _mlflow_runs, _slow_top_rung_space, finish, trials_now, worker  # noqa: F401 - shared helpers
 
 
 def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_path):
@@ -137,15 +136,7 @@ def test_dead_local_workers_trials_are_failed_and_requeued(tmp_path):
 
 
 def _running_at_top_rung(storage: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        study = optuna.load_study(study_name="resume", storage=storage)
-        trials = study.get_trials(states=(TrialState.RUNNING,))
-    except (KeyError, sqlite3.OperationalError, optuna.exceptions.StorageInternalError):
-        return []  # the study is not created yet, or the writer holds the lock
-    except Exception as exc:  # SQLAlchemy wraps "database is locked"
-        if "locked" in str(exc):
-            return []
-        raise
+    trials = [t for t in trials_now(storage, "resume") if t.state == TrialState.RUNNING]
     # Rung 0 recorded and still running: the trial was promoted and trains rung 1 now (the
     # first trial always is: no finished trial dominates it).
     return [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"

@@ -4,7 +4,6 @@ sampler seeds, and flags that mean what they say."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import time
 
@@ -12,21 +11,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from searchproc import SPACE, _mlflow_runs, _slow_top_rung_space, finish, worker
+from searchproc import trials_now as _trials
 
 from autosplit.cli import main
 from autosplit.search import study as studies
-
-
-def _trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        return optuna.load_study(study_name=name,
-                                 storage=studies.open_storage(storage)).get_trials()
-    except (KeyError, sqlite3.OperationalError, optuna.exceptions.StorageInternalError):
-        return []  # not created yet, or the writer holds the lock
-    except Exception as exc:  # SQLAlchemy wraps "database is locked"
-        if "locked" in str(exc):
-            return []
-        raise
 
 
 def _wait_for_running(proc: subprocess.Popen, storage: str, name: str, count: int = 1

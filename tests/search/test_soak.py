@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from searchproc import _mlflow_runs, worker
+from searchproc import _mlflow_runs, trials_now, worker
 
 from autosplit.search import study as studies
 
@@ -36,11 +36,8 @@ def _fds(pid: int) -> int:
 
 
 def _done(storage: str) -> int:
-    try:
-        study = optuna.load_study(study_name="soak", storage=studies.open_storage(storage))
-    except Exception:  # noqa: BLE001 - not created yet, or locked by the writer
-        return -1
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials())
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               for t in trials_now(storage, "soak"))
 
 
 @pytest.mark.slow
