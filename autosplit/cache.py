@@ -66,30 +66,71 @@ class CachedTeacher:
     def outputs(self, batch: Batch) -> dict[str, Tensor]:
         view = self.tensors[batch.view % self.n_views]
         rows = batch.indices
-        return {name: t[rows].to(self.device, non_blocking=True).float() for name, t in view.items()}
+        return {
+            name: t[rows].to(self.device, non_blocking=True).float() for name, t in view.items()
+        }
 
 
-def cache_key(*, teacher_key: str, data_fingerprint: str, split: str, taps: Sequence[str],
-              augment: bool, n_views: int, seed: int, fp16: bool) -> str:
-    return config_hash({"format": CACHE_FORMAT, "teacher": teacher_key, "data": data_fingerprint,
-                        "split": split, "taps": sorted(taps), "augment": augment,
-                        "views": n_views if augment else 1, "seed": seed if augment else 0,
-                        "fp16": fp16}, 24)
+def cache_key(
+    *,
+    teacher_key: str,
+    data_fingerprint: str,
+    split: str,
+    taps: Sequence[str],
+    augment: bool,
+    n_views: int,
+    seed: int,
+    fp16: bool,
+) -> str:
+    return config_hash(
+        {
+            "format": CACHE_FORMAT,
+            "teacher": teacher_key,
+            "data": data_fingerprint,
+            "split": split,
+            "taps": sorted(taps),
+            "augment": augment,
+            "views": n_views if augment else 1,
+            "seed": seed if augment else 0,
+            "fp16": fp16,
+        },
+        24,
+    )
 
 
 @torch.no_grad()
-def teacher_outputs(model: nn.Module, split: Split, info: DatasetInfo, runtime: Runtime, *,
-                    taps: Sequence[str], teacher_key: str, data_fingerprint: str,
-                    split_name: str, cache_dir: str | Path, augment: bool = False,
-                    n_views: int = 1, seed: int = 0, fp16: bool = False,
-                    batch_size: int = 512) -> CachedTeacher:
+def teacher_outputs(
+    model: nn.Module,
+    split: Split,
+    info: DatasetInfo,
+    runtime: Runtime,
+    *,
+    taps: Sequence[str],
+    teacher_key: str,
+    data_fingerprint: str,
+    split_name: str,
+    cache_dir: str | Path,
+    augment: bool = False,
+    n_views: int = 1,
+    seed: int = 0,
+    fp16: bool = False,
+    batch_size: int = 512,
+) -> CachedTeacher:
     """Load the teacher's outputs over ``split`` from the cache, computing them on a miss.
 
     Logits are always kept in fp32 (they drive every logit loss); ``fp16`` halves feature maps.
     """
     taps = sorted(set(taps) | {"logits"})
-    key = cache_key(teacher_key=teacher_key, data_fingerprint=data_fingerprint, split=split_name,
-                    taps=taps, augment=augment, n_views=n_views, seed=seed, fp16=fp16)
+    key = cache_key(
+        teacher_key=teacher_key,
+        data_fingerprint=data_fingerprint,
+        split=split_name,
+        taps=taps,
+        augment=augment,
+        n_views=n_views,
+        seed=seed,
+        fp16=fp16,
+    )
     path = Path(cache_dir) / f"{key}.pt"
     if path.is_file():
         try:
@@ -104,9 +145,16 @@ def teacher_outputs(model: nn.Module, split: Split, info: DatasetInfo, runtime: 
     model = model.eval()
     views = []
     for view in range(n_views if augment else 1):
-        loader = TensorLoader(split, info, batch_size=batch_size, shuffle=False, augment=augment,
-                              seed=seed, n_views=n_views if augment else None,
-                              device=runtime.device)
+        loader = TensorLoader(
+            split,
+            info,
+            batch_size=batch_size,
+            shuffle=False,
+            augment=augment,
+            seed=seed,
+            n_views=n_views if augment else None,
+            device=runtime.device,
+        )
         loader.set_epoch(view)
         parts: dict[str, list[Tensor]] = {name: [] for name in taps}
         for batch in loader:
@@ -120,8 +168,14 @@ def teacher_outputs(model: nn.Module, split: Split, info: DatasetInfo, runtime: 
     torch.save({"key": key, "views": views}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     cached = CachedTeacher(views, runtime.device, path, hit=False)
-    log.info("teacher cache built %s: %d view(s), taps %s, %.1f MB in %.1fs", path, len(views),
-             ",".join(taps), cached.nbytes / 2**20, time.perf_counter() - started)
+    log.info(
+        "teacher cache built %s: %d view(s), taps %s, %.1f MB in %.1fs",
+        path,
+        len(views),
+        ",".join(taps),
+        cached.nbytes / 2**20,
+        time.perf_counter() - started,
+    )
     return cached
 
 
@@ -130,27 +184,56 @@ def train_rows(candidate: Any, splits: Any) -> int:
     return min(candidate.train.max_train_samples or len(splits.train), len(splits.train))
 
 
-def _cache_args(candidate: Any, teacher_key: str, splits: Any, *, views: int, taps: set[str]
-                ) -> dict[str, Any]:
+def _cache_args(
+    candidate: Any, teacher_key: str, splits: Any, *, views: int, taps: set[str]
+) -> dict[str, Any]:
     rows = train_rows(candidate, splits)
-    return dict(taps=sorted(taps | {"logits"}), teacher_key=teacher_key,
-                data_fingerprint=splits.fingerprint, split_name=f"train[:{rows}]",
-                augment=candidate.data.augment, n_views=views, seed=candidate.train.seed,
-                fp16=True)
+    return dict(
+        taps=sorted(taps | {"logits"}),
+        teacher_key=teacher_key,
+        data_fingerprint=splits.fingerprint,
+        split_name=f"train[:{rows}]",
+        augment=candidate.data.augment,
+        n_views=views,
+        seed=candidate.train.seed,
+        fp16=True,
+    )
 
 
-def teacher_cache_exists(candidate: Any, teacher_key: str, splits: Any, runs_dir: str | Path, *,
-                         views: int = 1, taps: set[str] | None = None) -> bool:
+def teacher_cache_exists(
+    candidate: Any,
+    teacher_key: str,
+    splits: Any,
+    runs_dir: str | Path,
+    *,
+    views: int = 1,
+    taps: set[str] | None = None,
+) -> bool:
     """Whether :func:`teacher_cache_for` would load its outputs from disk (no teacher pass)."""
     args = _cache_args(candidate, teacher_key, splits, views=views, taps=taps or set())
-    key = cache_key(teacher_key=args["teacher_key"], data_fingerprint=args["data_fingerprint"],
-                    split=args["split_name"], taps=args["taps"], augment=args["augment"],
-                    n_views=args["n_views"], seed=args["seed"], fp16=args["fp16"])
+    key = cache_key(
+        teacher_key=args["teacher_key"],
+        data_fingerprint=args["data_fingerprint"],
+        split=args["split_name"],
+        taps=args["taps"],
+        augment=args["augment"],
+        n_views=args["n_views"],
+        seed=args["seed"],
+        fp16=args["fp16"],
+    )
     return (Path(runs_dir) / "cache" / f"{key}.pt").is_file()
 
 
-def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Runtime,
-                      runs_dir: str | Path, *, views: int = 1, taps: set[str] | None = None) -> Any:
+def teacher_cache_for(
+    candidate: Any,
+    teacher: Any,
+    splits: Any,
+    runtime: Runtime,
+    runs_dir: str | Path,
+    *,
+    views: int = 1,
+    taps: set[str] | None = None,
+) -> Any:
     """Teacher outputs over the training rows a candidate uses (the search's and retrain's path).
 
     Feature taps are stored in fp16, logits in fp32; ``views`` augmented views when the data
@@ -164,6 +247,11 @@ def teacher_cache_for(candidate: Any, teacher: Any, splits: Any, runtime: Runtim
         taps = set(distiller.teacher_taps)
     rows = train_rows(candidate, splits)
     split = Split(splits.train.images[:rows], splits.train.labels[:rows])
-    return teacher_outputs(teacher.model, split, splits.info, runtime,
-                           cache_dir=Path(runs_dir) / "cache",
-                           **_cache_args(candidate, teacher.key, splits, views=views, taps=taps))
+    return teacher_outputs(
+        teacher.model,
+        split,
+        splits.info,
+        runtime,
+        cache_dir=Path(runs_dir) / "cache",
+        **_cache_args(candidate, teacher.key, splits, views=views, taps=taps),
+    )

@@ -25,18 +25,33 @@ class UnreadableCheckpoint(UserError):
         self.reason = reason
 
 
-def save_checkpoint(path: str | os.PathLike, *, kind: str, state_dict: dict[str, Any],
-                    config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    state_dict: dict[str, Any],
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Save weights plus the plain-data config that rebuilds the module (no pickled classes)."""
-    payload = {"format": FORMAT, "kind": kind, "config": config, "state_dict": state_dict,
-               "extra": extra or {}}
+    payload = {
+        "format": FORMAT,
+        "kind": kind,
+        "config": config,
+        "state_dict": state_dict,
+        "extra": extra or {},
+    }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
-                    fix: str = "re-create it or point to another file") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    fix: str = "re-create it or point to another file",
+) -> dict[str, Any]:
     """Load with ``weights_only=True`` (no code runs); refuse corrupt or foreign files by path,
     ending the line with ``fix``, what the user can do about it."""
     path = Path(path)
@@ -46,8 +61,9 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not an autosplit checkpoint (no '{FORMAT}' header); {fix}")
     if kind is not None and payload.get("kind") != kind:
-        raise UserError(f"{path}: holds a {payload.get('kind')!r} checkpoint, expected {kind!r}; "
-                        f"{fix}")
+        raise UserError(
+            f"{path}: holds a {payload.get('kind')!r} checkpoint, expected {kind!r}; {fix}"
+        )
     return payload
 
 
@@ -61,14 +77,19 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         payload = payload["state_dict"]
     elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
-    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
-        raise UserError(f"{path}: holds no state_dict of tensors; point teacher.checkpoint to "
-                        "a file saved with torch.save(model.state_dict(), path)")
+    if not isinstance(payload, dict) or not all(
+        isinstance(v, torch.Tensor) for v in payload.values()
+    ):
+        raise UserError(
+            f"{path}: holds no state_dict of tensors; point teacher.checkpoint to "
+            "a file saved with torch.save(model.state_dict(), path)"
+        )
     return payload
 
 
-def _torch_load(path: Path, what: str, *, fix: str = "re-create it or point to another file"
-                ) -> object:
+def _torch_load(
+    path: Path, what: str, *, fix: str = "re-create it or point to another file"
+) -> object:
     """``torch.load`` with ``weights_only=True``; any failure becomes one sentence naming the
     file and why (torch's own messages run to paragraphs)."""
     try:
@@ -78,8 +99,9 @@ def _torch_load(path: Path, what: str, *, fix: str = "re-create it or point to a
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged file can fail in many ways inside torch
         reason = _why(exc)
-        raise UnreadableCheckpoint(f"{path}: not a readable {what}: {reason}; {fix}",
-                                   reason) from None
+        raise UnreadableCheckpoint(
+            f"{path}: not a readable {what}: {reason}; {fix}", reason
+        ) from None
 
 
 def _why(exc: Exception) -> str:
@@ -87,12 +109,18 @@ def _why(exc: Exception) -> str:
     # A zip cut short fails in torch's reader, or (about 1 cut in 8) as EINVAL from a seek
     # past the end of the file.
     truncated = isinstance(exc, OSError) and exc.errno == errno.EINVAL
-    if (truncated or isinstance(exc, EOFError) or "zip archive" in text
-            or "central directory" in text):
+    if (
+        truncated
+        or isinstance(exc, EOFError)
+        or "zip archive" in text
+        or "central directory" in text
+    ):
         return "the file is empty, truncated or corrupt"
     if "Weights only load failed" in text:
-        return ("it holds Python objects besides tensors, which autosplit does not unpickle "
-                "(torch.load weights_only=True)")
+        return (
+            "it holds Python objects besides tensors, which autosplit does not unpickle "
+            "(torch.load weights_only=True)"
+        )
     if isinstance(exc, KeyError | ValueError) or "load key" in text:
         return "the file is not a PyTorch file"
     return f"torch.load raised {type(exc).__name__}"

@@ -25,10 +25,15 @@ def find_space(name: str | None) -> Path:
         if not path.is_file():
             raise UserError(f"--space {name}: file not found; see search_spaces/ for examples")
         return path
-    for folder in (Path.cwd() / "search_spaces", Path(__file__).resolve().parent.parent / "search_spaces"):
+    for folder in (
+        Path.cwd() / "search_spaces",
+        Path(__file__).resolve().parent.parent / "search_spaces",
+    ):
         if (folder / DEFAULT_SPACE).is_file():
             return folder / DEFAULT_SPACE
-    raise UserError(f"no --space given and search_spaces/{DEFAULT_SPACE} not found; pass --space FILE")
+    raise UserError(
+        f"no --space given and search_spaces/{DEFAULT_SPACE} not found; pass --space FILE"
+    )
 
 
 def load_space_sections(path: Path) -> tuple[Any, Any]:
@@ -64,17 +69,22 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         data = dataclasses.replace(data, data_dir=args.data_dir)
     runtime = resolve_runtime(args.device)
     splits = load_splits(data)
-    print(f"data: {splits.info.name} train {len(splits.train.labels)} / val "
-          f"{len(splits.val.labels)} / test {len(splits.test.labels)}; device {runtime.device}")
-    teacher = get_teacher(teacher_cfg, data, splits, runtime, runs_dir=args.runs_dir,
-                          progress=not args.quiet)
+    print(
+        f"data: {splits.info.name} train {len(splits.train.labels)} / val "
+        f"{len(splits.val.labels)} / test {len(splits.test.labels)}; device {runtime.device}"
+    )
+    teacher = get_teacher(
+        teacher_cfg, data, splits, runtime, runs_dir=args.runs_dir, progress=not args.quiet
+    )
     from autosplit.flops import count_flops, format_flops
 
     flops = count_flops(teacher.model.cpu(), splits.info.input_shape)
     state = "cached" if teacher.from_cache else f"trained in {teacher.train_seconds:.0f}s"
-    print(f"teacher {teacher_cfg.model} ({state}): val {teacher.val_acc:.2f}%  "
-          f"test {teacher.test_acc:.2f}%  FLOPs {format_flops(flops)} "
-          f"(fvcore: 1 multiply-add = 1 FLOP)  -> {teacher.path}")
+    print(
+        f"teacher {teacher_cfg.model} ({state}): val {teacher.val_acc:.2f}%  "
+        f"test {teacher.test_acc:.2f}%  FLOPs {format_flops(flops)} "
+        f"(fvcore: 1 multiply-add = 1 FLOP)  -> {teacher.path}"
+    )
     return 0
 
 
@@ -84,21 +94,32 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
     shape = _parse_shape(args.input)
     try:
-        model = create_model(args.model, num_classes=args.classes, in_channels=shape[0],
-                             width=args.width, depth=args.depth)
+        model = create_model(
+            args.model,
+            num_classes=args.classes,
+            in_channels=shape[0],
+            width=args.width,
+            depth=args.depth,
+        )
         report = count_flops_report(model, shape)
     except (RuntimeError, MemoryError) as exc:  # out of memory, or too small for the model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         why = "not enough memory" if "alloc" in first or isinstance(exc, MemoryError) else first
-        raise UserError(f"--input {args.input}: cannot run {args.model} (width {args.width:g}) "
-                        f"on it ({why[:160]}); try a smaller --input or --width") from None
+        raise UserError(
+            f"--input {args.input}: cannot run {args.model} (width {args.width:g}) "
+            f"on it ({why[:160]}); try a smaller --input or --width"
+        ) from None
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} width {args.width:g} input {args.input} classes {args.classes}: "
-          f"{format_flops(report.total)} FLOPs ({report.total:,}), {params:,} params")
+    print(
+        f"{args.model} width {args.width:g} input {args.input} classes {args.classes}: "
+        f"{format_flops(report.total)} FLOPs ({report.total:,}), {params:,} params"
+    )
     print("convention: fvcore, one multiply-add = one FLOP (what papers call MACs/FLOPs for CNNs)")
     if report.unsupported:
-        print("not counted (unsupported operators): "
-              + ", ".join(f"{k}×{v}" for k, v in sorted(report.unsupported.items())))
+        print(
+            "not counted (unsupported operators): "
+            + ", ".join(f"{k}×{v}" for k, v in sorted(report.unsupported.items()))
+        )
     return 0
 
 
@@ -113,8 +134,10 @@ def _space_and_budget(args: argparse.Namespace):
         space.data = dataclasses.replace(space.data, data_dir=args.data_dir)
     text = args.budget or space.budget
     if text is None:
-        raise UserError(f"--budget: not given and {space.path} sets no default budget; "
-                        "pass e.g. --budget 0.25x or --budget 5M")
+        raise UserError(
+            f"--budget: not given and {space.path} sets no default budget; "
+            "pass e.g. --budget 0.25x or --budget 5M"
+        )
     return space, parse_budget(text)
 
 
@@ -133,26 +156,40 @@ def cmd_search(args: argparse.Namespace) -> int:
     if trials == 0:  # before the teacher trains: a total of 0 means no work at all
         print("--trials 0: nothing to run (the study's total is 0 trials)")
         return 0
-    options = SearchOptions(space=space, budget=budget, trials=trials,
-                            time_limit=parse_duration(args.time_limit or space.settings.time_limit),
-                            study_name=args.study_name,
-                            storage=args.storage, tracking_uri=args.tracking_uri,
-                            sampler=args.sampler or space.settings.sampler, seed=args.seed,
-                            workers=args.workers, device=args.device, runs_dir=Path(args.runs_dir),
-                            progress=not args.quiet, halving=not args.no_halving,
-                            tracking=not args.no_tracking, started=STARTED)
+    options = SearchOptions(
+        space=space,
+        budget=budget,
+        trials=trials,
+        time_limit=parse_duration(args.time_limit or space.settings.time_limit),
+        study_name=args.study_name,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        sampler=args.sampler or space.settings.sampler,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        runs_dir=Path(args.runs_dir),
+        progress=not args.quiet,
+        halving=not args.no_halving,
+        tracking=not args.no_tracking,
+        started=STARTED,
+    )
     study, ctx = run_search(options)
     print()
     print(_front_text(study, rung=None))
     tau = proxy_fidelity(study)
     if tau:
-        print("proxy fidelity (Kendall tau, rung accuracy vs final accuracy over the finalists): "
-              + ", ".join(f"rung {k}: {v['tau']:+.2f} (n={int(v['n'])})" for k, v in tau.items()))
+        print(
+            "proxy fidelity (Kendall tau, rung accuracy vs final accuracy over the finalists): "
+            + ", ".join(f"rung {k}: {v['tau']:+.2f} (n={int(v['n'])})" for k, v in tau.items())
+        )
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
-    print(f"export: autosplit export --study-name {study.study_name}"
-          + (f" --storage {args.storage}" if args.storage else ""))
+    print(
+        f"export: autosplit export --study-name {study.study_name}"
+        + (f" --storage {args.storage}" if args.storage else "")
+    )
     return 0
 
 
@@ -189,20 +226,24 @@ def _front_text(study: Any, *, rung: int | None) -> str:
     if rung is not None:
         at = rung_records(recs, rung)
         if not at:
-            raise UserError(f"--rung {rung}: no trial of study {study.study_name!r} finished "
-                            "that rung")
+            raise UserError(
+                f"--rung {rung}: no trial of study {study.study_name!r} finished that rung"
+            )
         return f"rung {rung}:\n" + front_table(at, budget, teacher_flops=teacher_flops, cost=cost)
     members = final_members(recs, info.get("autosplit.final_members"))
     if members:
-        return final_table(members, budget, teacher_flops=teacher_flops, cost=cost,
-                           fidelity=_final_fidelity(study))
+        return final_table(
+            members, budget, teacher_flops=teacher_flops, cost=cost, fidelity=_final_fidelity(study)
+        )
     return front_table(search_records(recs), budget, teacher_flops=teacher_flops, cost=cost)
 
 
 def _final_fidelity(study: Any) -> str:
     for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get("autosplit.stage") == "final" and "autosplit.candidate" in \
-                trial.user_attrs:
+        if (
+            trial.user_attrs.get("autosplit.stage") == "final"
+            and "autosplit.candidate" in trial.user_attrs
+        ):
             train = trial.user_attrs["autosplit.candidate"]["train"]
             rows = train.get("max_train_samples") or "all"
             epochs = train["epochs"]
@@ -217,12 +258,16 @@ def _open_existing(args: argparse.Namespace):
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         journal = studies.default_storage(args.runs_dir, 2)
         if args.storage is not None:
-            raise UserError(f"--storage {url}: no such database file; check the path, or run "
-                            "`autosplit search` first")
+            raise UserError(
+                f"--storage {url}: no such database file; check the path, or run "
+                "`autosplit search` first"
+            )
         if not Path(journal.removeprefix("journal:")).is_file():
             missing = "does not exist" if not Path(args.runs_dir).is_dir() else "holds no study"
-            raise UserError(f"--runs-dir {args.runs_dir}: {missing} (no optuna.db there); run "
-                            "`autosplit search` first, or pass --runs-dir or --storage")
+            raise UserError(
+                f"--runs-dir {args.runs_dir}: {missing} (no optuna.db there); run "
+                "`autosplit search` first, or pass --runs-dir or --storage"
+            )
         url = journal
     # front and export only read: a study on a read-only disk is still shown and exported.
     storage = studies.open_storage(url, write=False)
@@ -245,12 +290,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             check_study_name(study.study_name)
         except UserError:
-            raise UserError(f"--study-name {study.study_name!r}: cannot name a folder under "
-                            f"{args.runs_dir}/exports; pass --out DIR") from None
+            raise UserError(
+                f"--study-name {study.study_name!r}: cannot name a folder under "
+                f"{args.runs_dir}/exports; pass --out DIR"
+            ) from None
     out = Path(args.out) if args.out else Path(args.runs_dir) / "exports" / study.study_name
     check_output_dir(out, "--out")
-    written = export_study(study, out, storage_url=url, runtime=resolve_runtime(args.device),
-                           runs_dir=Path(args.runs_dir), confirm_seeds=args.confirm_seeds)
+    written = export_study(
+        study,
+        out,
+        storage_url=url,
+        runtime=resolve_runtime(args.device),
+        runs_dir=Path(args.runs_dir),
+        confirm_seeds=args.confirm_seeds,
+    )
     print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
     print(f"retrain: autosplit train --config {out / 'best.yaml'}")
     return 0
@@ -266,12 +319,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
 
     def stop(message: str) -> None:  # a store failing during sync: stop, say so, re-run later
-        raise UserError(message.split("; the search goes on")[0] + "; re-run autosplit sync "
-                        f"--study-name {study.study_name} when the store is back")
+        raise UserError(
+            message.split("; the search goes on")[0] + "; re-run autosplit sync "
+            f"--study-name {study.study_name} when the store is back"
+        )
 
     logged, already = sync_study(study, check_tracking(uri, warn=stop))
-    print(f"study {study.study_name}: logged {logged} trial(s) to MLflow, {already} already "
-          f"there ({uri})")
+    print(
+        f"study {study.study_name}: logged {logged} trial(s) to MLflow, {already} already "
+        f"there ({uri})"
+    )
     return 0
 
 
@@ -296,25 +353,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         candidate = candidate.with_values({"train.seed": args.seed})
     if args.data_dir:
-        candidate = dataclasses.replace(candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir))
+        candidate = dataclasses.replace(
+            candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir)
+        )
     runtime = resolve_runtime(args.device)
     splits = load_splits(candidate.data)
     _check_within_budget(candidate, splits, args.config)
-    teacher = get_teacher(candidate.teacher, candidate.data, splits, runtime,
-                          runs_dir=args.runs_dir, progress=not args.quiet)
-    outcome = retrain(candidate, splits, teacher, runtime, Path(args.runs_dir),
-                      teacher_views=config.teacher_views, progress=not args.quiet)
+    teacher = get_teacher(
+        candidate.teacher,
+        candidate.data,
+        splits,
+        runtime,
+        runs_dir=args.runs_dir,
+        progress=not args.quiet,
+    )
+    outcome = retrain(
+        candidate,
+        splits,
+        teacher,
+        runtime,
+        Path(args.runs_dir),
+        teacher_views=config.teacher_views,
+        progress=not args.quiet,
+    )
     result = outcome["result"]
-    print(f"{args.config}: val {outcome['val_acc']:.2f}%  test {outcome['test_acc']:.2f}%  "
-          f"FLOPs {format_flops(result.worst_case_flops)} worst case, "
-          f"{format_flops(int(result.expected_flops))} expected (fvcore: 1 multiply-add = 1 FLOP)")
+    print(
+        f"{args.config}: val {outcome['val_acc']:.2f}%  test {outcome['test_acc']:.2f}%  "
+        f"FLOPs {format_flops(result.worst_case_flops)} worst case, "
+        f"{format_flops(int(result.expected_flops))} expected (fvcore: 1 multiply-add = 1 FLOP)"
+    )
     if "val_acc_mean" in config.result:
         mean, sd = config.result["val_acc_mean"], config.result["val_acc_sd"]
         tolerance = max(sd, 0.5)
         verdict = "within" if abs(outcome["val_acc"] - mean) <= tolerance else "OUTSIDE"
-        print(f"final stage measured val {mean:.2f} ± {sd:.2f}% over "
-              f"{len(config.result.get('seeds', []))} seeds; this run is {verdict} "
-              f"{tolerance:.2f} pt of it")
+        print(
+            f"final stage measured val {mean:.2f} ± {sd:.2f}% over "
+            f"{len(config.result.get('seeds', []))} seeds; this run is {verdict} "
+            f"{tolerance:.2f} pt of it"
+        )
     elif "val_acc" in config.result:
         print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
     if args.out:
@@ -331,10 +407,12 @@ def _check_within_budget(candidate: Any, splits: Any, where: str) -> None:
     # An untrained teacher of the same shape: counting needs its structure, not its weights.
     _, flops = build_and_count(candidate, build_teacher_model(candidate.teacher, splits), splits)
     if flops.worst_case > candidate.max_flops:
-        raise UserError(f"{where}: the student's widths give {format_flops(flops.worst_case)} "
-                        f"FLOPs ({flops.worst_case:,}), over its max_flops "
-                        f"{format_flops(candidate.max_flops)} ({candidate.max_flops:,}); lower "
-                        "split.base_width / split.part_width or raise max_flops")
+        raise UserError(
+            f"{where}: the student's widths give {format_flops(flops.worst_case)} "
+            f"FLOPs ({flops.worst_case:,}), over its max_flops "
+            f"{format_flops(candidate.max_flops)} ({candidate.max_flops:,}); lower "
+            "split.base_width / split.part_width or raise max_flops"
+        )
 
 
 def _save_student(args: argparse.Namespace, candidate: Any, outcome: dict[str, Any]) -> None:
@@ -344,10 +422,13 @@ def _save_student(args: argparse.Namespace, candidate: Any, outcome: dict[str, A
     from autosplit.paths import disk_fault
 
     def save(path: str | Path) -> None:
-        save_checkpoint(path, kind="student", config=candidate.to_dict(),
-                        state_dict={k: v.cpu() for k, v in
-                                    outcome["result"].student.state_dict().items()},
-                        extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]})
+        save_checkpoint(
+            path,
+            kind="student",
+            config=candidate.to_dict(),
+            state_dict={k: v.cpu() for k, v in outcome["result"].student.state_dict().items()},
+            extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]},
+        )
 
     try:
         save(args.out)
@@ -358,8 +439,10 @@ def _save_student(args: argparse.Namespace, candidate: Any, outcome: dict[str, A
             save(rescue)
         except OSError:
             raise UserError(f"--out {args.out}: could not write the weights ({cause})") from None
-        raise UserError(f"--out {args.out}: could not write the weights ({cause}); saved them "
-                        f"to {rescue} instead") from None
+        raise UserError(
+            f"--out {args.out}: could not write the weights ({cause}); saved them "
+            f"to {rescue} instead"
+        ) from None
     print(f"weights: {args.out}")
 
 
@@ -375,9 +458,11 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     if min(c, h, w) < 1:
         raise UserError(f"--input {text!r}: every size must be >= 1, e.g. 3x32x32")
     if c * h * w > MAX_INPUT_VALUES:
-        raise UserError(f"--input {text}: {c * h * w:,} values per image, more than the "
-                        f"{MAX_INPUT_VALUES:,} autosplit counts on; use a smaller input, e.g. "
-                        "3x224x224")
+        raise UserError(
+            f"--input {text}: {c * h * w:,} values per image, more than the "
+            f"{MAX_INPUT_VALUES:,} autosplit counts on; use a smaller input, e.g. "
+            "3x224x224"
+        )
     return c, h, w
 
 
@@ -387,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     teacher = sub.add_parser("teacher", help="train or reuse the cached teacher of a space")
-    teacher.add_argument("--space", help="search-space YAML (default: search_spaces/fashion_mnist.yaml)")
+    teacher.add_argument(
+        "--space", help="search-space YAML (default: search_spaces/fashion_mnist.yaml)"
+    )
     teacher.add_argument("--data-dir", help="where the dataset files are")
     teacher.add_argument("--device", default="auto", help="auto | cpu | cuda")
     teacher.add_argument("--runs-dir", default="runs", help="outputs folder (default: runs)")
@@ -395,11 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.set_defaults(func=cmd_teacher)
 
     search = sub.add_parser("search", help="search how to distil the teacher under a FLOPs budget")
-    search.add_argument("--space", help="search-space YAML (default: search_spaces/fashion_mnist.yaml)")
+    search.add_argument(
+        "--space", help="search-space YAML (default: search_spaces/fashion_mnist.yaml)"
+    )
     search.add_argument("--budget", help="FLOPs cap: 0.25x (of the teacher) or 5M, 1.2G")
     search.add_argument("--trials", type=int, help="the study's total number of trials")
-    search.add_argument("--time-limit", help="wall time of the whole job: teacher, search and "
-                        "final stage (e.g. 30m, 2h, off; default: the space's)")
+    search.add_argument(
+        "--time-limit",
+        help="wall time of the whole job: teacher, search and "
+        "final stage (e.g. 30m, 2h, off; default: the space's)",
+    )
     search.add_argument("--study-name", help="default: <space>-<budget>")
     search.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
     search.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
@@ -409,14 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", default="auto", help="auto | cpu | cuda")
     search.add_argument("--data-dir", help="where the dataset files are")
     search.add_argument("--runs-dir", default="runs")
-    search.add_argument("--no-halving", action="store_true",
-                        help="train every trial at the top rung (no successive halving)")
+    search.add_argument(
+        "--no-halving",
+        action="store_true",
+        help="train every trial at the top rung (no successive halving)",
+    )
     search.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.set_defaults(func=cmd_search)
 
-    for name, func, text in (("front", cmd_front, "print a study's Pareto front"),
-                             ("export", cmd_export, "write best.yaml and front/*.yaml with weights")):
+    for name, func, text in (
+        ("front", cmd_front, "print a study's Pareto front"),
+        ("export", cmd_export, "write best.yaml and front/*.yaml with weights"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--study-name", required=True)
         cmd.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
@@ -425,8 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--rung", type=int, help="show rung N's front instead of the final")
         if name == "export":
             cmd.add_argument("--out", help="folder (default runs/exports/<study>)")
-            cmd.add_argument("--confirm-seeds", type=int, default=0,
-                             help="retrain the top front members with N more seeds")
+            cmd.add_argument(
+                "--confirm-seeds",
+                type=int,
+                default=0,
+                help="retrain the top front members with N more seeds",
+            )
             cmd.add_argument("--device", default="auto")
         cmd.set_defaults(func=func)
 
@@ -465,8 +566,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from autosplit import interrupts
     from autosplit.paths import disk_fault
 
@@ -484,8 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         what = f" by {exc.args[0]}" if exc.args else ""
         again = "resume" if args.command == "search" else "run it again"
-        print(f"autosplit: interrupted{what}; finished work is kept; to {again}: autosplit "
-              f"{shlex.join(argv)}", file=sys.stderr)
+        print(
+            f"autosplit: interrupted{what}; finished work is kept; to {again}: autosplit "
+            f"{shlex.join(argv)}",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:
         # Full disk, quota, read-only or permission faults met during the work (found anywhere

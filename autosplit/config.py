@@ -102,9 +102,7 @@ def from_dict(cls: type[C], data: Any, path: str = "") -> C:
     for key in data:
         if key not in fields:
             dotted = f"{path}.{key}" if path else str(key)
-            raise UserError(
-                f"{dotted}: unknown key; known keys here: {', '.join(sorted(fields))}"
-            )
+            raise UserError(f"{dotted}: unknown key; known keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         dotted = f"{path}.{name}" if path else name
@@ -176,8 +174,10 @@ def load_yaml(path: str | os.PathLike) -> Any:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         kind = " (a .pt checkpoint?)" if path.suffix in (".pt", ".pth", ".ckpt") else ""
-        raise UserError(f"{path}: is binary, not a YAML text file{kind}; pass a YAML file, "
-                        "e.g. the best.yaml written by `autosplit export`") from None
+        raise UserError(
+            f"{path}: is binary, not a YAML text file{kind}; pass a YAML file, "
+            "e.g. the best.yaml written by `autosplit export`"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -203,7 +203,9 @@ class DataConfig:
 
     def validate(self, path: str = "") -> None:
         if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"{_join(path, 'val_fraction')}: must be in (0, 1), got {self.val_fraction}")
+            raise UserError(
+                f"{_join(path, 'val_fraction')}: must be in (0, 1), got {self.val_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,9 @@ class TrainConfig:
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise UserError(f"{_join(path, 'grad_clip_norm')}: must be > 0 or null")
         if self.schedule == "multistep" and not self.milestones:
-            raise UserError(f"{_join(path, 'milestones')}: multistep needs milestones, e.g. [150, 180, 210]")
+            raise UserError(
+                f"{_join(path, 'milestones')}: multistep needs milestones, e.g. [150, 180, 210]"
+            )
 
 
 @dataclass(frozen=True)

@@ -579,8 +579,10 @@ class TensorLoader:
             yield Batch(normalize(images, self.info), labels, rows, view)
 
 
-def eval_loader(split: Split, info: DatasetInfo, device: torch.device | str = "cpu", *,
-                batch_size: int = 512) -> TensorLoader:
+def eval_loader(
+    split: Split, info: DatasetInfo, device: torch.device | str = "cpu", *, batch_size: int = 512
+) -> TensorLoader:
     """The loader every evaluation uses: in order, no augmentation, large batches."""
-    return TensorLoader(split, info, batch_size=batch_size, shuffle=False, augment=False,
-                        device=device)
+    return TensorLoader(
+        split, info, batch_size=batch_size, shuffle=False, augment=False, device=device
+    )

@@ -61,22 +61,40 @@ def read_config(path: str | Path) -> ExportedConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping (an exported config or a candidate)")
     body = raw["candidate"] if "candidate" in raw else raw
-    extra = set(raw) - {"candidate", "result", "provenance", "training"} if "candidate" in raw else set()
+    extra = (
+        set(raw) - {"candidate", "result", "provenance", "training"}
+        if "candidate" in raw
+        else set()
+    )
     if extra:
-        raise UserError(f"{path}: {sorted(extra)[0]}: unknown key; known keys here: candidate, "
-                        "result, provenance, training")
+        raise UserError(
+            f"{path}: {sorted(extra)[0]}: unknown key; known keys here: candidate, "
+            "result, provenance, training"
+        )
     try:
         candidate = Candidate.from_dict(body, "candidate" if "candidate" in raw else "")
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     training = raw.get("training") or {}
-    return ExportedConfig(candidate, raw.get("result") or {}, raw.get("provenance") or {},
-                          int(training.get("teacher_views", 1)))
+    return ExportedConfig(
+        candidate,
+        raw.get("result") or {},
+        raw.get("provenance") or {},
+        int(training.get("teacher_views", 1)),
+    )
 
 
-def export_study(study: Any, out_dir: Path, *, storage_url: str, runtime: Any,
-                 runs_dir: Path, confirm_seeds: int = 0, confirm_top: int = 3,
-                 say: Any = print) -> list[Path]:
+def export_study(
+    study: Any,
+    out_dir: Path,
+    *,
+    storage_url: str,
+    runtime: Any,
+    runs_dir: Path,
+    confirm_seeds: int = 0,
+    confirm_top: int = 3,
+    say: Any = print,
+) -> list[Path]:
     """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths.
 
     With a final stage, the front is the final one: each member's result holds the final
@@ -97,15 +115,21 @@ def export_study(study: Any, out_dir: Path, *, storage_url: str, runtime: Any,
     members = final_members(records, info.get("autosplit.final_members"))
     if members:
         front = final_front(members, budget, cost=cost)
-        entries = [_Entry(m.number, m.label, m.baseline, m.val_mean,
-                          [trials[n] for n in m.trials]) for m in front]
+        entries = [
+            _Entry(m.number, m.label, m.baseline, m.val_mean, [trials[n] for n in m.trials])
+            for m in front
+        ]
     else:
         search_front = pareto_front(search_records(records), budget, cost=cost)
-        entries = [_Entry(r.number, r.label, r.baseline, float(r.val_acc or 0.0),
-                          [trials[r.number]]) for r in search_front]
+        entries = [
+            _Entry(r.number, r.label, r.baseline, float(r.val_acc or 0.0), [trials[r.number]])
+            for r in search_front
+        ]
     if not entries:
-        raise UserError(f"study {study.study_name!r} has no finished feasible trial yet; run "
-                        "`autosplit search` first")
+        raise UserError(
+            f"study {study.study_name!r} has no finished feasible trial yet; run "
+            "`autosplit search` first"
+        )
     best = max(entries, key=lambda e: (e.val_acc, -e.number))
     space_path = Path(info["autosplit.space"])
     views = SearchSpace.from_yaml(space_path).settings.teacher_views if space_path.is_file() else 1
@@ -117,11 +141,13 @@ def export_study(study: Any, out_dir: Path, *, storage_url: str, runtime: Any,
     try:
         confirm_for = {e.number for e in sorted(entries, key=lambda e: -e.val_acc)[:confirm_top]}
         for entry in entries:
-            document, weights = _document(entry, context, info, study, storage_url, budget,
-                                          teacher_sha, views)
+            document, weights = _document(
+                entry, context, info, study, storage_url, budget, teacher_sha, views
+            )
             if confirm_seeds and entry.number in confirm_for:
-                document["result"]["confirm"] = context.confirm(document["candidate"],
-                                                                confirm_seeds, views)
+                document["result"]["confirm"] = context.confirm(
+                    document["candidate"], confirm_seeds, views
+                )
             stem = f"trial-{entry.number:04d}"
             targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
             for target in targets:
@@ -135,8 +161,10 @@ def export_study(study: Any, out_dir: Path, *, storage_url: str, runtime: Any,
                     atomic_write_text(staging / target.with_suffix(".yaml"), dump_yaml(document))
                 written.append(out_dir / target.with_suffix(".yaml"))
             result = document["result"]
-            say(f"trial {entry.number:>4}  val {_pm(result, 'val')}  test {_pm(result, 'test')}"
-                f"  {entry.label}")
+            say(
+                f"trial {entry.number:>4}  val {_pm(result, 'val')}  test {_pm(result, 'test')}"
+                f"  {entry.label}"
+            )
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -162,46 +190,77 @@ def _pm(result: dict[str, Any], which: str) -> str:
     return f"{result[f'{which}_acc']:.2f}%"
 
 
-def _document(entry: _Entry, context: _EvalContext, info: dict[str, Any], study: Any,
-              storage_url: str, budget: int, teacher_sha: str, views: int
-              ) -> tuple[dict[str, Any], Path]:
+def _document(
+    entry: _Entry,
+    context: _EvalContext,
+    info: dict[str, Any],
+    study: Any,
+    storage_url: str,
+    budget: int,
+    teacher_sha: str,
+    views: int,
+) -> tuple[dict[str, Any], Path]:
     """The export YAML of one member, and the weights file to ship with it."""
 
-    tests = [context.test_accuracy(t.user_attrs["autosplit.candidate"],
-                                   t.user_attrs["autosplit.weights"]) for t in entry.runs]
+    tests = [
+        context.test_accuracy(
+            t.user_attrs["autosplit.candidate"], t.user_attrs["autosplit.weights"]
+        )
+        for t in entry.runs
+    ]
     vals = [float(t.user_attrs["autosplit.val_acc"]) for t in entry.runs]
     mean = statistics.fmean(vals)
     # The seed whose val accuracy is closest to the mean: its weights and candidate ship.
     shipped = min(range(len(vals)), key=lambda i: (abs(vals[i] - mean), i))
     attrs = entry.runs[shipped].user_attrs
     result: dict[str, Any] = {
-        "val_acc": vals[shipped], "test_acc": tests[shipped],
+        "val_acc": vals[shipped],
+        "test_acc": tests[shipped],
         "flops_worst_case": attrs["autosplit.flops"],
         "flops_expected": attrs.get("autosplit.expected_flops"),
-        "params": attrs.get("autosplit.params"), "train_seconds": attrs.get("autosplit.train_seconds")}
+        "params": attrs.get("autosplit.params"),
+        "train_seconds": attrs.get("autosplit.train_seconds"),
+    }
     if attrs.get("autosplit.stage") == "final":
         train = attrs["autosplit.candidate"]["train"]
-        result.update({
-            "stage": "final",
-            "fidelity": {"epochs": train["epochs"], "rows": train.get("max_train_samples")},
-            "seeds": [t.user_attrs["autosplit.candidate"]["train"]["seed"] for t in entry.runs],
-            "seed_shipped": train["seed"],
-            "val_accs": vals, "val_acc_mean": mean,
-            "val_acc_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "test_accs": tests, "test_acc_mean": statistics.fmean(tests),
-            "test_acc_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0})
+        result.update(
+            {
+                "stage": "final",
+                "fidelity": {"epochs": train["epochs"], "rows": train.get("max_train_samples")},
+                "seeds": [t.user_attrs["autosplit.candidate"]["train"]["seed"] for t in entry.runs],
+                "seed_shipped": train["seed"],
+                "val_accs": vals,
+                "val_acc_mean": mean,
+                "val_acc_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "test_accs": tests,
+                "test_acc_mean": statistics.fmean(tests),
+                "test_acc_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            }
+        )
     provenance = {
-        "packages": package_versions(), "flops_convention": FLOPS_CONVENTION,
+        "packages": package_versions(),
+        "flops_convention": FLOPS_CONVENTION,
         "data_fingerprint": info["autosplit.data_fingerprint"],
-        "teacher_key": info["autosplit.teacher_key"], "teacher_sha256": teacher_sha,
+        "teacher_key": info["autosplit.teacher_key"],
+        "teacher_sha256": teacher_sha,
         "teacher_test_acc": info.get("autosplit.teacher_test_acc"),
-        "budget": info.get("autosplit.budget"), "budget_flops": budget,
-        "study": study.study_name, "storage": redact_url(storage_url),
-        "trial": entry.number, "final_trials": [t.number for t in entry.runs],
-        "mlflow_run_id": attrs.get("autosplit.run_id"), "label": entry.label,
-        "baseline": entry.baseline, "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    document = {"candidate": attrs["autosplit.candidate"], "result": result,
-                "provenance": provenance, "training": {"teacher_views": views}}
+        "budget": info.get("autosplit.budget"),
+        "budget_flops": budget,
+        "study": study.study_name,
+        "storage": redact_url(storage_url),
+        "trial": entry.number,
+        "final_trials": [t.number for t in entry.runs],
+        "mlflow_run_id": attrs.get("autosplit.run_id"),
+        "label": entry.label,
+        "baseline": entry.baseline,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    document = {
+        "candidate": attrs["autosplit.candidate"],
+        "result": result,
+        "provenance": provenance,
+        "training": {"teacher_views": views},
+    }
     return document, Path(attrs["autosplit.weights"])
 
 
@@ -210,8 +269,9 @@ def _parent_dir(out_dir: Path) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--out {out_dir}: cannot create {parent} ({exc.strerror}); choose a "
-                        "writable folder") from None
+        raise UserError(
+            f"--out {out_dir}: cannot create {parent} ({exc.strerror}); choose a writable folder"
+        ) from None
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {out_dir}: {parent} is not writable; choose a writable folder")
     return parent
@@ -240,12 +300,19 @@ class _EvalContext:
         candidate = Candidate.from_dict(candidate_plain)
         self.runtime, self.runs_dir = runtime, runs_dir
         self.splits = load_splits(candidate.data)
-        self.teacher = get_teacher(candidate.teacher, candidate.data, self.splits, runtime,
-                                   runs_dir=runs_dir, progress=False)
+        self.teacher = get_teacher(
+            candidate.teacher,
+            candidate.data,
+            self.splits,
+            runtime,
+            runs_dir=runs_dir,
+            progress=False,
+        )
 
     def test_accuracy(self, candidate_plain: dict[str, Any], weights: str) -> float:
-        return trained_test_accuracy(candidate_plain, weights, self.teacher.model, self.splits,
-                                     self.runtime)
+        return trained_test_accuracy(
+            candidate_plain, weights, self.teacher.model, self.splits, self.runtime
+        )
 
     def confirm(self, candidate_plain: dict[str, Any], seeds: int, views: int) -> dict[str, Any]:
         """Retrain with ``seeds`` further seeds: mean ± sd of val and test accuracy."""
@@ -255,18 +322,23 @@ class _EvalContext:
         vals, tests = [], []
         for offset in range(1, seeds + 1):
             seeded = candidate.with_values({"train.seed": candidate.train.seed + offset})
-            outcome = retrain(seeded, self.splits, self.teacher, self.runtime, self.runs_dir,
-                              teacher_views=views)
+            outcome = retrain(
+                seeded, self.splits, self.teacher, self.runtime, self.runs_dir, teacher_views=views
+            )
             vals.append(outcome["val_acc"])
             tests.append(outcome["test_acc"])
-        return {"seeds": seeds, "val_acc_mean": statistics.fmean(vals),
-                "val_acc_sd": statistics.stdev(vals) if seeds > 1 else 0.0,
-                "test_acc_mean": statistics.fmean(tests),
-                "test_acc_sd": statistics.stdev(tests) if seeds > 1 else 0.0}
+        return {
+            "seeds": seeds,
+            "val_acc_mean": statistics.fmean(vals),
+            "val_acc_sd": statistics.stdev(vals) if seeds > 1 else 0.0,
+            "test_acc_mean": statistics.fmean(tests),
+            "test_acc_sd": statistics.stdev(tests) if seeds > 1 else 0.0,
+        }
 
 
-def trained_test_accuracy(candidate_plain: dict[str, Any], weights: str | Path, teacher: Any,
-                          splits: Any, runtime: Any) -> float:
+def trained_test_accuracy(
+    candidate_plain: dict[str, Any], weights: str | Path, teacher: Any, splits: Any, runtime: Any
+) -> float:
     """Test accuracy of a trial's saved student (its exit gate applied), rebuilt from its
     pinned candidate."""
     from autosplit.checkpoint import load_checkpoint
@@ -278,10 +350,13 @@ def trained_test_accuracy(candidate_plain: dict[str, Any], weights: str | Path, 
     distiller, _ = build_and_count(candidate, teacher, splits)
     student = distiller.student
     if not Path(weights).is_file():
-        raise UserError(f"{weights}: a trial's weights are missing; nothing was exported; "
-                        "restore the file (the search wrote it)")
-    payload = load_checkpoint(weights, kind="student",
-                              fix="nothing was exported; restore the file (the search wrote it)")
+        raise UserError(
+            f"{weights}: a trial's weights are missing; nothing was exported; "
+            "restore the file (the search wrote it)"
+        )
+    payload = load_checkpoint(
+        weights, kind="student", fix="nothing was exported; restore the file (the search wrote it)"
+    )
     student.load_state_dict(payload["state_dict"])
     student.exit_threshold = candidate.structure.get("exit_threshold")
     student = runtime.prepare(student).eval()
@@ -294,15 +369,24 @@ def test_loader(splits: Any, runtime: Any) -> Any:
     return eval_loader(splits.test, splits.info, runtime.device)
 
 
-def retrain(candidate: Any, splits: Any, teacher: Any, runtime: Any, runs_dir: Path, *,
-            teacher_views: int = 1, progress: bool = False) -> dict[str, Any]:
+def retrain(
+    candidate: Any,
+    splits: Any,
+    teacher: Any,
+    runtime: Any,
+    runs_dir: Path,
+    *,
+    teacher_views: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Train a candidate through the search's own code path, then evaluate on test."""
     from autosplit.cache import teacher_cache_for
     from autosplit.distill.run import train_candidate
     from autosplit.train import evaluate
 
     source = teacher_cache_for(candidate, teacher, splits, runtime, runs_dir, views=teacher_views)
-    result = train_candidate(candidate, splits, teacher.model, runtime, teacher_source=source,
-                             progress=progress)
+    result = train_candidate(
+        candidate, splits, teacher.model, runtime, teacher_source=source, progress=progress
+    )
     test_acc = evaluate(result.student, test_loader(splits, runtime), runtime)
     return {"val_acc": result.val_acc, "test_acc": test_acc, "result": result}

@@ -25,8 +25,7 @@ FAULTS = {
     errno.EACCES: ("permission denied", "check its permissions or choose another folder"),
 }
 # SQLite reports the same faults through its driver's own exception, by text.
-_SQLITE_FAULTS = (("database or disk is full", errno.ENOSPC),
-                  ("readonly database", errno.EROFS))
+_SQLITE_FAULTS = (("database or disk is full", errno.ENOSPC), ("readonly database", errno.EROFS))
 _SQLITE_PATH = re.compile(r"sqlite:///(\S+?\.db)\b")
 SQLITE_HEADER = b"SQLite format 3\x00"
 # A probe big enough that a disk with no free block refuses it.
@@ -69,8 +68,9 @@ def _probe(folder: Path, flag: str, shown: str | os.PathLike) -> None:
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
-        cause, advice = FAULTS.get(exc.errno, (exc.strerror or type(exc).__name__,
-                                               "choose another folder"))
+        cause, advice = FAULTS.get(
+            exc.errno, (exc.strerror or type(exc).__name__, "choose another folder")
+        )
         raise UserError(f"{flag} {shown}: cannot write in {existing} ({cause}); {advice}") from None
 
 
@@ -85,8 +85,10 @@ def check_sqlite_url(url: str, flag: str, *, write: bool = True) -> None:
     if path.is_file() and path.stat().st_size:
         with open(path, "rb") as handle:
             if handle.read(16) != SQLITE_HEADER:
-                raise UserError(f"{flag} {url}: {path} is not a SQLite database; name another "
-                                "file (SQLite creates a missing one)")
+                raise UserError(
+                    f"{flag} {url}: {path} is not a SQLite database; name another "
+                    "file (SQLite creates a missing one)"
+                )
     if not write:
         return
     # SQLite writes a journal beside the database: its folder must take files.
@@ -98,8 +100,10 @@ def check_sqlite_url(url: str, flag: str, *, write: bool = True) -> None:
 def check_study_name(name: str, flag: str = "--study-name") -> str:
     """A study name names a folder under ``runs/``; refuse one that could lead outside it."""
     if not _STUDY_NAME.fullmatch(name):
-        raise UserError(f"{flag} {name!r}: use up to 128 letters, digits and _ . + = - "
-                        "(not starting with '.'), as it names a folder under runs/")
+        raise UserError(
+            f"{flag} {name!r}: use up to 128 letters, digits and _ . + = - "
+            "(not starting with '.'), as it names a folder under runs/"
+        )
     return name
 
 
@@ -112,8 +116,9 @@ def naming(path: str | os.PathLike, *, always: bool = False) -> Iterator[None]:
         yield
     except OSError as exc:
         tmp = f".{Path(path).name}."
-        if exc.errno is not None and (always or exc.filename is None
-                                      or os.path.basename(str(exc.filename)).startswith(tmp)):
+        if exc.errno is not None and (
+            always or exc.filename is None or os.path.basename(str(exc.filename)).startswith(tmp)
+        ):
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
@@ -128,8 +133,11 @@ def disk_fault(exc: BaseException | None) -> str | None:
         seen.add(id(exc))
         chain.append(exc)
         # What Python would print as "the above exception ...": a ``from None`` ends the chain.
-        exc = exc.__cause__ if exc.__cause__ is not None else (
-            None if exc.__suppress_context__ else exc.__context__)
+        exc = (
+            exc.__cause__
+            if exc.__cause__ is not None
+            else (None if exc.__suppress_context__ else exc.__context__)
+        )
     for link in chain:
         if isinstance(link, OSError) and link.errno in FAULTS:
             cause, advice = FAULTS[link.errno]
@@ -140,8 +148,11 @@ def disk_fault(exc: BaseException | None) -> str | None:
         for marker, code in _SQLITE_FAULTS:
             if marker in text:
                 cause, advice = FAULTS[code]
-                found = next((m.group(1) for m in map(_SQLITE_PATH.search, map(str, chain)) if m),
-                             None)
-                return (f"{found or 'a SQLite database'}: {cause} (SQLite: {marker}); {advice}, "
-                        "e.g. another --runs-dir")
+                found = next(
+                    (m.group(1) for m in map(_SQLITE_PATH.search, map(str, chain)) if m), None
+                )
+                return (
+                    f"{found or 'a SQLite database'}: {cause} (SQLite: {marker}); {advice}, "
+                    "e.g. another --runs-dir"
+                )
     return None

@@ -47,9 +47,13 @@ def teacher_key(config: TeacherConfig, data_fingerprint: str) -> str:
 
 
 def build_teacher_model(config: TeacherConfig, splits: Splits) -> ZooModel:
-    return create_model(config.model, num_classes=splits.info.num_classes,
-                        in_channels=splits.info.in_channels, width=config.width,
-                        depth=config.depth)
+    return create_model(
+        config.model,
+        num_classes=splits.info.num_classes,
+        in_channels=splits.info.in_channels,
+        width=config.width,
+        depth=config.depth,
+    )
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -65,23 +69,40 @@ def load_teacher(path: str | Path, splits: Splits) -> Teacher:
     config = from_dict(TeacherConfig, payload["config"]["teacher"], "teacher")
     extra = payload["extra"]
     if extra.get("data_fingerprint") != splits.fingerprint:
-        raise UserError(f"{path}: teacher was trained on other data "
-                        f"({extra.get('data_fingerprint')} != {splits.fingerprint})")
+        raise UserError(
+            f"{path}: teacher was trained on other data "
+            f"({extra.get('data_fingerprint')} != {splits.fingerprint})"
+        )
     model = build_teacher_model(config, splits)
     _load_into(model, payload["state_dict"], Path(path))
-    return Teacher(freeze(model), config, teacher_key(config, splits.fingerprint), Path(path),
-                   float(extra["val_acc"]), float(extra["test_acc"]),
-                   float(extra["train_seconds"]), from_cache=True)
+    return Teacher(
+        freeze(model),
+        config,
+        teacher_key(config, splits.fingerprint),
+        Path(path),
+        float(extra["val_acc"]),
+        float(extra["test_acc"]),
+        float(extra["train_seconds"]),
+        from_cache=True,
+    )
 
 
 def is_cached(config: TeacherConfig, splits: Splits, runs_dir: str | Path) -> bool:
     """Whether ``get_teacher`` would load this teacher rather than train or import it."""
-    return (Path(runs_dir) / "teachers" / teacher_key(config, splits.fingerprint)
-            / "teacher.pt").is_file()
+    return (
+        Path(runs_dir) / "teachers" / teacher_key(config, splits.fingerprint) / "teacher.pt"
+    ).is_file()
 
 
-def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime: Runtime, *,
-                runs_dir: str | Path = "runs", progress: bool = True) -> Teacher:
+def get_teacher(
+    config: TeacherConfig,
+    data: DataConfig,
+    splits: Splits,
+    runtime: Runtime,
+    *,
+    runs_dir: str | Path = "runs",
+    progress: bool = True,
+) -> Teacher:
     """Return the cached teacher for (config, data), training or importing it on a miss."""
     key = teacher_key(config, splits.fingerprint)
     folder = Path(runs_dir) / "teachers" / key
@@ -90,12 +111,18 @@ def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime
         try:
             teacher = load_teacher(path, splits)
         except UserError as exc:  # autosplit's own file: rebuilt, as the output cache is
-            log.warning("teacher cache %s unusable (%s); training the teacher again", path,
-                        _reason(exc))
+            log.warning(
+                "teacher cache %s unusable (%s); training the teacher again", path, _reason(exc)
+            )
         else:
             teacher.model = runtime.prepare(teacher.model)
-            log.info("teacher %s from cache %s (val %.2f%%, test %.2f%%)", config.model, path,
-                     teacher.val_acc, teacher.test_acc)
+            log.info(
+                "teacher %s from cache %s (val %.2f%%, test %.2f%%)",
+                config.model,
+                path,
+                teacher.val_acc,
+                teacher.test_acc,
+            )
             return teacher
 
     model = build_teacher_model(config, splits)
@@ -107,32 +134,61 @@ def get_teacher(config: TeacherConfig, data: DataConfig, splits: Splits, runtime
         seed_everything(config.train.seed)
         model = runtime.prepare(model)
         task = Classifier(model, label_smoothing=config.train.label_smoothing)
-        train_loader = TensorLoader(splits.train, splits.info, batch_size=config.train.batch_size,
-                                    shuffle=True, augment=data.augment, seed=config.train.seed,
-                                    device=runtime.device, drop_last=True)
+        train_loader = TensorLoader(
+            splits.train,
+            splits.info,
+            batch_size=config.train.batch_size,
+            shuffle=True,
+            augment=data.augment,
+            seed=config.train.seed,
+            device=runtime.device,
+            drop_last=True,
+        )
         fit_state = folder / "fit-state.pt"
         fit_config = {"teacher": to_dict(config), "data": splits.fingerprint}
         _drop_unusable_fit_state(fit_state, fit_config)
         try:
-            fit(task, train_loader, _eval_loader(splits, "val", runtime), config.train, runtime,
-                progress=progress, desc=f"teacher {config.model}", checkpoint=fit_state,
-                checkpoint_config=fit_config)
+            fit(
+                task,
+                train_loader,
+                _eval_loader(splits, "val", runtime),
+                config.train,
+                runtime,
+                progress=progress,
+                desc=f"teacher {config.model}",
+                checkpoint=fit_state,
+                checkpoint_config=fit_config,
+            )
         except FloatingPointError as exc:
-            raise UserError(f"{exc} (teacher.train.lr, now {config.train.lr:g}) or set "
-                            "teacher.train.grad_clip_norm") from None
+            raise UserError(
+                f"{exc} (teacher.train.lr, now {config.train.lr:g}) or set "
+                "teacher.train.grad_clip_norm"
+            ) from None
     train_seconds = time.perf_counter() - started
     model = freeze(model)
     val_acc = evaluate(model, _eval_loader(splits, "val", runtime), runtime)
     test_acc = evaluate(model, _eval_loader(splits, "test", runtime), runtime)
-    save_checkpoint(path, kind="teacher",
-                    config={"teacher": to_dict(config), "data": to_dict(data)},
-                    state_dict={k: v.cpu() for k, v in model.state_dict().items()},
-                    extra={"val_acc": val_acc, "test_acc": test_acc,
-                           "train_seconds": train_seconds,
-                           "data_fingerprint": splits.fingerprint})
+    save_checkpoint(
+        path,
+        kind="teacher",
+        config={"teacher": to_dict(config), "data": to_dict(data)},
+        state_dict={k: v.cpu() for k, v in model.state_dict().items()},
+        extra={
+            "val_acc": val_acc,
+            "test_acc": test_acc,
+            "train_seconds": train_seconds,
+            "data_fingerprint": splits.fingerprint,
+        },
+    )
     (folder / "fit-state.pt").unlink(missing_ok=True)
-    log.info("teacher %s trained in %.0fs: val %.2f%%, test %.2f%% -> %s", config.model,
-             train_seconds, val_acc, test_acc, path)
+    log.info(
+        "teacher %s trained in %.0fs: val %.2f%%, test %.2f%% -> %s",
+        config.model,
+        train_seconds,
+        val_acc,
+        test_acc,
+        path,
+    )
     return Teacher(model, config, key, path, val_acc, test_acc, train_seconds, from_cache=False)
 
 
@@ -144,14 +200,18 @@ def _drop_unusable_fit_state(path: Path, config: dict) -> None:
     try:
         payload = load_checkpoint(path, kind="fit-state")
         extra = payload["extra"]
-        usable = (payload["config"] == config and isinstance(extra, dict)
-                  and {"epoch", "optimizer", "history"} <= set(extra))
+        usable = (
+            payload["config"] == config
+            and isinstance(extra, dict)
+            and {"epoch", "optimizer", "history"} <= set(extra)
+        )
         reason = "written for another configuration or incomplete"
     except UserError as exc:
         usable, reason = False, _reason(exc)
     if not usable:
-        log.warning("teacher fit-state %s unusable (%s); training the teacher from epoch 0",
-                    path, reason)
+        log.warning(
+            "teacher fit-state %s unusable (%s); training the teacher from epoch 0", path, reason
+        )
         path.unlink(missing_ok=True)
 
 
@@ -170,9 +230,17 @@ def _load_into(model: nn.Module, state_dict: dict, path: Path) -> None:
     unexpected = [k for k in state_dict if k not in own]
     shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
     if missing or unexpected or shapes:
-        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                           for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("shape mismatch", shapes)) if keys)
-        raise UserError(f"{path}: weights do not fit {type(model).__name__} ({detail}); "
-                        "check teacher.model, width and depth")
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", shapes),
+            )
+            if keys
+        )
+        raise UserError(
+            f"{path}: weights do not fit {type(model).__name__} ({detail}); "
+            "check teacher.model, width and depth"
+        )
     model.load_state_dict(state_dict)

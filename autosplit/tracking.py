@@ -38,8 +38,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "infeasible": "KILLED",
-               "failed": "FAILED", "killed": "KILLED"}
+_RUN_STATUS = {
+    "complete": "FINISHED",
+    "pruned": "KILLED",
+    "infeasible": "KILLED",
+    "failed": "FAILED",
+    "killed": "KILLED",
+}
 WORKER_TAG = "autosplit.worker"  # host:pid of the process that started the run
 TRIAL_TAG = "optuna.trial_number"  # what ``autosplit sync`` matches trials on
 STATE_TAG = "autosplit.state"  # set by end_trial: a run without it never finished logging
@@ -48,8 +53,11 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CHECK_SECONDS = 5.0  # how long check_tracking waits for an http(s) store
 # HTTP stores: MLflow's default (7 retries with backoff, 120 s timeout) spends minutes on a
 # dead server. Bounded here unless the user set them; see MLflow's environment_variables.py.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 # Parent run ids whose tracking failed in this process: every tracker logging under such a
 # parent stays silent, so one search warns once however many trackers its phases open.
 _FAILED_PARENTS: set[str] = set()
@@ -70,15 +78,20 @@ class Tracker(Protocol):
 
     def start_search(self, *, study_name: str, settings: dict[str, str | int | float]) -> str: ...
     def attach(self, *, study_name: str, parent_run_id: str) -> None: ...
-    def start_trial(self, *, trial_number: int, params: dict[str, object],
-                    tags: dict[str, str]) -> str: ...
+    def start_trial(
+        self, *, trial_number: int, params: dict[str, object], tags: dict[str, str]
+    ) -> str: ...
     def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None: ...
     def end_trial(self, run_id: str, *, state: str, metrics: dict[str, float]) -> None: ...
     def update_front(self, records: list[TrialRecord], budget_flops: int) -> None: ...
     def log_search_cost(self, metrics: dict[str, float]) -> None: ...
-    def log_final_stage(self, members: list[FinalMember],
-                        rungs: dict[int, list[TrialRecord]], proxy: dict[int, dict[str, float]],
-                        budget_flops: int) -> None: ...
+    def log_final_stage(
+        self,
+        members: list[FinalMember],
+        rungs: dict[int, list[TrialRecord]],
+        proxy: dict[int, dict[str, float]],
+        budget_flops: int,
+    ) -> None: ...
     def end_search(self, status: str = "FINISHED") -> None: ...
 
 
@@ -91,8 +104,9 @@ class NullTracker:
     def attach(self, *, study_name: str, parent_run_id: str) -> None:
         pass
 
-    def start_trial(self, *, trial_number: int, params: dict[str, object],
-                    tags: dict[str, str]) -> str:
+    def start_trial(
+        self, *, trial_number: int, params: dict[str, object], tags: dict[str, str]
+    ) -> str:
         return f"null-trial-{trial_number}"
 
     def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
@@ -107,9 +121,13 @@ class NullTracker:
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         pass
 
-    def log_final_stage(self, members: list[FinalMember],
-                        rungs: dict[int, list[TrialRecord]], proxy: dict[int, dict[str, float]],
-                        budget_flops: int) -> None:
+    def log_final_stage(
+        self,
+        members: list[FinalMember],
+        rungs: dict[int, list[TrialRecord]],
+        proxy: dict[int, dict[str, float]],
+        budget_flops: int,
+    ) -> None:
         pass
 
     def end_search(self, status: str = "FINISHED") -> None:
@@ -157,8 +175,9 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_tracking(uri: str, *, timeout: float = CHECK_SECONDS,
-                   warn: Callable[[str], None] | None = None) -> MlflowTracker:
+def check_tracking(
+    uri: str, *, timeout: float = CHECK_SECONDS, warn: Callable[[str], None] | None = None
+) -> MlflowTracker:
     """The store, opened; ``UserError`` within about ``timeout`` seconds when it cannot be
     reached.
 
@@ -172,8 +191,14 @@ def check_tracking(uri: str, *, timeout: float = CHECK_SECONDS,
 
         endpoint = "/api/2.0/mlflow/experiments/search"
         try:
-            response = http_request(get_default_host_creds(uri), endpoint, "POST",
-                                    json={"max_results": 1}, max_retries=0, timeout=timeout)
+            response = http_request(
+                get_default_host_creds(uri),
+                endpoint,
+                "POST",
+                json={"max_results": 1},
+                max_retries=0,
+                timeout=timeout,
+            )
             verify_rest_response(response, endpoint)
         except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types
             raise _store_error(uri, "reach the server", exc) from None
@@ -196,8 +221,9 @@ class MlflowTracker:
     ``OSError`` with errno ENOSPC, EDQUOT or EROFS propagates unchanged.
     """
 
-    def __init__(self, tracking_uri: str, *, warn: Callable[[str], None] | None = None,
-                 connect: bool = True) -> None:
+    def __init__(
+        self, tracking_uri: str, *, warn: Callable[[str], None] | None = None, connect: bool = True
+    ) -> None:
         self.tracking_uri = tracking_uri
         self._warn = warn or _print_warning
         self._lock = threading.Lock()
@@ -225,8 +251,14 @@ class MlflowTracker:
             self.client.search_experiments(max_results=1)  # fail now, not after a trial
 
     @classmethod
-    def for_worker(cls, tracking_uri: str, *, study_name: str, parent_run_id: str,
-                   warn: Callable[[str], None] | None = None) -> MlflowTracker:
+    def for_worker(
+        cls,
+        tracking_uri: str,
+        *,
+        study_name: str,
+        parent_run_id: str,
+        warn: Callable[[str], None] | None = None,
+    ) -> MlflowTracker:
         """A tracker logging under ``parent_run_id``; silent when that search's tracking has
         already failed, and failing soft (one warning) when the store is gone."""
         tracker = cls(tracking_uri, warn=warn, connect=False)
@@ -245,8 +277,7 @@ class MlflowTracker:
     def off(self) -> bool:
         """Whether tracking has failed for this search: every call is then a no-op."""
         parent = self._parent_run_id or ""
-        return (self._failed is not None or parent in _FAILED_PARENTS
-                or parent.startswith(_UNLOGGED))
+        return self._failed is not None or parent in _FAILED_PARENTS or parent.startswith(_UNLOGGED)
 
     @contextlib.contextmanager
     def _talking(self, what: str, *, strict: bool = False) -> Iterator[None]:
@@ -293,8 +324,10 @@ class MlflowTracker:
             _FAILED_PARENTS.add(self._parent_run_id)
         shown = redact_url(self.tracking_uri)
         study = self._study_name or "S"
-        self._warn(f"MLflow tracking at {shown} failed ({cause}); the search goes on; run "
-                   f"autosplit sync --study-name {study} when the store is back")
+        self._warn(
+            f"MLflow tracking at {shown} failed ({cause}); the search goes on; run "
+            f"autosplit sync --study-name {study} when the store is back"
+        )
 
     @property
     def parent_run_id(self) -> str:
@@ -322,9 +355,13 @@ class MlflowTracker:
             return experiment.experiment_id
         try:
             return client.create_experiment(
-                study_name, artifact_location=self._artifact_location(study_name),
-                tags={"mlflow.note.content": f"autosplit study `{study_name}`: one parent run per "
-                      "`autosplit search` invocation, one child run per trial."})
+                study_name,
+                artifact_location=self._artifact_location(study_name),
+                tags={
+                    "mlflow.note.content": f"autosplit study `{study_name}`: one parent run per "
+                    "`autosplit search` invocation, one child run per trial."
+                },
+            )
         except Exception:
             experiment = client.get_experiment_by_name(study_name)  # lost the race: fine
             if experiment is None:
@@ -347,10 +384,15 @@ class MlflowTracker:
                 self._experiment_id = self._experiment(study_name)
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 run = self.client.create_run(
-                    self._experiment_id, run_name=f"search-{stamp}",
-                    tags={"autosplit.role": "search", "autosplit.study": study_name,
-                          WORKER_TAG: _worker_id(),
-                          "mlflow.note.content": _search_note(study_name, settings, None, [])})
+                    self._experiment_id,
+                    run_name=f"search-{stamp}",
+                    tags={
+                        "autosplit.role": "search",
+                        "autosplit.study": study_name,
+                        WORKER_TAG: _worker_id(),
+                        "mlflow.note.content": _search_note(study_name, settings, None, []),
+                    },
+                )
                 self._parent_run_id = run.info.run_id
                 params = [Param(k, _clip(str(v))) for k, v in sorted(settings.items())]
                 self._log_batch(self._parent_run_id, params=params)
@@ -372,8 +414,9 @@ class MlflowTracker:
             experiment = self.client.get_experiment_by_name(study_name)
             if experiment is None:
                 return 0
-            for run in self._search_all([experiment.experiment_id],
-                                        "attributes.status = 'RUNNING'"):
+            for run in self._search_all(
+                [experiment.experiment_id], "attributes.status = 'RUNNING'"
+            ):
                 if dead_here(run.data.tags.get(WORKER_TAG, "")):
                     self.client.set_terminated(run.info.run_id, status="KILLED")
                     closed += 1
@@ -395,12 +438,22 @@ class MlflowTracker:
                 finished = STATE_TAG in run.data.tags and run.info.status != "RUNNING"
                 if not trials.get(int(number), ("", False))[1]:  # a finished run wins
                     trials[int(number)] = (run.info.run_id, finished)
-        parents = sorted((r for r in runs if r.data.tags.get("autosplit.role") == "search"),
-                         key=lambda r: r.info.start_time)
+        parents = sorted(
+            (r for r in runs if r.data.tags.get("autosplit.role") == "search"),
+            key=lambda r: r.info.start_time,
+        )
         return trials, parents
 
-    def log_trial(self, *, trial_number: int, params: dict[str, object], tags: dict[str, str],
-                  state: str, metrics: dict[str, float], run_id: str = "") -> str:
+    def log_trial(
+        self,
+        *,
+        trial_number: int,
+        params: dict[str, object],
+        tags: dict[str, str],
+        state: str,
+        metrics: dict[str, float],
+        run_id: str = "",
+    ) -> str:
         """A trial logged after the fact (``autosplit sync``): a new child run of the current
         parent, or ``run_id``'s run completed (one its search began and never ended)."""
         from mlflow.entities import Param, RunTag
@@ -411,8 +464,11 @@ class MlflowTracker:
             with self._talking(f"complete run {run_id}"):
                 have = self.client.get_run(run_id).data.params
                 missing = {k: v for k, v in flatten_params(params).items() if k not in have}
-                self._log_batch(run_id, params=[Param(k, _clip(v)) for k, v in missing.items()],
-                                tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+                self._log_batch(
+                    run_id,
+                    params=[Param(k, _clip(v)) for k, v in missing.items()],
+                    tags=[RunTag(k, v) for k, v in sorted(tags.items())],
+                )
         self.end_trial(run_id, state=state, metrics=metrics)
         return run_id
 
@@ -421,8 +477,9 @@ class MlflowTracker:
         runs: list[Any] = []
         token = None
         while True:
-            page = self.client.search_runs(experiment_ids, filter_string, max_results=1000,
-                                           page_token=token)
+            page = self.client.search_runs(
+                experiment_ids, filter_string, max_results=1000, page_token=token
+            )
             runs += list(page)
             token = page.token
             if not token:
@@ -440,8 +497,9 @@ class MlflowTracker:
         with self._talking(f"attach to parent run {parent_run_id}"):
             self._experiment_id = self.client.get_run(parent_run_id).info.experiment_id
 
-    def start_trial(self, *, trial_number: int, params: dict[str, object],
-                    tags: dict[str, str]) -> str:
+    def start_trial(
+        self, *, trial_number: int, params: dict[str, object], tags: dict[str, str]
+    ) -> str:
         """The trial's run id; "" when tracking is off (every call on "" is a no-op)."""
         from mlflow.entities import Param
 
@@ -450,10 +508,16 @@ class MlflowTracker:
             return run_id
         with self._talking(f"start the run of trial {trial_number}"):
             run = self.client.create_run(
-                self._experiment_id or "", run_name=f"trial-{trial_number}",
-                tags={**tags, "mlflow.parentRunId": self.parent_run_id,
-                      "autosplit.role": "trial", TRIAL_TAG: str(trial_number),
-                      WORKER_TAG: _worker_id()})
+                self._experiment_id or "",
+                run_name=f"trial-{trial_number}",
+                tags={
+                    **tags,
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "autosplit.role": "trial",
+                    TRIAL_TAG: str(trial_number),
+                    WORKER_TAG: _worker_id(),
+                },
+            )
             run_id = run.info.run_id
             flat = flatten_params(params)
             self._log_batch(run_id, params=[Param(k, _clip(v)) for k, v in sorted(flat.items())])
@@ -507,13 +571,20 @@ class MlflowTracker:
                     self._hypervolume_step = finished
                     metrics["search/hypervolume"] = history[-1][1] if history else 0.0
                 self._log_batch(self.parent_run_id, metrics=_metrics(metrics, finished))
-                self.client.set_tag(self.parent_run_id, "mlflow.note.content",
-                                     _search_note(self._study_name, {}, budget_flops, front),
-                                     synchronous=True)
+                self.client.set_tag(
+                    self.parent_run_id,
+                    "mlflow.note.content",
+                    _search_note(self._study_name, {}, budget_flops, front),
+                    synchronous=True,
+                )
 
-    def log_final_stage(self, members: list[FinalMember],
-                        rungs: dict[int, list[TrialRecord]], proxy: dict[int, dict[str, float]],
-                        budget_flops: int) -> None:
+    def log_final_stage(
+        self,
+        members: list[FinalMember],
+        rungs: dict[int, list[TrialRecord]],
+        proxy: dict[int, dict[str, float]],
+        budget_flops: int,
+    ) -> None:
         """The final front (with ±1 sd error bars), each rung's front, and the proxy's Kendall
         tau against the final stage, on the parent run."""
         from autosplit.search import front_plots
@@ -525,21 +596,32 @@ class MlflowTracker:
             folder = Path(tmp)
             names = ["final_front.csv", "final_front.png"]
             front_plots.write_final_csv(folder / names[0], members, front)
-            front_plots.write_final_png(folder / names[1], members, front, budget_flops,
-                                        f"{self._study_name} — final stage")
+            front_plots.write_final_png(
+                folder / names[1], members, front, budget_flops, f"{self._study_name} — final stage"
+            )
             for rung, records in sorted(rungs.items()):
                 rung_front = pareto_front(records, budget_flops)
                 name = f"rung{rung}_front.png"
-                front_plots.write_png(folder / name, records, rung_front, budget_flops,
-                                      f"{self._study_name} — rung {rung}")
+                front_plots.write_png(
+                    folder / name,
+                    records,
+                    rung_front,
+                    budget_flops,
+                    f"{self._study_name} — rung {rung}",
+                )
                 names.append(name)
-            metrics: dict[str, float] = {f"final/kendall_tau_rung{k}": v["tau"]
-                                         for k, v in proxy.items()}
+            metrics: dict[str, float] = {
+                f"final/kendall_tau_rung{k}": v["tau"] for k, v in proxy.items()
+            }
             if front:
                 best = max(front, key=lambda m: m.val_mean)
-                metrics.update({"final/best_val_acc_mean": best.val_mean,
-                                "final/best_val_acc_sd": best.val_sd,
-                                "final/front_size": float(len(front))})
+                metrics.update(
+                    {
+                        "final/best_val_acc_mean": best.val_mean,
+                        "final/best_val_acc_sd": best.val_sd,
+                        "final/front_size": float(len(front)),
+                    }
+                )
             with self._lock, self._talking("log the final stage"):
                 for name in names:
                     self.client.log_artifact(self.parent_run_id, str(folder / name))
@@ -549,8 +631,10 @@ class MlflowTracker:
         if self.off:
             return
         with self._talking("log the search cost"):
-            self._log_batch(self.parent_run_id,
-                            metrics=_metrics({f"cost/{k}": v for k, v in metrics.items()}, 0))
+            self._log_batch(
+                self.parent_run_id,
+                metrics=_metrics({f"cost/{k}": v for k, v in metrics.items()}, 0),
+            )
 
     def end_search(self, status: str = "FINISHED") -> None:
         """End the parent run, and first its child runs still RUNNING (a trial interrupted by
@@ -559,32 +643,43 @@ class MlflowTracker:
             return
         with self._talking("end the search run"):
             orphans = self._search_all(
-                [self._experiment_id or self.client.get_run(self.parent_run_id)
-                 .info.experiment_id],
+                [self._experiment_id or self.client.get_run(self.parent_run_id).info.experiment_id],
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
-                "and attributes.status = 'RUNNING'")
+                "and attributes.status = 'RUNNING'",
+            )
             for run in orphans:
-                self.client.set_terminated(run.info.run_id,
-                                           status="FAILED" if status == "FAILED" else "KILLED")
+                self.client.set_terminated(
+                    run.info.run_id, status="FAILED" if status == "FAILED" else "KILLED"
+                )
             self.client.set_terminated(self.parent_run_id, status=status)
 
-    def _log_batch(self, run_id: str, *, metrics: list[Any] | None = None,
-                   params: list[Any] | None = None, tags: list[Any] | None = None) -> None:
+    def _log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: list[Any] | None = None,
+        params: list[Any] | None = None,
+        tags: list[Any] | None = None,
+    ) -> None:
         """log_batch in chunks MLflow accepts (100 params/tags, 1000 metrics per call)."""
         metrics, params, tags = metrics or [], params or [], tags or []
         for i in range(0, max(len(params), len(tags), 1), 100):
-            self.client.log_batch(run_id, params=params[i:i + 100], tags=tags[i:i + 100],
-                                   synchronous=True)
+            self.client.log_batch(
+                run_id, params=params[i : i + 100], tags=tags[i : i + 100], synchronous=True
+            )
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
 
 
 def _metrics(values: Mapping[str, float | int | None], step: int) -> list[Any]:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step) for key, value in sorted(values.items())
-            if value is not None]
+    return [
+        Metric(key, float(value), now, step)
+        for key, value in sorted(values.items())
+        if value is not None
+    ]
 
 
 def _clip(text: str) -> str:
@@ -602,10 +697,13 @@ def _worker_id() -> str:
 
 
 # What requests/urllib3 bury in a long "Max retries exceeded ..." text, said in a few words.
-_NETWORK_CAUSES = (("Connection refused", "connection refused: is the server running?"),
-                   ("timed out", "no answer in time"), ("Name or service not known", "unknown host"),
-                   ("Failed to resolve", "unknown host"),
-                   ("Temporary failure in name resolution", "unknown host"))
+_NETWORK_CAUSES = (
+    ("Connection refused", "connection refused: is the server running?"),
+    ("timed out", "no answer in time"),
+    ("Name or service not known", "unknown host"),
+    ("Failed to resolve", "unknown host"),
+    ("Temporary failure in name resolution", "unknown host"),
+)
 
 
 def _store_error(uri: str, what: str, exc: BaseException) -> UserError:
@@ -630,19 +728,27 @@ def _disk_full(exc: BaseException) -> OSError | None:
     return None
 
 
-def _search_note(study_name: str, settings: Mapping[str, object], budget_flops: int | None,
-                 front: list[TrialRecord]) -> str:
+def _search_note(
+    study_name: str,
+    settings: Mapping[str, object],
+    budget_flops: int | None,
+    front: list[TrialRecord],
+) -> str:
     """The parent run's description in ``mlflow ui``: what is searched and how to read it."""
     lines = [f"## autosplit search — study `{study_name}`", ""]
     if budget_flops is not None:
         lines.append(f"**Budget: {budget_flops:,} FLOPs** ({FLOPS_CONVENTION}).")
     elif "budget" in settings or "budget_flops" in settings:
-        lines.append(f"**Budget: {settings.get('budget', settings.get('budget_flops'))} FLOPs** "
-                     f"({FLOPS_CONVENTION}).")
+        lines.append(
+            f"**Budget: {settings.get('budget', settings.get('budget_flops'))} FLOPs** "
+            f"({FLOPS_CONVENTION})."
+        )
     if front:
         best = max(front, key=lambda r: r.val_acc or 0.0)
-        lines.append(f"Front: {len(front)} trial(s); most accurate: trial {best.number} "
-                     f"({best.label}) {best.val_acc:.2f}% at {best.flops:,} FLOPs.")
+        lines.append(
+            f"Front: {len(front)} trial(s); most accurate: trial {best.number} "
+            f"({best.label}) {best.val_acc:.2f}% at {best.flops:,} FLOPs."
+        )
     lines += [
         "",
         "Objectives: maximise validation accuracy (split carved from train; test untouched), "

@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 
 class Task(Protocol):
     def __call__(self, images: Tensor) -> dict[str, Tensor]: ...
-    def loss(self, outputs: dict[str, Tensor], teacher_outputs: dict[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]: ...
+    def loss(
+        self,
+        outputs: dict[str, Tensor],
+        teacher_outputs: dict[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]: ...
     def trainable_parameters(self) -> Iterable[nn.Parameter]: ...
     def predict(self, images: Tensor) -> Tensor: ...
     def train(self, mode: bool = True) -> Any: ...
@@ -60,8 +66,14 @@ class Classifier(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return {"logits": self.model(images)}
 
-    def loss(self, outputs: dict[str, Tensor], teacher_outputs: dict[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: dict[str, Tensor],
+        teacher_outputs: dict[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         ce = F.cross_entropy(outputs["logits"], labels, label_smoothing=self.label_smoothing)
         return {"loss": ce, "loss_ce": ce}
 
@@ -110,8 +122,13 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
     params = [p for p in params if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -140,12 +157,20 @@ def evaluate(predict: Callable[[Tensor], Tensor], loader: Iterable[Any], runtime
     return 100.0 * correct / max(total, 1)
 
 
-def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtime: Runtime, *,
-        teacher: TeacherSource | None = None,
-        on_epoch_end: Callable[[EpochStats], None] | None = None,
-        progress: bool = True, desc: str = "train",
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_config: dict[str, Any] | None = None) -> FitResult:
+def fit(
+    task: Task,
+    train_loader: Any,
+    val_loader: Any,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    *,
+    teacher: TeacherSource | None = None,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_config: dict[str, Any] | None = None,
+) -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs and validate after each one.
 
     ``on_epoch_end`` sees every epoch's stats; it may log them or raise ``StopTraining``.
@@ -165,9 +190,15 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
     step = start_epoch * steps_per_epoch
     show = progress and os.environ.get("AUTOSPLIT_NO_PROGRESS") != "1"
     # On a terminal the bar redraws twice a second; into a log file, once a minute.
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc=desc, disable=not show,
-               leave=False, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 60.0)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=step,
+        desc=desc,
+        disable=not show,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 60.0,
+    )
     try:
         for epoch in range(start_epoch, cfg.epochs):
             task.train()
@@ -204,25 +235,46 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
             task.train(False)
             val_acc = evaluate(task.predict, val_loader, runtime)
             terms = {k: float(v) / max(seen, 1) for k, v in sums.items()}
-            stats = EpochStats(epoch=epoch + 1, train_loss=terms.get("loss", float("nan")),
-                               train_acc=100.0 * int(correct) / max(seen, 1), val_acc=val_acc,
-                               lr=optimizer.param_groups[0]["lr"],
-                               seconds=time.perf_counter() - epoch_start,
-                               images_per_second=seen / max(train_seconds, 1e-9),
-                               loss_terms={k: v for k, v in terms.items() if k != "loss"})
+            stats = EpochStats(
+                epoch=epoch + 1,
+                train_loss=terms.get("loss", float("nan")),
+                train_acc=100.0 * int(correct) / max(seen, 1),
+                val_acc=val_acc,
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - epoch_start,
+                images_per_second=seen / max(train_seconds, 1e-9),
+                loss_terms={k: v for k, v in terms.items() if k != "loss"},
+            )
             history.append(stats)
             bar.set_postfix(epoch=epoch + 1, loss=f"{stats.train_loss:.3f}", val=f"{val_acc:.2f}")
-            log.info("%s epoch %d/%d loss %.4f train %.2f%% val %.2f%% (%.1fs, %.0f img/s)", desc,
-                     epoch + 1, cfg.epochs, stats.train_loss, stats.train_acc, val_acc,
-                     stats.seconds, stats.images_per_second)
+            log.info(
+                "%s epoch %d/%d loss %.4f train %.2f%% val %.2f%% (%.1fs, %.0f img/s)",
+                desc,
+                epoch + 1,
+                cfg.epochs,
+                stats.train_loss,
+                stats.train_acc,
+                val_acc,
+                stats.seconds,
+                stats.images_per_second,
+            )
             if not math.isfinite(stats.train_loss):
-                raise FloatingPointError(f"{desc}: training loss became {stats.train_loss} at "
-                                         f"epoch {epoch + 1}; lower the learning rate")
+                raise FloatingPointError(
+                    f"{desc}: training loss became {stats.train_loss} at "
+                    f"epoch {epoch + 1}; lower the learning rate"
+                )
             if checkpoint is not None:
-                save_checkpoint(checkpoint, kind="fit-state", config=checkpoint_config or {},
-                                state_dict=task.state_dict(),
-                                extra={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                       "history": [asdict(h) for h in history]})
+                save_checkpoint(
+                    checkpoint,
+                    kind="fit-state",
+                    config=checkpoint_config or {},
+                    state_dict=task.state_dict(),
+                    extra={
+                        "epoch": epoch + 1,
+                        "optimizer": optimizer.state_dict(),
+                        "history": [asdict(h) for h in history],
+                    },
+                )
             if on_epoch_end is not None:
                 on_epoch_end(stats)
     finally:
@@ -231,8 +283,12 @@ def fit(task: Task, train_loader: Any, val_loader: Any, cfg: TrainConfig, runtim
     return FitResult(history=history, seconds=time.perf_counter() - started)
 
 
-def _resume(path: str | os.PathLike, config: dict[str, Any] | None, task: Task,
-            optimizer: torch.optim.Optimizer) -> tuple[int, list[EpochStats]]:
+def _resume(
+    path: str | os.PathLike,
+    config: dict[str, Any] | None,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[int, list[EpochStats]]:
     """Restore a fit-state checkpoint written by ``fit``; a different config is refused."""
     payload = load_checkpoint(path, kind="fit-state")
     if payload["config"] != (config or {}):

@@ -61,9 +61,15 @@ def train_at(ctx: SearchContext, candidate, rung: Rung, seed: int = 0):
     distiller, flops = _build_or_smallest(at, ctx)
     taps = set(distiller.teacher_taps)
     del distiller
-    return at, train_candidate(at, ctx.splits, ctx.teacher.model, ctx.runtime,
-                               teacher_source=ctx.teacher_source(taps, at), progress=False,
-                               flops=flops)
+    return at, train_candidate(
+        at,
+        ctx.splits,
+        ctx.teacher.model,
+        ctx.runtime,
+        teacher_source=ctx.teacher_source(taps, at),
+        progress=False,
+        flops=flops,
+    )
 
 
 def mean_sd(values: list[float], digits: int = 2) -> str:
@@ -74,8 +80,9 @@ def mean_sd(values: list[float], digits: int = 2) -> str:
 def part_a(ctx: SearchContext, n: int, seed: int) -> None:
     fidelity = ctx.space.settings.fidelity
     final = Rung(fidelity.final.epochs, fidelity.final.rows)
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed)
+    )
     rows = []
     started = time.perf_counter()
     while len(rows) < n:
@@ -89,27 +96,37 @@ def part_a(ctx: SearchContext, n: int, seed: int) -> None:
         final_acc = train_at(ctx, candidate, final)[1].val_acc
         study.tell(trial, [final_acc, float(flops.worst_case)])
         rows.append((label_of(candidate), flops.worst_case, accs, final_acc))
-        print(f"  (a) {len(rows)}/{n} {label_of(candidate)}: rungs "
-              f"{', '.join(f'{a:.2f}' for a in accs)} -> final {final_acc:.2f} "
-              f"({time.perf_counter() - started:.0f}s)", flush=True)
+        print(
+            f"  (a) {len(rows)}/{n} {label_of(candidate)}: rungs "
+            f"{', '.join(f'{a:.2f}' for a in accs)} -> final {final_acc:.2f} "
+            f"({time.perf_counter() - started:.0f}s)",
+            flush=True,
+        )
     finals = [r[3] for r in rows]
     print()
-    print(f"(a) proxy fidelity over {n} random candidates (final: {final.epochs} epochs x "
-          f"{final.rows or 'all'} rows, seed 0; val accuracy)")
+    print(
+        f"(a) proxy fidelity over {n} random candidates (final: {final.epochs} epochs x "
+        f"{final.rows or 'all'} rows, seed 0; val accuracy)"
+    )
     print("| proxy | Kendall tau vs final | p-value |")
     print("|---|---|---|")
     for k, rung in enumerate(fidelity.rungs):
         result = kendalltau([r[2][k] for r in rows], finals)
-        print(f"| rung {k}: {rung.epochs} epoch(s) x {rung.rows or 'all'} rows | "
-              f"{result.statistic:+.3f} | {result.pvalue:.3f} |")
+        print(
+            f"| rung {k}: {rung.epochs} epoch(s) x {rung.rows or 'all'} rows | "
+            f"{result.statistic:+.3f} | {result.pvalue:.3f} |"
+        )
     print()
 
 
 def search_phase_hv_times(study: optuna.Study, budget: int, cost: str) -> list[tuple[float, float]]:
     """(seconds since the study's first trial started, hypervolume of the search front) after
     each search trial that reached the top rung, in order of completion."""
-    trials = [t for t in study.get_trials(deepcopy=False)
-              if t.user_attrs.get("autosplit.stage") != "final" and t.datetime_complete]
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("autosplit.stage") != "final" and t.datetime_complete
+    ]
     if not trials:
         return []
     start = min(t.datetime_start for t in trials)
@@ -117,8 +134,12 @@ def search_phase_hv_times(study: optuna.Study, budget: int, cost: str) -> list[t
     out = []
     for i, trial in enumerate(done):
         records = [studies.record_of(t) for t in done[: i + 1]]
-        out.append(((trial.datetime_complete - start).total_seconds(),
-                    hypervolume(search_records(records), budget, cost=cost)))
+        out.append(
+            (
+                (trial.datetime_complete - start).total_seconds(),
+                hypervolume(search_records(records), budget, cost=cost),
+            )
+        )
     return out
 
 
@@ -135,53 +156,85 @@ def overhead_shares(study: optuna.Study) -> list[float]:
 
 
 def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.Study]]:
-    modes = {"halving (TPE)": ("tpe", True), "full-length (TPE)": ("tpe", False),
-             "random (halving)": ("random", True)}
+    modes = {
+        "halving (TPE)": ("tpe", True),
+        "full-length (TPE)": ("tpe", False),
+        "random (halving)": ("random", True),
+    }
     studies_of: dict[str, list[optuna.Study]] = {m: [] for m in modes}
     walls: dict[str, list[float]] = {m: [] for m in modes}
     for seed in range(seeds):
         for mode, (sampler, halving) in modes.items():
             name = f"bench-{sampler}-{'sh' if halving else 'full'}-s{seed}-{tag}"
-            options = dataclasses.replace(base, sampler=sampler, halving=halving, seed=seed,
-                                          study_name=name)
+            options = dataclasses.replace(
+                base, sampler=sampler, halving=halving, seed=seed, study_name=name
+            )
             started = time.perf_counter()
             study, ctx = run_search(options, say=lambda _m: None)
             walls[mode].append(time.perf_counter() - started)
             studies_of[mode].append(study)
-            print(f"  (b) {mode} seed {seed}: {len(study.get_trials())} trials in "
-                  f"{walls[mode][-1]:.0f}s (limit {base.time_limit:.0f}s)", flush=True)
+            print(
+                f"  (b) {mode} seed {seed}: {len(study.get_trials())} trials in "
+                f"{walls[mode][-1]:.0f}s (limit {base.time_limit:.0f}s)",
+                flush=True,
+            )
     budget = ctx.max_flops
     cost = "expected_flops" if base.space.settings.objective_flops == "expected" else "flops"
 
     def final_hv(study: optuna.Study) -> float:
-        members = final_members(studies.records(study), study.user_attrs.get("autosplit.final_members"))
+        members = final_members(
+            studies.records(study), study.user_attrs.get("autosplit.final_members")
+        )
         return hypervolume([m.record() for m in members], budget, cost=cost)
 
     print()
-    print(f"(b) at the same time limit ({base.time_limit / 60:.1f} min, teacher cached), "
-          f"{seeds} search seeds; hypervolume normalised to [0, 1]")
+    print(
+        f"(b) at the same time limit ({base.time_limit / 60:.1f} min, teacher cached), "
+        f"{seeds} search seeds; hypervolume normalised to [0, 1]"
+    )
     print("| mode | search trials (top rung) | final-front hypervolume | wall s (limit) |")
     print("|---|---|---|---|")
     for mode, found in studies_of.items():
-        tops = [sum(1 for t in s.get_trials() if t.user_attrs.get("autosplit.stage") != "final"
-                    and t.user_attrs.get("autosplit.state") == "complete") for s in found]
-        alls = [sum(1 for t in s.get_trials() if t.user_attrs.get("autosplit.stage") != "final"
-                    and t.user_attrs.get("autosplit.state") in ("complete", "stopped"))
-                for s in found]
-        print(f"| {mode} | {statistics.fmean(alls):.1f} ({statistics.fmean(tops):.1f}) | "
-              f"{mean_sd([final_hv(s) for s in found], 4)} "
-              f"(each: {', '.join(f'{final_hv(s):.4f}' for s in found)}) | "
-              f"{', '.join(f'{w:.0f}' for w in walls[mode])} ({base.time_limit:.0f}) |")
+        tops = [
+            sum(
+                1
+                for t in s.get_trials()
+                if t.user_attrs.get("autosplit.stage") != "final"
+                and t.user_attrs.get("autosplit.state") == "complete"
+            )
+            for s in found
+        ]
+        alls = [
+            sum(
+                1
+                for t in s.get_trials()
+                if t.user_attrs.get("autosplit.stage") != "final"
+                and t.user_attrs.get("autosplit.state") in ("complete", "stopped")
+            )
+            for s in found
+        ]
+        print(
+            f"| {mode} | {statistics.fmean(alls):.1f} ({statistics.fmean(tops):.1f}) | "
+            f"{mean_sd([final_hv(s) for s in found], 4)} "
+            f"(each: {', '.join(f'{final_hv(s):.4f}' for s in found)}) | "
+            f"{', '.join(f'{w:.0f}' for w in walls[mode])} ({base.time_limit:.0f}) |"
+        )
     for sh, full in zip(studies_of["halving (TPE)"], studies_of["full-length (TPE)"], strict=True):
         target = hypervolume(search_records(studies.records(full)), budget, cost=cost)
         full_times = search_phase_hv_times(full, budget, cost)
         full_time = full_times[-1][0] if full_times else float("nan")
-        reached = next((t for t, hv in search_phase_hv_times(sh, budget, cost) if hv >= target),
-                       None)
-        print(f"time for halving's search front to reach full-length's final search-front "
-              f"hypervolume {target:.4f}: "
-              + (f"{reached:.0f}s vs {full_time:.0f}s = {reached / full_time:.2f}x (goal <= 0.33)"
-                 if reached is not None else f"not reached (full-length took {full_time:.0f}s)"))
+        reached = next(
+            (t for t, hv in search_phase_hv_times(sh, budget, cost) if hv >= target), None
+        )
+        print(
+            f"time for halving's search front to reach full-length's final search-front "
+            f"hypervolume {target:.4f}: "
+            + (
+                f"{reached:.0f}s vs {full_time:.0f}s = {reached / full_time:.2f}x (goal <= 0.33)"
+                if reached is not None
+                else f"not reached (full-length took {full_time:.0f}s)"
+            )
+        )
     # Restart, not resume: a promoted trial trains its new rung from scratch. What resuming
     # could save at most is the training time of the rungs below the one each trial ended at.
     redone = total = 0.0
@@ -192,14 +245,18 @@ def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.S
                 redone += sum(r["seconds"] for r in rungs[:-1])
                 total += sum(r["seconds"] for r in rungs)
     if total:
-        print(f"restart instead of resume: {100 * redone / total:.1f}% of halving's search "
-              f"training time ({redone:.0f}s of {total:.0f}s) went to lower rungs of trials "
-              "that were then promoted: the most resuming could save")
+        print(
+            f"restart instead of resume: {100 * redone / total:.1f}% of halving's search "
+            f"training time ({redone:.0f}s of {total:.0f}s) went to lower rungs of trials "
+            "that were then promoted: the most resuming could save"
+        )
     shares = [s for found in studies_of.values() for study in found for s in overhead_shares(study)]
     if shares:
-        print(f"wall time outside training per trial: median {100 * statistics.median(shares):.1f}%"
-              f", mean {100 * statistics.fmean(shares):.1f}%, max {100 * max(shares):.1f}% "
-              f"(goal: median <= 5 %; {len(shares)} trials)")
+        print(
+            f"wall time outside training per trial: median {100 * statistics.median(shares):.1f}%"
+            f", mean {100 * statistics.fmean(shares):.1f}%, max {100 * max(shares):.1f}% "
+            f"(goal: median <= 5 %; {len(shares)} trials)"
+        )
     print()
     return studies_of
 
@@ -231,20 +288,28 @@ def part_c(ctx: SearchContext, study: optuna.Study, seeds: int) -> None:
             student = ctx.runtime.prepare(result.student).eval()
             tests.append(evaluate(student, test_loader(ctx.splits, ctx.runtime), ctx.runtime))
         rows.append((who, member, vals, tests))
-    print(f"(c) best final student vs teacher and same-FLOPs KD, at the final fidelity "
-          f"({final.epochs} epochs x {final.rows or 'all'} rows), {seeds} seeds")
+    print(
+        f"(c) best final student vs teacher and same-FLOPs KD, at the final fidelity "
+        f"({final.epochs} epochs x {final.rows or 'all'} rows), {seeds} seeds"
+    )
     print("| network | FLOPs | val % | test % |")
     print("|---|---|---|---|")
     for who, member, vals, tests in rows:
-        print(f"| {who} (trial {member.number}: {member.label}) | {member.flops:,} | "
-              f"{mean_sd(vals)} | {mean_sd(tests)} |")
-    print(f"| teacher ({ctx.space.teacher.model}) | {ctx.teacher_flops:,} | "
-          f"{ctx.teacher.val_acc:.2f} | {ctx.teacher.test_acc:.2f} |")
+        print(
+            f"| {who} (trial {member.number}: {member.label}) | {member.flops:,} | "
+            f"{mean_sd(vals)} | {mean_sd(tests)} |"
+        )
+    print(
+        f"| teacher ({ctx.space.teacher.model}) | {ctx.teacher_flops:,} | "
+        f"{ctx.teacher.val_acc:.2f} | {ctx.teacher.test_acc:.2f} |"
+    )
     (b_test, kd_test) = (rows[0][3], rows[1][3])
     sd = statistics.stdev(kd_test) if len(kd_test) > 1 else 0.0
-    print(f"best - KD, test: {statistics.fmean(b_test) - statistics.fmean(kd_test):+.2f} pt "
-          f"(KD sd {sd:.2f}; goal > 2 sd); best - teacher, test: "
-          f"{statistics.fmean(b_test) - ctx.teacher.test_acc:+.2f} pt (goal >= 0)")
+    print(
+        f"best - KD, test: {statistics.fmean(b_test) - statistics.fmean(kd_test):+.2f} pt "
+        f"(KD sd {sd:.2f}; goal > 2 sd); best - teacher, test: "
+        f"{statistics.fmean(b_test) - ctx.teacher.test_acc:+.2f} pt (goal >= 0)"
+    )
 
 
 def scaled_space(path: Path, folder: Path, args: argparse.Namespace) -> Path:
@@ -278,8 +343,9 @@ def main() -> None:
     parser.add_argument("--final-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="part (a)'s random draws")
     parser.add_argument("--runs-dir", default="runs", help="holds the cached teacher")
-    parser.add_argument("--teacher-epochs", type=int,
-                        help="train (or reuse) the teacher with this many epochs")
+    parser.add_argument(
+        "--teacher-epochs", type=int, help="train (or reuse) the teacher with this many epochs"
+    )
     parser.add_argument("--rung-rows", type=int, help="training rows of every rung")
     parser.add_argument("--final-epochs", type=int, help="epochs of the final fidelity")
     parser.add_argument("--final-rows", type=int, help="training rows of the final fidelity")
@@ -290,17 +356,28 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     runs = Path(args.runs_dir).resolve()
-    bench = runs / f"bench-fidelity-{args.parts}"  # one folder per process: parts may run side by side
+    bench = (
+        runs / f"bench-fidelity-{args.parts}"
+    )  # one folder per process: parts may run side by side
     bench.mkdir(parents=True, exist_ok=True)
     space = SearchSpace.from_yaml(scaled_space(Path(args.space), bench, args))
-    base = SearchOptions(space=space, budget=parse_budget("0.25x"), trials=space.settings.trials,
-                         time_limit=parse_duration(args.time_limit),
-                         storage=f"sqlite:///{bench}/optuna.db",
-                         tracking_uri=f"sqlite:///{bench}/mlflow.db", device="cpu",
-                         runs_dir=runs, progress=False)
+    base = SearchOptions(
+        space=space,
+        budget=parse_budget("0.25x"),
+        trials=space.settings.trials,
+        time_limit=parse_duration(args.time_limit),
+        storage=f"sqlite:///{bench}/optuna.db",
+        tracking_uri=f"sqlite:///{bench}/mlflow.db",
+        device="cpu",
+        runs_dir=runs,
+        progress=False,
+    )
     ctx = prepare(dataclasses.replace(base, time_limit=None), log_teacher=print)
-    print(f"budget 0.25x = {ctx.max_flops:,} FLOPs (fvcore: one multiply-add = one FLOP); "
-          f"teacher {ctx.teacher_flops:,} FLOPs, test {ctx.teacher.test_acc:.2f}%", flush=True)
+    print(
+        f"budget 0.25x = {ctx.max_flops:,} FLOPs (fvcore: one multiply-add = one FLOP); "
+        f"teacher {ctx.teacher_flops:,} FLOPs, test {ctx.teacher.test_acc:.2f}%",
+        flush=True,
+    )
     if "a" in args.parts:
         part_a(ctx, args.candidates, args.seed)
     found = None
@@ -309,8 +386,9 @@ def main() -> None:
         seeds = args.search_seeds if "b" in args.parts else 1
         found = part_b(base, seeds, tag) if "b" in args.parts else None
         if found is None:
-            study, _ = run_search(dataclasses.replace(base, study_name=f"bench-c-{tag}", seed=0),
-                                  say=lambda _m: None)
+            study, _ = run_search(
+                dataclasses.replace(base, study_name=f"bench-c-{tag}", seed=0), say=lambda _m: None
+            )
         else:
             study = found["halving (TPE)"][0]
         if "c" in args.parts:

@@ -30,10 +30,16 @@ from autosplit.train import evaluate
 ROOT = Path(__file__).resolve().parent.parent
 # Recipes no paper combined: a res-student chain trained with DKD, an RKD assistant with AEKT.
 CROSS = {
-    "res_chain+dkd": {"structure.name": "res_chain", "logit_loss.name": "dkd",
-                      "split.base_share": 0.8},
-    "assistant+aekt": {"structure.name": "assistant", "logit_loss.name": "aekt",
-                       "split.base_share": 0.64},
+    "res_chain+dkd": {
+        "structure.name": "res_chain",
+        "logit_loss.name": "dkd",
+        "split.base_share": 0.8,
+    },
+    "assistant+aekt": {
+        "structure.name": "assistant",
+        "logit_loss.name": "aekt",
+        "split.base_share": 0.64,
+    },
     "branches+dkd+twi": {"structure.name": "branches", "logit_loss.name": "dkd", "twi": True},
 }
 
@@ -63,19 +69,33 @@ def main() -> None:
     args = parser.parse_args()
 
     space = SearchSpace.from_yaml(args.space)
-    ctx = prepare(SearchOptions(space=space, budget=parse_budget("1x"), trials=0, device="cpu",
-                                runs_dir=Path(args.runs_dir), progress=False))
+    ctx = prepare(
+        SearchOptions(
+            space=space,
+            budget=parse_budget("1x"),
+            trials=0,
+            device="cpu",
+            runs_dir=Path(args.runs_dir),
+            progress=False,
+        )
+    )
     teacher_flops = count_flops(ctx.teacher.model, ctx.splits.info.input_shape)
-    print(f"teacher {space.teacher.model}: test {ctx.teacher.test_acc:.2f}%, "
-          f"{format_flops(teacher_flops)} FLOPs; {args.epochs} epochs x {args.samples} rows, "
-          f"seeds {list(range(args.seeds))}; DKD/AEKT warm-up over all {args.epochs} epochs; "
-          f"gradient norm clipped at {space.base_candidate(1).train.grad_clip_norm}")
+    print(
+        f"teacher {space.teacher.model}: test {ctx.teacher.test_acc:.2f}%, "
+        f"{format_flops(teacher_flops)} FLOPs; {args.epochs} epochs x {args.samples} rows, "
+        f"seeds {list(range(args.seeds))}; DKD/AEKT warm-up over all {args.epochs} epochs; "
+        f"gradient norm clipped at {space.base_candidate(1).train.grad_clip_norm}"
+    )
     rows = []
     for share in args.budgets:
         max_flops = int(share * teacher_flops)
-        base = space.base_candidate(max_flops).with_values({
-            "train.epochs": args.epochs, "train.max_train_samples": args.samples,
-            "split.budget_share": 1.0})
+        base = space.base_candidate(max_flops).with_values(
+            {
+                "train.epochs": args.epochs,
+                "train.max_train_samples": args.samples,
+                "split.budget_share": 1.0,
+            }
+        )
         for name, candidate in candidates(base, args.methods):
             if candidate.logit_loss.name in ("dkd", "aekt"):
                 # The papers warm DKD up over 20 of 240 epochs; a 3-epoch run warms up over all
@@ -86,24 +106,45 @@ def main() -> None:
                 from autosplit.distill.run import train_candidate
 
                 seeded = candidate.with_values({"train.seed": seed})
-                source = teacher_cache_for(seeded, ctx.teacher, ctx.splits, ctx.runtime,
-                                           Path(args.runs_dir), views=space.settings.teacher_views)
+                source = teacher_cache_for(
+                    seeded,
+                    ctx.teacher,
+                    ctx.splits,
+                    ctx.runtime,
+                    Path(args.runs_dir),
+                    views=space.settings.teacher_views,
+                )
                 started = time.perf_counter()
-                result = train_candidate(seeded, ctx.splits, ctx.teacher.model, ctx.runtime,
-                                         teacher_source=source, progress=False)
+                result = train_candidate(
+                    seeded,
+                    ctx.splits,
+                    ctx.teacher.model,
+                    ctx.runtime,
+                    teacher_source=source,
+                    progress=False,
+                )
                 seconds.append(time.perf_counter() - started)
                 vals.append(result.val_acc)
-                tests.append(evaluate(result.student, test_loader(ctx.splits, ctx.runtime), ctx.runtime))
+                tests.append(
+                    evaluate(result.student, test_loader(ctx.splits, ctx.runtime), ctx.runtime)
+                )
                 flops = result.worst_case_flops
                 expected.append(result.expected_flops)
-            row = (f"| {share:g}x | {name} | {candidate.structure.name} | "
-                   f"{format_flops(flops)} / {format_flops(int(statistics.fmean(expected)))} | "
-                   f"{mean_sd(vals)} | {mean_sd(tests)} | {statistics.fmean(seconds):.0f} |")
+            row = (
+                f"| {share:g}x | {name} | {candidate.structure.name} | "
+                f"{format_flops(flops)} / {format_flops(int(statistics.fmean(expected)))} | "
+                f"{mean_sd(vals)} | {mean_sd(tests)} | {statistics.fmean(seconds):.0f} |"
+            )
             rows.append(row)
             print(row, flush=True)
     print()
-    print("budgets: " + ", ".join(f"{s:g}x = {format_flops(int(s * teacher_flops))}" for s in args.budgets))
-    print("| budget | method | structure | FLOPs worst / expected | val acc % | test acc % | train s |")
+    print(
+        "budgets: "
+        + ", ".join(f"{s:g}x = {format_flops(int(s * teacher_flops))}" for s in args.budgets)
+    )
+    print(
+        "| budget | method | structure | FLOPs worst / expected | val acc % | test acc % | train s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)

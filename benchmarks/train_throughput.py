@@ -52,7 +52,9 @@ class KDTask(nn.Module):
         return self.model(images)
 
 
-def hand_written_epoch(model: nn.Module, split: Split, mean: float, std: float, cfg: TrainConfig) -> float:
+def hand_written_epoch(
+    model: nn.Module, split: Split, mean: float, std: float, cfg: TrainConfig
+) -> float:
     """The loop a careful person writes by hand: index batches of in-memory tensors."""
     optimizer = make_optimizer(model.parameters(), cfg)
     model.train()
@@ -61,7 +63,7 @@ def hand_written_epoch(model: nn.Module, split: Split, mean: float, std: float, 
     order = torch.randperm(n)
     started = time.perf_counter()
     for start in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-        rows = order[start:start + cfg.batch_size]
+        rows = order[start : start + cfg.batch_size]
         loss = F.cross_entropy(model(images_all[rows]), split.labels[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,19 +94,31 @@ def main() -> None:
     val = Split(splits.val.images[:512], splits.val.labels[:512])
     info = splits.info
     cfg = TrainConfig(epochs=1, batch_size=128, lr=0.05)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"Fashion-MNIST {args.samples} train images, batch {cfg.batch_size}, no augmentation")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Fashion-MNIST {args.samples} train images, batch {cfg.batch_size}, no augmentation"
+    )
 
     # 1. autosplit fit vs hand-written loop, alternated so both see the same machine load.
     ours, hand = [], []
     for repeat in range(args.repeats):
         seed_everything(repeat)
         model = create_model(args.model, num_classes=10, in_channels=1)
-        loader = TensorLoader(train, info, batch_size=cfg.batch_size, shuffle=True, augment=False,
-                              seed=repeat, drop_last=True)
+        loader = TensorLoader(
+            train,
+            info,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            augment=False,
+            seed=repeat,
+            drop_last=True,
+        )
         val_loader = TensorLoader(val, info, batch_size=512, shuffle=False, augment=False)
-        ours.append(fit(Classifier(model), loader, val_loader, cfg, runtime,
-                        progress=False).history[0].images_per_second)
+        ours.append(
+            fit(Classifier(model), loader, val_loader, cfg, runtime, progress=False)
+            .history[0]
+            .images_per_second
+        )
         seed_everything(repeat)
         model = create_model(args.model, num_classes=10, in_channels=1)
         hand.append(hand_written_epoch(model, train, info.mean[0], info.std[0], cfg))
@@ -114,9 +128,17 @@ def main() -> None:
     teacher = create_model(args.model, num_classes=10, in_channels=1).eval()
     with tempfile.TemporaryDirectory() as cache_dir:
         started = time.perf_counter()
-        cached = teacher_outputs(teacher, train, info, runtime, taps=["logits"], teacher_key="bench",
-                                 data_fingerprint=splits.fingerprint, split_name="train",
-                                 cache_dir=cache_dir)
+        cached = teacher_outputs(
+            teacher,
+            train,
+            info,
+            runtime,
+            taps=["logits"],
+            teacher_key="bench",
+            data_fingerprint=splits.fingerprint,
+            split_name="train",
+            cache_dir=cache_dir,
+        )
         build_seconds = time.perf_counter() - started
     live = LiveTeacher(teacher, ["logits"], runtime)
     times = {"cache": [], "live": []}
@@ -124,11 +146,19 @@ def main() -> None:
         for name, source in (("cache", cached), ("live", live)):
             seed_everything(repeat)
             student = create_model(args.student, num_classes=10, in_channels=1)
-            loader = TensorLoader(train, info, batch_size=cfg.batch_size, shuffle=True,
-                                  augment=False, seed=repeat, drop_last=True)
+            loader = TensorLoader(
+                train,
+                info,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                augment=False,
+                seed=repeat,
+                drop_last=True,
+            )
             val_loader = TensorLoader(val, info, batch_size=512, shuffle=False, augment=False)
-            result = fit(KDTask(student), loader, val_loader, cfg, runtime, teacher=source,
-                         progress=False)
+            result = fit(
+                KDTask(student), loader, val_loader, cfg, runtime, teacher=source, progress=False
+            )
             times[name].append(result.history[0].seconds)
     cache_med, live_med = statistics.median(times["cache"]), statistics.median(times["live"])
 
@@ -140,7 +170,9 @@ def main() -> None:
     print()
     print("| figure | value |")
     print("|---|---|")
-    print(f"| {args.model} ({format_flops(macs)} FLOPs/img) autosplit fit, img/s (median of {args.repeats}) | {ours_med:.0f} |")
+    print(
+        f"| {args.model} ({format_flops(macs)} FLOPs/img) autosplit fit, img/s (median of {args.repeats}) | {ours_med:.0f} |"
+    )
     print(f"| hand-written loop, img/s | {hand_med:.0f} |")
     print(f"| ratio autosplit / hand-written (goal >= 1.0) | {ours_med / hand_med:.3f} |")
     print(f"| KD epoch of {args.student}, teacher live, s | {live_med:.2f} |")

@@ -13,9 +13,18 @@ def _teacher(splits):
 
 
 def _cache(model, splits, cpu, tmp_path, **kw):
-    return teacher_outputs(model, splits.train, splits.info, cpu, taps=kw.pop("taps", ["stage1"]),
-                           teacher_key="t0", data_fingerprint=splits.fingerprint,
-                           split_name="train", cache_dir=tmp_path, **kw)
+    return teacher_outputs(
+        model,
+        splits.train,
+        splits.info,
+        cpu,
+        taps=kw.pop("taps", ["stage1"]),
+        teacher_key="t0",
+        data_fingerprint=splits.fingerprint,
+        split_name="train",
+        cache_dir=tmp_path,
+        **kw,
+    )
 
 
 def test_cached_outputs_equal_live_outputs_and_are_reused(digits_splits, cpu, tmp_path):
@@ -25,8 +34,9 @@ def test_cached_outputs_equal_live_outputs_and_are_reused(digits_splits, cpu, tm
     assert set(cached.tensors[0]) == {"stage1", "logits"}
     assert cached.tensors[0]["logits"].shape[0] == len(digits_splits.train.labels)
     live = LiveTeacher(model, ["stage1", "logits"], cpu)
-    loader = TensorLoader(digits_splits.train, digits_splits.info, batch_size=50, shuffle=True,
-                          augment=False, seed=3)
+    loader = TensorLoader(
+        digits_splits.train, digits_splits.info, batch_size=50, shuffle=True, augment=False, seed=3
+    )
     loader.set_epoch(1)
     for batch in loader:
         want, got = live.outputs(batch), cached.outputs(batch)
@@ -44,13 +54,21 @@ def test_augmented_views_match_what_the_loader_shows(digits_splits, cpu, tmp_pat
     assert cached.n_views == 2
     assert not torch.equal(cached.tensors[0]["logits"], cached.tensors[1]["logits"])
     live = LiveTeacher(model, ["logits"], cpu)
-    loader = TensorLoader(digits_splits.train, digits_splits.info, batch_size=64, shuffle=True,
-                          augment=True, seed=5, n_views=2)
+    loader = TensorLoader(
+        digits_splits.train,
+        digits_splits.info,
+        batch_size=64,
+        shuffle=True,
+        augment=True,
+        seed=5,
+        n_views=2,
+    )
     for epoch in (0, 1, 2):  # epoch 2 wraps to view 0
         loader.set_epoch(epoch)
         batch = next(iter(loader))
-        torch.testing.assert_close(cached.outputs(batch)["logits"], live.outputs(batch)["logits"],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            cached.outputs(batch)["logits"], live.outputs(batch)["logits"], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_fp16_features_halve_the_size_but_logits_stay_fp32(digits_splits, cpu, tmp_path):
@@ -80,20 +98,27 @@ def test_the_planner_can_tell_a_cache_on_disk_from_one_to_build(digits_splits, c
     teacher = SimpleNamespace(model=_teacher(digits_splits), key="t0")
 
     def candidate(rows):
-        return SimpleNamespace(train=SimpleNamespace(max_train_samples=rows, seed=0),
-                               data=SimpleNamespace(augment=True))
+        return SimpleNamespace(
+            train=SimpleNamespace(max_train_samples=rows, seed=0),
+            data=SimpleNamespace(augment=True),
+        )
 
     assert not teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=2)
-    built = teacher_cache_for(candidate(300), teacher, digits_splits, cpu, tmp_path, views=2,
-                              taps={"stage1"})
+    built = teacher_cache_for(
+        candidate(300), teacher, digits_splits, cpu, tmp_path, views=2, taps={"stage1"}
+    )
     assert not built.hit
-    assert teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=2,
-                                taps={"stage1"})
+    assert teacher_cache_exists(
+        candidate(300), "t0", digits_splits, tmp_path, views=2, taps={"stage1"}
+    )
     # Another row count, tap set, number of views or teacher is another cache.
-    assert not teacher_cache_exists(candidate(400), "t0", digits_splits, tmp_path, views=2,
-                                    taps={"stage1"})
+    assert not teacher_cache_exists(
+        candidate(400), "t0", digits_splits, tmp_path, views=2, taps={"stage1"}
+    )
     assert not teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=2)
-    assert not teacher_cache_exists(candidate(300), "t0", digits_splits, tmp_path, views=3,
-                                    taps={"stage1"})
-    assert not teacher_cache_exists(candidate(300), "t1", digits_splits, tmp_path, views=2,
-                                    taps={"stage1"})
+    assert not teacher_cache_exists(
+        candidate(300), "t0", digits_splits, tmp_path, views=3, taps={"stage1"}
+    )
+    assert not teacher_cache_exists(
+        candidate(300), "t1", digits_splits, tmp_path, views=2, taps={"stage1"}
+    )

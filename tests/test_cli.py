@@ -15,12 +15,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("autosplit")
     cmd = [exe] if exe else [sys.executable, "-m", "autosplit.cli"]
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "AUTOSPLIT_NO_PROGRESS": "1"})
+    return subprocess.run(
+        [*cmd, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "AUTOSPLIT_NO_PROGRESS": "1"},
+    )
 
 
 def test_flops_prints_the_count_and_the_convention(tmp_path):
-    out = run("flops", "--model", "resnet8x4", "--input", "3x32x32", "--classes", "100", cwd=tmp_path)
+    out = run(
+        "flops", "--model", "resnet8x4", "--input", "3x32x32", "--classes", "100", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "177." in out.stdout and "M FLOPs" in out.stdout
     assert "one multiply-add = one FLOP" in out.stdout
@@ -44,8 +52,9 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, args, message):
 
 def test_teacher_space_with_a_typo_names_file_and_key(tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text((ROOT / "search_spaces" / "digits_tiny.yaml").read_text()
-                     .replace("epochs:", "epoch:"))
+    space.write_text(
+        (ROOT / "search_spaces" / "digits_tiny.yaml").read_text().replace("epochs:", "epoch:")
+    )
     out = run("teacher", "--space", str(space), cwd=tmp_path)
     assert out.returncode == 2
     assert "space.yaml: teacher.train.epoch: unknown key" in out.stderr

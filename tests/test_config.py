@@ -20,8 +20,12 @@ from autosplit.errors import UserError
 
 
 def test_round_trip_through_yaml_is_exact():
-    cfg = TeacherConfig(model="resnet20", width=0.75, depth=14,
-                        train=TrainConfig(epochs=3, schedule="multistep", milestones=(1, 2)))
+    cfg = TeacherConfig(
+        model="resnet20",
+        width=0.75,
+        depth=14,
+        train=TrainConfig(epochs=3, schedule="multistep", milestones=(1, 2)),
+    )
     again = from_dict(TeacherConfig, yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)

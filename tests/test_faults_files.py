@@ -31,12 +31,17 @@ def tiny_space_text(**teacher_train: str) -> str:
     text = text.replace("    epochs: 12\n", "    epochs: 1\n").replace(
         "    epochs: 2\n    batch_size: 64\n    lr: 0.1\n    seed: 0\nparams:",
         "    epochs: 1\n    batch_size: 64\n    lr: 0.1\n    seed: 0\n    max_train_samples: 300\n"
-        "params:")
+        "params:",
+    )
     for key, value in teacher_train.items():
-        text = text.replace("    weight_decay: 0.0005\n", f"    weight_decay: 0.0005\n    {key}: {value}\n")
+        text = text.replace(
+            "    weight_decay: 0.0005\n", f"    weight_decay: 0.0005\n    {key}: {value}\n"
+        )
     head, _ = text.split("search:\n")
-    return head + ("search:\n  trials: 2\n  sampler: random\n  fidelity: {rungs: [], final: null}\n"
-                   "  baselines: {}\n")
+    return head + (
+        "search:\n  trials: 2\n  sampler: random\n  fidelity: {rungs: [], final: null}\n"
+        "  baselines: {}\n"
+    )
 
 
 def one_line(err: str) -> str:
@@ -67,15 +72,26 @@ def mount(tmp_path):
     filled to the last byte or remounted read-only; unmounted at teardown."""
     mounted: list[Path] = []
 
-    def make(name: str, *, size: str = "64k", full: bool = False, read_only: bool = False,
-             files: dict[str, bytes] | None = None) -> Path:
+    def make(
+        name: str,
+        *,
+        size: str = "64k",
+        full: bool = False,
+        read_only: bool = False,
+        files: dict[str, bytes] | None = None,
+    ) -> Path:
         point = tmp_path / name
         point.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}); the "
-                        "full-disk and read-only tests need root")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}); the "
+                "full-disk and read-only tests need root"
+            )
         mounted.append(point)
         for rel, data in (files or {}).items():
             (point / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +126,38 @@ def searched(tmp_path_factory, space_file):
     """A finished two-trial study (teacher cached), exported once to ``export/``."""
     tmp = tmp_path_factory.mktemp("searched")
     runs = tmp / "runs"
-    assert main(["search", "--space", str(space_file), "--runs-dir", str(runs), "--study-name",
-                 "tiny", "--no-tracking", "--quiet", *CPU]) == 0
-    assert main(["export", "--study-name", "tiny", "--runs-dir", str(runs), "--out",
-                 str(tmp / "export"), *CPU]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--space",
+                str(space_file),
+                "--runs-dir",
+                str(runs),
+                "--study-name",
+                "tiny",
+                "--no-tracking",
+                "--quiet",
+                *CPU,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--study-name",
+                "tiny",
+                "--runs-dir",
+                str(runs),
+                "--out",
+                str(tmp / "export"),
+                *CPU,
+            ]
+        )
+        == 0
+    )
     return tmp, runs
 
 
@@ -124,16 +168,18 @@ def export_args(runs: Path, out: Path) -> list[str]:
 # --- search: runs dir, study name, SQLite files: all refused before any work ------------------
 
 
-@pytest.mark.parametrize(("fault", "cause"), [("read_only", "read-only file system"),
-                                              ("full", "no space left on device")])
-def test_search_refuses_an_unwritable_runs_dir_before_work(mount, space_file, capsys, fault,
-                                                           cause):
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [("read_only", "read-only file system"), ("full", "no space left on device")],
+)
+def test_search_refuses_an_unwritable_runs_dir_before_work(mount, space_file, capsys, fault, cause):
     place = mount("disk", **{fault: True})
     code = main(["search", "--space", str(space_file), "--runs-dir", str(place / "runs"), *CPU])
     line = one_line(capsys.readouterr().err)
     assert code == 2
-    assert line.startswith(f"autosplit: --runs-dir {place / 'runs'}: cannot write in {place} "
-                           f"({cause})")
+    assert line.startswith(
+        f"autosplit: --runs-dir {place / 'runs'}: cannot write in {place} ({cause})"
+    )
     assert not (place / "runs").exists()
 
 
@@ -157,8 +203,9 @@ def test_a_study_name_cannot_leave_runs(tmp_path, space_file, capsys, name):
 
 
 @pytest.mark.parametrize("kind", ["read_only_dir", "folder", "not_sqlite", "read_only_db"])
-def test_search_refuses_an_unusable_sqlite_storage_before_work(mount, tmp_path, space_file,
-                                                               capsys, kind):
+def test_search_refuses_an_unusable_sqlite_storage_before_work(
+    mount, tmp_path, space_file, capsys, kind
+):
     if kind == "read_only_dir":
         db = mount("ro", read_only=True) / "optuna.db"
         expected = "(read-only file system)"
@@ -167,10 +214,17 @@ def test_search_refuses_an_unusable_sqlite_storage_before_work(mount, tmp_path, 
         # write with "invalid data in the commit, e.g. exceeding max length".
         import optuna
 
-        optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/made.db",
-                            directions=["maximize", "minimize"])
-        place = mount("rodb", size="2m", read_only=True,
-                      files={"optuna.db": (tmp_path / "made.db").read_bytes()})
+        optuna.create_study(
+            study_name="tiny",
+            storage=f"sqlite:///{tmp_path}/made.db",
+            directions=["maximize", "minimize"],
+        )
+        place = mount(
+            "rodb",
+            size="2m",
+            read_only=True,
+            files={"optuna.db": (tmp_path / "made.db").read_bytes()},
+        )
         db, expected = place / "optuna.db", "(read-only file system)"
     elif kind == "folder":
         db = tmp_path / "db"
@@ -181,8 +235,20 @@ def test_search_refuses_an_unusable_sqlite_storage_before_work(mount, tmp_path, 
         db.write_text("some notes\n")
         expected = "is not a SQLite database"
     runs = tmp_path / "runs"
-    code = main(["search", "--space", str(space_file), "--runs-dir", str(runs), "--storage",
-                 f"sqlite:///{db}", "--study-name", "tiny", *CPU])
+    code = main(
+        [
+            "search",
+            "--space",
+            str(space_file),
+            "--runs-dir",
+            str(runs),
+            "--storage",
+            f"sqlite:///{db}",
+            "--study-name",
+            "tiny",
+            *CPU,
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     assert code == 2
     assert line.startswith(f"autosplit: --storage sqlite:///{db}: ") and expected in line
@@ -195,8 +261,22 @@ def test_a_full_disk_during_a_trial_names_the_file(mount, searched, space_file, 
     # The study database and teacher are fine; the trial's weights land on a full disk.
     full = mount("full", full=True)
     (runs / "studies" / "on-full").symlink_to(full, target_is_directory=True)
-    code = main(["search", "--space", str(space_file), "--runs-dir", str(runs), "--study-name",
-                 "on-full", "--trials", "1", "--no-tracking", "--quiet", *CPU])
+    code = main(
+        [
+            "search",
+            "--space",
+            str(space_file),
+            "--runs-dir",
+            str(runs),
+            "--study-name",
+            "on-full",
+            "--trials",
+            "1",
+            "--no-tracking",
+            "--quiet",
+            *CPU,
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     assert code == 1
     assert line.startswith(f"autosplit: {runs / 'studies' / 'on-full' / 'trial-0000'}")
@@ -210,7 +290,8 @@ def test_front_on_a_missing_runs_dir_says_so(tmp_path, capsys):
     assert main(["front", "--study-name", "x", "--runs-dir", str(tmp_path / "nope")]) == 2
     assert one_line(capsys.readouterr().err) == (
         f"autosplit: --runs-dir {tmp_path / 'nope'}: does not exist (no optuna.db there); run "
-        "`autosplit search` first, or pass --runs-dir or --storage")
+        "`autosplit search` first, or pass --runs-dir or --storage"
+    )
 
 
 def test_front_reads_a_study_on_a_read_only_disk(mount, searched, capsys):
@@ -226,8 +307,9 @@ def test_export_into_a_read_only_dir_is_refused(mount, searched, capsys):
     place = mount("ro", read_only=True)
     assert main(export_args(runs, place / "export")) == 2
     line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"autosplit: --out {place / 'export'}: cannot write in {place} "
-                           "(read-only file system)")
+    assert line.startswith(
+        f"autosplit: --out {place / 'export'}: cannot write in {place} (read-only file system)"
+    )
 
 
 def test_a_disk_filling_during_export_leaves_no_export(mount, searched, capsys):
@@ -254,8 +336,10 @@ def test_a_corrupt_trial_file_leaves_no_export(searched, tmp_path, capsys):
         for w, data in saved.items():
             w.write_bytes(data)
     line = one_line(capsys.readouterr().err)
-    assert "student.pt: not a readable checkpoint: the file is empty, truncated or corrupt; " \
-           "nothing was exported" in line
+    assert (
+        "student.pt: not a readable checkpoint: the file is empty, truncated or corrupt; "
+        "nothing was exported" in line
+    )
     assert list(tmp_path.iterdir()) == []
     assert (tmp / "export" / "best.yaml").is_file()  # an earlier export is untouched
 
@@ -263,9 +347,14 @@ def test_a_corrupt_trial_file_leaves_no_export(searched, tmp_path, capsys):
 # --- train --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fault", "cause"), [("read_only", "(read-only file system)"),
-                                              ("full", "(no space left on device)"),
-                                              ("folder", "is a folder; give a file path")])
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        ("read_only", "(read-only file system)"),
+        ("full", "(no space left on device)"),
+        ("folder", "is a folder; give a file path"),
+    ],
+)
 def test_train_out_is_checked_before_training(mount, searched, tmp_path, capsys, fault, cause):
     tmp, _runs = searched
     if fault == "folder":
@@ -274,8 +363,19 @@ def test_train_out_is_checked_before_training(mount, searched, tmp_path, capsys,
     else:
         out = mount("disk", **{fault: True}) / "student.pt"
     fresh = tmp_path / "runs"  # no teacher here: a check after the work would train one first
-    code = main(["train", "--config", str(tmp / "export" / "best.yaml"), "--out", str(out),
-                 "--runs-dir", str(fresh), "--quiet", *CPU])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tmp / "export" / "best.yaml"),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(fresh),
+            "--quiet",
+            *CPU,
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     assert code == 2
     assert line.startswith(f"autosplit: --out {out}: ") and cause in line
@@ -285,14 +385,27 @@ def test_train_out_is_checked_before_training(mount, searched, tmp_path, capsys,
 def test_train_keeps_the_weights_when_out_fills_up(mount, searched, capsys):
     tmp, runs = searched
     out = mount("small", size="64k") / "student.pt"  # the probe fits, the weights do not
-    code = main(["train", "--config", str(tmp / "export" / "best.yaml"), "--out", str(out),
-                 "--runs-dir", str(runs), "--quiet", *CPU])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tmp / "export" / "best.yaml"),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(runs),
+            "--quiet",
+            *CPU,
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     rescued = runs / "rescued" / "student.pt"
     assert code == 2
-    assert line == (f"autosplit: --out {out}: could not write the weights ({out}: no space left "
-                    f"on device; free space or choose another folder); saved them to {rescued} "
-                    "instead")
+    assert line == (
+        f"autosplit: --out {out}: could not write the weights ({out}: no space left "
+        f"on device; free space or choose another folder); saved them to {rescued} "
+        "instead"
+    )
     from autosplit.checkpoint import load_checkpoint
 
     assert load_checkpoint(rescued, kind="student")["extra"]["test_acc"] > 0
@@ -318,7 +431,8 @@ def test_train_config_given_a_checkpoint(searched, capsys):
     assert main(["train", "--config", str(tmp / "export" / "best.pt")]) == 2
     assert one_line(capsys.readouterr().err) == (
         f"autosplit: {tmp / 'export' / 'best.pt'}: is binary, not a YAML text file (a .pt "
-        "checkpoint?); pass a YAML file, e.g. the best.yaml written by `autosplit export`")
+        "checkpoint?); pass a YAML file, e.g. the best.yaml written by `autosplit export`"
+    )
 
 
 # --- teacher ------------------------------------------------------------------------------------
@@ -328,8 +442,9 @@ def _teacher(space: Path, runs: Path) -> int:
     return main(["teacher", "--space", str(space), "--runs-dir", str(runs), "--quiet", *CPU])
 
 
-def test_a_corrupt_teacher_cache_or_fit_state_is_rebuilt_with_one_warning(space_file, tmp_path,
-                                                                          caplog, capsys):
+def test_a_corrupt_teacher_cache_or_fit_state_is_rebuilt_with_one_warning(
+    space_file, tmp_path, caplog, capsys
+):
     runs = tmp_path / "runs"
     assert _teacher(space_file, runs) == 0
     [cached] = (runs / "teachers").glob("*/teacher.pt")
@@ -343,7 +458,8 @@ def test_a_corrupt_teacher_cache_or_fit_state_is_rebuilt_with_one_warning(space_
         f"teacher cache {cached} unusable (the file is empty, truncated or corrupt); training "
         "the teacher again",
         f"teacher fit-state {fit_state} unusable (the file is not a PyTorch file); training the "
-        "teacher from epoch 0"]
+        "teacher from epoch 0",
+    ]
     assert "trained in" in capsys.readouterr().out
     from autosplit.checkpoint import load_checkpoint
 
@@ -356,14 +472,25 @@ class _RunsCode:
         return (print, ("this must never run",))
 
 
-@pytest.mark.parametrize(("content", "why"), [
-    ("truncated", "the file is empty, truncated or corrupt"),
-    ("object", "it holds Python objects besides tensors, which autosplit does not unpickle "
-               "(torch.load weights_only=True)"),
-    ("pickle", "it holds Python objects besides tensors, which autosplit does not unpickle "
-               "(torch.load weights_only=True)")])
-def test_a_users_teacher_checkpoint_is_refused_in_one_sentence(tmp_path, capsys, recwarn,
-                                                               content, why):
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("truncated", "the file is empty, truncated or corrupt"),
+        (
+            "object",
+            "it holds Python objects besides tensors, which autosplit does not unpickle "
+            "(torch.load weights_only=True)",
+        ),
+        (
+            "pickle",
+            "it holds Python objects besides tensors, which autosplit does not unpickle "
+            "(torch.load weights_only=True)",
+        ),
+    ],
+)
+def test_a_users_teacher_checkpoint_is_refused_in_one_sentence(
+    tmp_path, capsys, recwarn, content, why
+):
     import argparse
     import pickle
 
@@ -378,35 +505,54 @@ def test_a_users_teacher_checkpoint_is_refused_in_one_sentence(tmp_path, capsys,
     else:  # a bare pickle (protocol 5), on which torch also warns before refusing
         weights.write_bytes(pickle.dumps(_RunsCode(), protocol=5))
     space = tmp_path / "space.yaml"
-    space.write_text(tiny_space_text().replace("  width: 1.0\n", f"  width: 1.0\n  checkpoint: {weights}\n"))
+    space.write_text(
+        tiny_space_text().replace("  width: 1.0\n", f"  width: 1.0\n  checkpoint: {weights}\n")
+    )
     assert _teacher(space, tmp_path / "runs") == 2
     assert one_line(capsys.readouterr().err) == (
         f"autosplit: {weights}: not a readable weights file: {why}; point teacher.checkpoint to "
-        "another file")
+        "another file"
+    )
     assert [str(w.message) for w in recwarn] == []  # a warning would be a second stderr line
 
 
 def test_a_diverging_teacher_is_one_line(tmp_path, capsys):
     space = tmp_path / "space.yaml"
-    space.write_text(tiny_space_text().replace("    lr: 0.1\n    weight_decay", "    lr: 1.0e+6\n"
-                                               "    weight_decay"))
+    space.write_text(
+        tiny_space_text().replace(
+            "    lr: 0.1\n    weight_decay", "    lr: 1.0e+6\n    weight_decay"
+        )
+    )
     assert _teacher(space, tmp_path / "runs") == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("autosplit: teacher resnet8: training loss became nan at epoch 1; ")
-    assert line.endswith("lower the learning rate (teacher.train.lr, now 1e+06) or set "
-                         "teacher.train.grad_clip_norm")
+    assert line.endswith(
+        "lower the learning rate (teacher.train.lr, now 1e+06) or set teacher.train.grad_clip_norm"
+    )
 
 
 # --- flops --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "start"), [
-    (("--input", "3x100000x100000"), "autosplit: --input 3x100000x100000: 30,000,000,000 values"),
-    (("--input", "100000000x32x32"), "autosplit: --input 100000000x32x32: 102,400,000,000 values"),
-    (("--input", "0x32x32"), "autosplit: --input '0x32x32': every size must be >= 1"),
-    (("--width", "100000"), "autosplit: --input 3x32x32: cannot run resnet8 (width 100000) on it "
-                            "(not enough memory)"),
-])
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        (
+            ("--input", "3x100000x100000"),
+            "autosplit: --input 3x100000x100000: 30,000,000,000 values",
+        ),
+        (
+            ("--input", "100000000x32x32"),
+            "autosplit: --input 100000000x32x32: 102,400,000,000 values",
+        ),
+        (("--input", "0x32x32"), "autosplit: --input '0x32x32': every size must be >= 1"),
+        (
+            ("--width", "100000"),
+            "autosplit: --input 3x32x32: cannot run resnet8 (width 100000) on it "
+            "(not enough memory)",
+        ),
+    ],
+)
 def test_flops_on_an_input_too_large_to_build(capsys, args, start):
     assert main(["flops", "--model", "resnet8", *args]) == 2
     assert one_line(capsys.readouterr().err).startswith(start)
@@ -421,20 +567,25 @@ def test_disk_faults_anywhere_in_the_chain_are_one_line_and_bugs_still_raise(mon
     def failing(exc: BaseException):
         def command(_args):
             raise exc
+
         return command
 
-    monkeypatch.setattr(cli, "cmd_flops", failing(OSError(errno.EDQUOT, "Disk quota exceeded",
-                                                          "/data/runs/x.pt")))
+    monkeypatch.setattr(
+        cli, "cmd_flops", failing(OSError(errno.EDQUOT, "Disk quota exceeded", "/data/runs/x.pt"))
+    )
     assert main(["flops", "--model", "m"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        "autosplit: /data/runs/x.pt: disk quota exceeded; free space or choose another folder")
+        "autosplit: /data/runs/x.pt: disk quota exceeded; free space or choose another folder"
+    )
     # MLflow tracking wraps a full disk as its own failure: the disk is named, not tracking.
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/mlflow.db")
         except OSError as cause:
-            raise UserError("MLflow tracking at sqlite:///data/runs/mlflow.db: could not log "
-                            "(check --tracking-uri, or pass --no-tracking)") from cause
+            raise UserError(
+                "MLflow tracking at sqlite:///data/runs/mlflow.db: could not log "
+                "(check --tracking-uri, or pass --no-tracking)"
+            ) from cause
     except UserError as wrapped:
         monkeypatch.setattr(cli, "cmd_flops", failing(wrapped))
     assert main(["flops", "--model", "m"]) == 1
@@ -447,13 +598,17 @@ def test_disk_faults_anywhere_in_the_chain_are_one_line_and_bugs_still_raise(mon
 
 def test_disk_fault_reads_sqlite_and_respects_from_none():
     sqlite = RuntimeError("(sqlite3.OperationalError) database or disk is full")
-    assert disk_fault(sqlite) == ("a SQLite database: no space left on device (SQLite: database "
-                                  "or disk is full); free space or choose another folder, e.g. "
-                                  "another --runs-dir")
+    assert disk_fault(sqlite) == (
+        "a SQLite database: no space left on device (SQLite: database "
+        "or disk is full); free space or choose another folder, e.g. "
+        "another --runs-dir"
+    )
     # What MLflow tracking raises on a full disk: the line names the store's file instead.
-    tracking = UserError("MLflow tracking at sqlite:////data/runs/mlflow.db: could not log "
-                         "metrics: (sqlite3.OperationalError) database or disk is full (check "
-                         "--tracking-uri, or pass --no-tracking)")
+    tracking = UserError(
+        "MLflow tracking at sqlite:////data/runs/mlflow.db: could not log "
+        "metrics: (sqlite3.OperationalError) database or disk is full (check "
+        "--tracking-uri, or pass --no-tracking)"
+    )
     assert disk_fault(tracking).startswith("/data/runs/mlflow.db: no space left on device")
     readonly = RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database")
     assert "read-only file system (SQLite: readonly database)" in disk_fault(readonly)
@@ -470,8 +625,13 @@ def test_the_real_command_prints_one_line_too(tmp_path):
     """In-process tests cannot see warnings Python prints to stderr; the installed command can."""
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "autosplit.cli", "flops", "--model", "resnet8",
-                          "--width", "100000"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-m", "autosplit.cli", "flops", "--model", "resnet8", "--width", "100000"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 2
     assert one_line(out.stderr).startswith("autosplit: --input 3x32x32: cannot run resnet8")

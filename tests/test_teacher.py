@@ -26,12 +26,20 @@ def test_teacher_is_trained_once_then_served_from_cache(digits_splits, cpu, tmp_
     second = get_teacher(CONFIG, DATA, digits_splits, cpu, runs_dir=tmp_path, progress=False)
     assert second.from_cache and time.perf_counter() - started < 5.0
     assert (second.val_acc, second.test_acc) == (first.val_acc, first.test_acc)
-    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+    for a, b in zip(
+        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a.cpu(), b.cpu())
     assert not any(p.requires_grad for p in second.model.parameters())
 
-    other = get_teacher(TeacherConfig(model="tiny", train=TrainConfig(epochs=1)), DATA,
-                        digits_splits, cpu, runs_dir=tmp_path, progress=False)
+    other = get_teacher(
+        TeacherConfig(model="tiny", train=TrainConfig(epochs=1)),
+        DATA,
+        digits_splits,
+        cpu,
+        runs_dir=tmp_path,
+        progress=False,
+    )
     assert other.key != first.key and not other.from_cache
 
 
@@ -49,16 +57,28 @@ def test_mismatched_checkpoint_is_refused_with_its_path(digits_splits, cpu, tmp_
     path = tmp_path / "wrong.pt"
     torch.save(create_model("resnet8", num_classes=10, in_channels=1).state_dict(), path)
     with pytest.raises(UserError, match=r"wrong\.pt: weights do not fit"):
-        get_teacher(TeacherConfig(model="tiny", checkpoint=str(path)), DATA, digits_splits, cpu,
-                    runs_dir=tmp_path, progress=False)
+        get_teacher(
+            TeacherConfig(model="tiny", checkpoint=str(path)),
+            DATA,
+            digits_splits,
+            cpu,
+            runs_dir=tmp_path,
+            progress=False,
+        )
 
 
 def test_corrupt_checkpoint_is_refused_with_its_path(digits_splits, cpu, tmp_path):
     path = tmp_path / "broken.pt"
     path.write_bytes(b"this is not a checkpoint")
     with pytest.raises(UserError, match=r"broken\.pt: not a readable weights file"):
-        get_teacher(TeacherConfig(model="tiny", checkpoint=str(path)), DATA, digits_splits, cpu,
-                    runs_dir=tmp_path, progress=False)
+        get_teacher(
+            TeacherConfig(model="tiny", checkpoint=str(path)),
+            DATA,
+            digits_splits,
+            cpu,
+            runs_dir=tmp_path,
+            progress=False,
+        )
 
 
 def test_checkpoint_loading_runs_no_code(tmp_path):

@@ -47,25 +47,41 @@ def trial_records() -> list[TrialRecord]:
 
 def run_search(tracker: MlflowTracker, study: str, records: list[TrialRecord]) -> str:
     """What the driver does: parent run, one child per trial with epochs, front, cost."""
-    parent = tracker.start_search(study_name=study, settings={
-        "budget": "0.25x", "budget_flops": BUDGET, "sampler": "tpe", "seed": 0})
+    parent = tracker.start_search(
+        study_name=study,
+        settings={"budget": "0.25x", "budget_flops": BUDGET, "sampler": "tpe", "seed": 0},
+    )
     ended: list[TrialRecord] = []
     for record in records:
         run_id = tracker.start_trial(
             trial_number=record.number,
-            params={"structure": "res_chain", "split": {"fractions": (0.6, 0.4)},
-                    "feature_loss": None, "lr": 0.05},
-            tags={"autosplit.label": record.label})
+            params={
+                "structure": "res_chain",
+                "split": {"fractions": (0.6, 0.4)},
+                "feature_loss": None,
+                "lr": 0.05,
+            },
+            tags={"autosplit.label": record.label},
+        )
         for epoch in range(3):
             tracker.log_epoch(run_id, epoch, {"train/loss": 2.0 - epoch, "val/acc": 50.0 + epoch})
-        tracker.end_trial(run_id, state=record.state, metrics={
-            "val/acc": record.val_acc, "flops/worst_case": record.flops,  # type: ignore[dict-item]
-            "flops/expected": record.expected_flops, "params": record.params,  # type: ignore
-            "time/wall_s": 1.5, "optuna/trial_number": record.number})
+        tracker.end_trial(
+            run_id,
+            state=record.state,
+            metrics={
+                "val/acc": record.val_acc,
+                "flops/worst_case": record.flops,  # type: ignore[dict-item]
+                "flops/expected": record.expected_flops,
+                "params": record.params,  # type: ignore
+                "time/wall_s": 1.5,
+                "optuna/trial_number": record.number,
+            },
+        )
         ended.append(TrialRecord(**{**record.__dict__, "run_id": run_id}))
         tracker.update_front(ended, BUDGET)
-    tracker.log_search_cost({"cpu_seconds": 12.0, "gpu_seconds": 0.0, "pruned": 1,
-                             "infeasible": 1, "cache_hits": 4})
+    tracker.log_search_cost(
+        {"cpu_seconds": 12.0, "gpu_seconds": 0.0, "pruned": 1, "infeasible": 1, "cache_hits": 4}
+    )
     tracker.end_search()
     return parent
 
@@ -89,16 +105,21 @@ def test_search_layout(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     children = {r.info.run_name: r for r in runs if r.info.run_id != parent}
     assert set(children) == {f"trial-{r.number}" for r in records}
-    statuses = {name: (r.info.status, r.data.tags["autosplit.state"])
-                for name, r in children.items()}
+    statuses = {
+        name: (r.info.status, r.data.tags["autosplit.state"]) for name, r in children.items()
+    }
     assert statuses["trial-1"] == ("FINISHED", "complete")
     assert statuses["trial-3"] == ("KILLED", "infeasible")
     assert statuses["trial-4"] == ("KILLED", "pruned")
     trial1 = children["trial-1"]
     assert trial1.data.tags["mlflow.parentRunId"] == parent
     assert trial1.data.tags["autosplit.label"] == "res_chain K=2 + dkd"
-    assert trial1.data.params == {"structure": "res_chain", "split.fractions": "(0.6, 0.4)",
-                                  "feature_loss": "None", "lr": "0.05"}
+    assert trial1.data.params == {
+        "structure": "res_chain",
+        "split.fractions": "(0.6, 0.4)",
+        "feature_loss": "None",
+        "lr": "0.05",
+    }
     assert trial1.data.metrics["flops/expected"] == 600_000.0
     assert trial1.data.metrics["optuna/trial_number"] == 1.0
     assert "flops/expected" not in children["trial-3"].data.metrics  # None: skipped
@@ -107,22 +128,30 @@ def test_search_layout(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     # Front artifacts on the parent, beside the database rather than in ./mlruns.
     assert {a.path for a in client.list_artifacts(parent)} == {
-        "front.csv", "front.png", "front.html", "hypervolume.csv"}
+        "front.csv",
+        "front.png",
+        "front.html",
+        "hypervolume.csv",
+    }
     assert not (tmp_path / "mlruns").exists()
     assert "mlartifacts" in parents[0].info.artifact_uri
     local = Path(client.download_artifacts(parent, "", str(tmp_path / "dl")))
     front = read_csv(local / "front.csv")
     assert [(r.number, r.val_acc, r.flops, r.label, r.baseline) for r in front] == [
-        (r.number, r.val_acc, r.flops, r.label, r.baseline)
-        for r in pareto_front(records, BUDGET)]
+        (r.number, r.val_acc, r.flops, r.label, r.baseline) for r in pareto_front(records, BUDGET)
+    ]
     assert all(r.run_id for r in front)
     assert (local / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (local / "front.html").read_text(encoding="utf-8")
     assert "single + kd" in html and "res_chain K=2 + dkd" in html
     assert 'src="https://cdn.plot.ly' not in html  # self-contained: opens offline
 
-    volumes = [m.value for m in sorted(client.get_metric_history(parent, "search/hypervolume"),
-                                       key=lambda m: m.step)]
+    volumes = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(parent, "search/hypervolume"), key=lambda m: m.step
+        )
+    ]
     assert len(volumes) == len(records)
     assert all(b >= a for a, b in zip(volumes, volumes[1:], strict=False))
     assert volumes[-1] == pytest.approx(hypervolume(records, BUDGET))
@@ -130,8 +159,9 @@ def test_search_layout(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def _worker(store: str, offset: int, out: Any) -> None:
     """One search worker: two trials numbered so that the two workers never collide."""
-    records = [TrialRecord(**{**r.__dict__, "number": r.number * 2 + offset})
-               for r in trial_records()[:2]]
+    records = [
+        TrialRecord(**{**r.__dict__, "number": r.number * 2 + offset}) for r in trial_records()[:2]
+    ]
     out.put(run_search(MlflowTracker(store), "study-shared-" + out.kind, records))
 
 
@@ -151,8 +181,9 @@ def test_two_workers_share_one_experiment(store: str, kind: str) -> None:
     """Two trackers, as two workers hold them, racing to create the same experiment."""
     if kind == "thread":
         out = _Results(kind)
-        workers: list[Any] = [threading.Thread(target=_worker, args=(store, i, out))
-                              for i in range(2)]
+        workers: list[Any] = [
+            threading.Thread(target=_worker, args=(store, i, out)) for i in range(2)
+        ]
     else:
         context = multiprocessing.get_context("spawn")  # fresh interpreters, like real workers
         out = _Results(kind, context.Queue())
@@ -167,11 +198,11 @@ def test_two_workers_share_one_experiment(store: str, kind: str) -> None:
     experiments = [e for e in client.search_experiments() if e.name == f"study-shared-{kind}"]
     assert len(experiments) == 1
     runs = client.search_runs([experiments[0].experiment_id])
-    assert sorted(r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags) \
-        == sorted(parents)
+    assert sorted(r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags) == sorted(
+        parents
+    )
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1", "trial-2",
-                                                         "trial-3"]
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1", "trial-2", "trial-3"]
     for parent in parents:
         assert sum(r.data.tags["mlflow.parentRunId"] == parent for r in children) == 2
 
@@ -205,8 +236,7 @@ def test_attached_worker_logs_under_the_parent(store: str) -> None:
     parent = main.start_search(study_name="study-d", settings={"budget_flops": BUDGET})
     worker = MlflowTracker(store)
     worker.attach(study_name="study-d", parent_run_id=parent)
-    run_id = worker.start_trial(trial_number=0, params={"lr": 0.1},
-                                tags={"autosplit.baseline": ""})
+    run_id = worker.start_trial(trial_number=0, params={"lr": 0.1}, tags={"autosplit.baseline": ""})
     worker.end_trial(run_id, state="complete", metrics={"val/acc": 90.0})
     worker.update_front(trial_records(), BUDGET)
     main.end_search("KILLED")
@@ -247,13 +277,19 @@ def test_null_tracker_accepts_the_whole_protocol() -> None:
 
 def test_flatten_params_and_default_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert flatten_params({"a": {"b": (1, 2), "c": None}, "d": [0.5], "e": True}) == {
-        "a.b": "(1, 2)", "a.c": "None", "d": "(0.5)", "e": "True"}
+        "a.b": "(1, 2)",
+        "a.c": "None",
+        "d": "(0.5)",
+        "e": "True",
+    }
     monkeypatch.chdir(tmp_path)
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
 
 
 def test_import_does_not_import_mlflow() -> None:
-    code = ("import sys, autosplit.tracking, autosplit.search.front, autosplit.search.front_plots;"
-            "heavy = [m for m in ('mlflow', 'plotly', 'matplotlib') if m in sys.modules];"
-            "assert not heavy, heavy")
+    code = (
+        "import sys, autosplit.tracking, autosplit.search.front, autosplit.search.front_plots;"
+        "heavy = [m for m in ('mlflow', 'plotly', 'matplotlib') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -46,10 +46,26 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{port}"
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=log, stderr=log, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + deadline_s
         while True:  # poll /health until it answers, within a generous deadline
             try:
@@ -117,8 +133,11 @@ time.sleep(600)
 
 def test_runs_of_a_killed_process_are_closed_at_the_next_start(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen([sys.executable, "-c", _DIES, store], stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DIES, store],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     finally:
@@ -134,7 +153,9 @@ def test_runs_of_a_killed_process_are_closed_at_the_next_start(tmp_path: Path) -
     alive = MlflowTracker(store)  # a live search of this host must not be touched
     mine = alive.start_search(study_name="study-dead", settings={})
     assert alive.close_dead_runs("study-dead") == 2
-    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    statuses = {
+        r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])
+    }
     assert statuses.pop(mine) == "RUNNING"
     assert set(statuses.values()) == {"KILLED"}
     assert alive.close_dead_runs("study-dead") == 0
@@ -171,14 +192,16 @@ def test_store_gone_mid_search_warns_once_and_goes_on(server: MlflowServer) -> N
     tracker.log_search_cost({"cpu_seconds": 1.0})
     tracker.end_search()
     # Another tracker of the same search (a later phase's worker) stays silent and offline.
-    worker = MlflowTracker.for_worker(server.uri, study_name="study-gone", parent_run_id=parent,
-                                      warn=warnings.append)
+    worker = MlflowTracker.for_worker(
+        server.uri, study_name="study-gone", parent_run_id=parent, warn=warnings.append
+    )
     assert worker.off and worker.start_trial(trial_number=2, params={}, tags={}) == ""
     assert time.monotonic() - started < 60  # bounded retries, not MLflow's minutes
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"MLflow tracking at {server.uri} failed (")
-    assert warnings[0].endswith("the search goes on; run autosplit sync --study-name "
-                                "study-gone when the store is back")
+    assert warnings[0].endswith(
+        "the search goes on; run autosplit sync --study-name study-gone when the store is back"
+    )
     assert "\n" not in warnings[0]
 
 
@@ -187,8 +210,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 16 MB tmpfs, to be filled up."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
@@ -229,8 +253,21 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from autosplit.cli import main
 
     runs = tmp_path_factory.mktemp("runs")
-    assert main(["teacher", "--space", str(SPACE), "--runs-dir", str(runs), "--device", "cpu",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "teacher",
+                "--space",
+                str(SPACE),
+                "--runs-dir",
+                str(runs),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return runs
 
 
@@ -241,10 +278,19 @@ def search_options(tmp: Path, runs: Path, tracking_uri: str, **kw: object):
     from autosplit.search.driver import SearchOptions
     from autosplit.search.space import SearchSpace
 
-    base = SearchOptions(space=SearchSpace.from_yaml(SPACE), budget=parse_budget("0.5x"),
-                         trials=3, study_name="digits-faults",
-                         storage=f"sqlite:///{tmp}/optuna.db", tracking_uri=tracking_uri,
-                         sampler="tpe", seed=0, device="cpu", runs_dir=runs, progress=False)
+    base = SearchOptions(
+        space=SearchSpace.from_yaml(SPACE),
+        budget=parse_budget("0.5x"),
+        trials=3,
+        study_name="digits-faults",
+        storage=f"sqlite:///{tmp}/optuna.db",
+        tracking_uri=tracking_uri,
+        sampler="tpe",
+        seed=0,
+        device="cpu",
+        runs_dir=runs,
+        progress=False,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -255,8 +301,9 @@ def experiment_runs(uri: str, name: str) -> list[object]:
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def test_unreachable_store_stops_the_search_before_the_study(tmp_path: Path,
-                                                             bounded_http_env: None) -> None:
+def test_unreachable_store_stops_the_search_before_the_study(
+    tmp_path: Path, bounded_http_env: None
+) -> None:
     from autosplit.search.driver import run_search
 
     runs = tmp_path / "runs"
@@ -269,8 +316,9 @@ def test_unreachable_store_stops_the_search_before_the_study(tmp_path: Path,
     assert not runs.exists()  # nor was the teacher trained
 
 
-def test_ctrl_c_leaves_no_run_running(tmp_path: Path, digits_runs: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_leaves_no_run_running(
+    tmp_path: Path, digits_runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C while trial 1 trains: its run, and the parent, end KILLED."""
     from autosplit.search import driver
 
@@ -284,18 +332,26 @@ def test_ctrl_c_leaves_no_run_running(tmp_path: Path, digits_runs: Path,
     monkeypatch.setattr(driver, "_train", interrupted)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(KeyboardInterrupt):
-        driver.run_search(search_options(tmp_path, digits_runs, store, study_name="digits-int"),
-                          say=lambda _m: None)
+        driver.run_search(
+            search_options(tmp_path, digits_runs, store, study_name="digits-int"),
+            say=lambda _m: None,
+        )
     runs = experiment_runs(store, "digits-int")
-    statuses = {r.data.tags.get("optuna.trial_number", "parent"): r.info.status  # type: ignore
-                for r in runs}
+    statuses = {
+        r.data.tags.get("optuna.trial_number", "parent"): r.info.status  # type: ignore
+        for r in runs
+    }
     assert statuses["parent"] == "KILLED" and statuses["1"] == "KILLED"
     assert "RUNNING" not in statuses.values()
 
 
-def test_store_gone_mid_search_then_sync(tmp_path: Path, digits_runs: Path, server: MlflowServer,
-                                         monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_store_gone_mid_search_then_sync(
+    tmp_path: Path,
+    digits_runs: Path,
+    server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The server dies after trial 0: the search ends as it would have, with one warning;
     once the server is back, sync logs exactly the trials it missed, and only once."""
     from optuna.trial import TrialState
@@ -314,8 +370,9 @@ def test_store_gone_mid_search_then_sync(tmp_path: Path, digits_runs: Path, serv
                 server.stop()
 
     monkeypatch.setattr(driver, "search_trial", outage_after_first)
-    study, _ctx = driver.run_search(search_options(tmp_path, digits_runs, server.uri),
-                                    say=lambda _m: None)
+    study, _ctx = driver.run_search(
+        search_options(tmp_path, digits_runs, server.uri), say=lambda _m: None
+    )
     err = capsys.readouterr().err
     assert err.count("autosplit: warning: MLflow tracking at") == 1, err
     assert "autosplit sync --study-name digits-faults" in err and "Traceback" not in err
@@ -326,11 +383,23 @@ def test_store_gone_mid_search_then_sync(tmp_path: Path, digits_runs: Path, serv
     expected = sorted(t.number for t in trials if should_have_run(t))
 
     uri = server.start()  # the same backend database, on a new port
-    before = {r.data.tags["optuna.trial_number"] for r in experiment_runs(uri, "digits-faults")  # type: ignore
-              if "optuna.trial_number" in r.data.tags}  # type: ignore
+    before = {
+        r.data.tags["optuna.trial_number"]
+        for r in experiment_runs(uri, "digits-faults")  # type: ignore
+        if "optuna.trial_number" in r.data.tags
+    }  # type: ignore
     assert before == {"0"}  # only trial 0 was logged before the outage
-    args = ["sync", "--study-name", "digits-faults", "--storage", f"sqlite:///{tmp_path}/optuna.db",
-            "--tracking-uri", uri, "--runs-dir", str(digits_runs)]
+    args = [
+        "sync",
+        "--study-name",
+        "digits-faults",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--tracking-uri",
+        uri,
+        "--runs-dir",
+        str(digits_runs),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"logged {len(expected) - 1} trial(s) to MLflow, 1 already there" in out
@@ -347,10 +416,14 @@ def test_store_gone_mid_search_then_sync(tmp_path: Path, digits_runs: Path, serv
     assert [r.data.tags["autosplit.role"] for r in running] == ["search"]  # type: ignore
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs}  # type: ignore
     for trial in trials:
-        if trial.number in by_number and trial.state == TrialState.COMPLETE \
-                and trial.user_attrs.get("autosplit.val_acc") is not None:
+        if (
+            trial.number in by_number
+            and trial.state == TrialState.COMPLETE
+            and trial.user_attrs.get("autosplit.val_acc") is not None
+        ):
             assert by_number[trial.number].data.metrics["val/acc"] == pytest.approx(  # type: ignore
-                trial.user_attrs["autosplit.val_acc"])
+                trial.user_attrs["autosplit.val_acc"]
+            )
     parent = running[0].info.run_id  # type: ignore
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent)}
     assert {"front.csv", "final_front.csv"} <= artifacts  # refreshed by sync

@@ -14,16 +14,18 @@ from autosplit.train import Classifier, StopTraining, fit, lr_factor, seed_every
 
 
 def _loaders(splits, batch_size=64):
-    train = TensorLoader(splits.train, splits.info, batch_size=batch_size, shuffle=True,
-                         augment=False, seed=0)
+    train = TensorLoader(
+        splits.train, splits.info, batch_size=batch_size, shuffle=True, augment=False, seed=0
+    )
     val = TensorLoader(splits.val, splits.info, batch_size=256, shuffle=False, augment=False)
     return train, val
 
 
 def _task(splits, seed=0):
     seed_everything(seed)
-    model = create_model("tiny", num_classes=splits.info.num_classes,
-                         in_channels=splits.info.in_channels)
+    model = create_model(
+        "tiny", num_classes=splits.info.num_classes, in_channels=splits.info.in_channels
+    )
     return Classifier(model)
 
 
@@ -68,8 +70,15 @@ def test_stop_training_from_the_epoch_hook(digits_splits, cpu):
             raise StopTraining
 
     with pytest.raises(StopTraining):
-        fit(_task(digits_splits), train, val, TrainConfig(epochs=5), cpu, progress=False,
-            on_epoch_end=hook)
+        fit(
+            _task(digits_splits),
+            train,
+            val,
+            TrainConfig(epochs=5),
+            cpu,
+            progress=False,
+            on_epoch_end=hook,
+        )
     assert seen == [1, 2]
 
 
@@ -83,11 +92,28 @@ def test_checkpoint_resumes_where_it_stopped(digits_splits, cpu, tmp_path):
 
     train, val = _loaders(digits_splits)
     with pytest.raises(StopTraining):
-        fit(_task(digits_splits), train, val, cfg, cpu, progress=False, checkpoint=ckpt,
-            checkpoint_config={"run": 1}, on_epoch_end=stop_after_two)
+        fit(
+            _task(digits_splits),
+            train,
+            val,
+            cfg,
+            cpu,
+            progress=False,
+            checkpoint=ckpt,
+            checkpoint_config={"run": 1},
+            on_epoch_end=stop_after_two,
+        )
     train, val = _loaders(digits_splits)
-    resumed = fit(_task(digits_splits, seed=99), train, val, cfg, cpu, progress=False,
-                  checkpoint=ckpt, checkpoint_config={"run": 1})
+    resumed = fit(
+        _task(digits_splits, seed=99),
+        train,
+        val,
+        cfg,
+        cpu,
+        progress=False,
+        checkpoint=ckpt,
+        checkpoint_config={"run": 1},
+    )
     assert [h.epoch for h in resumed.history] == [1, 2, 3]  # only epoch 3 was trained again
 
     train, val = _loaders(digits_splits)
@@ -95,8 +121,16 @@ def test_checkpoint_resumes_where_it_stopped(digits_splits, cpu, tmp_path):
     assert resumed.val_acc == pytest.approx(straight.val_acc, abs=1e-9)
 
     with pytest.raises(UserError, match="another configuration"):
-        fit(_task(digits_splits), train, val, cfg, cpu, progress=False, checkpoint=ckpt,
-            checkpoint_config={"run": 2})
+        fit(
+            _task(digits_splits),
+            train,
+            val,
+            cfg,
+            cpu,
+            progress=False,
+            checkpoint=ckpt,
+            checkpoint_config={"run": 2},
+        )
 
 
 def test_diverging_loss_stops_with_a_clear_error(digits_splits, cpu):
@@ -110,12 +144,21 @@ def test_diverging_loss_stops_with_a_clear_error(digits_splits, cpu):
 
 
 def test_gradient_clipping_bounds_the_step(digits_splits, cpu):
-    train = TensorLoader(digits_splits.train, digits_splits.info, batch_size=4096, shuffle=False,
-                         augment=False)  # one batch: one optimiser step
-    val = TensorLoader(digits_splits.val, digits_splits.info, batch_size=512, shuffle=False,
-                       augment=False)
-    cfg = TrainConfig(epochs=1, lr=0.5, momentum=0.0, nesterov=False, weight_decay=0.0,
-                      schedule="constant", grad_clip_norm=1e-3)
+    train = TensorLoader(
+        digits_splits.train, digits_splits.info, batch_size=4096, shuffle=False, augment=False
+    )  # one batch: one optimiser step
+    val = TensorLoader(
+        digits_splits.val, digits_splits.info, batch_size=512, shuffle=False, augment=False
+    )
+    cfg = TrainConfig(
+        epochs=1,
+        lr=0.5,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        schedule="constant",
+        grad_clip_norm=1e-3,
+    )
     task = _task(digits_splits)
     before = torch.cat([p.detach().flatten().clone() for p in task.parameters()])
     fit(task, train, val, cfg, cpu, progress=False)

@@ -96,8 +96,14 @@ class Part(nn.Module):
     def extend(self, outputs: Outputs) -> None:
         """Add this part's training-only outputs (adapters, extra heads) to ``outputs``."""
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def term_stages(self) -> dict[str, int]:
@@ -108,8 +114,9 @@ class Part(nn.Module):
         own = [p for p in self.parameters() if p.requires_grad]
         return {self.home_stage: own} if own else {}
 
-    def prepare(self, teacher_source: TeacherSource, train_loader: Iterable[Any],
-                runtime: Runtime) -> None:
+    def prepare(
+        self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
+    ) -> None:
         """Work before training (e.g. pre-train a frozen teacher auto-encoder)."""
 
 
@@ -120,8 +127,14 @@ class NoLoss(Part):
     class Params:
         pass
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         return {}
 
     def term_stages(self) -> dict[str, int]:
@@ -145,25 +158,42 @@ class LogitPart(Part):
         return f"loss_{term}" if len(self.stream_stages) == 1 else f"loss_{term}_z{stream}"
 
     def term_stages(self) -> dict[str, int]:
-        return {self.key(term, k): stage for k, stage in enumerate(self.stream_stages)
-                for term in self.terms}
+        return {
+            self.key(term, k): stage
+            for k, stage in enumerate(self.stream_stages)
+            for term in self.terms
+        }
 
     def ce(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         terms = {}
         for k, logits in enumerate(outputs["logit_streams"]):
             weight = self.stream_weights[k]
-            for term, value in self.stream_loss(k, logits, outputs, teacher_outputs, labels,
-                                                epoch=epoch).items():
+            for term, value in self.stream_loss(
+                k, logits, outputs, teacher_outputs, labels, epoch=epoch
+            ).items():
                 terms[self.key(term, k)] = value if weight == 1.0 else weight * value
         return terms
 
-    def stream_loss(self, stream: int, logits: Tensor, outputs: Outputs,
-                    teacher_outputs: Mapping[str, Tensor] | None, labels: Tensor, *,
-                    epoch: int) -> dict[str, Tensor]:
+    def stream_loss(
+        self,
+        stream: int,
+        logits: Tensor,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         """Weighted terms (keys without ``loss_``) for one stream's logits (B, C)."""
         raise NotImplementedError
 
@@ -186,8 +216,14 @@ def need_teacher(teacher_outputs: Mapping[str, Tensor] | None, tap: str, who: st
 class Distiller(nn.Module):
     """A candidate's training task: its Student and its loss parts (``autosplit.train.Task``)."""
 
-    def __init__(self, candidate: Candidate, student: Student, teacher: ZooModel, *,
-                 input_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        candidate: Candidate,
+        student: Student,
+        teacher: ZooModel,
+        *,
+        input_shape: tuple[int, int, int],
+    ) -> None:
         super().__init__()
         from autosplit.distill import parts as registry_parts  # registers the parts
 
@@ -234,8 +270,14 @@ class Distiller(nn.Module):
             part.extend(outputs)
         return outputs
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         for part in self.parts.values():
             for key, value in part.loss(outputs, teacher_outputs, labels, epoch=epoch).items():
@@ -271,8 +313,9 @@ class Distiller(nn.Module):
             taps |= part.teacher_taps
         return taps
 
-    def prepare(self, teacher_source: TeacherSource, train_loader: Iterable[Any],
-                runtime: Runtime) -> None:
+    def prepare(
+        self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
+    ) -> None:
         for part in self.parts.values():
             part.prepare(teacher_source, train_loader, runtime)
 
@@ -315,8 +358,11 @@ class Distiller(nn.Module):
         super().train(mode)
         if mode:  # a frozen batch-norm must not drift: its running statistics stay as they are
             for module in self.modules():
-                if isinstance(module, _BatchNorm) and module.weight is not None \
-                        and not module.weight.requires_grad:
+                if (
+                    isinstance(module, _BatchNorm)
+                    and module.weight is not None
+                    and not module.weight.requires_grad
+                ):
                     module.eval()
         return self
 
@@ -330,8 +376,9 @@ class Distiller(nn.Module):
             return (1,)  # the head reads r(F_S) + F_A: trained with the assistant
         return (0,)
 
-    def _stream_weights(self, n_parts: int,
-                        structure_params: Mapping[str, Any]) -> tuple[float, ...]:
+    def _stream_weights(
+        self, n_parts: int, structure_params: Mapping[str, Any]
+    ) -> tuple[float, ...]:
         if self.structure == "res_chain" and self.residual_mode == "kd":
             weight = float(structure_params.get("residual_weight", 1.0))
             return (1.0,) + (weight,) * n_parts
@@ -343,8 +390,9 @@ class Distiller(nn.Module):
             streams = [partial[0]]  # z^(0) = z_S
             if self.residual_mode == "kd":
                 # KD through the sum trains only R_k: sg(z^(k-1)) + z_Rk.
-                streams += [partial[k - 1].detach() + part_logits[k - 1]
-                            for k in range(1, len(partial))]
+                streams += [
+                    partial[k - 1].detach() + part_logits[k - 1] for k in range(1, len(partial))
+                ]
             return streams
         if self.structure == "branches":
             return [outputs["logits_student"]]
@@ -410,13 +458,24 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def build_distiller(candidate: Candidate, *, teacher: ZooModel, num_classes: int,
-                    in_channels: int, input_shape: tuple[int, int, int]) -> Distiller:
+def build_distiller(
+    candidate: Candidate,
+    *,
+    teacher: ZooModel,
+    num_classes: int,
+    in_channels: int,
+    input_shape: tuple[int, int, int],
+) -> Distiller:
     """The Student the candidate describes, wrapped with its loss parts."""
     from autosplit.distill.student import build_student
 
     if teacher.head.out_features != num_classes:
         raise UserError(f"teacher has {teacher.head.out_features} classes, the data {num_classes}")
-    student = build_student(candidate, num_classes=num_classes, in_channels=in_channels,
-                            input_shape=input_shape, teacher=teacher)
+    student = build_student(
+        candidate,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_shape=input_shape,
+        teacher=teacher,
+    )
     return Distiller(candidate, student, teacher, input_shape=input_shape)

@@ -47,7 +47,9 @@ class PartSpec:
         params = tuple(sorted((str(key), value) for key, value in pairs))
         keys = [key for key, _ in params]
         if len(set(keys)) != len(keys) or "name" in keys:
-            raise UserError(f"part {self.name!r}: repeated or reserved ('name') parameter in {keys}")
+            raise UserError(
+                f"part {self.name!r}: repeated or reserved ('name') parameter in {keys}"
+            )
         object.__setattr__(self, "params", params)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -71,7 +73,9 @@ class PartSpec:
         if isinstance(data, str):
             data = {"name": data}
         if not isinstance(data, dict):
-            raise UserError(f"{where}: expected a mapping like {{name: kd, temperature: 4.0}}, got {data!r}")
+            raise UserError(
+                f"{where}: expected a mapping like {{name: kd, temperature: 4.0}}, got {data!r}"
+            )
         if "name" not in data:
             raise UserError(f"{where}.name: missing key")
         name = data["name"]
@@ -79,7 +83,9 @@ class PartSpec:
             raise UserError(f"{where}.name: expected a string, got {name!r}")
         for key, value in data.items():
             if not isinstance(value, _SCALARS):
-                raise UserError(f"{where}.{key}: expected a number, string, true/false or null, got {value!r}")
+                raise UserError(
+                    f"{where}.{key}: expected a number, string, true/false or null, got {value!r}"
+                )
         return cls(name, tuple((str(k), v) for k, v in data.items() if k != "name"))
 
 
@@ -98,7 +104,9 @@ class StudentSpec:
         for key in ("family", "part_family"):
             value = getattr(self, key)
             if value is not None and value not in MODELS:
-                raise UserError(f"{_join(path, key)}: unknown model {value!r}; known: {', '.join(MODELS)}")
+                raise UserError(
+                    f"{_join(path, key)}: unknown model {value!r}; known: {', '.join(MODELS)}"
+                )
         for key in ("depth", "part_depth"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -161,12 +169,20 @@ class Candidate:
         )
 
         ensure_registered()
-        for key, registry in zip(_PART_FIELDS, (STRUCTURES, LOGIT_LOSSES, FEATURE_LOSSES), strict=True):
+        for key, registry in zip(
+            _PART_FIELDS, (STRUCTURES, LOGIT_LOSSES, FEATURE_LOSSES), strict=True
+        ):
             object.__setattr__(self, key, _resolve_part(registry, getattr(self, key), key))
         self.student.validate("student")
         self.split.validate("split")
-        if isinstance(self.max_flops, bool) or not isinstance(self.max_flops, int) or self.max_flops < 1:
-            raise UserError(f"max_flops: must be a positive integer FLOPs count, got {self.max_flops!r}")
+        if (
+            isinstance(self.max_flops, bool)
+            or not isinstance(self.max_flops, int)
+            or self.max_flops < 1
+        ):
+            raise UserError(
+                f"max_flops: must be a positive integer FLOPs count, got {self.max_flops!r}"
+            )
         self._check_combination()
 
     def _check_combination(self) -> None:
@@ -254,7 +270,9 @@ def load_candidate(path: str | Path) -> Candidate:
         return from_dict(Candidate, load_yaml(path))
     except UserError as exc:
         message = str(exc)
-        raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        raise UserError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None
 
 
 def _resolve_part(registry: Any, spec: PartSpec | str, path: str) -> PartSpec:
@@ -262,7 +280,9 @@ def _resolve_part(registry: Any, spec: PartSpec | str, path: str) -> PartSpec:
     if isinstance(spec, str):
         spec = PartSpec(spec)
     if spec.name not in registry:
-        raise UserError(f"{path}.name: unknown {registry.kind} {spec.name!r}; known: {', '.join(registry)}")
+        raise UserError(
+            f"{path}.name: unknown {registry.kind} {spec.name!r}; known: {', '.join(registry)}"
+        )
     params_cls = registry.get(spec.name).Params
     known = [f.name for f in dataclasses.fields(params_cls)]
     for key in spec.as_dict():

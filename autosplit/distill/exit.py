@@ -83,9 +83,12 @@ def measure_exit(profile: ExitProfile, flops: StudentFlops, threshold: float | N
     points = exit_points(profile, threshold)  # (N,)
     reach = [float((points >= k).float().mean()) for k in range(1, profile.n_parts + 1)]
     correct = profile.correct[torch.arange(points.numel()), points]
-    return ExitChoice(threshold=threshold, reach_rates=reach,
-                      expected_flops=expected_flops(flops, reach),
-                      accuracy=100.0 * float(correct.float().mean()))
+    return ExitChoice(
+        threshold=threshold,
+        reach_rates=reach,
+        expected_flops=expected_flops(flops, reach),
+        accuracy=100.0 * float(correct.float().mean()),
+    )
 
 
 def candidate_thresholds(profile: ExitProfile, max_count: int = 1024) -> list[float | None]:
@@ -119,7 +122,8 @@ def calibrate_threshold(
     """
     choices = [measure_exit(profile, flops, theta) for theta in candidate_thresholds(profile)]
     within_flops = [
-        c for c in choices
+        c
+        for c in choices
         if target_expected_flops is None or c.expected_flops <= target_expected_flops
     ]
     if target_accuracy is not None:
@@ -128,4 +132,3 @@ def calibrate_threshold(
             return min(reaching, key=lambda c: (c.expected_flops, -c.accuracy))
     pool = within_flops or [min(choices, key=lambda c: c.expected_flops)]
     return max(pool, key=lambda c: (c.accuracy, -c.expected_flops))
-

@@ -19,10 +19,23 @@ if TYPE_CHECKING:
 METHODS: Registry[dict[str, Any]] = Registry("method")
 
 
-def _recipe(structure: str, logit: str, feature: str = "none", *, twi: bool = False,
-            schedule: str = "joint", **extra: Any) -> dict[str, Any]:
-    return {"structure": {"name": structure}, "logit_loss": {"name": logit},
-            "feature_loss": {"name": feature}, "twi": twi, "schedule": schedule, **extra}
+def _recipe(
+    structure: str,
+    logit: str,
+    feature: str = "none",
+    *,
+    twi: bool = False,
+    schedule: str = "joint",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "structure": {"name": structure},
+        "logit_loss": {"name": logit},
+        "feature_loss": {"name": feature},
+        "twi": twi,
+        "schedule": schedule,
+        **extra,
+    }
 
 
 # Baselines.

@@ -71,8 +71,10 @@ def deployed_parameters(student: Student) -> int:
 def split_epochs(epochs: int, n_stages: int) -> list[int]:
     """``epochs`` shared over ``n_stages`` as evenly as possible, earlier stages first."""
     if epochs < n_stages:
-        raise UserError(f"train.epochs: a staged schedule here has {n_stages} stages and needs at "
-                        f"least that many epochs, got {epochs}; raise it or use schedule: joint")
+        raise UserError(
+            f"train.epochs: a staged schedule here has {n_stages} stages and needs at "
+            f"least that many epochs, got {epochs}; raise it or use schedule: joint"
+        )
     share, rest = divmod(epochs, n_stages)
     return [share + (1 if i < rest else 0) for i in range(n_stages)]
 
@@ -81,12 +83,14 @@ def stage_config(cfg: TrainConfig, epochs: int) -> TrainConfig:
     """``cfg`` for a stage of ``epochs`` epochs: warm-up and milestones scaled to it."""
     scale = epochs / cfg.epochs
     milestones = tuple(sorted({max(1, round(m * scale)) for m in cfg.milestones}))
-    return dataclasses.replace(cfg, epochs=epochs, milestones=milestones,
-                               warmup_epochs=min(cfg.warmup_epochs, epochs))
+    return dataclasses.replace(
+        cfg, epochs=epochs, milestones=milestones, warmup_epochs=min(cfg.warmup_epochs, epochs)
+    )
 
 
-def build_and_count(candidate: Candidate, teacher: ZooModel, splits: Splits
-                    ) -> tuple[Distiller, StudentFlops]:
+def build_and_count(
+    candidate: Candidate, teacher: ZooModel, splits: Splits
+) -> tuple[Distiller, StudentFlops]:
     """The candidate's Distiller and its Student's FLOPs, counted before any training."""
     from autosplit.distill.student import student_flops
 
@@ -98,14 +102,26 @@ def _build(candidate: Candidate, teacher: ZooModel, splits: Splits) -> Distiller
     from autosplit.distill._base import build_distiller
 
     info = splits.info
-    return build_distiller(candidate, teacher=teacher, num_classes=info.num_classes,
-                           in_channels=info.in_channels, input_shape=info.input_shape)
+    return build_distiller(
+        candidate,
+        teacher=teacher,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_shape=info.input_shape,
+    )
 
 
-def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, runtime: Runtime, *,
-                    teacher_source: TeacherSource | None = None, progress: bool = True,
-                    on_epoch_end: Callable[[EpochStats], None] | None = None,
-                    flops: StudentFlops | None = None) -> CandidateResult:
+def train_candidate(
+    candidate: Candidate,
+    splits: Splits,
+    teacher: ZooModel,
+    runtime: Runtime,
+    *,
+    teacher_source: TeacherSource | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+    flops: StudentFlops | None = None,
+) -> CandidateResult:
     """Train ``candidate`` on ``splits.train`` and measure it on ``splits.val``.
 
     ``teacher_source`` gives the teacher's outputs per batch (a ``CachedTeacher`` holding at
@@ -123,8 +139,13 @@ def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, run
         distiller, flops = build_and_count(candidate, teacher, splits)
     else:
         distiller = _build(candidate, teacher, splits)
-    log.info("candidate %s/%s/%s: %d FLOPs worst case", candidate.structure.name,
-             candidate.logit_loss.name, candidate.feature_loss.name, flops.worst_case)
+    log.info(
+        "candidate %s/%s/%s: %d FLOPs worst case",
+        candidate.structure.name,
+        candidate.logit_loss.name,
+        candidate.feature_loss.name,
+        flops.worst_case,
+    )
     distiller = runtime.prepare(distiller)
     if teacher_source is None:
         teacher_source = LiveTeacher(teacher, sorted(distiller.teacher_taps | {"logits"}), runtime)
@@ -132,10 +153,17 @@ def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, run
     train_split = _limit(splits.train, cfg.max_train_samples)
     # A cache of K augmented views serves epoch e with view e % K: the loader must agree.
     n_views = getattr(teacher_source, "n_views", None) if candidate.data.augment else None
-    train_loader = TensorLoader(train_split, splits.info, batch_size=cfg.batch_size, shuffle=True,
-                                augment=candidate.data.augment, seed=cfg.seed, n_views=n_views,
-                                device=runtime.device,
-                                drop_last=len(train_split) >= cfg.batch_size)
+    train_loader = TensorLoader(
+        train_split,
+        splits.info,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        augment=candidate.data.augment,
+        seed=cfg.seed,
+        n_views=n_views,
+        device=runtime.device,
+        drop_last=len(train_split) >= cfg.batch_size,
+    )
     val_loader = eval_loader(splits.val, splits.info, runtime.device)
     distiller.prepare(teacher_source, train_loader, runtime)
 
@@ -153,9 +181,17 @@ def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, run
                 if on_epoch_end is not None:
                     on_epoch_end(stats)
 
-            fit(distiller, train_loader, val_loader, stage_config(cfg, stage_epochs), runtime,
-                teacher=teacher_source, on_epoch_end=renumber, progress=progress,
-                desc=f"{candidate.structure.name} {stage.name}")
+            fit(
+                distiller,
+                train_loader,
+                val_loader,
+                stage_config(cfg, stage_epochs),
+                runtime,
+                teacher=teacher_source,
+                on_epoch_end=renumber,
+                progress=progress,
+                desc=f"{candidate.structure.name} {stage.name}",
+            )
     finally:
         distiller.set_stage(None)
         distiller.train(False)
@@ -166,14 +202,25 @@ def train_candidate(candidate: Candidate, splits: Splits, teacher: ZooModel, run
     seconds = time.perf_counter() - started
     log.info("candidate trained in %.0fs: val %.2f%%", seconds, val_acc)
     return CandidateResult(
-        student=student, val_acc=val_acc, history=history, flops=flops,
+        student=student,
+        val_acc=val_acc,
+        history=history,
+        flops=flops,
         expected_flops=choice.expected_flops if choice is not None else float(flops.worst_case),
-        params=deployed_parameters(student), seconds=seconds,
-        stages=[(s.name, e) for s, e in zip(stages, epochs, strict=True)], exit=choice)
+        params=deployed_parameters(student),
+        seconds=seconds,
+        stages=[(s.name, e) for s, e in zip(stages, epochs, strict=True)],
+        exit=choice,
+    )
 
 
-def _set_exit(candidate: Candidate, student: Student, flops: StudentFlops,
-              val_loader: TensorLoader, runtime: Runtime) -> ExitChoice | None:
+def _set_exit(
+    candidate: Candidate,
+    student: Student,
+    flops: StudentFlops,
+    val_loader: TensorLoader,
+    runtime: Runtime,
+) -> ExitChoice | None:
     """res_chain: measure (a pinned threshold) or calibrate (None) the gate on validation."""
     if candidate.structure.name != "res_chain":
         return None
@@ -181,11 +228,19 @@ def _set_exit(candidate: Candidate, student: Student, flops: StudentFlops,
 
     profile = exit_profile(student, val_loader, runtime)
     pinned = candidate.structure.get("exit_threshold")
-    choice = (measure_exit(profile, flops, pinned) if pinned is not None
-              else calibrate_threshold(profile, flops))
+    choice = (
+        measure_exit(profile, flops, pinned)
+        if pinned is not None
+        else calibrate_threshold(profile, flops)
+    )
     student.exit_threshold = choice.threshold
-    log.info("exit gate %s: reach rates %s, expected FLOPs %.0f, val %.2f%%", choice.threshold,
-             [round(q, 3) for q in choice.reach_rates], choice.expected_flops, choice.accuracy)
+    log.info(
+        "exit gate %s: reach rates %s, expected FLOPs %.0f, val %.2f%%",
+        choice.threshold,
+        [round(q, 3) for q in choice.reach_rates],
+        choice.expected_flops,
+        choice.accuracy,
+    )
     return choice
 
 
@@ -201,5 +256,6 @@ def _check_taps(teacher_source: TeacherSource, taps: set[str]) -> None:
     if tensors:
         missing = taps - set(tensors[0])
         if missing:
-            raise ValueError(f"the teacher cache lacks taps {sorted(missing)}; build it with "
-                             f"taps={sorted(taps)}")
+            raise ValueError(
+                f"the teacher cache lacks taps {sorted(missing)}; build it with taps={sorted(taps)}"
+            )

@@ -34,7 +34,9 @@ class AssistantParams:
     residual_weight: float = 1.0
 
     def validate(self, path: str = "structure") -> None:
-        _at_least(path, mimic_weight=(self.mimic_weight, 0), residual_weight=(self.residual_weight, 0))
+        _at_least(
+            path, mimic_weight=(self.mimic_weight, 0), residual_weight=(self.residual_weight, 0)
+        )
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,12 @@ class ResChainParams:
     residual_weight: float = 1.0
 
     def validate(self, path: str = "structure") -> None:
-        _at_least(path, n_parts=(self.n_parts, 1), exit_threshold=(self.exit_threshold, 0),
-                  residual_weight=(self.residual_weight, 0))
+        _at_least(
+            path,
+            n_parts=(self.n_parts, 1),
+            exit_threshold=(self.exit_threshold, 0),
+            residual_weight=(self.residual_weight, 0),
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,14 @@ class BranchesParams:
     hidden: int | None = None
 
     def validate(self, path: str = "structure") -> None:
-        _at_least(path, n_parts=(self.n_parts, 1), mix_alpha=(self.mix_alpha, 0),
-                  lambda_f=(self.lambda_f, 0), lambda_g=(self.lambda_g, 0), hidden=(self.hidden, 1))
+        _at_least(
+            path,
+            n_parts=(self.n_parts, 1),
+            mix_alpha=(self.mix_alpha, 0),
+            lambda_f=(self.lambda_f, 0),
+            lambda_g=(self.lambda_g, 0),
+            hidden=(self.hidden, 1),
+        )
         if self.mix_alpha > 1:
             raise UserError(f"{path}.mix_alpha: must be in [0, 1], got {self.mix_alpha}")
         if self.gamma <= 0:

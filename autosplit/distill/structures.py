@@ -47,7 +47,9 @@ class SingleStudent(Student):
 
     @classmethod
     def build(cls, ctx: BuildContext, params: Any) -> Student:
-        width = ctx.width(ctx.candidate.split.base_width, "student base", ctx.base, ctx.target_flops)
+        width = ctx.width(
+            ctx.candidate.split.base_width, "student base", ctx.base, ctx.target_flops
+        )
         return cls(ctx.base(width), params=params, base_width=width)
 
 
@@ -56,7 +58,9 @@ class SingleStudent(Student):
 
 def _adapter(in_channels: int, out_channels: int) -> nn.Sequential:
     """RKD's r: 1x1 conv + BN onto the teacher's last-stage channels."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+    )
 
 
 class _MapBranch(nn.Module):
@@ -92,8 +96,15 @@ class AssistantStudent(Student):
     Params = AssistantParams
     part_names = ("assistant",)
 
-    def __init__(self, base: ZooModel, assistant: ZooModel, head: nn.Module,
-                 feat_channels: int, feat_size: tuple[int, int], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base: ZooModel,
+        assistant: ZooModel,
+        head: nn.Module,
+        feat_channels: int,
+        feat_size: tuple[int, int],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(base, **kwargs)
         self.assistant = assistant
         self.adapter_base = _adapter(base.last_stage.channels, feat_channels)
@@ -107,9 +118,11 @@ class AssistantStudent(Student):
         channels, size = teacher.last_stage.channels, stage_size(teacher, ctx.input_shape)
         if ctx.candidate.twi:
             if teacher.head.in_features != channels:
-                raise UserError(f"twi: the teacher's head reads {teacher.head.in_features} features, "
-                                f"not its last stage's {channels} channels, so it cannot classify "
-                                "the assistant's fused map; set twi: false")
+                raise UserError(
+                    f"twi: the teacher's head reads {teacher.head.in_features} features, "
+                    f"not its last stage's {channels} channels, so it cannot classify "
+                    "the assistant's fused map; set twi: false"
+                )
             head: nn.Module = ctx.teacher_head()
         else:
             head = nn.Linear(channels, ctx.num_classes)
@@ -124,12 +137,22 @@ class AssistantStudent(Student):
             return _MapBranch(model, _adapter(model.last_stage.channels, channels), size)
 
         target = ctx.target_flops
-        base_width = ctx.width(split.base_width, "student base", base_side,
-                               split.base_share * target - head_flops)
-        part_width = ctx.width(split.part_width, "assistant", assistant_side,
-                               (1.0 - split.base_share) * target)
-        return cls(ctx.base(base_width), ctx.part(part_width), head, channels, size,
-                   params=params, base_width=base_width, part_width=part_width)
+        base_width = ctx.width(
+            split.base_width, "student base", base_side, split.base_share * target - head_flops
+        )
+        part_width = ctx.width(
+            split.part_width, "assistant", assistant_side, (1.0 - split.base_share) * target
+        )
+        return cls(
+            ctx.base(base_width),
+            ctx.part(part_width),
+            head,
+            channels,
+            size,
+            params=params,
+            base_width=base_width,
+            part_width=part_width,
+        )
 
     def _fuse(self, base_map: Tensor, images: Tensor) -> dict[str, Tensor]:
         feat_base = self.adapter_base(resize(base_map, self.feat_size))  # (B, C_t, H_t, W_t)
@@ -175,12 +198,23 @@ class ResChainStudent(Student):
     @classmethod
     def build(cls, ctx: BuildContext, params: Any) -> Student:
         split, target = ctx.candidate.split, ctx.target_flops
-        base_width = ctx.width(split.base_width, "student base", ctx.base, split.base_share * target)
-        part_width = ctx.width(split.part_width, "res-students", ctx.part,
-                               (1.0 - split.base_share) * target / params.n_parts)
+        base_width = ctx.width(
+            split.base_width, "student base", ctx.base, split.base_share * target
+        )
+        part_width = ctx.width(
+            split.part_width,
+            "res-students",
+            ctx.part,
+            (1.0 - split.base_share) * target / params.n_parts,
+        )
         res_students = [ctx.part(part_width) for _ in range(params.n_parts)]
-        return cls(ctx.base(base_width), res_students, params=params, base_width=base_width,
-                   part_width=part_width)
+        return cls(
+            ctx.base(base_width),
+            res_students,
+            params=params,
+            base_width=base_width,
+            part_width=part_width,
+        )
 
     def forward(self, images: Tensor) -> Tensor:
         if self.training or self.exit_threshold is None:
@@ -209,8 +243,12 @@ class ResChainStudent(Student):
         for res_student in self.parts:
             part_logits.append(res_student(images))  # z_Rk, (B, C)
             partial.append(partial[-1] + part_logits[-1])  # z^(k)
-        return {"logits": partial[-1], "base_taps": taps, "partial_logits": partial,
-                "part_logits": part_logits}
+        return {
+            "logits": partial[-1],
+            "base_taps": taps,
+            "partial_logits": partial,
+            "part_logits": part_logits,
+        }
 
     def inference_modules(self) -> list[tuple[str, nn.Module]]:
         return [("base", self.base), *((name, getattr(self, name)) for name in self.part_names)]
@@ -223,9 +261,13 @@ class ResidualBranch(nn.Sequential):
     """One MBRNet branch: Linear+BN1d+ReLU, Linear+BN1d; (B, C_s) -> Delta_i (B, C_t)."""
 
     def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
-        super().__init__(nn.Linear(in_features, hidden, bias=False), nn.BatchNorm1d(hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, out_features, bias=False),
-                         nn.BatchNorm1d(out_features))
+        super().__init__(
+            nn.Linear(in_features, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_features, bias=False),
+            nn.BatchNorm1d(out_features),
+        )
 
 
 @STRUCTURES.register("branches")
@@ -255,7 +297,9 @@ class BranchesStudent(Student):
             return cls(ctx.base(width), ctx.teacher_head(), params=params, base_width=width)
 
         deployed = assemble if params.mix_alpha > 0 else ctx.base  # what the budget must hold
-        width = ctx.width(ctx.candidate.split.base_width, "student base", deployed, ctx.target_flops)
+        width = ctx.width(
+            ctx.candidate.split.base_width, "student base", deployed, ctx.target_flops
+        )
         return assemble(width)
 
     def _reconstruct(self, pooled: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -283,10 +327,20 @@ class BranchesStudent(Student):
     def forward_train(self, images: Tensor) -> dict[str, Any]:
         taps = self.base.forward_taps(images)
         pooled_proj, deltas, recon_logits = self._reconstruct(taps["pooled"])
-        logits = taps["logits"] if self.params.mix_alpha == 0 else self._mix(taps["logits"], recon_logits[-1])
-        return {"logits": logits, "base_taps": taps, "logits_student": taps["logits"],
-                "pooled_proj": pooled_proj, "deltas": deltas, "recon_logits": recon_logits,
-                "proj_logits": self.teacher_head(pooled_proj)}
+        logits = (
+            taps["logits"]
+            if self.params.mix_alpha == 0
+            else self._mix(taps["logits"], recon_logits[-1])
+        )
+        return {
+            "logits": logits,
+            "base_taps": taps,
+            "logits_student": taps["logits"],
+            "pooled_proj": pooled_proj,
+            "deltas": deltas,
+            "recon_logits": recon_logits,
+            "proj_logits": self.teacher_head(pooled_proj),
+        }
 
     def inference_modules(self) -> list[tuple[str, nn.Module]]:
         if self.params.mix_alpha == 0:

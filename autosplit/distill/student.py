@@ -42,8 +42,9 @@ class Student(nn.Module):
     Params: ClassVar[type]
     part_names: tuple[str, ...] = ()  # children that are residual parts, in order
 
-    def __init__(self, base: ZooModel, *, params: Any, base_width: float,
-                 part_width: float | None = None) -> None:
+    def __init__(
+        self, base: ZooModel, *, params: Any, base_width: float, part_width: float | None = None
+    ) -> None:
         super().__init__()
         self.base = base
         self.params = params
@@ -89,30 +90,49 @@ class BuildContext:
 
     def base(self, width: float) -> ZooModel:
         spec = self.candidate.student
-        return create_model(spec.family, num_classes=self.num_classes,
-                            in_channels=self.in_channels, width=width, depth=spec.depth)
+        return create_model(
+            spec.family,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            width=width,
+            depth=spec.depth,
+        )
 
     def part(self, width: float) -> ZooModel:
         spec = self.candidate.student
-        return create_model(spec.part_family or spec.family, num_classes=self.num_classes,
-                            in_channels=self.in_channels, width=width, depth=spec.part_depth)
+        return create_model(
+            spec.part_family or spec.family,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            width=width,
+            depth=spec.part_depth,
+        )
 
     def teacher_head(self) -> nn.Module:
         """A frozen copy of the teacher's classifier (TWI), which must speak the data's classes."""
         head = self.teacher.head
         if head.out_features != self.num_classes:
-            raise UserError(f"teacher: its head has {head.out_features} classes, the data "
-                            f"{self.num_classes}; reusing the head (twi / branches) needs them equal")
+            raise UserError(
+                f"teacher: its head has {head.out_features} classes, the data "
+                f"{self.num_classes}; reusing the head (twi / branches) needs them equal"
+            )
         return frozen_copy(head)
 
-    def width(self, explicit: float | None, what: str, build: Callable[[float], nn.Module],
-              target_flops: float) -> float:
+    def width(
+        self,
+        explicit: float | None,
+        what: str,
+        build: Callable[[float], nn.Module],
+        target_flops: float,
+    ) -> float:
         """``explicit`` if pinned, else the widest ``build(width)`` under ``target_flops``."""
         if explicit is not None:
             return explicit
         if target_flops < 1:
-            raise BudgetTooSmall(f"{what}: its share of the budget is {target_flops:.0f} FLOPs; "
-                            "raise max_flops or the share")
+            raise BudgetTooSmall(
+                f"{what}: its share of the budget is {target_flops:.0f} FLOPs; "
+                "raise max_flops or the share"
+            )
         try:
             return solve_width(build, self.input_shape, int(target_flops))
         except BudgetTooSmall as exc:
@@ -131,8 +151,14 @@ class StudentFlops:
     by_part: dict[str, int]
 
 
-def build_student(candidate: Candidate, *, num_classes: int, in_channels: int,
-                  input_shape: tuple[int, int, int], teacher: ZooModel) -> Student:
+def build_student(
+    candidate: Candidate,
+    *,
+    num_classes: int,
+    in_channels: int,
+    input_shape: tuple[int, int, int],
+    teacher: ZooModel,
+) -> Student:
     """The deployable student of ``candidate``, widths solved from its split (or pinned)."""
     from autosplit.distill import structures  # noqa: F401  (registers the four structures)
     from autosplit.distill.registry import STRUCTURES
@@ -164,10 +190,12 @@ def expected_flops(flops: StudentFlops, reach_rates: list[float]) -> float:
     """
     res_parts = [f"res{k}" for k in range(1, len(flops.by_part) + 1) if f"res{k}" in flops.by_part]
     if len(reach_rates) != len(res_parts):
-        raise ValueError(f"need one reach rate per res-student ({len(res_parts)}), "
-                         f"got {len(reach_rates)}")
-    skipped = sum((1.0 - q) * flops.by_part[name]
-                  for q, name in zip(reach_rates, res_parts, strict=True))
+        raise ValueError(
+            f"need one reach rate per res-student ({len(res_parts)}), got {len(reach_rates)}"
+        )
+    skipped = sum(
+        (1.0 - q) * flops.by_part[name] for q, name in zip(reach_rates, res_parts, strict=True)
+    )
     return flops.worst_case - skipped
 
 

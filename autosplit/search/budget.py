@@ -43,8 +43,9 @@ def parse_budget(text: str | int | float) -> Budget:
     try:
         flops = parse_flops(raw)
     except UserError:
-        raise UserError(f"--budget {raw!r}: expected a share of the teacher like 0.25x or FLOPs "
-                        "like 5M, 1.2G") from None
+        raise UserError(
+            f"--budget {raw!r}: expected a share of the teacher like 0.25x or FLOPs like 5M, 1.2G"
+        ) from None
     if flops <= 0:
         raise UserError(f"--budget {raw}: must be > 0")
     return Budget(raw, None, flops)
@@ -59,8 +60,9 @@ def parse_duration(text: str | None, flag: str = "--time-limit") -> float | None
     try:
         seconds = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
     except ValueError:
-        raise UserError(f"{flag} {text!r}: expected seconds or a duration like 30m, 2h "
-                        "(or off)") from None
+        raise UserError(
+            f"{flag} {text!r}: expected seconds or a duration like 30m, 2h (or off)"
+        ) from None
     if seconds <= 0:
         raise UserError(f"{flag} {text!r}: must be > 0 (or off for no limit)")
     return seconds

@@ -89,14 +89,19 @@ class SearchContext:
     def rungs(self, candidate: Candidate) -> list[Rung]:
         """The rungs a trial climbs: the space's, or the candidate's own training as one."""
         rungs = list(self.space.settings.fidelity.rungs) or [
-            Rung(candidate.train.epochs, candidate.train.max_train_samples)]
+            Rung(candidate.train.epochs, candidate.train.max_train_samples)
+        ]
         return rungs if self.halving else rungs[-1:]
 
     def estimate(self, candidate: Candidate, flops: float, *, kind: str) -> float:
         """Predicted seconds to train ``candidate`` here (see ``plan.CostModel``)."""
         return self.cost_model.training_seconds(
-            flops=float(flops), epochs=candidate.train.epochs,
-            rows=train_rows(candidate, self.splits), val_rows=len(self.splits.val), kind=kind)
+            flops=float(flops),
+            epochs=candidate.train.epochs,
+            rows=train_rows(candidate, self.splits),
+            val_rows=len(self.splits.val),
+            kind=kind,
+        )
 
     def teacher_source(self, taps: set[str], candidate: Any) -> Any:
         """The cached teacher outputs holding ``taps`` over the rows trials train on."""
@@ -105,16 +110,26 @@ class SearchContext:
         taps = taps | {"logits"}
         # What the outputs depend on besides the teacher and data (a space may search these).
         augment = candidate.data.augment
-        key = (tuple(sorted(taps)), train_rows(candidate, self.splits), augment,
-               candidate.train.seed if augment else 0)
+        key = (
+            tuple(sorted(taps)),
+            train_rows(candidate, self.splits),
+            augment,
+            candidate.train.seed if augment else 0,
+        )
         if key in self.caches:
             self.cost["cache_hits"] += 1
         else:
             # One cache in memory at a time: a final stage's full-data cache is large.
             self.caches.clear()
-            cache = teacher_cache_for(candidate, self.teacher, self.splits, self.runtime,
-                                      self.runs_dir, views=self.space.settings.teacher_views,
-                                      taps=taps)
+            cache = teacher_cache_for(
+                candidate,
+                self.teacher,
+                self.splits,
+                self.runtime,
+                self.runs_dir,
+                views=self.space.settings.teacher_views,
+                taps=taps,
+            )
             self.cost["cache_hits" if cache.hit else "cache_builds"] += 1
             self.caches[key] = cache
         return self.caches[key]
@@ -133,8 +148,9 @@ def label_of(candidate: Any) -> str:
     return text
 
 
-def objective(ctx: SearchContext, trial: optuna.Trial, phase: str = "search"
-              ) -> tuple[float, float]:
+def objective(
+    ctx: SearchContext, trial: optuna.Trial, phase: str = "search"
+) -> tuple[float, float]:
     """One trial: a search trial climbs the rungs, a final-stage job trains one member once.
 
     A trial stopped by its environment rather than by its candidate (Ctrl-C, SIGTERM, a full
@@ -152,12 +168,14 @@ def objective(ctx: SearchContext, trial: optuna.Trial, phase: str = "search"
 def _mark_interrupted(ctx: SearchContext, trial: optuna.Trial, exc: BaseException) -> None:
     try:
         trial.set_user_attr(A + "state", studies.INTERRUPTED)
-        trial.set_user_attr(A + "error", (repr(exc) if isinstance(exc, KeyboardInterrupt)
-                                          else str(exc))[:500])
+        trial.set_user_attr(
+            A + "error", (repr(exc) if isinstance(exc, KeyboardInterrupt) else str(exc))[:500]
+        )
         run_id = trial.user_attrs.get(A + "run_id")
         if run_id:
-            ctx.tracker.end_trial(run_id, state="killed",
-                                  metrics={"optuna/trial_number": trial.number})
+            ctx.tracker.end_trial(
+                run_id, state="killed", metrics={"optuna/trial_number": trial.number}
+            )
     except Exception as inner:  # noqa: BLE001 - a full disk may refuse these writes too; the
         # next start still finds the trial FAIL without a verdict and re-runs it.
         log.debug("could not record the interruption of trial %d: %s", trial.number, inner)
@@ -173,8 +191,11 @@ class QuietInterrupts(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if record.exc_info and record.exc_info[0] is not None and issubclass(
-                record.exc_info[0], KeyboardInterrupt | OSError):
+        if (
+            record.exc_info
+            and record.exc_info[0] is not None
+            and issubclass(record.exc_info[0], KeyboardInterrupt | OSError)
+        ):
             self.quiet.add(message.split(" failed", 1)[0])  # "Trial 7"
             return False
         head = message.split(" failed with value", 1)
@@ -215,8 +236,9 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     distiller, flops = _build_or_smallest(candidate, ctx)
     student = distiller.student
     # Pin the solved widths: the recorded candidate rebuilds exactly this student, fast.
-    candidate = candidate.with_values({"split.base_width": student.base_width,
-                                       "split.part_width": student.part_width})
+    candidate = candidate.with_values(
+        {"split.base_width": student.base_width, "split.part_width": student.part_width}
+    )
     over = (flops.worst_case - ctx.max_flops) / ctx.max_flops
     trial.set_constraint("flops_over_budget", over)
     trial.set_user_attr(A + "label", label_of(candidate))
@@ -224,19 +246,31 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     trial.set_user_attr(A + "params", deployed_parameters(student))
     taps = set(distiller.teacher_taps)
     del distiller, student  # train_candidate builds its own, from the pinned candidate
-    run_id = ctx.tracker.start_trial(trial_number=trial.number, params=candidate.flat(),
-                                     tags={"autosplit.label": label_of(candidate),
-                                           "autosplit.baseline": baseline or "",
-                                           "autosplit.stage": "search"})
+    run_id = ctx.tracker.start_trial(
+        trial_number=trial.number,
+        params=candidate.flat(),
+        tags={
+            "autosplit.label": label_of(candidate),
+            "autosplit.baseline": baseline or "",
+            "autosplit.stage": "search",
+        },
+    )
     trial.set_user_attr(A + "run_id", run_id)
     overhead = time.perf_counter() - started
     if over > 0:
         trial.set_user_attr(A + "state", "infeasible")
         trial.set_user_attr(A + "candidate", candidate.to_dict())
-        ctx.tracker.end_trial(run_id, state="infeasible", metrics={
-            "flops/worst_case": flops.worst_case, "optuna/trial_number": trial.number})
-        log.info("trial %d over budget: %d > %d FLOPs, not trained", trial.number,
-                 flops.worst_case, ctx.max_flops)
+        ctx.tracker.end_trial(
+            run_id,
+            state="infeasible",
+            metrics={"flops/worst_case": flops.worst_case, "optuna/trial_number": trial.number},
+        )
+        log.info(
+            "trial %d over budget: %d > %d FLOPs, not trained",
+            trial.number,
+            flops.worst_case,
+            ctx.max_flops,
+        )
         return 0.0, float(flops.worst_case)
 
     rungs = ctx.rungs(candidate)
@@ -249,13 +283,27 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
         if not ctx.search_fits(estimate):
             stop_reason = "time"
             break
-        outcome = _train(ctx, trial, at, flops, run_id, taps,
-                         step_offset=sum(r["epochs"] for r in reached), rung=index)
+        outcome = _train(
+            ctx,
+            trial,
+            at,
+            flops,
+            run_id,
+            taps,
+            step_offset=sum(r["epochs"] for r in reached),
+            rung=index,
+        )
         ctx.cost_model.observe("trial", estimate, outcome.seconds)
         result, trained = outcome, at
-        reached.append({"epochs": rung.epochs, "rows": train_rows(at, ctx.splits),
-                        "val_acc": outcome.val_acc, "seconds": round(outcome.seconds, 2),
-                        "expected_flops": outcome.expected_flops})
+        reached.append(
+            {
+                "epochs": rung.epochs,
+                "rows": train_rows(at, ctx.splits),
+                "val_acc": outcome.val_acc,
+                "seconds": round(outcome.seconds, 2),
+                "expected_flops": outcome.expected_flops,
+            }
+        )
         trial.set_user_attr(RUNGS, reached)
         if index + 1 < len(rungs):
             me = RungResult(trial.number, outcome.val_acc, _cost(ctx, outcome))
@@ -266,8 +314,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     if result is None:  # not even the cheapest rung fits in the time left
         trial.set_user_attr(A + "state", "skipped")
         trial.set_user_attr(A + "candidate", candidate.to_dict())
-        ctx.tracker.end_trial(run_id, state="pruned", metrics={
-            "optuna/trial_number": trial.number})
+        ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
         trial.study.stop()
         raise optuna.TrialPruned("no time left for the cheapest rung")
 
@@ -280,20 +327,38 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
     top = len(reached) == len(rungs)
     state = "complete" if top else "stopped"
-    for key, value in {"state": state, "candidate": trained.to_dict(), "rung": len(reached) - 1,
-                       "val_acc": result.val_acc, "expected_flops": result.expected_flops,
-                       "params": result.params, "weights": str(weights),
-                       "train_seconds": train_seconds}.items():
+    for key, value in {
+        "state": state,
+        "candidate": trained.to_dict(),
+        "rung": len(reached) - 1,
+        "val_acc": result.val_acc,
+        "expected_flops": result.expected_flops,
+        "params": result.params,
+        "weights": str(weights),
+        "train_seconds": train_seconds,
+    }.items():
         trial.set_user_attr(A + key, value)
-    ctx.tracker.end_trial(run_id, state="complete" if top else "pruned", metrics={
-        "val/acc": result.val_acc, "flops/worst_case": result.worst_case_flops,
-        "flops/expected": result.expected_flops, "params": result.params,
-        "search/rung": len(reached) - 1, "time/wall_s": wall, "time/train_s": train_seconds,
-        "optuna/trial_number": trial.number,
-        "time/overhead_s": overhead + (time.perf_counter() - record_started)})
+    ctx.tracker.end_trial(
+        run_id,
+        state="complete" if top else "pruned",
+        metrics={
+            "val/acc": result.val_acc,
+            "flops/worst_case": result.worst_case_flops,
+            "flops/expected": result.expected_flops,
+            "params": result.params,
+            "search/rung": len(reached) - 1,
+            "time/wall_s": wall,
+            "time/train_s": train_seconds,
+            "optuna/trial_number": trial.number,
+            "time/overhead_s": overhead + (time.perf_counter() - record_started),
+        },
+    )
     if not top:
-        why = ("out of time" if stop_reason == "time" else
-               f"not in the top 1/{ctx.eta} at rung {len(reached) - 1}")
+        why = (
+            "out of time"
+            if stop_reason == "time"
+            else f"not in the top 1/{ctx.eta} at rung {len(reached) - 1}"
+        )
         raise optuna.TrialPruned(f"stopped after rung {len(reached) - 1}: {why}")
     return result.val_acc, _cost(ctx, result)
 
@@ -309,36 +374,55 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     others = trial.study.get_trials(deepcopy=False)
     # Two workers that end their search phase together may both enqueue a job; the earliest
     # live copy trains and the others stop here, before any work.
-    if any(t.number < trial.number and t.state != TrialState.FAIL
-           and t.user_attrs.get(STAGE) == "final" and t.user_attrs.get(A + "state") != "duplicate"
-           and (t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) == (member_number, seed_index)
-           for t in others):
+    if any(
+        t.number < trial.number
+        and t.state != TrialState.FAIL
+        and t.user_attrs.get(STAGE) == "final"
+        and t.user_attrs.get(A + "state") != "duplicate"
+        and (t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) == (member_number, seed_index)
+        for t in others
+    ):
         trial.set_user_attr(A + "state", "duplicate")
         raise optuna.TrialPruned(f"final job {member_number}/{seed_index} is already taken")
     member = next(t for t in others if t.number == member_number)
     # The job was enqueued with the member's parameters: drawing them records them on this
     # trial, so the sampler sees a final result at the member's point of the space.
     baseline = member.user_attrs.get(A + "baseline")
-    ctx.space.suggest(trial, ctx.max_flops,
-                      overrides=ctx.space.settings.baselines.get(baseline) if baseline else None)
+    ctx.space.suggest(
+        trial,
+        ctx.max_flops,
+        overrides=ctx.space.settings.baselines.get(baseline) if baseline else None,
+    )
     final = ctx.final
     assert final is not None
     candidate = Candidate.from_dict(member.user_attrs[A + "candidate"])
     if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
         candidate = candidate.with_values({"structure.exit_threshold": None})
-    candidate = at_fidelity(candidate, Rung(ctx.final_epochs or final.epochs, final.rows)).with_values(
-        {"train.seed": candidate.train.seed + seed_index})
+    candidate = at_fidelity(
+        candidate, Rung(ctx.final_epochs or final.epochs, final.rows)
+    ).with_values({"train.seed": candidate.train.seed + seed_index})
     label = member.user_attrs.get(A + "label", "")
     flops = member.user_attrs[A + "flops"]
-    for key, value in {"label": label, "flops": flops, "baseline": baseline,
-                       "params": member.user_attrs.get(A + "params")}.items():
+    for key, value in {
+        "label": label,
+        "flops": flops,
+        "baseline": baseline,
+        "params": member.user_attrs.get(A + "params"),
+    }.items():
         if value is not None:
             trial.set_user_attr(A + key, value)
     trial.set_constraint("flops_over_budget", (flops - ctx.max_flops) / ctx.max_flops)
-    run_id = ctx.tracker.start_trial(trial_number=trial.number, params=candidate.flat(), tags={
-        "autosplit.label": label, "autosplit.baseline": baseline or "",
-        "autosplit.stage": "final", "autosplit.member": str(member_number),
-        "autosplit.seed": str(candidate.train.seed)})
+    run_id = ctx.tracker.start_trial(
+        trial_number=trial.number,
+        params=candidate.flat(),
+        tags={
+            "autosplit.label": label,
+            "autosplit.baseline": baseline or "",
+            "autosplit.stage": "final",
+            "autosplit.member": str(member_number),
+            "autosplit.seed": str(candidate.train.seed),
+        },
+    )
     trial.set_user_attr(A + "run_id", run_id)
     estimate = ctx.estimate(candidate, flops, kind="final")
     if not ctx.deadline.fits(estimate):
@@ -355,43 +439,78 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
     weights = _save_trial(ctx, trial.number, candidate, result)
-    for key, value in {"state": "complete", "candidate": candidate.to_dict(),
-                       "val_acc": result.val_acc, "expected_flops": result.expected_flops,
-                       "weights": str(weights), "train_seconds": result.seconds}.items():
+    for key, value in {
+        "state": "complete",
+        "candidate": candidate.to_dict(),
+        "val_acc": result.val_acc,
+        "expected_flops": result.expected_flops,
+        "weights": str(weights),
+        "train_seconds": result.seconds,
+    }.items():
         trial.set_user_attr(A + key, value)
-    ctx.tracker.end_trial(run_id, state="complete", metrics={
-        "val/acc": result.val_acc, "flops/worst_case": result.worst_case_flops,
-        "flops/expected": result.expected_flops, "params": result.params,
-        "time/wall_s": time.perf_counter() - started, "time/train_s": result.seconds,
-        "optuna/trial_number": trial.number})
+    ctx.tracker.end_trial(
+        run_id,
+        state="complete",
+        metrics={
+            "val/acc": result.val_acc,
+            "flops/worst_case": result.worst_case_flops,
+            "flops/expected": result.expected_flops,
+            "params": result.params,
+            "time/wall_s": time.perf_counter() - started,
+            "time/train_s": result.seconds,
+            "optuna/trial_number": trial.number,
+        },
+    )
     return result.val_acc, _cost(ctx, result)
 
 
-def _train(ctx: SearchContext, trial: optuna.Trial, candidate: Candidate, flops: Any, run_id: str,
-           taps: set[str], *, step_offset: int, rung: int | None) -> Any:
+def _train(
+    ctx: SearchContext,
+    trial: optuna.Trial,
+    candidate: Candidate,
+    flops: Any,
+    run_id: str,
+    taps: set[str],
+    *,
+    step_offset: int,
+    rung: int | None,
+) -> Any:
     """Train ``candidate`` through the one code path retrain uses; log each epoch."""
     from autosplit.distill.run import train_candidate
 
     def on_epoch_end(stats: EpochStats) -> None:
-        ctx.tracker.log_epoch(run_id, step_offset + stats.epoch, {
-            "train/loss": stats.train_loss, "train/acc": stats.train_acc,
-            "val/acc": stats.val_acc, "train/lr": stats.lr,
-            "train/images_per_s": stats.images_per_second,
-            **({"search/rung": rung} if rung is not None else {}),
-            **{f"train/{k}": v for k, v in stats.loss_terms.items()}})
+        ctx.tracker.log_epoch(
+            run_id,
+            step_offset + stats.epoch,
+            {
+                "train/loss": stats.train_loss,
+                "train/acc": stats.train_acc,
+                "val/acc": stats.val_acc,
+                "train/lr": stats.lr,
+                "train/images_per_s": stats.images_per_second,
+                **({"search/rung": rung} if rung is not None else {}),
+                **{f"train/{k}": v for k, v in stats.loss_terms.items()},
+            },
+        )
 
     source = ctx.teacher_source(taps, candidate)
     try:
-        return train_candidate(candidate, ctx.splits, ctx.teacher.model, ctx.runtime,
-                               teacher_source=source, progress=False,
-                               on_epoch_end=on_epoch_end, flops=flops)
+        return train_candidate(
+            candidate,
+            ctx.splits,
+            ctx.teacher.model,
+            ctx.runtime,
+            teacher_source=source,
+            progress=False,
+            on_epoch_end=on_epoch_end,
+            flops=flops,
+        )
     except OSError:
         raise  # the environment's fault, not the candidate's: see ``objective``
     except Exception as exc:
         trial.set_user_attr(A + "state", "failed")
         trial.set_user_attr(A + "error", str(exc)[:500])
-        ctx.tracker.end_trial(run_id, state="failed",
-                              metrics={"optuna/trial_number": trial.number})
+        ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
 
 
@@ -411,8 +530,12 @@ def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
 def narrowest(candidate: Any) -> Any:
     """``candidate`` with every width at the solver's lower end: its smallest build."""
     has_parts = candidate.structure.name in ("assistant", "res_chain")
-    return candidate.with_values({"split.base_width": SMALLEST_WIDTH,
-                                  "split.part_width": SMALLEST_WIDTH if has_parts else None})
+    return candidate.with_values(
+        {
+            "split.base_width": SMALLEST_WIDTH,
+            "split.part_width": SMALLEST_WIDTH if has_parts else None,
+        }
+    )
 
 
 def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list[RungResult]:
@@ -421,21 +544,30 @@ def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list
     out = []
     for t in study.get_trials(deepcopy=False):
         reached = t.user_attrs.get(RUNGS) or []
-        if (t.state == TrialState.FAIL or t.user_attrs.get(STAGE) != "search"
-                or len(reached) <= rung):
+        if (
+            t.state == TrialState.FAIL
+            or t.user_attrs.get(STAGE) != "search"
+            or len(reached) <= rung
+        ):
             continue
         flops = float(t.user_attrs[A + "flops"])
         if flops > ctx.max_flops:
             continue
-        cost = (float(reached[rung].get("expected_flops") or flops)
-                if ctx.space.settings.objective_flops == "expected" else flops)
+        cost = (
+            float(reached[rung].get("expected_flops") or flops)
+            if ctx.space.settings.objective_flops == "expected"
+            else flops
+        )
         out.append(RungResult(t.number, float(reached[rung]["val_acc"]), cost))
     return out
 
 
 def _cost(ctx: SearchContext, result: Any) -> float:
-    return float(result.expected_flops if ctx.space.settings.objective_flops == "expected"
-                 else result.worst_case_flops)
+    return float(
+        result.expected_flops
+        if ctx.space.settings.objective_flops == "expected"
+        else result.worst_case_flops
+    )
 
 
 def at_fidelity(candidate: Candidate, rung: Rung) -> Candidate:
@@ -459,9 +591,13 @@ def _save_trial(ctx: SearchContext, number: int, candidate: Any, result: Any) ->
 
     folder = ctx.runs_dir / "studies" / ctx.study_name / f"trial-{number:04d}"
     path = folder / "student.pt"
-    save_checkpoint(path, kind="student", config=candidate.to_dict(),
-                    state_dict={k: v.detach().cpu() for k, v in result.student.state_dict().items()},
-                    extra={"val_acc": result.val_acc, "trial": number})
+    save_checkpoint(
+        path,
+        kind="student",
+        config=candidate.to_dict(),
+        state_dict={k: v.detach().cpu() for k, v in result.student.state_dict().items()},
+        extra={"val_acc": result.val_acc, "trial": number},
+    )
     atomic_write_text(folder / "candidate.yaml", candidate.to_yaml())
     return path
 
@@ -495,8 +631,12 @@ def default_study_name(space: SearchSpace, budget: Budget) -> str:
     return f"{space.name}-{budget.slug}"
 
 
-def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = print,
-            shared: _SharedPlan | None = None) -> SearchContext:
+def prepare(
+    options: SearchOptions,
+    *,
+    log_teacher: Callable[[str], None] = print,
+    shared: _SharedPlan | None = None,
+) -> SearchContext:
     """Data, the time plan (from throughput measured here), the teacher (trained once, cached)
     and the budget in FLOPs. A worker process gets its parent's plan as ``shared``."""
     from autosplit.data import load_splits
@@ -516,17 +656,28 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
     teacher_model = build_teacher_model(teacher_cfg, splits)  # untrained: for counting only
     teacher_flops = count_flops(teacher_model, splits.info.input_shape)
     max_flops = options.budget.resolve(teacher_flops)
-    ctx = SearchContext(space=space, splits=splits, teacher=None, runtime=runtime,
-                        max_flops=max_flops, teacher_flops=teacher_flops,
-                        runs_dir=Path(options.runs_dir), study_name="", tracker=None,
-                        progress=options.progress, halving=options.halving, deadline=deadline)
+    ctx = SearchContext(
+        space=space,
+        splits=splits,
+        teacher=None,
+        runtime=runtime,
+        max_flops=max_flops,
+        teacher_flops=teacher_flops,
+        runs_dir=Path(options.runs_dir),
+        study_name="",
+        tracker=None,
+        progress=options.progress,
+        halving=options.halving,
+        deadline=deadline,
+    )
     if shared is None:
         check_budget(ctx, options.budget, teacher_model, say=log_teacher)
     final_reserve = 0.0
     if shared is not None:
         shared.apply(ctx)
-        teacher_cfg = dataclasses.replace(teacher_cfg, train=dataclasses.replace(
-            teacher_cfg.train, epochs=shared.teacher_epochs))
+        teacher_cfg = dataclasses.replace(
+            teacher_cfg, train=dataclasses.replace(teacher_cfg.train, epochs=shared.teacher_epochs)
+        )
     elif options.time_limit is not None:  # without a limit nothing is planned or estimated
         ctx.cost_model = _measure_cost_model(ctx)
     if shared is None and options.time_limit is not None:
@@ -535,13 +686,21 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
         for warning in chosen.warnings:
             log_teacher(f"warning: {warning}")
         if chosen.teacher_epochs < teacher_cfg.train.epochs:
-            teacher_cfg = dataclasses.replace(teacher_cfg, train=dataclasses.replace(
-                teacher_cfg.train, epochs=chosen.teacher_epochs))
+            teacher_cfg = dataclasses.replace(
+                teacher_cfg,
+                train=dataclasses.replace(teacher_cfg.train, epochs=chosen.teacher_epochs),
+            )
         ctx.finalists, ctx.final_seeds = chosen.finalists, chosen.seeds
         ctx.final_epochs = chosen.final_epochs if ctx.final is not None else None
         final_reserve = chosen.final_seconds
-    ctx.teacher = get_teacher(teacher_cfg, space.data, splits, runtime,
-                              runs_dir=options.runs_dir, progress=options.progress)
+    ctx.teacher = get_teacher(
+        teacher_cfg,
+        space.data,
+        splits,
+        runtime,
+        runs_dir=options.runs_dir,
+        progress=options.progress,
+    )
     if shared is None and options.time_limit is not None:
         # Work starts only while it can end inside the limit less a small reserve for the end
         # (fronts, MLflow); the search phase leaves the final stage its planned share.
@@ -549,18 +708,24 @@ def prepare(options: SearchOptions, *, log_teacher: Callable[[str], None] = prin
         ctx.deadline = Deadline.until(work_ends, clock=options.clock)
         ctx.search_deadline = Deadline.until(work_ends - final_reserve, clock=options.clock)
         ctx.final_reserve = final_reserve
-    state = ("cached" if ctx.teacher.from_cache
-             else f"trained in {ctx.teacher.train_seconds:.0f}s")
-    log_teacher(f"teacher {space.teacher.model} ({state}): test {ctx.teacher.test_acc:.2f}%, "
-                f"{teacher_flops:,} FLOPs; budget {options.budget.text} = {max_flops:,} FLOPs")
+    state = "cached" if ctx.teacher.from_cache else f"trained in {ctx.teacher.train_seconds:.0f}s"
+    log_teacher(
+        f"teacher {space.teacher.model} ({state}): test {ctx.teacher.test_acc:.2f}%, "
+        f"{teacher_flops:,} FLOPs; budget {options.budget.text} = {max_flops:,} FLOPs"
+    )
     from autosplit.tracking import NullTracker
 
     ctx.tracker = NullTracker()
     return ctx
 
 
-def check_budget(ctx: SearchContext, budget: Budget, teacher_model: torch.nn.Module, *,
-                 say: Callable[[str], None]) -> None:
+def check_budget(
+    ctx: SearchContext,
+    budget: Budget,
+    teacher_model: torch.nn.Module,
+    *,
+    say: Callable[[str], None],
+) -> None:
     """Refuse a budget below the narrowest student the space builds (every trial would be
     infeasible), before the teacher trains; warn about one above the teacher's FLOPs.
     ``teacher_model``: the teacher's architecture (counting needs no trained weights)."""
@@ -568,8 +733,9 @@ def check_budget(ctx: SearchContext, budget: Budget, teacher_model: torch.nn.Mod
     from autosplit.flops import format_flops
 
     base = ctx.space.base_candidate(ctx.max_flops)
-    _, counted = build_and_count(narrowest(base).with_values({"split.budget_share": 1.0}),
-                                 teacher_model, ctx.splits)
+    _, counted = build_and_count(
+        narrowest(base).with_values({"split.budget_share": 1.0}), teacher_model, ctx.splits
+    )
     smallest = int(counted.worst_case)
     if ctx.max_flops < smallest:
         raise UserError(
@@ -577,11 +743,14 @@ def check_budget(ctx: SearchContext, budget: Budget, teacher_model: torch.nn.Mod
             f"student this space builds ({format_flops(smallest)} FLOPs, "
             f"{base.student.family} at width "
             f"{SMALLEST_WIDTH}); raise --budget to at least {smallest / ctx.teacher_flops:.3g}x "
-            f"or {format_flops(smallest)}")
+            f"or {format_flops(smallest)}"
+        )
     if ctx.max_flops > ctx.teacher_flops:
-        say(f"warning: --budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs is above the "
+        say(
+            f"warning: --budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs is above the "
             f"teacher's {format_flops(ctx.teacher_flops)}; students may be as large as the "
-            "teacher")
+            "teacher"
+        )
 
 
 def _measure_cost_model(ctx: SearchContext) -> CostModel:
@@ -592,13 +761,23 @@ def _measure_cost_model(ctx: SearchContext) -> CostModel:
     info = ctx.splits.info
     batch = ctx.space.base_candidate(ctx.max_flops).train.batch_size
     teacher_ips = training_images_per_second(
-        build_teacher_model(ctx.space.teacher, ctx.splits), info.input_shape, info.num_classes,
-        ctx.runtime, batch_size=ctx.space.teacher.train.batch_size)
+        build_teacher_model(ctx.space.teacher, ctx.splits),
+        info.input_shape,
+        info.num_classes,
+        ctx.runtime,
+        batch_size=ctx.space.teacher.train.batch_size,
+    )
     student, student_flops = _budget_student(ctx)
-    student_ips = training_images_per_second(student, info.input_shape, info.num_classes,
-                                             ctx.runtime, batch_size=batch)
-    log.info("throughput here: teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
-             teacher_ips, ctx.teacher_flops, student_ips, student_flops)
+    student_ips = training_images_per_second(
+        student, info.input_shape, info.num_classes, ctx.runtime, batch_size=batch
+    )
+    log.info(
+        "throughput here: teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
+        teacher_ips,
+        ctx.teacher_flops,
+        student_ips,
+        student_flops,
+    )
     return CostModel({float(ctx.teacher_flops): teacher_ips, float(student_flops): student_ips})
 
 
@@ -614,11 +793,14 @@ def _budget_student(ctx: SearchContext) -> tuple[torch.nn.Module, int]:
     from autosplit.flops import BudgetTooSmall
 
     try:
-        distiller, flops = build_and_count(candidate, build_teacher_model(ctx.space.teacher,
-                                                                          ctx.splits), ctx.splits)
+        distiller, flops = build_and_count(
+            candidate, build_teacher_model(ctx.space.teacher, ctx.splits), ctx.splits
+        )
     except BudgetTooSmall as exc:
-        raise UserError(f"--budget {ctx.max_flops:,} FLOPs: no student of this space fits it "
-                        f"({exc}); raise --budget") from None
+        raise UserError(
+            f"--budget {ctx.max_flops:,} FLOPs: no student of this space fits it "
+            f"({exc}); raise --budget"
+        ) from None
     return distiller.student, flops.worst_case
 
 
@@ -632,9 +814,16 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
     base = space.base_candidate(ctx.max_flops)
     rung0 = at_fidelity(base, ctx.rungs(base)[0])
     final = ctx.final
-    teacher_epoch = model.training_seconds(flops=ctx.teacher_flops, epochs=1,
-                                           rows=len(splits.train), val_rows=len(splits.val),
-                                           kind="teacher") - model.fixed_seconds
+    teacher_epoch = (
+        model.training_seconds(
+            flops=ctx.teacher_flops,
+            epochs=1,
+            rows=len(splits.train),
+            val_rows=len(splits.val),
+            kind="teacher",
+        )
+        - model.fixed_seconds
+    )
     final_job = final_cache = 0.0
     if final is not None and options.final_stage:
         at_final = at_fidelity(base, Rung(final.epochs, final.rows))
@@ -642,37 +831,64 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
         # Building the teacher cache over the final rows (forward passes of the teacher),
         # unless an earlier run left it on disk.
         views = space.settings.teacher_views if space.data.augment else 1
-        if not teacher_cache_exists(at_final, teacher_key(teacher_cfg, splits.fingerprint),
-                                    splits, options.runs_dir, views=views):
-            final_cache = (train_rows(at_final, splits) * views * EVAL_WEIGHT
-                           / model.images_per_second(ctx.teacher_flops))
+        if not teacher_cache_exists(
+            at_final,
+            teacher_key(teacher_cfg, splits.fingerprint),
+            splits,
+            options.runs_dir,
+            views=views,
+        ):
+            final_cache = (
+                train_rows(at_final, splits)
+                * views
+                * EVAL_WEIGHT
+                / model.images_per_second(ctx.teacher_flops)
+            )
     try:
-        return make_plan(PlanInput(
-            time_limit=float(options.time_limit), teacher_cached=cached,
-            teacher_epochs=space.teacher.train.epochs, teacher_epoch_seconds=teacher_epoch,
-            final_seconds=final_job, final_fixed_seconds=final_cache,
-            final_members=final.top_k if final else 0, final_seeds=final.seeds if final else 0,
-            final_epochs=final.epochs if final else 1,
-            baselines=len(space.settings.baselines) if final else 0,
-            rung0_seconds=ctx.estimate(rung0, ctx.max_flops, kind="trial")))
+        return make_plan(
+            PlanInput(
+                time_limit=float(options.time_limit),
+                teacher_cached=cached,
+                teacher_epochs=space.teacher.train.epochs,
+                teacher_epoch_seconds=teacher_epoch,
+                final_seconds=final_job,
+                final_fixed_seconds=final_cache,
+                final_members=final.top_k if final else 0,
+                final_seeds=final.seeds if final else 0,
+                final_epochs=final.epochs if final else 1,
+                baselines=len(space.settings.baselines) if final else 0,
+                rung0_seconds=ctx.estimate(rung0, ctx.max_flops, kind="trial"),
+            )
+        )
     except TimeLimitTooShort as exc:
         raise UserError(str(exc)) from None
 
 
 def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:
     """Store what front/export need on the study, refusing to mix budgets or teachers."""
-    wanted = {A + "budget_flops": ctx.max_flops, A + "teacher_key": ctx.teacher.key,
-              A + "data_fingerprint": ctx.splits.fingerprint}
+    wanted = {
+        A + "budget_flops": ctx.max_flops,
+        A + "teacher_key": ctx.teacher.key,
+        A + "data_fingerprint": ctx.splits.fingerprint,
+    }
     for key, value in wanted.items():
         have = study.user_attrs.get(key)
         if have is not None and have != value:
-            raise UserError(f"--study-name {study.study_name}: this study was run with "
-                            f"{key.removeprefix(A)}={have}, not {value}; use another --study-name")
-    info = {**wanted, A + "budget": options.budget.text, A + "teacher_flops": ctx.teacher_flops,
-            A + "teacher_test_acc": ctx.teacher.test_acc, A + "teacher_val_acc": ctx.teacher.val_acc,
-            A + "space": str(options.space.path.resolve()),
-            A + "space_yaml": options.space.path.read_text(), A + "teacher_path": str(ctx.teacher.path),
-            A + "objective_flops": options.space.settings.objective_flops}
+            raise UserError(
+                f"--study-name {study.study_name}: this study was run with "
+                f"{key.removeprefix(A)}={have}, not {value}; use another --study-name"
+            )
+    info = {
+        **wanted,
+        A + "budget": options.budget.text,
+        A + "teacher_flops": ctx.teacher_flops,
+        A + "teacher_test_acc": ctx.teacher.test_acc,
+        A + "teacher_val_acc": ctx.teacher.val_acc,
+        A + "space": str(options.space.path.resolve()),
+        A + "space_yaml": options.space.path.read_text(),
+        A + "teacher_path": str(ctx.teacher.path),
+        A + "objective_flops": options.space.settings.objective_flops,
+    }
     for key, value in info.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
@@ -695,14 +911,26 @@ def _is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
 def remaining_trials(study: optuna.Study, total: int) -> int:
     """Search trials still to run: the total less those finished, stopped or running (a trial
     skipped for lack of time does not count)."""
-    done = [t for t in study.get_trials(deepcopy=False)
-            if _is_search_trial(t) and t.user_attrs.get(A + "state") != "skipped"
-            and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if _is_search_trial(t)
+        and t.user_attrs.get(A + "state") != "skipped"
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    ]
     return max(0, total - len(done))
 
 
-def run_worker(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
-               *, parent_run_id: str | None, worker_index: int, phase: str = "search") -> None:
+def run_worker(
+    options: SearchOptions,
+    ctx: SearchContext,
+    study_name: str,
+    storage_url: str,
+    *,
+    parent_run_id: str | None,
+    worker_index: int,
+    phase: str = "search",
+) -> None:
     """One worker's loop. ``search``: trials until the study holds ``options.trials`` or the
     search phase's time is up; ``final``: the waiting final-stage jobs."""
     storage = studies.open_storage(storage_url)
@@ -728,8 +956,13 @@ def run_worker(options: SearchOptions, ctx: SearchContext, study_name: str, stor
         return
     # A candidate whose training diverges is a failed trial, not a failed search.
     try:
-        study.optimize(lambda trial: objective(ctx, trial, phase), n_trials=n,
-                       callbacks=callbacks, gc_after_trial=True, catch=(FloatingPointError,))
+        study.optimize(
+            lambda trial: objective(ctx, trial, phase),
+            n_trials=n,
+            callbacks=callbacks,
+            gc_after_trial=True,
+            catch=(FloatingPointError,),
+        )
     finally:
         optimize_log.removeFilter(quiet)
 
@@ -771,13 +1004,17 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     def refresh(study: optuna.Study, _trial: Any) -> None:
         stats = studies.records(study)
         ctx.tracker.update_front(search_records(stats), ctx.max_flops)
-        ctx.tracker.log_search_cost({
-            "cpu_seconds": time.process_time(),
-            # Wall time this worker held its GPU for training (0 on CPU-only runs).
-            "gpu_seconds": ctx.cost.get("train_seconds", 0.0) if ctx.runtime.is_cuda else 0.0,
-            "stopped": sum(r.state == "stopped" for r in stats),
-            "infeasible": sum(r.state == "infeasible" for r in stats),
-            "cache_hits": ctx.cost["cache_hits"], "cache_builds": ctx.cost["cache_builds"]})
+        ctx.tracker.log_search_cost(
+            {
+                "cpu_seconds": time.process_time(),
+                # Wall time this worker held its GPU for training (0 on CPU-only runs).
+                "gpu_seconds": ctx.cost.get("train_seconds", 0.0) if ctx.runtime.is_cuda else 0.0,
+                "stopped": sum(r.state == "stopped" for r in stats),
+                "infeasible": sum(r.state == "infeasible" for r in stats),
+                "cache_hits": ctx.cost["cache_hits"],
+                "cache_builds": ctx.cost["cache_builds"],
+            }
+        )
 
     return refresh
 
@@ -788,10 +1025,15 @@ class _ProgressCallback:
     def __init__(self, total: int, study: optuna.Study) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc="search", dynamic_ncols=True,
-                        disable=os.environ.get("AUTOSPLIT_NO_PROGRESS") == "1")
-        self.bar.update(len([r for r in studies.records(study)
-                             if r.stage == "search" and r.state != "running"]))
+        self.bar = tqdm(
+            total=total,
+            desc="search",
+            dynamic_ncols=True,
+            disable=os.environ.get("AUTOSPLIT_NO_PROGRESS") == "1",
+        )
+        self.bar.update(
+            len([r for r in studies.records(study) if r.stage == "search" and r.state != "running"])
+        )
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
         from autosplit.search.front import pareto_front
@@ -801,10 +1043,13 @@ class _ProgressCallback:
         front = pareto_front(search_records(recs), budget)
         best = max((r.val_acc for r in front), default=float("nan"))
         self.bar.n = len([r for r in recs if r.state not in ("running", "waiting", "skipped")])
-        self.bar.set_postfix(top_rung=sum(r.state == "complete" for r in recs),
-                             stopped=sum(r.state == "stopped" for r in recs),
-                             infeasible=sum(r.state == "infeasible" for r in recs),
-                             front=len(front), best=f"{best:.2f}%")
+        self.bar.set_postfix(
+            top_rung=sum(r.state == "complete" for r in recs),
+            stopped=sum(r.state == "stopped" for r in recs),
+            infeasible=sum(r.state == "infeasible" for r in recs),
+            front=len(front),
+            best=f"{best:.2f}%",
+        )
         self.bar.refresh()
 
 
@@ -821,14 +1066,22 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
     trials = study.get_trials(deepcopy=False)
     # Not baselines, and not trials still running in another worker (they have not recorded
     # their candidate yet; that worker adds them when its own search phase ends).
-    skip = {t.number for t in trials if t.user_attrs.get(A + "baseline")
-            or t.state not in (TrialState.COMPLETE, TrialState.PRUNED)
-            or A + "candidate" not in t.user_attrs}
-    top = max((len(t.user_attrs.get(RUNGS) or []) for t in trials if _is_search_trial(t)),
-              default=0)
+    skip = {
+        t.number
+        for t in trials
+        if t.user_attrs.get(A + "baseline")
+        or t.state not in (TrialState.COMPLETE, TrialState.PRUNED)
+        or A + "candidate" not in t.user_attrs
+    }
+    top = max(
+        (len(t.user_attrs.get(RUNGS) or []) for t in trials if _is_search_trial(t)), default=0
+    )
     for rung in range(top - 1, -1, -1):
-        pool = [r for r in finished_at_rung(study, rung, ctx) if r.number not in chosen
-                and r.number not in skip]
+        pool = [
+            r
+            for r in finished_at_rung(study, rung, ctx)
+            if r.number not in chosen and r.number not in skip
+        ]
         chosen += [r.number for r in select(pool, k - len(chosen))]
         if len(chosen) >= k:
             break
@@ -845,14 +1098,25 @@ def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     # Only baselines that have finished (and so recorded their candidate): another worker's
     # may still be running; that worker enqueues it when its own search phase ends.
-    done = {t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            and A + "candidate" in t.user_attrs}
-    baselines = [t.number for t in trials if _is_search_trial(t)
-                 and t.user_attrs.get(A + "baseline") and t.user_attrs.get(RUNGS)
-                 and t.number in done]
+    done = {
+        t.number
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and A + "candidate" in t.user_attrs
+    }
+    baselines = [
+        t.number
+        for t in trials
+        if _is_search_trial(t)
+        and t.user_attrs.get(A + "baseline")
+        and t.user_attrs.get(RUNGS)
+        and t.number in done
+    ]
     members = finalists + [b for b in baselines if b not in finalists]
-    have = {(t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) for t in trials
-            if t.user_attrs.get(STAGE) == "final" and t.state != TrialState.FAIL}
+    have = {
+        (t.user_attrs.get(MEMBER), t.user_attrs.get(SEED))
+        for t in trials
+        if t.user_attrs.get(STAGE) == "final" and t.state != TrialState.FAIL
+    }
     by_number = {t.number: t for t in trials}
     for seed in range(ctx.final_seeds or final.seeds):
         for member in members:
@@ -869,8 +1133,11 @@ def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
 
 
 def _waiting_final(study: optuna.Study) -> list[Any]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if t.user_attrs.get(STAGE) == "final"]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if t.user_attrs.get(STAGE) == "final"
+    ]
 
 
 def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
@@ -885,23 +1152,29 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     top = max((len(rungs_of.get(m.number, [])) for m in members), default=0)
     for rung in range(top):
-        pairs = [(rungs_of[m.number][rung]["val_acc"], m.val_mean) for m in members
-                 if len(rungs_of.get(m.number, [])) > rung]
+        pairs = [
+            (rungs_of[m.number][rung]["val_acc"], m.val_mean)
+            for m in members
+            if len(rungs_of.get(m.number, [])) > rung
+        ]
         if len(pairs) >= 3:
             tau = kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic
             out[rung] = {"tau": float(tau), "n": float(len(pairs))}
     return out
 
 
-def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) -> tuple[optuna.Study, SearchContext]:
+def run_search(
+    options: SearchOptions, *, say: Callable[[str], None] = print
+) -> tuple[optuna.Study, SearchContext]:
     """Plan and prepare once, run the search phase with ``options.workers`` worker processes
     (or this one), then the final stage, all on one study."""
     parent_tracker = None
     if options.tracking:  # an unreachable store fails now: before the teacher, before the study
         from autosplit.tracking import check_tracking, default_tracking_uri
 
-        parent_tracker = check_tracking(options.tracking_uri
-                                        or default_tracking_uri(options.runs_dir))
+        parent_tracker = check_tracking(
+            options.tracking_uri or default_tracking_uri(options.runs_dir)
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     ctx = prepare(options, log_teacher=say)
     study_name = options.study_name or default_study_name(options.space, options.budget)
@@ -917,18 +1190,28 @@ def run_search(options: SearchOptions, *, say: Callable[[str], None] = print) ->
     if created:  # only the worker that made the study: never twice when started together
         enqueue_baselines(study, options.space)
     todo = remaining_trials(study, options.trials)
-    say(f"study {study_name} on {redact_url(storage_url)}: "
-        f"{options.trials - todo} of {options.trials} trials already done")
+    say(
+        f"study {study_name} on {redact_url(storage_url)}: "
+        f"{options.trials - todo} of {options.trials} trials already done"
+    )
     parent = None
     if parent_tracker is not None:
         # Runs of this study left RUNNING by a dead process of this host (kill -9, a store or
         # disk that failed before their end): KILLED now, as their Optuna trials were failed.
         parent_tracker.close_dead_runs(study_name)
-        parent = parent_tracker.start_search(study_name=study_name, settings={
-            "budget": options.budget.text, "budget_flops": ctx.max_flops,
-            "sampler": options.sampler, "seed": options.seed, "trials": options.trials,
-            "workers": options.workers, "space": str(options.space.path),
-            "time_limit_s": options.time_limit or 0})
+        parent = parent_tracker.start_search(
+            study_name=study_name,
+            settings={
+                "budget": options.budget.text,
+                "budget_flops": ctx.max_flops,
+                "sampler": options.sampler,
+                "seed": options.seed,
+                "trials": options.trials,
+                "workers": options.workers,
+                "space": str(options.space.path),
+                "time_limit_s": options.time_limit or 0,
+            },
+        )
     status = "FINISHED"
     try:
         if todo:
@@ -962,8 +1245,10 @@ def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: s
                 from autosplit.search.front import final_members, rung_records
 
                 members = final_members(records, study.user_attrs.get(A + "final_members"))
-                rungs = {k: rung_records(records, k)
-                         for k in range(len(ctx.space.settings.fidelity.rungs))}
+                rungs = {
+                    k: rung_records(records, k)
+                    for k in range(len(ctx.space.settings.fidelity.rungs))
+                }
                 tracker.log_final_stage(members, rungs, proxy_fidelity(study), ctx.max_flops)
         finally:
             tracker.end_search(status)
@@ -973,17 +1258,30 @@ def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: s
         log.warning("could not finish the MLflow parent run (%s: %s)", type(exc).__name__, exc)
 
 
-def _run_phase(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
-               parent: str | None, phase: str) -> None:
+def _run_phase(
+    options: SearchOptions,
+    ctx: SearchContext,
+    study_name: str,
+    storage_url: str,
+    parent: str | None,
+    phase: str,
+) -> None:
     if options.workers > 1:
         _run_processes(options, ctx, study_name, storage_url, parent, phase)
     else:
-        run_worker(options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=0,
-                   phase=phase)
+        run_worker(
+            options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=0, phase=phase
+        )
 
 
-def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, storage_url: str,
-                   parent: str | None, phase: str) -> None:
+def _run_processes(
+    options: SearchOptions,
+    ctx: SearchContext,
+    study_name: str,
+    storage_url: str,
+    parent: str | None,
+    phase: str,
+) -> None:
     """N local worker processes on one journal/RDB storage (spawned: no shared torch state).
 
     Each worker gets the deadlines as wall-clock times (monotonic clocks are per process) and
@@ -992,14 +1290,17 @@ def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, 
     import multiprocessing as mp
 
     context = mp.get_context("spawn")
-    worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic,
-                                         started=None)
+    worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic, started=None)
     threads = max(1, (os.cpu_count() or 1) // options.workers)
     shared = _SharedPlan.of(ctx)
-    procs = [context.Process(target=_worker_main, name=f"autosplit-worker-{i}",
-                             args=(worker_options, study_name, storage_url, parent, i, threads,
-                                   shared, phase))
-             for i in range(options.workers)]
+    procs = [
+        context.Process(
+            target=_worker_main,
+            name=f"autosplit-worker-{i}",
+            args=(worker_options, study_name, storage_url, parent, i, threads, shared, phase),
+        )
+        for i in range(options.workers)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -1018,8 +1319,10 @@ def _run_processes(options: SearchOptions, ctx: SearchContext, study_name: str, 
         raise
     bad = [p.name for p in procs if p.exitcode != 0]
     if bad:
-        raise UserError(f"worker(s) {', '.join(bad)} failed; see the log above. Re-run the same "
-                        "command to finish the study")
+        raise UserError(
+            f"worker(s) {', '.join(bad)} failed; see the log above. Re-run the same "
+            "command to finish the study"
+        )
 
 
 @dataclass(frozen=True)
@@ -1041,10 +1344,16 @@ class _SharedPlan:
         def wall(d: Deadline) -> float | None:
             return None if d.at is None else time.time() + d.remaining()
 
-        return cls(wall(ctx.deadline), wall(ctx.search_deadline), ctx.final_reserve,
-                   dict(ctx.cost_model.ref),
-                   ctx.finalists, ctx.final_seeds, ctx.final_epochs,
-                   ctx.teacher.config.train.epochs)
+        return cls(
+            wall(ctx.deadline),
+            wall(ctx.search_deadline),
+            ctx.final_reserve,
+            dict(ctx.cost_model.ref),
+            ctx.finalists,
+            ctx.final_seeds,
+            ctx.final_epochs,
+            ctx.teacher.config.train.epochs,
+        )
 
     def apply(self, ctx: SearchContext) -> None:
         def local(at: float | None) -> Deadline:
@@ -1057,8 +1366,16 @@ class _SharedPlan:
         ctx.final_epochs = self.final_epochs
 
 
-def _worker_main(options: SearchOptions, study_name: str, storage_url: str, parent: str | None,
-                 index: int, threads: int, shared: _SharedPlan, phase: str) -> None:
+def _worker_main(
+    options: SearchOptions,
+    study_name: str,
+    storage_url: str,
+    parent: str | None,
+    index: int,
+    threads: int,
+    shared: _SharedPlan,
+    phase: str,
+) -> None:
     import signal
     import sys
 
@@ -1067,8 +1384,15 @@ def _worker_main(options: SearchOptions, study_name: str, storage_url: str, pare
     torch.set_num_threads(threads)
     try:
         ctx = prepare(options, log_teacher=lambda _msg: None, shared=shared)
-        run_worker(options, ctx, study_name, storage_url, parent_run_id=parent,
-                   worker_index=index, phase=phase)
+        run_worker(
+            options,
+            ctx,
+            study_name,
+            storage_url,
+            parent_run_id=parent,
+            worker_index=index,
+            phase=phase,
+        )
     except KeyboardInterrupt:
         sys.exit(130)
     except (UserError, OSError) as exc:
@@ -1077,4 +1401,3 @@ def _worker_main(options: SearchOptions, study_name: str, storage_url: str, pare
 
 
 WORKER_STOP_SECONDS = 60  # a worker answers SIGTERM by closing its trial: seconds, not minutes
-

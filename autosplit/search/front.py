@@ -56,9 +56,11 @@ def rung_records(records: Iterable[TrialRecord], rung: int) -> list[TrialRecord]
     complete record: the rung's front is drawn from these."""
     import dataclasses
 
-    return [dataclasses.replace(r, state="complete", val_acc=r.rung_accs[rung])
-            for r in records if r.stage == "search" and len(r.rung_accs) > rung
-            and r.state != "failed"]
+    return [
+        dataclasses.replace(r, state="complete", val_acc=r.rung_accs[rung])
+        for r in records
+        if r.stage == "search" and len(r.rung_accs) > rung and r.state != "failed"
+    ]
 
 
 @dataclass(frozen=True)
@@ -90,50 +92,77 @@ class FinalMember:
 
     def record(self) -> TrialRecord:
         """As a record (mean accuracy), for the front and hypervolume functions."""
-        return TrialRecord(number=self.number, state="complete", val_acc=self.val_mean,
-                           flops=self.flops, expected_flops=self.expected_flops,
-                           params=self.params, label=self.label, baseline=self.baseline)
+        return TrialRecord(
+            number=self.number,
+            state="complete",
+            val_acc=self.val_mean,
+            flops=self.flops,
+            expected_flops=self.expected_flops,
+            params=self.params,
+            label=self.label,
+            baseline=self.baseline,
+        )
 
 
-def final_members(records: Iterable[TrialRecord], members: Sequence[int] | None = None
-                  ) -> list[FinalMember]:
+def final_members(
+    records: Iterable[TrialRecord], members: Sequence[int] | None = None
+) -> list[FinalMember]:
     """The final stage's completed jobs grouped by member (one job per seed counted once),
     limited to ``members`` (the latest final stage's) when given; by member number."""
     records = list(records)
     by_number = {r.number: r for r in records}
     jobs: dict[int, dict[int, TrialRecord]] = {}
     for r in sorted(records, key=lambda r: r.number):
-        if (r.stage == "final" and r.state == "complete" and r.val_acc is not None
-                and r.member is not None and (members is None or r.member in members)):
+        if (
+            r.stage == "final"
+            and r.state == "complete"
+            and r.val_acc is not None
+            and r.member is not None
+            and (members is None or r.member in members)
+        ):
             jobs.setdefault(r.member, {}).setdefault(r.seed if r.seed is not None else -1, r)
     out = []
     for number, by_seed in sorted(jobs.items()):
         runs = list(by_seed.values())
         source = by_number.get(number, runs[0])
         expected = [r.expected_flops for r in runs if r.expected_flops is not None]
-        out.append(FinalMember(
-            number=number, label=source.label or runs[0].label,
-            baseline=source.baseline or runs[0].baseline,
-            flops=int(runs[0].flops if runs[0].flops is not None else source.flops or 0),
-            expected_flops=(sum(expected) / len(expected) if expected
-                            else float(runs[0].flops or 0)),
-            params=source.params, val_accs=tuple(float(r.val_acc) for r in runs),
-            seeds=tuple(sorted(by_seed)), trials=tuple(r.number for r in runs)))
+        out.append(
+            FinalMember(
+                number=number,
+                label=source.label or runs[0].label,
+                baseline=source.baseline or runs[0].baseline,
+                flops=int(runs[0].flops if runs[0].flops is not None else source.flops or 0),
+                expected_flops=(
+                    sum(expected) / len(expected) if expected else float(runs[0].flops or 0)
+                ),
+                params=source.params,
+                val_accs=tuple(float(r.val_acc) for r in runs),
+                seeds=tuple(sorted(by_seed)),
+                trials=tuple(r.number for r in runs),
+            )
+        )
     return out
 
 
-def final_front(members: Sequence[FinalMember], budget_flops: int, *, cost: Cost = "flops"
-                ) -> list[FinalMember]:
+def final_front(
+    members: Sequence[FinalMember], budget_flops: int, *, cost: Cost = "flops"
+) -> list[FinalMember]:
     """The non-dominated members on (mean accuracy, cost), cheapest first."""
     by_number = {m.number: m for m in members}
-    return [by_number[r.number] for r in
-            pareto_front([m.record() for m in members], budget_flops, cost=cost)]
+    return [
+        by_number[r.number]
+        for r in pareto_front([m.record() for m in members], budget_flops, cost=cost)
+    ]
 
 
 def is_feasible(record: TrialRecord, budget_flops: int) -> bool:
     """Complete, measured and within budget on worst-case FLOPs."""
-    return (record.state == "complete" and record.val_acc is not None
-            and record.flops is not None and record.flops <= budget_flops)
+    return (
+        record.state == "complete"
+        and record.val_acc is not None
+        and record.flops is not None
+        and record.flops <= budget_flops
+    )
 
 
 def cost_of(record: TrialRecord, cost: Cost = "flops") -> float:
@@ -146,8 +175,9 @@ def cost_of(record: TrialRecord, cost: Cost = "flops") -> float:
     return float(record.flops)
 
 
-def pareto_front(records: Iterable[TrialRecord], budget_flops: int, *,
-                 cost: Cost = "flops") -> list[TrialRecord]:
+def pareto_front(
+    records: Iterable[TrialRecord], budget_flops: int, *, cost: Cost = "flops"
+) -> list[TrialRecord]:
     """Feasible trials no other feasible trial beats on both accuracy and cost, cheapest first.
 
     Exact duplicates (same accuracy, same cost) are all kept — neither dominates the other and
@@ -162,8 +192,9 @@ def pareto_front(records: Iterable[TrialRecord], budget_flops: int, *,
         assert record.val_acc is not None
         if not front or record.val_acc > front[-1].val_acc:  # type: ignore[operator]
             front.append(record)
-        elif (record.val_acc == front[-1].val_acc
-              and cost_of(record, cost) == cost_of(front[-1], cost)):
+        elif record.val_acc == front[-1].val_acc and cost_of(record, cost) == cost_of(
+            front[-1], cost
+        ):
             front.append(record)  # an exact duplicate of the last front point
     return front
 
@@ -178,15 +209,19 @@ def _hypervolume_of_front(front: Sequence[TrialRecord], budget_flops: int, cost:
     area = 0.0
     for i, record in enumerate(front):
         x = min(max(cost_of(record, cost) / budget_flops, 0.0), 1.0)
-        x_next = (min(max(cost_of(front[i + 1], cost) / budget_flops, 0.0), 1.0)
-                  if i + 1 < len(front) else 1.0)
+        x_next = (
+            min(max(cost_of(front[i + 1], cost) / budget_flops, 0.0), 1.0)
+            if i + 1 < len(front)
+            else 1.0
+        )
         height = min(max((record.val_acc or 0.0) / 100.0, 0.0), 1.0)
         area += (x_next - x) * height
     return area
 
 
-def hypervolume(records: Iterable[TrialRecord], budget_flops: int, *,
-                cost: Cost = "flops") -> float:
+def hypervolume(
+    records: Iterable[TrialRecord], budget_flops: int, *, cost: Cost = "flops"
+) -> float:
     """Exact 2-D hypervolume of the feasible front, normalised to [0, 1], reference (1, 1).
 
     0 means no feasible trial; 1 would be 100 % accuracy at zero FLOPs. One number that rises
@@ -197,8 +232,9 @@ def hypervolume(records: Iterable[TrialRecord], budget_flops: int, *,
     return _hypervolume_of_front(pareto_front(records, budget_flops, cost=cost), budget_flops, cost)
 
 
-def hypervolume_history(records: Iterable[TrialRecord], budget_flops: int, *,
-                        cost: Cost = "flops") -> list[tuple[int, float]]:
+def hypervolume_history(
+    records: Iterable[TrialRecord], budget_flops: int, *, cost: Cost = "flops"
+) -> list[tuple[int, float]]:
     """(trial number, hypervolume of trials 0..number) for every trial, in order of number.
 
     Non-decreasing by construction. Keeps only the running front, so it costs
@@ -231,8 +267,13 @@ def _percent(value: float, whole: float | None) -> str:
     return f"{100.0 * value / whole:.0f}%" if whole else "-"
 
 
-def front_table(records: Sequence[TrialRecord], budget_flops: int, *,
-                teacher_flops: int | None = None, cost: Cost = "flops") -> str:
+def front_table(
+    records: Sequence[TrialRecord],
+    budget_flops: int,
+    *,
+    teacher_flops: int | None = None,
+    cost: Cost = "flops",
+) -> str:
     """The Pareto table ``autosplit front`` prints: the front cheapest first, then baselines.
 
     Baselines that the search beat are listed under the front (marked, without a rank), so the
@@ -242,40 +283,80 @@ def front_table(records: Sequence[TrialRecord], budget_flops: int, *,
     front = pareto_front(records, budget_flops, cost=cost)
     on_front = {r.number for r in front}
     best = max(front, key=lambda r: (r.val_acc, -cost_of(r, cost), -r.number)) if front else None
-    others = sorted((r for r in records if r.baseline and r.number not in on_front),
-                    key=lambda r: r.number)
+    others = sorted(
+        (r for r in records if r.baseline and r.number not in on_front), key=lambda r: r.number
+    )
 
-    header = ("rank", "trial", "val acc %", "FLOPs", "%budget", "%teacher", "exp. FLOPs",
-              "params", "label", "mark")
+    header = (
+        "rank",
+        "trial",
+        "val acc %",
+        "FLOPs",
+        "%budget",
+        "%teacher",
+        "exp. FLOPs",
+        "params",
+        "label",
+        "mark",
+    )
     rows: list[tuple[str, ...]] = []
     for rank, record in enumerate(front, start=1):
-        rows.append(_row(str(rank), record, budget_flops, teacher_flops,
-                         best is not None and record.number == best.number))
+        rows.append(
+            _row(
+                str(rank),
+                record,
+                budget_flops,
+                teacher_flops,
+                best is not None and record.number == best.number,
+            )
+        )
     for record in others:
         rows.append(_row("-", record, budget_flops, teacher_flops, False))
 
     teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
     against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
-    out = _table(f"Pareto front: max val acc, min {against} — budget {_fmt_flops(budget_flops)} "
-                 f"FLOPs{teacher} ({FLOPS_CONVENTION})", header, rows, len(front), budget_flops,
-                 empty="  (no feasible complete trial yet)")
+    out = _table(
+        f"Pareto front: max val acc, min {against} — budget {_fmt_flops(budget_flops)} "
+        f"FLOPs{teacher} ({FLOPS_CONVENTION})",
+        header,
+        rows,
+        len(front),
+        budget_flops,
+        empty="  (no feasible complete trial yet)",
+    )
     counts = Counter(r.state for r in records)
-    over = sum(1 for r in records if r.state == "complete" and r.flops is not None
-               and r.flops > budget_flops)
-    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in
-                        ("complete", "pruned", "infeasible", "failed", "running"))
-    extra = "".join(f", {n} {s}" for s, n in sorted(counts.items())
-                    if s not in ("complete", "pruned", "infeasible", "failed", "running"))
-    out.append(f"{len(records)} trials: {summary}{extra}"
-               + (f" ({over} complete but over budget)" if over else ""))
+    over = sum(
+        1
+        for r in records
+        if r.state == "complete" and r.flops is not None and r.flops > budget_flops
+    )
+    summary = ", ".join(
+        f"{counts.get(s, 0)} {s}" for s in ("complete", "pruned", "infeasible", "failed", "running")
+    )
+    extra = "".join(
+        f", {n} {s}"
+        for s, n in sorted(counts.items())
+        if s not in ("complete", "pruned", "infeasible", "failed", "running")
+    )
+    out.append(
+        f"{len(records)} trials: {summary}{extra}"
+        + (f" ({over} complete but over budget)" if over else "")
+    )
     return "\n".join(out)
 
 
-def _row(rank: str, record: TrialRecord, budget_flops: int, teacher_flops: int | None,
-         is_best: bool) -> tuple[str, ...]:
+def _row(
+    rank: str, record: TrialRecord, budget_flops: int, teacher_flops: int | None, is_best: bool
+) -> tuple[str, ...]:
     flops = record.flops
-    marks = [m for m in (("best" if is_best else ""),
-                         (f"baseline:{record.baseline}" if record.baseline else "")) if m]
+    marks = [
+        m
+        for m in (
+            ("best" if is_best else ""),
+            (f"baseline:{record.baseline}" if record.baseline else ""),
+        )
+        if m
+    ]
     return (
         rank,
         str(record.number),
@@ -290,9 +371,14 @@ def _row(rank: str, record: TrialRecord, budget_flops: int, teacher_flops: int |
     )
 
 
-def final_table(members: Sequence[FinalMember], budget_flops: int, *,
-                teacher_flops: int | None = None, cost: Cost = "flops",
-                fidelity: str = "") -> str:
+def final_table(
+    members: Sequence[FinalMember],
+    budget_flops: int,
+    *,
+    teacher_flops: int | None = None,
+    cost: Cost = "flops",
+    fidelity: str = "",
+) -> str:
     """The final front ``autosplit front`` prints by default: mean ± sd over seeds.
 
     ``best`` is the most accurate member on the front (what ``export`` writes as best.yaml);
@@ -303,8 +389,19 @@ def final_table(members: Sequence[FinalMember], budget_flops: int, *,
     on_front = {m.number for m in front}
     best = max(front, key=lambda m: (m.val_mean, -m.flops, -m.number)) if front else None
     others = [m for m in members if m.baseline and m.number not in on_front]
-    header = ("rank", "trial", "val acc % (mean ± sd)", "seeds", "FLOPs", "%budget", "%teacher",
-              "exp. FLOPs", "params", "label", "mark")
+    header = (
+        "rank",
+        "trial",
+        "val acc % (mean ± sd)",
+        "seeds",
+        "FLOPs",
+        "%budget",
+        "%teacher",
+        "exp. FLOPs",
+        "params",
+        "label",
+        "mark",
+    )
     rows = []
     for rank, member in enumerate(front, start=1):
         rows.append(_final_row(str(rank), member, best, budget_flops, teacher_flops))
@@ -313,23 +410,41 @@ def final_table(members: Sequence[FinalMember], budget_flops: int, *,
     teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
     against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
     at = f" at {fidelity}" if fidelity else ""
-    return "\n".join(_table(f"Final front{at}: max mean val acc, min {against} — budget "
-                            f"{_fmt_flops(budget_flops)} FLOPs{teacher} ({FLOPS_CONVENTION})",
-                            header, rows, len(front), budget_flops,
-                            empty="  (no finished final-stage job yet)"))
+    return "\n".join(
+        _table(
+            f"Final front{at}: max mean val acc, min {against} — budget "
+            f"{_fmt_flops(budget_flops)} FLOPs{teacher} ({FLOPS_CONVENTION})",
+            header,
+            rows,
+            len(front),
+            budget_flops,
+            empty="  (no finished final-stage job yet)",
+        )
+    )
 
 
-def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], n_front: int,
-           budget_flops: int, *, empty: str) -> list[str]:
+def _table(
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    n_front: int,
+    budget_flops: int,
+    *,
+    empty: str,
+) -> list[str]:
     """Lines of a front table: the first ``n_front`` rows ranked above the budget rule, the
     rest listed below it as baselines not on the front. The last two columns (label, mark)
     are left-aligned, numbers right-aligned."""
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
-              for i in range(len(header))]
+    widths = [
+        max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
+        for i in range(len(header))
+    ]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i >= len(header) - 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i >= len(header) - 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     out = [title, line(header)]
     out += [line(row) for row in rows[:n_front]]
@@ -343,8 +458,13 @@ def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], n_f
     return out
 
 
-def _final_row(rank: str, member: FinalMember, best: FinalMember | None, budget_flops: int,
-               teacher_flops: int | None) -> tuple[str, ...]:
+def _final_row(
+    rank: str,
+    member: FinalMember,
+    best: FinalMember | None,
+    budget_flops: int,
+    teacher_flops: int | None,
+) -> tuple[str, ...]:
     marks = []
     if best is not None and member.number == best.number:
         marks.append("best")
@@ -352,9 +472,16 @@ def _final_row(rank: str, member: FinalMember, best: FinalMember | None, budget_
         marks.append("within 1 sd of best")
     if member.baseline:
         marks.append(f"baseline:{member.baseline}")
-    return (rank, str(member.number), f"{member.val_mean:.2f} ± {member.val_sd:.2f}",
-            str(len(member.val_accs)), _fmt_flops(member.flops),
-            _percent(member.flops, budget_flops), _percent(member.flops, teacher_flops),
-            _fmt_flops(member.expected_flops),
-            f"{member.params:,}" if member.params is not None else "-", member.label,
-            " ".join(marks))
+    return (
+        rank,
+        str(member.number),
+        f"{member.val_mean:.2f} ± {member.val_sd:.2f}",
+        str(len(member.val_accs)),
+        _fmt_flops(member.flops),
+        _percent(member.flops, budget_flops),
+        _percent(member.flops, teacher_flops),
+        _fmt_flops(member.expected_flops),
+        f"{member.params:,}" if member.params is not None else "-",
+        member.label,
+        " ".join(marks),
+    )

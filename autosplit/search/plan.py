@@ -26,6 +26,8 @@ RESERVE_MIN_SECONDS = 10.0  # a short limit still keeps room for the fronts and 
 def usable_seconds(time_limit: float) -> float:
     """The part of the limit work may fill: the limit less the reserve for the end."""
     return time_limit - max(RESERVE * time_limit, RESERVE_MIN_SECONDS)
+
+
 # Validation passes are forward-only: about a third of a training step's work per image.
 EVAL_WEIGHT = 1.0 / 3.0
 MIN_SEARCH_JOBS = 2  # the search keeps room for at least this many rung-0 trials beyond baselines
@@ -49,7 +51,7 @@ class CostModel:
         flops = max(flops, 1.0)
         points = sorted(self.ref.items())
         if len(points) == 1:  # one measurement: time proportional to FLOPs
-            (f0, r0), = points
+            ((f0, r0),) = points
             return r0 * f0 / flops
         # The segment around ``flops`` (or the nearest end one), interpolated in log-log space.
         segments = list(zip(points, points[1:], strict=False))
@@ -58,8 +60,16 @@ class CostModel:
         slope = min(0.0, max(-1.0, math.log(r1 / r0) / math.log(f1 / f0)))
         return r0 * (flops / f0) ** slope
 
-    def training_seconds(self, *, flops: float, epochs: int, rows: int, val_rows: int,
-                         kind: str = "trial", extra_images: float = 0.0) -> float:
+    def training_seconds(
+        self,
+        *,
+        flops: float,
+        epochs: int,
+        rows: int,
+        val_rows: int,
+        kind: str = "trial",
+        extra_images: float = 0.0,
+    ) -> float:
         """Predicted wall time of training ``epochs`` over ``rows`` (validating each epoch)."""
         images = epochs * (rows + EVAL_WEIGHT * val_rows) + extra_images
         raw = self.fixed_seconds + images / self.images_per_second(flops)
@@ -108,13 +118,18 @@ class Plan:
         def minutes(seconds: float) -> str:
             return f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds:.0f} s"
 
-        teacher = (f"teacher {minutes(self.teacher_seconds)} ({self.teacher_epochs} epochs)"
-                   if self.teacher_seconds else "teacher cached")
-        return (f"plan: {teacher}, search {minutes(self.search_seconds)}, final "
-                f"{minutes(self.final_seconds)} for {self.finalists} finalist"
-                f"{'s' if self.finalists != 1 else ''} + baselines x {self.seeds} seed"
-                f"{'s' if self.seeds != 1 else ''} at {self.final_epochs} epoch"
-                f"{'s' if self.final_epochs != 1 else ''}")
+        teacher = (
+            f"teacher {minutes(self.teacher_seconds)} ({self.teacher_epochs} epochs)"
+            if self.teacher_seconds
+            else "teacher cached"
+        )
+        return (
+            f"plan: {teacher}, search {minutes(self.search_seconds)}, final "
+            f"{minutes(self.final_seconds)} for {self.finalists} finalist"
+            f"{'s' if self.finalists != 1 else ''} + baselines x {self.seeds} seed"
+            f"{'s' if self.seeds != 1 else ''} at {self.final_epochs} epoch"
+            f"{'s' if self.final_epochs != 1 else ''}"
+        )
 
 
 class TimeLimitTooShort(ValueError):
@@ -134,8 +149,9 @@ def make_plan(inp: PlanInput) -> Plan:
     def final(members: int, seeds: int, final_epochs: int) -> float:
         if members == 0:
             return 0.0
-        return (inp.final_fixed_seconds
-                + (members + inp.baselines) * seeds * per_epoch * final_epochs)
+        return (
+            inp.final_fixed_seconds + (members + inp.baselines) * seeds * per_epoch * final_epochs
+        )
 
     top = inp.final_epochs
     options = [(k, inp.final_seeds, top) for k in range(inp.final_members, 0, -1)]
@@ -146,9 +162,16 @@ def make_plan(inp: PlanInput) -> Plan:
     for members, seeds, final_epochs in options:
         left = usable - epochs * inp.teacher_epoch_seconds - final(members, seeds, final_epochs)
         if left >= search_min:
-            return Plan(epochs or inp.teacher_epochs, epochs * inp.teacher_epoch_seconds, left,
-                        members, seeds, final(members, seeds, final_epochs), final_epochs,
-                        _final_warning(final_epochs, top))
+            return Plan(
+                epochs or inp.teacher_epochs,
+                epochs * inp.teacher_epoch_seconds,
+                left,
+                members,
+                seeds,
+                final(members, seeds, final_epochs),
+                final_epochs,
+                _final_warning(final_epochs, top),
+            )
     members, seeds, final_epochs = options[-1]
     smallest = final(members, seeds, final_epochs)
     if inp.teacher_cached:
@@ -157,36 +180,52 @@ def make_plan(inp: PlanInput) -> Plan:
     room = usable - smallest - search_min
     fit = int(room // inp.teacher_epoch_seconds) if inp.teacher_epoch_seconds > 0 else epochs
     if fit < 1:
-        raise TimeLimitTooShort(_too_short(inp, usable, search_min + smallest
-                                           + inp.teacher_epoch_seconds))
+        raise TimeLimitTooShort(
+            _too_short(inp, usable, search_min + smallest + inp.teacher_epoch_seconds)
+        )
     fit = min(fit, epochs)
     left = usable - fit * inp.teacher_epoch_seconds - smallest
-    warning = (f"the time limit gives the teacher {fit} of the {epochs} epochs its space asks "
-               f"for (about {inp.teacher_epoch_seconds:.0f} s an epoch here); raise --time-limit "
-               "for the full teacher")
-    return Plan(fit, fit * inp.teacher_epoch_seconds, left, members, seeds, smallest,
-                final_epochs, (*_final_warning(final_epochs, top), warning))
+    warning = (
+        f"the time limit gives the teacher {fit} of the {epochs} epochs its space asks "
+        f"for (about {inp.teacher_epoch_seconds:.0f} s an epoch here); raise --time-limit "
+        "for the full teacher"
+    )
+    return Plan(
+        fit,
+        fit * inp.teacher_epoch_seconds,
+        left,
+        members,
+        seeds,
+        smallest,
+        final_epochs,
+        (*_final_warning(final_epochs, top), warning),
+    )
 
 
 def _final_warning(final_epochs: int, wanted: int) -> tuple[str, ...]:
     if final_epochs >= wanted:
         return ()
-    return (f"the time limit gives the final stage {final_epochs} of the {wanted} epochs its "
-            "space asks for; raise --time-limit for the full final fidelity",)
+    return (
+        f"the time limit gives the final stage {final_epochs} of the {wanted} epochs its "
+        "space asks for; raise --time-limit for the full final fidelity",
+    )
 
 
 def _too_short(inp: PlanInput, usable: float, needed: float) -> str:
     need = max(needed / (1.0 - RESERVE), needed + RESERVE_MIN_SECONDS)
-    return (f"--time-limit {inp.time_limit / 60:.1f}m is too short on this machine: the smallest "
-            f"plan (one teacher epoch if not cached, baselines and {MIN_SEARCH_JOBS} trials at the "
-            f"cheapest rung, one finalist with one seed) needs about {math.ceil(need / 60)} min")
+    return (
+        f"--time-limit {inp.time_limit / 60:.1f}m is too short on this machine: the smallest "
+        f"plan (one teacher epoch if not cached, baselines and {MIN_SEARCH_JOBS} trials at the "
+        f"cheapest rung, one finalist with one seed) needs about {math.ceil(need / 60)} min"
+    )
 
 
 class Deadline:
     """An end in the clock's seconds (``None``: no end); "can this still finish in time?"."""
 
-    def __init__(self, seconds: float | None, *, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(
+        self, seconds: float | None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.clock = clock
         self.started = clock()
         self.at = None if seconds is None else self.started + seconds

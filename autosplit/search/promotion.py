@@ -35,8 +35,11 @@ class RungResult:
 
 def dominates(a: RungResult, b: RungResult) -> bool:
     """``a`` is at least as good as ``b`` in both objectives and better in one."""
-    return (a.val_acc >= b.val_acc and a.flops <= b.flops
-            and (a.val_acc > b.val_acc or a.flops < b.flops))
+    return (
+        a.val_acc >= b.val_acc
+        and a.flops <= b.flops
+        and (a.val_acc > b.val_acc or a.flops < b.flops)
+    )
 
 
 def nondominated_layers(results: Sequence[RungResult]) -> list[list[RungResult]]:
@@ -101,4 +104,4 @@ def promotable(me: RungResult, finished: Sequence[RungResult], eta: int) -> bool
 
 def select(results: Sequence[RungResult], k: int) -> list[RungResult]:
     """The ``k`` best by the same ranking (the final stage's finalists)."""
-    return rank(results)[:max(0, k)]
+    return rank(results)[: max(0, k)]

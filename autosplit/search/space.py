@@ -54,15 +54,20 @@ class ParamSpec:
         if self.type == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high),
-                                     step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step,
-                                   log=self.log)
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        return trial.suggest_float(
+            self.name, float(self.low), float(self.high), step=self.step, log=self.log
+        )
 
     def sample_value(self) -> Any:
         """A value inside the distribution, for validating the path at load time."""
-        return self.choices[0] if self.type == "categorical" else (
-            int(self.low) if self.type == "int" else float(self.low))
+        return (
+            self.choices[0]
+            if self.type == "categorical"
+            else (int(self.low) if self.type == "int" else float(self.low))
+        )
 
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
@@ -118,8 +123,10 @@ class Fidelity:
             raise UserError(f"{path}.eta: must be >= 2, got {self.eta}")
         work = [r.epochs * (r.rows or 10**12) for r in self.rungs]
         if any(b <= a for a, b in zip(work, work[1:], strict=False)):
-            raise UserError(f"{path}.rungs: list them from cheap to dear (epochs x rows must "
-                            "grow from one rung to the next)")
+            raise UserError(
+                f"{path}.rungs: list them from cheap to dear (epochs x rows must "
+                "grow from one rung to the next)"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,8 +144,16 @@ class SearchSettings:
 class SearchSpace:
     """A loaded, validated space file."""
 
-    def __init__(self, path: Path, data: DataConfig, teacher: TeacherConfig, budget: str | None,
-                 fixed: dict[str, Any], params: list[ParamSpec], settings: SearchSettings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        data: DataConfig,
+        teacher: TeacherConfig,
+        budget: str | None,
+        fixed: dict[str, Any],
+        params: list[ParamSpec],
+        settings: SearchSettings,
+    ) -> None:
         self.path, self.data, self.teacher, self.budget = path, data, teacher, budget
         self.fixed, self.params, self.settings = fixed, params, settings
 
@@ -178,8 +193,9 @@ class SearchSpace:
             raise UserError("candidate: expected a mapping of fixed candidate settings")
         for key in ("data", "teacher", "max_flops"):
             if key in fixed:
-                raise UserError(f"candidate.{key}: set by the space's top level and --budget, "
-                                "remove it here")
+                raise UserError(
+                    f"candidate.{key}: set by the space's top level and --budget, remove it here"
+                )
         params = [_parse_param(name, spec) for name, spec in (raw.get("params") or {}).items()]
         settings = from_dict(SearchSettings, raw.get("search") or {}, "search")
         if settings.time_limit is not None:
@@ -188,8 +204,9 @@ class SearchSpace:
             try:
                 parse_duration(settings.time_limit)
             except UserError:
-                raise UserError(f"search.time_limit: {settings.time_limit!r} is not a duration "
-                                "like 30m or 2h") from None
+                raise UserError(
+                    f"search.time_limit: {settings.time_limit!r} is not a duration like 30m or 2h"
+                ) from None
         space = cls(path, data, teacher, budget, fixed, params, settings)
         space._validate()
         return space
@@ -199,12 +216,17 @@ class SearchSpace:
     def base_candidate(self, max_flops: int) -> Candidate:
         from autosplit.distill.candidate import Candidate
 
-        plain = {**self.fixed, "data": to_dict(self.data), "teacher": to_dict(self.teacher),
-                 "max_flops": int(max_flops)}
+        plain = {
+            **self.fixed,
+            "data": to_dict(self.data),
+            "teacher": to_dict(self.teacher),
+            "max_flops": int(max_flops),
+        }
         return Candidate.from_dict(plain)
 
-    def suggest(self, trial: optuna.Trial, max_flops: int, *,
-                overrides: dict[str, Any] | None = None) -> Candidate:
+    def suggest(
+        self, trial: optuna.Trial, max_flops: int, *, overrides: dict[str, Any] | None = None
+    ) -> Candidate:
         """Draw the trial's values (conditional parameters in file order) into a candidate.
 
         ``overrides`` (a baseline) pin values: those are not drawn, so the trial's Optuna
@@ -238,10 +260,11 @@ class SearchSpace:
         for param in self.params:
             for key in param.when:
                 if key not in names and key not in base.flat():
-                    raise UserError(f"params.{param.name}.when.{key}: not a parameter or a "
-                                    "candidate path")
+                    raise UserError(
+                        f"params.{param.name}.when.{key}: not a parameter or a candidate path"
+                    )
             # Every choice of every parameter, in a full draw where its conditions hold.
-            for value in (param.choices if param.type == "categorical" else (param.low, param.high)):
+            for value in param.choices if param.type == "categorical" else (param.low, param.high):
                 if param.type == "int":
                     value = int(value)
                 pinned = {key: allowed[0] for key, allowed in param.when.items()}
@@ -257,7 +280,9 @@ class SearchSpace:
                 raise UserError(f"search.baselines.{name}: {exc}") from None
 
 
-def _draw_values(params: list[ParamSpec], flat: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
+def _draw_values(
+    params: list[ParamSpec], flat: dict[str, Any], pinned: dict[str, Any]
+) -> dict[str, Any]:
     values, chosen = dict(flat), {}
     for param in params:
         if param.active(values):
@@ -269,8 +294,10 @@ def _draw_values(params: list[ParamSpec], flat: dict[str, Any], pinned: dict[str
 def _parse_param(name: str, spec: Any) -> ParamSpec:
     where = f"params.{name}"
     if not isinstance(spec, dict):
-        raise UserError(f"{where}: expected a mapping like {{type: float, low: 0.1, high: 1}} "
-                        "or {choices: [a, b]}")
+        raise UserError(
+            f"{where}: expected a mapping like {{type: float, low: 0.1, high: 1}} "
+            "or {choices: [a, b]}"
+        )
     spec = dict(spec)
     if "choices" in spec:
         spec.setdefault("type", "categorical")

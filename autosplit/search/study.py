@@ -72,10 +72,14 @@ def open_storage(url: str, *, write: bool = True) -> optuna.storages.BaseStorage
                 # fail and retry trials of killed workers on RDB storages.
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 return RDBStorage(
-                    url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                    url,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                        max_retry=MAX_RETRY),
-                    engine_kwargs=None if url.startswith("sqlite") else {"pool_pre_ping": True})
+                        max_retry=MAX_RETRY
+                    ),
+                    engine_kwargs=None if url.startswith("sqlite") else {"pool_pre_ping": True},
+                )
         except Exception as exc:  # noqa: BLE001 - drivers raise many types; one line for the user
             text = str(exc)
             # Workers started together on an empty database race to create Optuna's tables;
@@ -84,8 +88,10 @@ def open_storage(url: str, *, write: bool = True) -> optuna.storages.BaseStorage
                 time.sleep(0.5 + random.random())
                 continue
             first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-            raise UserError(f"--storage {redact_url(url)}: cannot open ({first[:200]}); check the "
-                            "URL, that the server runs and the driver is installed") from None
+            raise UserError(
+                f"--storage {redact_url(url)}: cannot open ({first[:200]}); check the "
+                "URL, that the server runs and the driver is installed"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -104,11 +110,11 @@ def make_sampler(name: str, seed: int | None, *, n_startup: int = 8) -> optuna.s
 
     def build(trial_seed: int | None) -> optuna.samplers.BaseSampler:
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=n_startup,
-                                              multivariate=True, constant_liar=True)
+            return optuna.samplers.TPESampler(
+                seed=trial_seed, n_startup_trials=n_startup, multivariate=True, constant_liar=True
+            )
         if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=trial_seed,
-                                                 population_size=max(4, n_startup))
+            return optuna.samplers.NSGAIISampler(seed=trial_seed, population_size=max(4, n_startup))
         return optuna.samplers.RandomSampler(seed=trial_seed)
 
     return build(None) if seed is None else TrialSeededSampler(build, seed)
@@ -140,46 +146,67 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._inner = self._build(self.seed_for(trial.number))
         self._inner.before_trial(study, trial)
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, Any]:
         return self._inner.infer_relative_search_space(study, trial)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, Any]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
         return self._inner.sample_relative(study, trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: Any) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
         return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Any) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
+    ) -> None:
         self._inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
         self._inner.reseed_rng()
 
 
-def open_study(name: str, storage: optuna.storages.BaseStorage, *,
-               sampler: optuna.samplers.BaseSampler | None = None, create: bool) -> optuna.Study:
+def open_study(
+    name: str,
+    storage: optuna.storages.BaseStorage,
+    *,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    create: bool,
+) -> optuna.Study:
     if create:
         return create_or_load(name, storage, sampler=sampler)[0]
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         known = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise UserError(f"--study-name {name!r}: no such study in this storage; known: "
-                        f"{', '.join(known) or '(none)'}") from None
+        raise UserError(
+            f"--study-name {name!r}: no such study in this storage; known: "
+            f"{', '.join(known) or '(none)'}"
+        ) from None
 
 
-def create_or_load(name: str, storage: optuna.storages.BaseStorage, *,
-                   sampler: optuna.samplers.BaseSampler | None = None) -> tuple[optuna.Study, bool]:
+def create_or_load(
+    name: str,
+    storage: optuna.storages.BaseStorage,
+    *,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> tuple[optuna.Study, bool]:
     """The study, and whether this call created it. The storage's unique study name makes
     exactly one of several workers started together the creator (who enqueues the baselines)."""
     from optuna.exceptions import DuplicatedStudyError
 
     try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                    directions=["maximize", "minimize"], load_if_exists=False)
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=sampler,
+            directions=["maximize", "minimize"],
+            load_if_exists=False,
+        )
         return study, True
     except DuplicatedStudyError:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
@@ -221,23 +248,35 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     by_number = {t.number: t for t in trials}
     out = []
     for trial in trials:
-        if (trial.state != TrialState.FAIL or trial.number in retried
-                or trial.user_attrs.get("autosplit.state") not in (None, INTERRUPTED)
-                or _retry_depth(trial, by_number) >= MAX_RETRY):
+        if (
+            trial.state != TrialState.FAIL
+            or trial.number in retried
+            or trial.user_attrs.get("autosplit.state") not in (None, INTERRUPTED)
+            or _retry_depth(trial, by_number) >= MAX_RETRY
+        ):
             continue
-        study.enqueue_trial(trial.params, user_attrs={
-            **{k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS},
-            "autosplit.retry_of": trial.number})
+        study.enqueue_trial(
+            trial.params,
+            user_attrs={
+                **{k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS},
+                "autosplit.retry_of": trial.number,
+            },
+        )
         out.append(trial.number)
     if out:
-        log.warning("re-queued %d interrupted trial(s) with their parameters: %s", len(out),
-                    ", ".join(map(str, out)))
+        log.warning(
+            "re-queued %d interrupted trial(s) with their parameters: %s",
+            len(out),
+            ", ".join(map(str, out)),
+        )
     return out
 
 
 def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:
     depth = 0
-    while (parent := trial.user_attrs.get("autosplit.retry_of")) is not None and parent in by_number:
+    while (
+        parent := trial.user_attrs.get("autosplit.retry_of")
+    ) is not None and parent in by_number:
         depth, trial = depth + 1, by_number[parent]
     return depth
 
@@ -260,21 +299,33 @@ def _alive(pid: int) -> bool:
 
 def record_of(trial: FrozenTrial) -> TrialRecord:
     attrs = trial.user_attrs
-    state = attrs.get("autosplit.state") or {
-        TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-        TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[trial.state]
+    state = (
+        attrs.get("autosplit.state")
+        or {
+            TrialState.COMPLETE: "complete",
+            TrialState.PRUNED: "pruned",
+            TrialState.FAIL: "failed",
+            TrialState.RUNNING: "running",
+            TrialState.WAITING: "waiting",
+        }[trial.state]
+    )
     if trial.state == TrialState.FAIL:
         state = "failed"
-    return TrialRecord(number=trial.number, state=state, val_acc=attrs.get("autosplit.val_acc"),
-                       flops=attrs.get("autosplit.flops"),
-                       expected_flops=attrs.get("autosplit.expected_flops"),
-                       params=attrs.get("autosplit.params"), label=attrs.get("autosplit.label", ""),
-                       run_id=attrs.get("autosplit.run_id"),
-                       baseline=attrs.get("autosplit.baseline"),
-                       stage=attrs.get("autosplit.stage", "search"),
-                       rung_accs=tuple(float(r["val_acc"])
-                                       for r in attrs.get("autosplit.rungs") or []),
-                       member=attrs.get("autosplit.member"), seed=attrs.get("autosplit.seed"))
+    return TrialRecord(
+        number=trial.number,
+        state=state,
+        val_acc=attrs.get("autosplit.val_acc"),
+        flops=attrs.get("autosplit.flops"),
+        expected_flops=attrs.get("autosplit.expected_flops"),
+        params=attrs.get("autosplit.params"),
+        label=attrs.get("autosplit.label", ""),
+        run_id=attrs.get("autosplit.run_id"),
+        baseline=attrs.get("autosplit.baseline"),
+        stage=attrs.get("autosplit.stage", "search"),
+        rung_accs=tuple(float(r["val_acc"]) for r in attrs.get("autosplit.rungs") or []),
+        member=attrs.get("autosplit.member"),
+        seed=attrs.get("autosplit.seed"),
+    )
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
@@ -287,4 +338,3 @@ def study_info(study: optuna.Study) -> dict[str, Any]:
     if "autosplit.budget_flops" not in attrs:
         raise UserError(f"study {study.study_name!r} was not made by autosplit search")
     return attrs
-

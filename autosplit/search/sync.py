@@ -34,19 +34,26 @@ def run_state(trial: FrozenTrial) -> str:
 def trial_metrics(trial: FrozenTrial) -> dict[str, float]:
     attrs = trial.user_attrs
     rungs = attrs.get(A + "rungs") or []
-    values = {"val/acc": attrs.get(A + "val_acc"), "flops/worst_case": attrs.get(A + "flops"),
-              "flops/expected": attrs.get(A + "expected_flops"), "params": attrs.get(A + "params"),
-              "time/train_s": attrs.get(A + "train_seconds"),
-              "search/rung": len(rungs) - 1 if rungs else None,
-              "optuna/trial_number": trial.number}
+    values = {
+        "val/acc": attrs.get(A + "val_acc"),
+        "flops/worst_case": attrs.get(A + "flops"),
+        "flops/expected": attrs.get(A + "expected_flops"),
+        "params": attrs.get(A + "params"),
+        "time/train_s": attrs.get(A + "train_seconds"),
+        "search/rung": len(rungs) - 1 if rungs else None,
+        "optuna/trial_number": trial.number,
+    }
     return {k: float(v) for k, v in values.items() if v is not None}
 
 
 def trial_tags(trial: FrozenTrial) -> dict[str, str]:
     attrs = trial.user_attrs
-    tags = {"autosplit.label": attrs.get(A + "label", ""),
-            "autosplit.baseline": attrs.get(A + "baseline") or "",
-            "autosplit.stage": attrs.get(A + "stage", "search"), "autosplit.synced": "true"}
+    tags = {
+        "autosplit.label": attrs.get(A + "label", ""),
+        "autosplit.baseline": attrs.get(A + "baseline") or "",
+        "autosplit.stage": attrs.get(A + "stage", "search"),
+        "autosplit.synced": "true",
+    }
     for key in ("member", "seed"):
         if attrs.get(A + key) is not None:
             tags[A + key] = str(attrs[A + key])
@@ -56,8 +63,11 @@ def trial_tags(trial: FrozenTrial) -> dict[str, str]:
 def should_have_run(trial: FrozenTrial) -> bool:
     """Finished, and far enough that the driver starts a run for it (it has a label; a
     duplicate final job stops before that)."""
-    return (trial.state in FINISHED and A + "label" in trial.user_attrs
-            and trial.user_attrs.get(A + "state") != "duplicate")
+    return (
+        trial.state in FINISHED
+        and A + "label" in trial.user_attrs
+        and trial.user_attrs.get(A + "state") != "duplicate"
+    )
 
 
 def sync_study(study: optuna.Study, tracker: Any) -> tuple[int, int]:
@@ -66,8 +76,11 @@ def sync_study(study: optuna.Study, tracker: Any) -> tuple[int, int]:
     name = study.study_name
     tracker.close_dead_runs(name)
     runs, parents = tracker.study_runs(name)
-    todo = [t for t in study.get_trials(deepcopy=False)
-            if should_have_run(t) and not runs.get(t.number, ("", False))[1]]
+    todo = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if should_have_run(t) and not runs.get(t.number, ("", False))[1]
+    ]
     already = sum(should_have_run(t) for t in study.get_trials(deepcopy=False)) - len(todo)
     started = ""
     if todo and not parents:  # the store never saw a search of this study
@@ -82,9 +95,13 @@ def sync_study(study: optuna.Study, tracker: Any) -> tuple[int, int]:
             tracker.attach(study_name=name, parent_run_id=parent, revive=True)
             attached = parent
         run_ids[trial.number] = tracker.log_trial(
-            trial_number=trial.number, params=trial.user_attrs.get(A + "candidate") or trial.params,
-            tags=trial_tags(trial), state=run_state(trial), metrics=trial_metrics(trial),
-            run_id=runs.get(trial.number, ("", False))[0])
+            trial_number=trial.number,
+            params=trial.user_attrs.get(A + "candidate") or trial.params,
+            tags=trial_tags(trial),
+            state=run_state(trial),
+            metrics=trial_metrics(trial),
+            run_id=runs.get(trial.number, ("", False))[0],
+        )
     if todo:
         _refresh_front(study, tracker, parents[-1].info.run_id, run_ids)
     if started:
@@ -100,20 +117,24 @@ def _parent_for(trial: FrozenTrial, parents: list[Any], starts: list[int]) -> st
     return parents[bisect.bisect_right(starts, when) - 1].info.run_id
 
 
-def _refresh_front(study: optuna.Study, tracker: Any, parent: str,
-                   run_ids: dict[int, str]) -> None:
+def _refresh_front(study: optuna.Study, tracker: Any, parent: str, run_ids: dict[int, str]) -> None:
     import dataclasses
 
     from autosplit.search.driver import proxy_fidelity
 
     budget = int(studies.study_info(study)[A + "budget_flops"])
-    records = [dataclasses.replace(r, run_id=run_ids.get(r.number, r.run_id))
-               for r in studies.records(study)]
+    records = [
+        dataclasses.replace(r, run_id=run_ids.get(r.number, r.run_id))
+        for r in studies.records(study)
+    ]
     tracker.attach(study_name=study.study_name, parent_run_id=parent, revive=True)
     tracker.update_front(search_records(records), budget)
     members = final_members(records, study.user_attrs.get(A + "final_members"))
     if members:
         top = max((len(r.rung_accs) for r in records), default=0)
-        tracker.log_final_stage(members, {k: rung_records(records, k) for k in range(top)},
-                                proxy_fidelity(study), budget)
-
+        tracker.log_final_stage(
+            members,
+            {k: rung_records(records, k) for k in range(top)},
+            proxy_fidelity(study),
+            budget,
+        )

@@ -13,9 +13,16 @@ from torch import nn
 from autosplit.device import Runtime
 
 
-def training_images_per_second(model: nn.Module, input_shape: tuple[int, int, int],
-                               num_classes: int, runtime: Runtime, *, batch_size: int,
-                               max_seconds: float = 2.0, max_steps: int = 30) -> float:
+def training_images_per_second(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    runtime: Runtime,
+    *,
+    batch_size: int,
+    max_seconds: float = 2.0,
+    max_steps: int = 30,
+) -> float:
     """Training images/s of ``model`` (forward, cross-entropy, backward, SGD step) here.
 
     Runs on a copy, so the model passed in is left as it was. Two warm-up steps are not timed;

@@ -43,8 +43,15 @@ def teacher(tiny_teacher: ZooModel) -> ZooModel:
     return tiny_teacher
 
 
-def make_candidate(structure: str = "single", logit: str = "kd", feature: str = "none", *,
-                   twi: bool = False, schedule: str = "joint", **params: Any) -> Candidate:
+def make_candidate(
+    structure: str = "single",
+    logit: str = "kd",
+    feature: str = "none",
+    *,
+    twi: bool = False,
+    schedule: str = "joint",
+    **params: Any,
+) -> Candidate:
     """Tiny models with pinned widths (no width solving); ``params`` are dotted overrides."""
     parts = structure in WITH_PARTS
     candidate = Candidate(
@@ -52,8 +59,9 @@ def make_candidate(structure: str = "single", logit: str = "kd", feature: str = 
         teacher=TeacherConfig(model="tiny", width=1.5),
         max_flops=10**6,
         student=StudentSpec(family="tiny"),
-        split=SplitSpec(base_share=0.7 if parts else 1.0, base_width=0.5,
-                        part_width=0.25 if parts else None),
+        split=SplitSpec(
+            base_share=0.7 if parts else 1.0, base_width=0.5, part_width=0.25 if parts else None
+        ),
         structure=PartSpec(structure, tuple(SMALL.get(structure, {}).items())),
         logit_loss=PartSpec(logit),
         feature_loss=PartSpec(feature),
@@ -80,12 +88,20 @@ def _cases() -> list[Any]:
             cases.append(pytest.param((structure, logit, "none", False), id=f"{structure}-{logit}"))
         for feature in FEATURE_LOSSES:
             if feature != "none":
-                cases.append(pytest.param((structure, "kd", feature, False), id=f"{structure}-{feature}"))
+                cases.append(
+                    pytest.param((structure, "kd", feature, False), id=f"{structure}-{feature}")
+                )
         cases.append(pytest.param((structure, "kd", "none", True), id=f"{structure}-twi"))
-    extra = [(("res_chain", "dkd", "hint", True), {"structure.residual": "mse"}, "res_chain-mse"),
-             (("assistant", "aekt", "none", False), {"logit_loss.layout": "parallel"}, "assistant-aekt-par"),
-             (("branches", "aekt", "iekd", True), {"structure.mix_alpha": 0.5}, "branches-iekd-mixed"),
-             (("single", "aekt", "iekd", True), {"logit_loss.layout": "parallel"}, "single-all")]
+    extra = [
+        (("res_chain", "dkd", "hint", True), {"structure.residual": "mse"}, "res_chain-mse"),
+        (
+            ("assistant", "aekt", "none", False),
+            {"logit_loss.layout": "parallel"},
+            "assistant-aekt-par",
+        ),
+        (("branches", "aekt", "iekd", True), {"structure.mix_alpha": 0.5}, "branches-iekd-mixed"),
+        (("single", "aekt", "iekd", True), {"logit_loss.layout": "parallel"}, "single-all"),
+    ]
     cases += [pytest.param((*case, values), id=name) for case, values, name in extra]
     return cases
 
@@ -95,15 +111,20 @@ def _build(case: tuple, teacher: ZooModel, seed: int = 0) -> Distiller:
         candidate = from_recipe(case[1])
     else:
         structure, logit, feature, twi, *values = case
-        candidate = make_candidate(structure, logit, feature, twi=twi, **(values[0] if values else {}))
+        candidate = make_candidate(
+            structure, logit, feature, twi=twi, **(values[0] if values else {})
+        )
     torch.manual_seed(seed)
-    return build_distiller(candidate, teacher=teacher, num_classes=CLASSES, in_channels=1,
-                           input_shape=INPUT_SHAPE)
+    return build_distiller(
+        candidate, teacher=teacher, num_classes=CLASSES, in_channels=1, input_shape=INPUT_SHAPE
+    )
 
 
 def _batch(size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(0, CLASSES, (size,), generator=gen)
+    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(
+        0, CLASSES, (size,), generator=gen
+    )
 
 
 def _teacher_outputs(teacher: ZooModel, distiller: Distiller, images: torch.Tensor) -> dict:
@@ -122,7 +143,9 @@ def test_distiller_contract(case: tuple, teacher: ZooModel) -> None:
     distiller.train()
     outputs = distiller(images)
     assert outputs["logits"].shape == (6, CLASSES)
-    assert outputs["logit_streams"] and all(z.shape == (6, CLASSES) for z in outputs["logit_streams"])
+    assert outputs["logit_streams"] and all(
+        z.shape == (6, CLASSES) for z in outputs["logit_streams"]
+    )
     assert distiller.teacher_taps <= set(teacher.forward_taps(images[:2]))
 
     # Loss: finite, "loss" + loss_<term>, the total is the sum of the terms.
@@ -137,7 +160,9 @@ def test_distiller_contract(case: tuple, teacher: ZooModel) -> None:
     losses["loss"].backward()
     trainable = distiller.trainable_parameters()
     names = {id(p): name for name, p in distiller.named_parameters()}
-    no_grad = [names[id(p)] for p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    no_grad = [
+        names[id(p)] for p in trainable if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not no_grad, f"no gradient for {no_grad}"
     assert all(p.requires_grad for p in trainable)
     teacher_ids = {id(p) for p in teacher.parameters()}

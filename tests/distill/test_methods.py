@@ -39,28 +39,50 @@ def teacher(tiny_teacher: ZooModel) -> ZooModel:
     return tiny_teacher.requires_grad_(False)
 
 
-def make_candidate(structure: str = "single", logit: str = "kd", feature: str = "none", *,
-                   twi: bool = False, schedule: str = "joint", **values: Any) -> Candidate:
+def make_candidate(
+    structure: str = "single",
+    logit: str = "kd",
+    feature: str = "none",
+    *,
+    twi: bool = False,
+    schedule: str = "joint",
+    **values: Any,
+) -> Candidate:
     parts = structure in WITH_PARTS
     candidate = Candidate(
-        data=DataConfig(name="digits", augment=False), teacher=TeacherConfig(model="tiny", width=1.5),
-        max_flops=10**6, student=StudentSpec(family="tiny"),
-        split=SplitSpec(base_share=0.7 if parts else 1.0, base_width=0.5,
-                        part_width=0.25 if parts else None),
-        structure=PartSpec(structure), logit_loss=PartSpec(logit), feature_loss=PartSpec(feature),
-        twi=twi, schedule=schedule, train=TrainConfig(epochs=2, batch_size=32))
+        data=DataConfig(name="digits", augment=False),
+        teacher=TeacherConfig(model="tiny", width=1.5),
+        max_flops=10**6,
+        student=StudentSpec(family="tiny"),
+        split=SplitSpec(
+            base_share=0.7 if parts else 1.0, base_width=0.5, part_width=0.25 if parts else None
+        ),
+        structure=PartSpec(structure),
+        logit_loss=PartSpec(logit),
+        feature_loss=PartSpec(feature),
+        twi=twi,
+        schedule=schedule,
+        train=TrainConfig(epochs=2, batch_size=32),
+    )
     return candidate.with_values(values) if values else candidate
 
 
 def make_distiller(teacher: ZooModel, *args: Any, **kwargs: Any) -> Distiller:
     torch.manual_seed(0)
-    return build_distiller(make_candidate(*args, **kwargs), teacher=teacher, num_classes=CLASSES,
-                           in_channels=1, input_shape=INPUT_SHAPE)
+    return build_distiller(
+        make_candidate(*args, **kwargs),
+        teacher=teacher,
+        num_classes=CLASSES,
+        in_channels=1,
+        input_shape=INPUT_SHAPE,
+    )
 
 
 def batch(size: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(0, CLASSES, (size,), generator=gen)
+    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(
+        0, CLASSES, (size,), generator=gen
+    )
 
 
 def step(distiller: Distiller, teacher: ZooModel, *, epoch: int = 0, term: str = "loss") -> dict:
@@ -69,7 +91,9 @@ def step(distiller: Distiller, teacher: ZooModel, *, epoch: int = 0, term: str =
     outputs = distiller(images)
     with torch.no_grad():
         taps = teacher.forward_taps(images)
-    losses = distiller.loss(outputs, {k: taps[k] for k in distiller.teacher_taps}, labels, epoch=epoch)
+    losses = distiller.loss(
+        outputs, {k: taps[k] for k in distiller.teacher_taps}, labels, epoch=epoch
+    )
     losses[term].backward()
     return {"outputs": outputs, "losses": losses, "taps": taps, "labels": labels}
 
@@ -114,8 +138,11 @@ def test_rkd_can_mimic_every_stage(teacher: ZooModel, monkeypatch: pytest.Monkey
     run = step(distiller, teacher, term="loss_rkd_mimic")
     (adapted,) = run["outputs"]["rkd_mimic"]
     assert adapted.shape == run["taps"]["stage1"].shape
-    expected = (F.mse_loss(run["outputs"]["feat_base"], run["taps"]["stage2"]) / run["taps"]["stage2"].pow(2).mean()
-                + F.mse_loss(adapted, run["taps"]["stage1"]) / run["taps"]["stage1"].pow(2).mean())
+    expected = (
+        F.mse_loss(run["outputs"]["feat_base"], run["taps"]["stage2"])
+        / run["taps"]["stage2"].pow(2).mean()
+        + F.mse_loss(adapted, run["taps"]["stage1"]) / run["taps"]["stage1"].pow(2).mean()
+    )
     assert torch.allclose(run["losses"]["loss_rkd_mimic"], expected)
     assert all(p.grad is not None for p in distiller.parts["structure"].adapters.parameters())
 
@@ -132,15 +159,23 @@ def test_reskd_kd_trains_only_the_res_student_through_the_sum(teacher: ZooModel)
 
 
 def test_reskd_mse_matches_the_gap(teacher: ZooModel) -> None:
-    distiller = make_distiller(teacher, "res_chain", "kd", **{"structure.residual": "mse",
-                                                               "structure.residual_weight": 2.0})
+    distiller = make_distiller(
+        teacher,
+        "res_chain",
+        "kd",
+        **{"structure.residual": "mse", "structure.residual_weight": 2.0},
+    )
     run = step(distiller, teacher, term="loss_reskd_2")
     out, losses = run["outputs"], run["losses"]
     assert "loss_kd_z1" not in losses and "loss_kd" in losses  # the logit loss sees z^(0) only
-    expected = reskd_residual_mse(out["part_logits"][1], run["taps"]["logits"], out["partial_logits"][1])
+    expected = reskd_residual_mse(
+        out["part_logits"][1], run["taps"]["logits"], out["partial_logits"][1]
+    )
     assert torch.allclose(losses["loss_reskd_2"], 2.0 * expected)
-    assert all(p.grad is None for p in [*distiller.student.base.parameters(),
-                                        *distiller.student.res1.parameters()])
+    assert all(
+        p.grad is None
+        for p in [*distiller.student.base.parameters(), *distiller.student.res1.parameters()]
+    )
 
 
 @pytest.mark.parametrize("twi", [True, False])
@@ -149,10 +184,14 @@ def test_era_terms(teacher: ZooModel, twi: bool) -> None:
     run = step(distiller, teacher)
     out, losses, labels = run["outputs"], run["losses"], run["labels"]
     assert ("loss_era_recon_ce" in losses) is twi and ("loss_era_proj_ce" in losses) is twi
-    assert torch.allclose(losses["loss_era_feat"], 5.0 * F.mse_loss(out["pooled_proj"], run["taps"]["pooled"]))
+    assert torch.allclose(
+        losses["loss_era_feat"], 5.0 * F.mse_loss(out["pooled_proj"], run["taps"]["pooled"])
+    )
     if twi:
         recon = out["recon_logits"]
-        expected = sum(0.5**i * F.cross_entropy(z, labels) for i, z in enumerate(recon)) / len(recon)
+        expected = sum(0.5**i * F.cross_entropy(z, labels) for i, z in enumerate(recon)) / len(
+            recon
+        )
         assert torch.allclose(losses["loss_era_recon_ce"], expected)
 
 
@@ -164,27 +203,39 @@ def test_twi_head_is_the_teachers_and_never_steps(teacher: ZooModel, structure: 
         head = distiller.parts["twi"].teacher_head
     else:
         head = distiller.student.teacher_head if structure == "branches" else distiller.student.head
-    assert torch.equal(head.weight, teacher.head.weight) and torch.equal(head.bias, teacher.head.bias)
+    assert torch.equal(head.weight, teacher.head.weight) and torch.equal(
+        head.bias, teacher.head.bias
+    )
     sgd_step(distiller, teacher)
     sgd_step(distiller, teacher)
-    assert torch.equal(head.weight, teacher.head.weight) and torch.equal(head.bias, teacher.head.bias)
-    assert not {id(p) for p in head.parameters()} & {id(p) for p in distiller.trainable_parameters()}
+    assert torch.equal(head.weight, teacher.head.weight) and torch.equal(
+        head.bias, teacher.head.bias
+    )
+    assert not {id(p) for p in head.parameters()} & {
+        id(p) for p in distiller.trainable_parameters()
+    }
 
 
-@pytest.mark.parametrize(("structure", "stage_index"),
-                         [("res_chain", 1), ("res_chain", 0), ("assistant", 0), ("assistant", 1),
-                          ("branches", 1)])
-def test_staged_step_changes_only_the_stage(teacher: ZooModel, structure: str, stage_index: int) -> None:
+@pytest.mark.parametrize(
+    ("structure", "stage_index"),
+    [("res_chain", 1), ("res_chain", 0), ("assistant", 0), ("assistant", 1), ("branches", 1)],
+)
+def test_staged_step_changes_only_the_stage(
+    teacher: ZooModel, structure: str, stage_index: int
+) -> None:
     distiller = make_distiller(teacher, structure, "dkd", "hint", schedule="staged")
     stages = distiller.stages()
     assert len(stages) == (3 if structure == "res_chain" else 2)
     stage = stages[stage_index]
     names = {id(p): name for name, p in distiller.named_parameters()}
     owners = {names[id(p)].split(".")[1] for p in stage.parameters}  # student children / parts
-    expected = {("res_chain", 0): {"base", "feature"}, ("res_chain", 1): {"res1"},
-                ("assistant", 0): {"base", "adapter_base", "feature"},
-                ("assistant", 1): {"assistant", "adapter_assistant", "head"},
-                ("branches", 1): {"projector", "branch1", "branch2", "branch3", "branch4"}}
+    expected = {
+        ("res_chain", 0): {"base", "feature"},
+        ("res_chain", 1): {"res1"},
+        ("assistant", 0): {"base", "adapter_base", "feature"},
+        ("assistant", 1): {"assistant", "adapter_assistant", "head"},
+        ("branches", 1): {"projector", "branch1", "branch2", "branch3", "branch4"},
+    }
     assert owners == expected[structure, stage_index]
     distiller.set_stage(stage)
     before = copy.deepcopy(distiller.state_dict())
@@ -202,15 +253,17 @@ def test_staged_step_changes_only_the_stage(teacher: ZooModel, structure: str, s
         assert {k for k in changed if k.startswith(("student.base.", "student.res2."))} == set()
     distiller.set_stage(None)
     assert len(distiller.trainable_parameters()) == len(stages[0].parameters) + sum(
-        len(s.parameters) for s in stages[1:])
+        len(s.parameters) for s in stages[1:]
+    )
 
 
 # --- logit losses -----------------------------------------------------------------------------
 
 
 def test_aekt_fixed_weight_is_weighted_tckd_nckd(teacher: ZooModel) -> None:
-    distiller = make_distiller(teacher, "single", "aekt", **{"logit_loss.fixed_weight": 0.7,
-                                                             "logit_loss.warmup_epochs": 0})
+    distiller = make_distiller(
+        teacher, "single", "aekt", **{"logit_loss.fixed_weight": 0.7, "logit_loss.warmup_epochs": 0}
+    )
     run = step(distiller, teacher)
     out, labels = run["outputs"], run["labels"]
     z_dist = out["aekt_dist"][0]
@@ -253,8 +306,10 @@ def test_iekd_exploration_pushes_away(teacher: ZooModel) -> None:
     distance = factor_distance(run["outputs"]["iekd_explore"], factor_teacher)
     assert float(run["losses"]["loss_iekd_explore"].detach()) < 0
     assert torch.allclose(run["losses"]["loss_iekd_explore"], -50.0 * distance)
-    assert torch.allclose(run["losses"]["loss_iekd_inherit"],
-                          200.0 * factor_distance(run["outputs"]["iekd_inherit"], factor_teacher))
+    assert torch.allclose(
+        run["losses"]["loss_iekd_inherit"],
+        200.0 * factor_distance(run["outputs"]["iekd_inherit"], factor_teacher),
+    )
     optimizer = torch.optim.SGD(part.encode_explore.parameters(), lr=0.05)
     optimizer.step()  # a step on the exploration term alone: the factors move apart
     with torch.no_grad():
@@ -272,11 +327,13 @@ class _Source:
 
 
 def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
-        teacher: ZooModel, digits_splits: Splits, cpu: Runtime) -> None:
+    teacher: ZooModel, digits_splits: Splits, cpu: Runtime
+) -> None:
     distiller = make_distiller(teacher, "single", "ce", "iekd")
     part = distiller.parts["feature"]
-    loader = TensorLoader(digits_splits.train, digits_splits.info, batch_size=128, shuffle=True,
-                          augment=False)
+    loader = TensorLoader(
+        digits_splits.train, digits_splits.info, batch_size=128, shuffle=True, augment=False
+    )
     feats = teacher.forward_taps(next(iter(loader)).images)[teacher.last_stage.name]
     coders = torch.nn.Sequential(part.teacher_encoder, part.teacher_decoder)
 
@@ -303,8 +360,10 @@ def test_hint_adapter_is_training_only(teacher: ZooModel) -> None:
     run = step(hinted, teacher)
     tap = hinted.parts["feature"].teacher_tap
     assert run["outputs"]["hint_feat"].shape == run["taps"][tap].shape
-    assert torch.allclose(run["losses"]["loss_hint"],
-                          100.0 * F.mse_loss(run["outputs"]["hint_feat"], run["taps"][tap]))
+    assert torch.allclose(
+        run["losses"]["loss_hint"],
+        100.0 * F.mse_loss(run["outputs"]["hint_feat"], run["taps"][tap]),
+    )
 
 
 def test_refused_combination(teacher: ZooModel) -> None:
@@ -320,8 +379,11 @@ def test_recipes_have_the_papers_defaults() -> None:
     base = make_candidate(logit="dkd", **{"logit_loss.beta": 2.0})
     dkd = recipe_candidate("dkd", base)
     assert dkd.logit_loss.get("beta") == 8.0 and dkd.logit_loss.get("warmup_epochs") == 20
-    assert recipe_candidate("kd", base).logit_loss.as_dict() == {"ce_weight": 0.1, "kd_weight": 0.9,
-                                                                "temperature": 4.0}
+    assert recipe_candidate("kd", base).logit_loss.as_dict() == {
+        "ce_weight": 0.1,
+        "kd_weight": 0.9,
+        "temperature": 4.0,
+    }
     assert recipe_candidate("fitnets", base).feature_loss.get("weight") == 100.0
     era = recipe_candidate("era", base)
     assert era.twi and era.structure.get("n_parts") == 4 and era.structure.get("lambda_f") == 5.0
@@ -338,8 +400,10 @@ def test_epochs_split_evenly() -> None:
     assert split_epochs(7, 3) == [3, 2, 2] and split_epochs(4, 2) == [2, 2]
     with pytest.raises(UserError, match="train.epochs"):
         split_epochs(2, 3)
-    cfg = stage_config(TrainConfig(epochs=240, schedule="multistep", milestones=(150, 180, 210),
-                                   warmup_epochs=5), 80)
+    cfg = stage_config(
+        TrainConfig(epochs=240, schedule="multistep", milestones=(150, 180, 210), warmup_epochs=5),
+        80,
+    )
     assert cfg.epochs == 80 and cfg.milestones == (50, 60, 70) and cfg.warmup_epochs == 5
 
 
@@ -357,15 +421,30 @@ def trained_teacher(digits_splits: Splits, cpu: Runtime) -> ZooModel:
     return model.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize(("structure", "schedule", "epochs"),
-                         [("single", "joint", 2), ("res_chain", "joint", 2), ("res_chain", "staged", 3)])
-def test_train_candidate_on_digits(trained_teacher: ZooModel, digits_splits: Splits, cpu: Runtime,
-                                   structure: str, schedule: str, epochs: int) -> None:
-    candidate = make_candidate(structure, "kd", schedule=schedule,
-                               **{"train.epochs": epochs, "train.lr": 0.1})
+@pytest.mark.parametrize(
+    ("structure", "schedule", "epochs"),
+    [("single", "joint", 2), ("res_chain", "joint", 2), ("res_chain", "staged", 3)],
+)
+def test_train_candidate_on_digits(
+    trained_teacher: ZooModel,
+    digits_splits: Splits,
+    cpu: Runtime,
+    structure: str,
+    schedule: str,
+    epochs: int,
+) -> None:
+    candidate = make_candidate(
+        structure, "kd", schedule=schedule, **{"train.epochs": epochs, "train.lr": 0.1}
+    )
     seen: list[int] = []
-    result = train_candidate(candidate, digits_splits, trained_teacher, cpu, progress=False,
-                             on_epoch_end=lambda stats: seen.append(stats.epoch))
+    result = train_candidate(
+        candidate,
+        digits_splits,
+        trained_teacher,
+        cpu,
+        progress=False,
+        on_epoch_end=lambda stats: seen.append(stats.epoch),
+    )
     assert result.val_acc > 30.0  # chance is 10%
     assert seen == list(range(1, epochs + 1)) == [h.epoch for h in result.history]
     assert result.flops.worst_case > 0 and result.params > 0 and result.seconds > 0
@@ -373,7 +452,8 @@ def test_train_candidate_on_digits(trained_teacher: ZooModel, digits_splits: Spl
     if structure == "res_chain":
         assert result.exit is not None and result.expected_flops <= result.flops.worst_case
         assert result.student.exit_threshold == result.exit.threshold
-        assert [name for name, _ in result.stages] == (["base", "part1", "part2"] if schedule == "staged"
-                                                       else ["joint"])
+        assert [name for name, _ in result.stages] == (
+            ["base", "part1", "part2"] if schedule == "staged" else ["joint"]
+        )
     else:
         assert result.exit is None and result.expected_flops == result.flops.worst_case

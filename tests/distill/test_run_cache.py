@@ -21,13 +21,29 @@ def setup(cpu, tmp_path, *, augment: bool, batch_size: int):
     splits = load_splits(data)
     torch.manual_seed(0)
     teacher = create_model("tiny", num_classes=10, in_channels=1).eval()
-    candidate = Candidate(data=data, teacher=TeacherConfig(model="tiny"), max_flops=10**6,
-                          train=TrainConfig(epochs=3, lr=0.05, batch_size=batch_size, seed=1))
-    candidate = dataclasses.replace(candidate, student=dataclasses.replace(candidate.student, family="tiny"))
-    cache = teacher_outputs(teacher, splits.train, splits.info, cpu, taps=["logits"],
-                            teacher_key="t", data_fingerprint=splits.fingerprint,
-                            split_name="train", cache_dir=tmp_path, augment=augment, n_views=2,
-                            seed=1)
+    candidate = Candidate(
+        data=data,
+        teacher=TeacherConfig(model="tiny"),
+        max_flops=10**6,
+        train=TrainConfig(epochs=3, lr=0.05, batch_size=batch_size, seed=1),
+    )
+    candidate = dataclasses.replace(
+        candidate, student=dataclasses.replace(candidate.student, family="tiny")
+    )
+    cache = teacher_outputs(
+        teacher,
+        splits.train,
+        splits.info,
+        cpu,
+        taps=["logits"],
+        teacher_key="t",
+        data_fingerprint=splits.fingerprint,
+        split_name="train",
+        cache_dir=tmp_path,
+        augment=augment,
+        n_views=2,
+        seed=1,
+    )
     return splits, teacher, candidate, cache
 
 
@@ -35,8 +51,14 @@ def setup(cpu, tmp_path, *, augment: bool, batch_size: int):
 def test_cached_and_live_teacher_give_the_same_training(cpu, tmp_path, augment):
     splits, teacher, candidate, cache = setup(cpu, tmp_path, augment=augment, batch_size=64)
     cached = train_candidate(candidate, splits, teacher, cpu, teacher_source=cache, progress=False)
-    live = train_candidate(candidate, splits, teacher, cpu, progress=False,
-                           teacher_source=LiveTeacher(teacher, ["logits"], cpu))
+    live = train_candidate(
+        candidate,
+        splits,
+        teacher,
+        cpu,
+        progress=False,
+        teacher_source=LiveTeacher(teacher, ["logits"], cpu),
+    )
     losses_cached = [h.train_loss for h in cached.history]
     losses_live = [h.train_loss for h in live.history]
     if augment:
@@ -58,8 +80,9 @@ class Spy:
     def outputs(self, batch):
         self.views.append(batch.view)
         got = self.cache.outputs(batch)
-        torch.testing.assert_close(got["logits"], self.live.outputs(batch)["logits"],
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            got["logits"], self.live.outputs(batch)["logits"], rtol=1e-4, atol=1e-4
+        )
         return got
 
 

@@ -37,13 +37,20 @@ BUDGET = 32_000  # about half the teacher (tiny at width 2: 65k FLOPs)
 STRUCTURES: dict[str, dict[str, Any]] = {
     "single": {},
     "assistant": {"structure": PartSpec("assistant"), "split": SplitSpec(base_share=0.6)},
-    "res_chain": {"split": SplitSpec(base_share=0.5),
-                  "structure": PartSpec("res_chain", (("n_parts", 3),))},
+    "res_chain": {
+        "split": SplitSpec(base_share=0.5),
+        "structure": PartSpec("res_chain", (("n_parts", 3),)),
+    },
     "branches": {"structure": PartSpec("branches", (("n_parts", 2),))},
-    "branches_mixed": {"structure": PartSpec("branches", (("n_parts", 2), ("mix_alpha", 0.5))),
-                       "twi": True},
-    "assistant_twi": {"structure": PartSpec("assistant"), "split": SplitSpec(base_share=0.6),
-                      "twi": True},
+    "branches_mixed": {
+        "structure": PartSpec("branches", (("n_parts", 2), ("mix_alpha", 0.5))),
+        "twi": True,
+    },
+    "assistant_twi": {
+        "structure": PartSpec("assistant"),
+        "split": SplitSpec(base_share=0.6),
+        "twi": True,
+    },
 }
 
 
@@ -54,8 +61,12 @@ def teacher() -> nn.Module:
 
 
 def candidate(case: str = "single", **overrides: Any) -> Candidate:
-    values: dict[str, Any] = {"data": DataConfig(name="digits"), "teacher": TeacherConfig("tiny", width=2.0),
-                              "max_flops": BUDGET, "student": StudentSpec(family="tiny")}
+    values: dict[str, Any] = {
+        "data": DataConfig(name="digits"),
+        "teacher": TeacherConfig("tiny", width=2.0),
+        "max_flops": BUDGET,
+        "student": StudentSpec(family="tiny"),
+    }
     values.update(STRUCTURES[case])
     values.update(overrides)
     return Candidate(**values)
@@ -63,8 +74,13 @@ def candidate(case: str = "single", **overrides: Any) -> Candidate:
 
 def build(teacher: nn.Module, case: str = "single", **overrides: Any) -> Student:
     torch.manual_seed(1)
-    return build_student(candidate(case, **overrides), num_classes=CLASSES, in_channels=1,
-                         input_shape=SHAPE, teacher=teacher)
+    return build_student(
+        candidate(case, **overrides),
+        num_classes=CLASSES,
+        in_channels=1,
+        input_shape=SHAPE,
+        teacher=teacher,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +104,9 @@ def test_output_shapes(students: dict[str, Student], teacher: nn.Module, case: s
         assert len(student.parts) == 1
     elif student.kind == "res_chain":
         assert len(outputs["partial_logits"]) == 4 and len(outputs["part_logits"]) == 3
-        assert all(z.shape == (4, CLASSES) for z in outputs["partial_logits"] + outputs["part_logits"])
+        assert all(
+            z.shape == (4, CLASSES) for z in outputs["partial_logits"] + outputs["part_logits"]
+        )
     elif student.kind == "branches":
         assert outputs["pooled_proj"].shape == (4, teacher_pooled)
         assert [d.shape for d in outputs["deltas"]] == [(4, teacher_pooled)] * 2
@@ -151,7 +169,8 @@ def test_deployed_flops_count_what_runs(students: dict[str, Student]) -> None:
     assert expected_flops(flops, [1.0, 1.0, 1.0]) == flops.worst_case
     assert expected_flops(flops, [0.0, 0.0, 0.0]) == flops.by_part["base"]
     assert expected_flops(flops, [0.5, 0.5, 0.0]) == pytest.approx(
-        flops.by_part["base"] + flops.by_part["res1"])
+        flops.by_part["base"] + flops.by_part["res1"]
+    )
 
 
 @pytest.mark.parametrize("case", sorted(STRUCTURES))
@@ -179,9 +198,13 @@ def test_explicit_widths_are_honoured(teacher: nn.Module) -> None:
     def shapes(module: nn.Module) -> list[tuple[int, ...]]:
         return [tuple(p.shape) for p in module.parameters()]
 
-    student = build(teacher, "res_chain", split=SplitSpec(base_share=0.5, base_width=0.5, part_width=0.25))
+    student = build(
+        teacher, "res_chain", split=SplitSpec(base_share=0.5, base_width=0.5, part_width=0.25)
+    )
     assert (student.base_width, student.part_width) == (0.5, 0.25)
-    assert shapes(student.base) == shapes(create_model("tiny", num_classes=CLASSES, in_channels=1, width=0.5))
+    assert shapes(student.base) == shapes(
+        create_model("tiny", num_classes=CLASSES, in_channels=1, width=0.5)
+    )
     narrow = create_model("tiny", num_classes=CLASSES, in_channels=1, width=0.25)
     assert all(shapes(part) == shapes(narrow) for part in student.parts)
     # pinned base, solved parts
@@ -239,9 +262,15 @@ def chain(students: dict[str, Student]) -> Student:
 
 def _loader(n_batches: int = 4, batch: int = 16) -> list[Batch]:
     gen = torch.Generator().manual_seed(3)
-    return [Batch(images=torch.randn(batch, *SHAPE, generator=gen),
-                  labels=torch.randint(0, CLASSES, (batch,), generator=gen),
-                  indices=torch.arange(batch), view=0) for _ in range(n_batches)]
+    return [
+        Batch(
+            images=torch.randn(batch, *SHAPE, generator=gen),
+            labels=torch.randint(0, CLASSES, (batch,), generator=gen),
+            indices=torch.arange(batch),
+            view=0,
+        )
+        for _ in range(n_batches)
+    ]
 
 
 def test_gated_forward_gives_each_sample_its_exit_logits(chain: Student) -> None:
@@ -253,7 +282,7 @@ def test_gated_forward_gives_each_sample_its_exit_logits(chain: Student) -> None
     # differs between the batched and the full forward.
     observed = torch.unique(profile.confidence[:, :3].double())  # sorted
     middle = observed.numel() // 2
-    window = observed[middle - 8: middle + 9]
+    window = observed[middle - 8 : middle + 9]
     gaps = window[1:] - window[:-1]
     widest = int(gaps.argmax())
     assert float(gaps[widest]) > 1e-4  # far wider than fp32 rounding of a softmax
@@ -278,7 +307,10 @@ def test_threshold_extremes(chain: Student) -> None:
     never = measure_exit(profile, flops, 1.0 + 1e-6)
     assert never.reach_rates == [1.0, 1.0, 1.0] and never.expected_flops == flops.worst_case
     no_gate = measure_exit(profile, flops, None)
-    assert (no_gate.reach_rates, no_gate.expected_flops) == (never.reach_rates, never.expected_flops)
+    assert (no_gate.reach_rates, no_gate.expected_flops) == (
+        never.reach_rates,
+        never.expected_flops,
+    )
     always = measure_exit(profile, flops, 0.0)
     assert always.reach_rates == [0.0, 0.0, 0.0] and always.expected_flops == flops.by_part["base"]
     assert always.accuracy == pytest.approx(100.0 * profile.correct[:, 0].float().mean().item())

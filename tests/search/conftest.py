@@ -48,19 +48,35 @@ def postgres_url(tmp_path_factory):
         os.chmod(root, 0o700)
         as_user = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "--username=postgres",
-                    "--encoding=UTF8", "--no-sync"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_user,
+            initdb,
+            "-D",
+            str(data),
+            "--auth=trust",
+            "--username=postgres",
+            "--encoding=UTF8",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"),
-                    "-w", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         import psycopg
 
         deadline = time.time() + 30
         while True:
             try:
-                conn = psycopg.connect(host="127.0.0.1", port=port, user="postgres",
-                                       dbname="postgres", autocommit=True)
+                conn = psycopg.connect(
+                    host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True
+                )
                 break
             except psycopg.OperationalError:
                 if time.time() > deadline:
@@ -70,8 +86,9 @@ def postgres_url(tmp_path_factory):
         conn.close()
         yield f"postgresql://postgres@127.0.0.1:{port}/autosplit"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -82,6 +99,19 @@ def digits_runs(tmp_path_factory) -> Path:
 
     runs = tmp_path_factory.mktemp("runs")
     space = Path(__file__).resolve().parents[2] / "search_spaces" / "digits_tiny.yaml"
-    assert main(["teacher", "--space", str(space), "--runs-dir", str(runs), "--device", "cpu",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "teacher",
+                "--space",
+                str(space),
+                "--runs-dir",
+                str(runs),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return runs

@@ -21,12 +21,17 @@ def _cmd(*args: str) -> list[str]:
 
 
 def worker(runs: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    head, tail = _cmd("search", "--space", SPACE, "--runs-dir", str(runs), "--device", "cpu",
-                      "--quiet", *args)
-    return subprocess.Popen([*head, *tail], cwd=runs, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "AUTOSPLIT_NO_PROGRESS": "1",
-                                 "OMP_NUM_THREADS": "1", **(env or {})})
+    head, tail = _cmd(
+        "search", "--space", SPACE, "--runs-dir", str(runs), "--device", "cpu", "--quiet", *args
+    )
+    return subprocess.Popen(
+        [*head, *tail],
+        cwd=runs,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AUTOSPLIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -52,8 +57,6 @@ def _slow_top_rung_space(tmp_path):
     return str(path)
 
 
-
-
 def trials_now(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     """The study's trials as a running search has them, [] while it is not created yet or its
     writer holds the lock (for polling; reads only)."""
@@ -61,10 +64,15 @@ def trials_now(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     from autosplit.search import study as studies
 
     try:
-        return optuna.load_study(study_name=name,
-                                 storage=studies.open_storage(storage, write=False)).get_trials()
-    except (KeyError, UserError, sqlite3.OperationalError,
-            optuna.exceptions.StorageInternalError):  # a database file still being created
+        return optuna.load_study(
+            study_name=name, storage=studies.open_storage(storage, write=False)
+        ).get_trials()
+    except (
+        KeyError,
+        UserError,
+        sqlite3.OperationalError,
+        optuna.exceptions.StorageInternalError,
+    ):  # a database file still being created
         return []
     except Exception as exc:  # SQLAlchemy wraps "database is locked"
         if "locked" in str(exc):

@@ -15,8 +15,16 @@ from searchproc import SPACE, _mlflow_runs, _slow_top_rung_space, finish, trials
 
 def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ("--study-name", "pg-two", "--storage", postgres_url, "--tracking-uri", tracking,
-            "--trials", "6")
+    args = (
+        "--study-name",
+        "pg-two",
+        "--storage",
+        postgres_url,
+        "--tracking-uri",
+        tracking,
+        "--trials",
+        "6",
+    )
     procs = [worker(digits_runs, *args, "--seed", str(i)) for i in range(2)]
     for proc in procs:
         finish(proc)
@@ -27,9 +35,12 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
     assert len(finished) >= 6 and len(finished) <= 7  # the last trial may overlap by one
     assert len({t.number for t in trials}) == len(trials)
     # The final stage: each (member, seed) trained exactly once, though both workers planned it.
-    trained = [(t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"]) for t in trials
-               if t.user_attrs.get("autosplit.stage") == "final"
-               and t.user_attrs.get("autosplit.state") == "complete"]
+    trained = [
+        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "final"
+        and t.user_attrs.get("autosplit.state") == "complete"
+    ]
     assert trained and len(trained) == len(set(trained))
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     baselines = [t.user_attrs.get("autosplit.baseline") for t in search]
@@ -59,8 +70,11 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs,
         # Kill only once the trial has drawn all its parameters (its label is set after the
         # space's suggest): a kill inside suggest leaves a partial draw that the retry completes
         # with values the killed trial never held.
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                   if "autosplit.label" in t.user_attrs]
+        running = [
+            t
+            for t in study.get_trials(states=(TrialState.RUNNING,))
+            if "autosplit.label" in t.user_attrs
+        ]
     assert running, "the worker never started a trial"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -72,16 +86,29 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs,
     trials = optuna.load_study(study_name="pg-kill", storage=postgres_url).get_trials()
     assert trials[killed].state == TrialState.FAIL
     # Same host: found dead by its pid at the next start; elsewhere Optuna's heartbeat would.
-    retried = [t for t in trials if t.user_attrs.get("autosplit.retry_of") == killed
-               or t.system_attrs.get("failed_trial") == killed
-               or t.system_attrs.get("stale_trial") == killed]
+    retried = [
+        t
+        for t in trials
+        if t.user_attrs.get("autosplit.retry_of") == killed
+        or t.system_attrs.get("failed_trial") == killed
+        or t.system_attrs.get("stale_trial") == killed
+    ]
     assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retried[0].params == trials[killed].params
 
 
 def test_four_local_workers_on_a_journal_file_lose_and_repeat_nothing(digits_runs, tmp_path):
-    proc = worker(digits_runs, "--study-name", "journal-four", "--workers", "4",
-                  "--trials", "8", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    proc = worker(
+        digits_runs,
+        "--study-name",
+        "journal-four",
+        "--workers",
+        "4",
+        "--trials",
+        "8",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    )
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     assert "locked" not in err and "Traceback" not in err
@@ -90,22 +117,32 @@ def test_four_local_workers_on_a_journal_file_lose_and_repeat_nothing(digits_run
     assert journal.is_file()
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    study = optuna.load_study(study_name="journal-four",
-                              storage=JournalStorage(JournalFileBackend(str(journal))))
+    study = optuna.load_study(
+        study_name="journal-four", storage=JournalStorage(JournalFileBackend(str(journal)))
+    )
     trials = study.get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
-    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            and t.user_attrs.get("autosplit.stage") != "final"]
+    done = [
+        t
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and t.user_attrs.get("autosplit.stage") != "final"
+    ]
     # Each worker checks the total before it asks for a trial: they may overshoot by one each.
     assert 8 <= len(done) <= 8 + 3
     assert len({t.user_attrs["autosplit.worker"] for t in done}) >= 2
     # No candidate drawn twice (each trial has its own sampler seed), no final job trained twice.
-    drawn = [tuple(sorted(t.params.items())) for t in done if not t.user_attrs.get("autosplit.baseline")]
+    drawn = [
+        tuple(sorted(t.params.items())) for t in done if not t.user_attrs.get("autosplit.baseline")
+    ]
     assert len(set(drawn)) == len(drawn)
     assert len({t.user_attrs["autosplit.sampler_seed"] for t in done}) == len(done)
-    finals = [(t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"]) for t in trials
-              if t.user_attrs.get("autosplit.stage") == "final"
-              and t.user_attrs.get("autosplit.state") == "complete"]
+    finals = [
+        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "final"
+        and t.user_attrs.get("autosplit.state") == "complete"
+    ]
     assert finals and len(set(finals)) == len(finals)
 
 
@@ -119,9 +156,13 @@ def test_dead_local_workers_trials_are_failed_and_requeued(tmp_path):
     dead.wait()
     import socket
 
-    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{dead.pid}")
+    study._storage.set_trial_user_attr(
+        trial._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{dead.pid}"
+    )
     alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    study._storage.set_trial_user_attr(alive._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    study._storage.set_trial_user_attr(
+        alive._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}"
+    )
     assert fail_dead_local_trials(study) == 1
     states = {t.number: t.state for t in study.get_trials()}
     assert states[trial.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
@@ -139,14 +180,27 @@ def _running_at_top_rung(storage: str) -> list[optuna.trial.FrozenTrial]:
     trials = [t for t in trials_now(storage, "resume") if t.state == TrialState.RUNNING]
     # Rung 0 recorded and still running: the trial was promoted and trains rung 1 now (the
     # first trial always is: no finished trial dominates it).
-    return [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"
-            and len(t.user_attrs.get("autosplit.rungs") or []) == 1]
+    return [
+        t
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "search"
+        and len(t.user_attrs.get("autosplit.rungs") or []) == 1
+    ]
 
 
 def test_a_search_killed_mid_rung_resumes_to_its_total(digits_runs, tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    args = ("--space", _slow_top_rung_space(tmp_path), "--study-name", "resume",
-            "--storage", storage, "--no-tracking", "--trials", "4")
+    args = (
+        "--space",
+        _slow_top_rung_space(tmp_path),
+        "--study-name",
+        "resume",
+        "--storage",
+        storage,
+        "--no-tracking",
+        "--trials",
+        "4",
+    )
     victim = worker(digits_runs, *args)
     deadline = time.monotonic() + 300
     running: list = []
@@ -163,15 +217,25 @@ def test_a_search_killed_mid_rung_resumes_to_its_total(digits_runs, tmp_path):
     trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert trials[killed.number].state == TrialState.FAIL
-    search = [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"
-              and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    search = [
+        t
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "search"
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
     assert len(search) == 4  # the total: the killed trial did not use up a slot
     retry = [t for t in trials if t.user_attrs.get("autosplit.retry_of") == killed.number]
     assert len(retry) == 1 and retry[0].params == killed.params
     assert retry[0].user_attrs["autosplit.rungs"][0]["epochs"] == 1  # from the cheapest rung
-    finals = [t for t in trials if t.user_attrs.get("autosplit.stage") == "final"
-              and t.user_attrs.get("autosplit.state") == "complete"]
+    finals = [
+        t
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "final"
+        and t.user_attrs.get("autosplit.state") == "complete"
+    ]
     members = optuna.load_study(study_name="resume", storage=storage).user_attrs[
-        "autosplit.final_members"]
-    assert sorted((t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
-                  for t in finals) == sorted((m, s) for m in members for s in range(2))
+        "autosplit.final_members"
+    ]
+    assert sorted(
+        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"]) for t in finals
+    ) == sorted((m, s) for m in members for s in range(2))

@@ -17,24 +17,38 @@ from autosplit.search.front import (
 BUDGET = 100
 
 
-def rec(number: int, acc: float | None, flops: int | None, state: str = "complete", *,
-        expected: float | None = None, baseline: str | None = None) -> TrialRecord:
-    return TrialRecord(number=number, state=state, val_acc=acc, flops=flops,
-                       expected_flops=expected, params=1000 + number, label=f"recipe-{number}",
-                       baseline=baseline)
+def rec(
+    number: int,
+    acc: float | None,
+    flops: int | None,
+    state: str = "complete",
+    *,
+    expected: float | None = None,
+    baseline: str | None = None,
+) -> TrialRecord:
+    return TrialRecord(
+        number=number,
+        state=state,
+        val_acc=acc,
+        flops=flops,
+        expected_flops=expected,
+        params=1000 + number,
+        label=f"recipe-{number}",
+        baseline=baseline,
+    )
 
 
 # Budget 100. On the front: #0 (20 FLOPs, 80 %), its exact duplicate #7, and #1 (50, 90).
 RECORDS = [
     rec(0, 80.0, 20),
     rec(1, 90.0, 50, expected=15.0, baseline="kd-single"),
-    rec(2, 85.0, 60),                       # dominated by #1: less accurate and dearer
-    rec(3, 95.0, 120),                      # best accuracy but over budget
+    rec(2, 85.0, 60),  # dominated by #1: less accurate and dearer
+    rec(3, 95.0, 120),  # best accuracy but over budget
     rec(4, None, 150, "infeasible"),
-    rec(5, 99.0, 10, "pruned"),             # pruned: never on the front whatever its accuracy
+    rec(5, 99.0, 10, "pruned"),  # pruned: never on the front whatever its accuracy
     rec(6, 90.0, 70, baseline="best-published"),  # ties #1 on accuracy at more FLOPs
-    rec(7, 80.0, 20),                       # exact duplicate of #0: kept
-    rec(8, 70.0, 20),                       # ties #0 on FLOPs, less accurate
+    rec(7, 80.0, 20),  # exact duplicate of #0: kept
+    rec(8, 70.0, 20),  # ties #0 on FLOPs, less accurate
     rec(9, None, None, "running"),
 ]
 
@@ -75,8 +89,15 @@ def test_history_by_hand() -> None:
 
 def test_history_monotone_and_ends_at_hypervolume() -> None:
     rng = random.Random(0)
-    records = [rec(i, rng.uniform(10, 100), rng.randint(1, 150),
-                   rng.choice(["complete", "complete", "pruned", "failed"])) for i in range(300)]
+    records = [
+        rec(
+            i,
+            rng.uniform(10, 100),
+            rng.randint(1, 150),
+            rng.choice(["complete", "complete", "pruned", "failed"]),
+        )
+        for i in range(300)
+    ]
     history = hypervolume_history(records, BUDGET)
     values = [v for _, v in history]
     assert all(b >= a for a, b in zip(values, values[1:], strict=False))
@@ -92,9 +113,9 @@ def test_front_table_marks_budget_best_baselines_and_counts() -> None:
     rows = lines[2:5]
     assert [row.split()[:2] for row in rows] == [["1", "0"], ["2", "7"], ["3", "1"]]
     assert "best" in rows[2] and "baseline:kd-single" in rows[2]
-    assert "50%" in rows[2] and "12%" in rows[2]          # % of budget, % of teacher
+    assert "50%" in rows[2] and "12%" in rows[2]  # % of budget, % of teacher
     assert lines[5].startswith("---- budget 100")
-    assert "baseline:best-published" in table              # listed though not on the front
+    assert "baseline:best-published" in table  # listed though not on the front
     assert "7 complete, 1 pruned, 1 infeasible, 0 failed, 1 running" in lines[-1]
     assert "(1 complete but over budget)" in lines[-1]
 

@@ -17,18 +17,23 @@ from autosplit.cli import main
 from autosplit.search import study as studies
 
 
-def _wait_for_running(proc: subprocess.Popen, storage: str, name: str, count: int = 1
-                      ) -> list[optuna.trial.FrozenTrial]:
+def _wait_for_running(
+    proc: subprocess.Popen, storage: str, name: str, count: int = 1
+) -> list[optuna.trial.FrozenTrial]:
     """Poll until ``count`` trials run and have an MLflow run (their training has started)."""
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        running = [t for t in _trials(storage, name) if t.state == TrialState.RUNNING
-                   and "autosplit.run_id" in t.user_attrs]
+        running = [
+            t
+            for t in _trials(storage, name)
+            if t.state == TrialState.RUNNING and "autosplit.run_id" in t.user_attrs
+        ]
         if len(running) >= count:
             return running
         time.sleep(0.05)
-    raise AssertionError(f"no {count} running trial(s) before the search ended: "
-                         f"{proc.communicate()[1][-2000:]}")
+    raise AssertionError(
+        f"no {count} running trial(s) before the search ended: {proc.communicate()[1][-2000:]}"
+    )
 
 
 def _stopped(proc: subprocess.Popen) -> tuple[int, list[str]]:
@@ -36,10 +41,22 @@ def _stopped(proc: subprocess.Popen) -> tuple[int, list[str]]:
     return proc.returncode, [line for line in err.splitlines() if line.strip()]
 
 
-def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(digits_runs, tmp_path):
+def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(
+    digits_runs, tmp_path
+):
     storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    args = ("--space", _slow_top_rung_space(tmp_path), "--study-name", "term",
-            "--storage", storage, "--tracking-uri", tracking, "--trials", "3")
+    args = (
+        "--space",
+        _slow_top_rung_space(tmp_path),
+        "--study-name",
+        "term",
+        "--storage",
+        storage,
+        "--tracking-uri",
+        tracking,
+        "--trials",
+        "3",
+    )
     victim = worker(digits_runs, *args)
     running = _wait_for_running(victim, storage, "term")[0]
     assert running.user_attrs.get("autosplit.baseline")  # baselines run first
@@ -68,16 +85,31 @@ def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(di
     assert retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retry[0].user_attrs["autosplit.baseline"] == running.user_attrs["autosplit.baseline"]
     assert retry[0].params == running.params
-    search = [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"
-              and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    search = [
+        t
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "search"
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
     assert len(search) == 3
     assert "RUNNING" not in {r.info.status for r in _mlflow_runs(tracking, "term")}
 
 
 def test_ctrl_c_stops_every_local_worker_and_leaves_nothing_running(digits_runs, tmp_path):
     storage = f"journal:{tmp_path}/journal.log"
-    args = ("--space", _slow_top_rung_space(tmp_path), "--study-name", "int2",
-            "--storage", storage, "--no-tracking", "--trials", "6", "--workers", "2")
+    args = (
+        "--space",
+        _slow_top_rung_space(tmp_path),
+        "--study-name",
+        "int2",
+        "--storage",
+        storage,
+        "--no-tracking",
+        "--trials",
+        "6",
+        "--workers",
+        "2",
+    )
     victim = worker(digits_runs, *args)
     running = _wait_for_running(victim, storage, "int2", count=2)
     victim.send_signal(signal.SIGINT)  # the parent: it forwards the stop to its workers
@@ -109,7 +141,9 @@ def test_interrupted_and_dead_trials_are_requeued_once_and_failed_candidates_not
     assert studies.requeue_interrupted(study) == []  # once
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs["autosplit.retry_of"] for t in waiting] == [
-        numbers[studies.INTERRUPTED], numbers[None]]
+        numbers[studies.INTERRUPTED],
+        numbers[None],
+    ]
     assert waiting[0].user_attrs["autosplit.baseline"] == f"b-{studies.INTERRUPTED}"
     trials = {t.number: t for t in study.get_trials()}
     assert waiting[0].system_attrs["fixed_params"] == trials[numbers[studies.INTERRUPTED]].params
@@ -128,12 +162,14 @@ def test_a_retry_chain_stops_after_max_retry(tmp_path):
     assert len(retries) == studies.MAX_RETRY
 
 
-def _draws(sampler_of: list[optuna.samplers.BaseSampler], study_name: str, storage: str,
-           n: int) -> list[float]:
+def _draws(
+    sampler_of: list[optuna.samplers.BaseSampler], study_name: str, storage: str, n: int
+) -> list[float]:
     """``n`` draws from studies that share one storage, the sampler of each taken in turn."""
     out = []
-    loaded = [optuna.load_study(study_name=study_name, storage=storage, sampler=s)
-              for s in sampler_of]
+    loaded = [
+        optuna.load_study(study_name=study_name, storage=storage, sampler=s) for s in sampler_of
+    ]
     for i in range(n):
         study = loaded[i % len(loaded)]
         trial = study.ask()
@@ -146,11 +182,13 @@ def _draws(sampler_of: list[optuna.samplers.BaseSampler], study_name: str, stora
 def test_two_invocations_with_one_seed_draw_different_candidates(tmp_path, name):
     storage = f"sqlite:///{tmp_path}/s.db"
     for study_name in ("shared", "fresh"):
-        optuna.create_study(study_name=study_name, storage=storage,
-                            directions=["maximize", "minimize"])
+        optuna.create_study(
+            study_name=study_name, storage=storage, directions=["maximize", "minimize"]
+        )
     # Two invocations of `autosplit search --seed 0` on one study, taking turns.
-    shared = _draws([studies.make_sampler(name, 0), studies.make_sampler(name, 0)],
-                    "shared", storage, 6)
+    shared = _draws(
+        [studies.make_sampler(name, 0), studies.make_sampler(name, 0)], "shared", storage, 6
+    )
     assert len(set(shared)) == 6  # seeded once per process, draws 0 and 1 were equal
     # One invocation on a fresh study repeats the same draws: the seed still reproduces.
     assert _draws([studies.make_sampler(name, 0)], "fresh", storage, 6) == shared
@@ -160,8 +198,9 @@ def test_a_baseline_trial_records_no_value_it_does_not_train_with(tmp_path):
     from autosplit.search.space import SearchSpace
 
     space = SearchSpace.from_yaml(SPACE)
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=studies.make_sampler("random", 0))
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=studies.make_sampler("random", 0)
+    )
     overrides = space.settings.baselines["best-published"]
     trial = study.ask()
     candidate = space.suggest(trial, 10**6, overrides=overrides)
@@ -171,8 +210,10 @@ def test_a_baseline_trial_records_no_value_it_does_not_train_with(tmp_path):
     assert "logit_loss.temperature" not in trial.params
     assert candidate.logit_loss.name == "dkd" and candidate.structure.name == "single"
     flat = candidate.flat()
-    assert flat["logit_loss.temperature"] == space.base_candidate(10**6).flat()[
-        "logit_loss.temperature"]
+    assert (
+        flat["logit_loss.temperature"]
+        == space.base_candidate(10**6).flat()["logit_loss.temperature"]
+    )
     for key, value in trial.params.items():  # every recorded value is trained with
         assert flat[key] == value
 
@@ -187,11 +228,25 @@ def test_trials_zero_runs_nothing_and_negative_is_refused(tmp_path, capsys):
     assert err == ["autosplit: --trials -1: must be >= 0 (the study's total number of trials)"]
 
 
-def test_a_budget_below_the_smallest_student_is_refused_before_the_teacher_trains(tmp_path,
-                                                                                  capsys):
+def test_a_budget_below_the_smallest_student_is_refused_before_the_teacher_trains(tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert main(["search", "--space", SPACE, "--runs-dir", str(runs), "--budget", "100",
-                 "--no-tracking", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "search",
+                "--space",
+                SPACE,
+                "--runs-dir",
+                str(runs),
+                "--budget",
+                "100",
+                "--no-tracking",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "below the smallest student this space builds" in err[0], err
     assert "raise --budget to at least" in err[0]
@@ -199,10 +254,32 @@ def test_a_budget_below_the_smallest_student_is_refused_before_the_teacher_train
 
 
 def test_a_budget_above_the_teacher_is_warned_about_in_one_line(digits_runs, tmp_path, capsys):
-    assert main(["search", "--space", SPACE, "--runs-dir", str(digits_runs), "--budget", "3x",
-                 "--storage", f"sqlite:///{tmp_path}/o.db", "--no-tracking", "--quiet",
-                 "--device", "cpu", "--trials", "1", "--no-halving"]) == 0
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "above the teacher" in line]
+    assert (
+        main(
+            [
+                "search",
+                "--space",
+                SPACE,
+                "--runs-dir",
+                str(digits_runs),
+                "--budget",
+                "3x",
+                "--storage",
+                f"sqlite:///{tmp_path}/o.db",
+                "--no-tracking",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--trials",
+                "1",
+                "--no-halving",
+            ]
+        )
+        == 0
+    )
+    warnings = [
+        line for line in capsys.readouterr().out.splitlines() if "above the teacher" in line
+    ]
     assert len(warnings) == 1 and warnings[0].startswith("warning: --budget 3x")
 
 

@@ -22,9 +22,18 @@ class FakeClock:
 
 
 def inputs(**kw) -> PlanInput:
-    base = dict(time_limit=1800.0, teacher_cached=False, teacher_epochs=10,
-                teacher_epoch_seconds=60.0, final_seconds=50.0, final_fixed_seconds=20.0,
-                final_members=2, final_seeds=2, baselines=2, rung0_seconds=10.0)
+    base = dict(
+        time_limit=1800.0,
+        teacher_cached=False,
+        teacher_epochs=10,
+        teacher_epoch_seconds=60.0,
+        final_seconds=50.0,
+        final_fixed_seconds=20.0,
+        final_members=2,
+        final_seeds=2,
+        baselines=2,
+        rung0_seconds=10.0,
+    )
     base.update(kw)
     return PlanInput(**base)
 
@@ -101,8 +110,9 @@ def test_cost_model_interpolates_throughput_in_log_log_space():
     # Between the points: images/s falls as FLOPs^-0.5 here, so at 4M: 4000 / 2 = 2000.
     assert model.images_per_second(4e6) == pytest.approx(2000.0)
     # One epoch of 1000 rows and 300 val rows (a third of the work each) at 4M FLOPs:
-    assert model.training_seconds(flops=4e6, epochs=1, rows=1000, val_rows=300) == \
-        pytest.approx(1100 / 2000)
+    assert model.training_seconds(flops=4e6, epochs=1, rows=1000, val_rows=300) == pytest.approx(
+        1100 / 2000
+    )
     single = CostModel({1e6: 1000.0}, fixed_seconds=0.0)
     assert single.images_per_second(2e6) == pytest.approx(500.0)  # time proportional to FLOPs
 
@@ -112,14 +122,15 @@ def test_cost_model_learns_from_finished_jobs():
     predicted = model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0)
     assert predicted == pytest.approx(1.0)
     for actual in (2.0, 3.0, 2.5):  # this machine is slower than the micro-benchmark said
-        model.observe("trial", model.training_seconds(flops=1e6, epochs=1, rows=1000,
-                                                      val_rows=0), actual)
+        model.observe(
+            "trial", model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0), actual
+        )
     # Ratios observed against the uncorrected prediction: 2, 3, 2.5 -> median 2.5.
-    assert model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0) == \
-        pytest.approx(2.5)
+    assert model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0) == pytest.approx(2.5)
     # A kind with no history of its own borrows the trials' correction.
-    assert model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0,
-                                  kind="final") == pytest.approx(2.5)
+    assert model.training_seconds(
+        flops=1e6, epochs=1, rows=1000, val_rows=0, kind="final"
+    ) == pytest.approx(2.5)
 
 
 def test_nothing_starts_that_cannot_finish():

@@ -19,10 +19,19 @@ SPACE = ROOT / "search_spaces" / "digits_tiny.yaml"
 
 
 def options(tmp: Path, **kw) -> SearchOptions:
-    base = SearchOptions(space=SearchSpace.from_yaml(SPACE), budget=parse_budget("0.5x"), trials=4,
-                         study_name="digits-test", storage=f"sqlite:///{tmp}/optuna.db",
-                         tracking_uri=f"sqlite:///{tmp}/mlflow.db", sampler="tpe", seed=0,
-                         device="cpu", runs_dir=tmp / "runs", progress=False)
+    base = SearchOptions(
+        space=SearchSpace.from_yaml(SPACE),
+        budget=parse_budget("0.5x"),
+        trials=4,
+        study_name="digits-test",
+        storage=f"sqlite:///{tmp}/optuna.db",
+        tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+        sampler="tpe",
+        seed=0,
+        device="cpu",
+        runs_dir=tmp / "runs",
+        progress=False,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -41,14 +50,19 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
     _tmp, study, ctx = searched
     trials = search_trials(study)
     assert len(trials) == 4
-    assert [t.user_attrs.get("autosplit.baseline") for t in trials[:2]] == ["kd-single", "best-published"]
+    assert [t.user_attrs.get("autosplit.baseline") for t in trials[:2]] == [
+        "kd-single",
+        "best-published",
+    ]
     assert trials[0].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "kd"
     assert trials[1].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "dkd"
     for trial in trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         assert "flops_over_budget" in trial.constraints
         flops = trial.user_attrs["autosplit.flops"]
-        assert trial.constraints["flops_over_budget"] == pytest.approx((flops - ctx.max_flops) / ctx.max_flops)
+        assert trial.constraints["flops_over_budget"] == pytest.approx(
+            (flops - ctx.max_flops) / ctx.max_flops
+        )
         if trial.state == TrialState.COMPLETE and trial.user_attrs["autosplit.state"] == "complete":
             assert flops <= ctx.max_flops
             assert trial.values[0] == trial.user_attrs["autosplit.val_acc"] > 30.0  # chance is 10 %
@@ -76,10 +90,14 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert parents and {c.data.tags["mlflow.parentRunId"] for c in children} <= {p.info.run_id for p in parents}
+    assert parents and {c.data.tags["mlflow.parentRunId"] for c in children} <= {
+        p.info.run_id for p in parents
+    }
     run_ids = {t.user_attrs["autosplit.run_id"] for t in study.get_trials()}
     assert run_ids <= {c.info.run_id for c in children}
-    child = next(c for c in children if c.info.run_id == study.get_trials()[0].user_attrs["autosplit.run_id"])
+    child = next(
+        c for c in children if c.info.run_id == study.get_trials()[0].user_attrs["autosplit.run_id"]
+    )
     assert child.data.params["structure.name"] == "single"
     assert "val/acc" in child.data.metrics and "flops/worst_case" in child.data.metrics
     # One step per epoch, over every rung the trial climbed.
@@ -93,7 +111,9 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     finals = [c for c in children if c.data.tags.get("autosplit.stage") == "final"]
     final_trials = [t for t in study.get_trials() if t.user_attrs.get("autosplit.stage") == "final"]
     assert len(finals) == len(final_trials) > 0
-    assert {c.info.run_id for c in finals} == {t.user_attrs["autosplit.run_id"] for t in final_trials}
+    assert {c.info.run_id for c in finals} == {
+        t.user_attrs["autosplit.run_id"] for t in final_trials
+    }
     assert "final/best_val_acc_mean" in parents[0].data.metrics
 
 
@@ -111,8 +131,24 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
     # No trial finished a rung that high: one line naming the flag, exit 2.
     assert main(["front", "--study-name", "digits-test", "--storage", storage, "--rung", "7"]) == 2
     assert capsys.readouterr().err.startswith("autosplit: --rung 7: no trial")
-    assert main(["export", "--study-name", "digits-test", "--storage", storage, "--out", str(out),
-                 "--runs-dir", str(tmp / "runs"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--study-name",
+                "digits-test",
+                "--storage",
+                storage,
+                "--out",
+                str(out),
+                "--runs-dir",
+                str(tmp / "runs"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert (out / "best.pt").is_file()
     assert list((out / "front").glob("trial-*.yaml"))
@@ -129,7 +165,9 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
     assert result["stage"] == "final"
     assert result["fidelity"] == {"epochs": final.epochs, "rows": final.rows}
     assert best["candidate"]["train"]["epochs"] == final.epochs
-    assert len(result["seeds"]) == final.seeds == len(result["val_accs"]) == len(result["test_accs"])
+    assert (
+        len(result["seeds"]) == final.seeds == len(result["val_accs"]) == len(result["test_accs"])
+    )
     assert result["val_acc_mean"] == pytest.approx(sum(result["val_accs"]) / final.seeds)
     assert result["val_acc_sd"] >= 0 and result["test_acc_sd"] >= 0
     closest = min(result["val_accs"], key=lambda v: abs(v - result["val_acc_mean"]))
@@ -140,25 +178,65 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
 
     # --confirm-seeds retrains the top front members with more seeds: mean ± sd.
     confirmed = tmp / "confirmed"
-    assert main(["export", "--study-name", "digits-test", "--storage", storage, "--out",
-                 str(confirmed), "--runs-dir", str(tmp / "runs"), "--device", "cpu",
-                 "--confirm-seeds", "2"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--study-name",
+                "digits-test",
+                "--storage",
+                storage,
+                "--out",
+                str(confirmed),
+                "--runs-dir",
+                str(tmp / "runs"),
+                "--device",
+                "cpu",
+                "--confirm-seeds",
+                "2",
+            ]
+        )
+        == 0
+    )
     confirm = yaml.safe_load((confirmed / "best.yaml").read_text())["result"]["confirm"]
     assert confirm["seeds"] == 2 and 0 < confirm["val_acc_mean"] <= 100
     assert confirm["val_acc_sd"] >= 0 and 0 < confirm["test_acc_mean"] <= 100
 
     config = read_config(out / "best.yaml")
-    outcome = retrain(config.candidate, ctx.splits, ctx.teacher, ctx.runtime, tmp / "runs",
-                      teacher_views=config.teacher_views)
+    outcome = retrain(
+        config.candidate,
+        ctx.splits,
+        ctx.teacher,
+        ctx.runtime,
+        tmp / "runs",
+        teacher_views=config.teacher_views,
+    )
     assert abs(outcome["val_acc"] - best["result"]["val_acc"]) <= 0.5
     # ... and so lands within the final stage's val sd (or 0.5 pt) of its mean.
     tolerance = max(best["result"]["val_acc_sd"], 0.5)
-    assert abs(outcome["val_acc"] - best["result"]["val_acc_mean"]) <= tolerance + best[
-        "result"]["val_acc_sd"]
+    assert (
+        abs(outcome["val_acc"] - best["result"]["val_acc_mean"])
+        <= tolerance + best["result"]["val_acc_sd"]
+    )
 
     weights = tmp / "student.pt"
-    assert main(["train", "--config", str(out / "best.yaml"), "--runs-dir", str(tmp / "runs"),
-                 "--device", "cpu", "--quiet", "--out", str(weights)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(out / "best.yaml"),
+                "--runs-dir",
+                str(tmp / "runs"),
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(weights),
+            ]
+        )
+        == 0
+    )
     from autosplit.checkpoint import load_checkpoint
 
     saved = load_checkpoint(weights, kind="student")
@@ -168,14 +246,20 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
 def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
     # A budget a single student fits (below that the search is refused) but a chain of three
     # parts does not, even at the narrowest widths.
-    text = SPACE.read_text().replace("choices: [single, res_chain, branches, assistant]",
-                                     "choices: [res_chain]")
+    text = SPACE.read_text().replace(
+        "choices: [single, res_chain, branches, assistant]", "choices: [res_chain]"
+    )
     text = text.replace("{type: int, low: 1, high: 2, when", "{choices: [2], when")
-    text = text[:text.index("  baselines:")]
+    text = text[: text.index("  baselines:")]
     space_file = tmp_path / "chains.yaml"
     space_file.write_text(text)
-    opts = options(tmp_path, trials=1, budget=parse_budget("3.5k"), study_name="tiny-budget",
-                   space=SearchSpace.from_yaml(space_file))
+    opts = options(
+        tmp_path,
+        trials=1,
+        budget=parse_budget("3.5k"),
+        study_name="tiny-budget",
+        space=SearchSpace.from_yaml(space_file),
+    )
     study, _ctx = run_search(opts, say=lambda _m: None)
     trial = study.get_trials()[0]
     assert trial.user_attrs["autosplit.state"] == "infeasible"
@@ -187,10 +271,18 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
 
 def test_a_diverging_candidate_fails_its_trial_not_the_search(tmp_path):
     space_file = tmp_path / "diverge.yaml"
-    space_file.write_text(SPACE.read_text().replace("    lr: 0.1\n    seed: 0\nparams:",
-                                                    "    lr: 1.0e+6\n    seed: 0\nparams:"))
-    opts = options(tmp_path, trials=2, study_name="diverge", space=SearchSpace.from_yaml(space_file),
-                   tracking=False)
+    space_file.write_text(
+        SPACE.read_text().replace(
+            "    lr: 0.1\n    seed: 0\nparams:", "    lr: 1.0e+6\n    seed: 0\nparams:"
+        )
+    )
+    opts = options(
+        tmp_path,
+        trials=2,
+        study_name="diverge",
+        space=SearchSpace.from_yaml(space_file),
+        tracking=False,
+    )
     study, _ctx = run_search(opts, say=lambda _m: None)
     trials = study.get_trials()
     assert len(trials) == 2  # both attempts ran; the search itself returned normally

@@ -36,15 +36,25 @@ def _fds(pid: int) -> int:
 
 
 def _done(storage: str) -> int:
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               for t in trials_now(storage, "soak"))
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials_now(storage, "soak")
+    )
 
 
 @pytest.mark.slow
 def test_two_hundred_trials_in_a_row_keep_memory_and_open_files_bounded(digits_runs, tmp_path):
     storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    proc = worker(digits_runs, "--study-name", "soak", "--storage", storage,
-                  "--tracking-uri", tracking, "--trials", str(TRIALS))
+    proc = worker(
+        digits_runs,
+        "--study-name",
+        "soak",
+        "--storage",
+        storage,
+        "--tracking-uri",
+        tracking,
+        "--trials",
+        str(TRIALS),
+    )
     started = time.monotonic()
     samples: list[tuple[int, float, int]] = []  # (trials done, RSS MB, open files)
     while proc.poll() is None:
@@ -61,7 +71,9 @@ def test_two_hundred_trials_in_a_row_keep_memory_and_open_files_bounded(digits_r
     assert proc.returncode == 0, err[-3000:]
     wall = time.monotonic() - started
 
-    trials = optuna.load_study(study_name="soak", storage=studies.open_storage(storage)).get_trials()
+    trials = optuna.load_study(
+        study_name="soak", storage=studies.open_storage(storage)
+    ).get_trials()
     search = [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"]
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in search) == TRIALS
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -70,8 +82,10 @@ def test_two_hundred_trials_in_a_row_keep_memory_and_open_files_bounded(digits_r
     assert warm, samples
     rss_growth = max(s[1] for s in warm) - warm[0][1]
     fd_growth = max(s[2] for s in warm) - warm[0][2]
-    print(f"\nsoak: {TRIALS} trials in {wall:.0f} s; RSS {warm[0][1]:.0f} MB at trial "
-          f"{warm[0][0]} -> max {max(s[1] for s in warm):.0f} MB (+{rss_growth:.0f}); open files "
-          f"{warm[0][2]} -> max {max(s[2] for s in warm)} (+{fd_growth})")
+    print(
+        f"\nsoak: {TRIALS} trials in {wall:.0f} s; RSS {warm[0][1]:.0f} MB at trial "
+        f"{warm[0][0]} -> max {max(s[1] for s in warm):.0f} MB (+{rss_growth:.0f}); open files "
+        f"{warm[0][2]} -> max {max(s[2] for s in warm)} (+{fd_growth})"
+    )
     assert rss_growth < RSS_GROWTH_MB
     assert fd_growth < FD_GROWTH

@@ -15,8 +15,12 @@ SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 def test_the_shipped_spaces_are_there():
     names = {p.name for p in SPACES}
-    assert {"fashion_mnist.yaml", "digits_tiny.yaml", "cifar100_resnet.yaml",
-            "imagenet_resnet.yaml"} <= names
+    assert {
+        "fashion_mnist.yaml",
+        "digits_tiny.yaml",
+        "cifar100_resnet.yaml",
+        "imagenet_resnet.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
@@ -31,11 +35,21 @@ def test_every_space_loads_and_its_baselines_are_valid(path):
 
 def test_fixed_trial_drives_suggest_with_conditional_parameters():
     space = SearchSpace.from_yaml(ROOT / "search_spaces" / "fashion_mnist.yaml")
-    chain = optuna.trial.FixedTrial({
-        "structure.name": "res_chain", "structure.n_parts": 2, "split.budget_share": 0.9,
-        "split.base_share": 0.6, "twi": False, "logit_loss.name": "dkd",
-        "logit_loss.temperature": 2.0, "logit_loss.beta": 4.0, "logit_loss.warmup_epochs": 3,
-        "feature_loss.name": "none", "train.lr": 0.05})
+    chain = optuna.trial.FixedTrial(
+        {
+            "structure.name": "res_chain",
+            "structure.n_parts": 2,
+            "split.budget_share": 0.9,
+            "split.base_share": 0.6,
+            "twi": False,
+            "logit_loss.name": "dkd",
+            "logit_loss.temperature": 2.0,
+            "logit_loss.beta": 4.0,
+            "logit_loss.warmup_epochs": 3,
+            "feature_loss.name": "none",
+            "train.lr": 0.05,
+        }
+    )
     candidate = space.suggest(chain, 7_000_000)
     assert candidate.structure.name == "res_chain" and candidate.structure.get("n_parts") == 2
     assert candidate.logit_loss.name == "dkd" and candidate.logit_loss.get("beta") == 4.0
@@ -44,20 +58,36 @@ def test_fixed_trial_drives_suggest_with_conditional_parameters():
 
     # A single student never draws n_parts or base_share: FixedTrial would raise if asked for
     # a parameter it was not given.
-    single = optuna.trial.FixedTrial({
-        "structure.name": "single", "split.budget_share": 1.0, "twi": False,
-        "logit_loss.name": "kd", "logit_loss.temperature": 4.0, "logit_loss.kd_weight": 0.9,
-        "feature_loss.name": "hint", "feature_loss.weight": 100.0, "train.lr": 0.1})
+    single = optuna.trial.FixedTrial(
+        {
+            "structure.name": "single",
+            "split.budget_share": 1.0,
+            "twi": False,
+            "logit_loss.name": "kd",
+            "logit_loss.temperature": 4.0,
+            "logit_loss.kd_weight": 0.9,
+            "feature_loss.name": "hint",
+            "feature_loss.weight": 100.0,
+            "train.lr": 0.1,
+        }
+    )
     candidate = space.suggest(single, 7_000_000)
     assert candidate.structure.name == "single" and candidate.feature_loss.name == "hint"
 
 
 def test_baseline_overrides_win_over_the_draw():
     space = SearchSpace.from_yaml(ROOT / "search_spaces" / "digits_tiny.yaml")
-    trial = optuna.trial.FixedTrial({
-        "structure.name": "res_chain", "structure.n_parts": 1, "split.budget_share": 0.7,
-        "split.base_share": 0.7, "logit_loss.name": "kd", "logit_loss.temperature": 4.0,
-        "feature_loss.name": "none"})
+    trial = optuna.trial.FixedTrial(
+        {
+            "structure.name": "res_chain",
+            "structure.n_parts": 1,
+            "split.budget_share": 0.7,
+            "split.base_share": 0.7,
+            "logit_loss.name": "kd",
+            "logit_loss.temperature": 4.0,
+            "feature_loss.name": "none",
+        }
+    )
     candidate = space.suggest(trial, 10**6, overrides=space.settings.baselines["kd-single"])
     assert candidate.structure.name == "single" and candidate.split.budget_share == 1.0
 
@@ -65,21 +95,35 @@ def test_baseline_overrides_win_over_the_draw():
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.replace("  structure.name:", "  structure.nam:"),
-         r"params\.structure\.nam = .*structure\.nam: unknown key"),
+        (
+            lambda t: t.replace("  structure.name:", "  structure.nam:"),
+            r"params\.structure\.nam = .*structure\.nam: unknown key",
+        ),
         (lambda t: t.replace("search:", "serch:"), r"serch: unknown key"),
-        (lambda t: t.replace("low: 1.0, high: 8.0", "low: 8.0, high: 1.0"),
-         r"params\.logit_loss\.temperature: needs low < high"),
-        (lambda t: t.replace("choices: [kd, dkd]", "choices: [kd, dkdd]"),
-         r"params\.logit_loss\.name = 'dkdd'.*unknown logit loss 'dkdd'"),
+        (
+            lambda t: t.replace("low: 1.0, high: 8.0", "low: 8.0, high: 1.0"),
+            r"params\.logit_loss\.temperature: needs low < high",
+        ),
+        (
+            lambda t: t.replace("choices: [kd, dkd]", "choices: [kd, dkdd]"),
+            r"params\.logit_loss\.name = 'dkdd'.*unknown logit loss 'dkdd'",
+        ),
         (lambda t: t.replace("budget: 0.5x", "budget: lots"), r"--budget 'lots'"),
-        (lambda t: t.replace("    epochs: 2\n", "    epochs: two\n"),
-         r"train\.epochs: expected an integer"),
-        (lambda t: t.replace("{epochs: 2, rows: null}]", "{epochs: 0, rows: null}]"),
-         r"search\.fidelity\.rungs\[1\]\.epochs: must be >= 1"),
-        (lambda t: t.replace("rungs: [{epochs: 1, rows: 600}, {epochs: 2, rows: null}]",
-                             "rungs: [{epochs: 2, rows: null}, {epochs: 1, rows: 600}]"),
-         r"search\.fidelity\.rungs: list them from cheap to dear"),
+        (
+            lambda t: t.replace("    epochs: 2\n", "    epochs: two\n"),
+            r"train\.epochs: expected an integer",
+        ),
+        (
+            lambda t: t.replace("{epochs: 2, rows: null}]", "{epochs: 0, rows: null}]"),
+            r"search\.fidelity\.rungs\[1\]\.epochs: must be >= 1",
+        ),
+        (
+            lambda t: t.replace(
+                "rungs: [{epochs: 1, rows: 600}, {epochs: 2, rows: null}]",
+                "rungs: [{epochs: 2, rows: null}, {epochs: 1, rows: 600}]",
+            ),
+            r"search\.fidelity\.rungs: list them from cheap to dear",
+        ),
         (lambda t: t.replace("eta: 2", "eta: 1"), r"search\.fidelity\.eta: must be >= 2"),
     ],
 )
@@ -92,9 +136,16 @@ def test_validation_names_the_file_and_the_key(tmp_path, edit, message):
     assert str(info.value).startswith(str(path))
 
 
-@pytest.mark.parametrize(("text", "relative", "absolute"),
-                         [("0.25x", 0.25, None), ("1X", 1.0, None), ("5M", None, 5_000_000),
-                          ("1.2G", None, 1_200_000_000), ("350k", None, 350_000)])
+@pytest.mark.parametrize(
+    ("text", "relative", "absolute"),
+    [
+        ("0.25x", 0.25, None),
+        ("1X", 1.0, None),
+        ("5M", None, 5_000_000),
+        ("1.2G", None, 1_200_000_000),
+        ("350k", None, 350_000),
+    ],
+)
 def test_budgets(text, relative, absolute):
     budget = parse_budget(text)
     assert (budget.relative, budget.absolute) == (relative, absolute)
@@ -107,7 +158,9 @@ def test_bad_budgets_are_one_clear_error(text):
         parse_budget(text)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0)]
+)
 def test_durations(text, seconds):
     from autosplit.search.budget import parse_duration
 
@@ -116,7 +169,10 @@ def test_durations(text, seconds):
 
 def test_a_bad_space_time_limit_names_its_key(tmp_path):
     path = tmp_path / "t.yaml"
-    path.write_text((ROOT / "search_spaces" / "digits_tiny.yaml").read_text()
-                    .replace("  sampler: tpe\n", "  sampler: tpe\n  time_limit: soon\n"))
+    path.write_text(
+        (ROOT / "search_spaces" / "digits_tiny.yaml")
+        .read_text()
+        .replace("  sampler: tpe\n", "  sampler: tpe\n  time_limit: soon\n")
+    )
     with pytest.raises(UserError, match=r"t\.yaml: search\.time_limit: 'soon' is not a duration"):
         SearchSpace.from_yaml(path)

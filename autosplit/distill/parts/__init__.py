@@ -35,15 +35,30 @@ FEATURE_LOSSES.add("none", NoLoss)
 STRUCTURE_LOSSES: dict[str, type[Part]] = {"assistant": RKD, "res_chain": ResKD, "branches": ERA}
 TWI_STRUCTURES = ("single", "res_chain")
 
-__all__ = ["AEKT", "CrossEntropy", "DKD", "ERA", "Hint", "IEKD", "KD", "NoLoss", "RKD", "ResKD",
-           "STRUCTURE_LOSSES", "TWI", "build_parts", "structure_loss_params"]
+__all__ = [
+    "AEKT",
+    "CrossEntropy",
+    "DKD",
+    "ERA",
+    "Hint",
+    "IEKD",
+    "KD",
+    "NoLoss",
+    "RKD",
+    "ResKD",
+    "STRUCTURE_LOSSES",
+    "TWI",
+    "build_parts",
+    "structure_loss_params",
+]
 
 
 def structure_loss_params(params_cls: type, structure_params: Mapping[str, Any]) -> Any:
     """The structure loss's own ``Params`` from the structure's (missing keys: defaults)."""
     names = {f.name for f in dataclasses.fields(params_cls)}
-    return from_dict(params_cls, {k: v for k, v in structure_params.items() if k in names},
-                     "structure")
+    return from_dict(
+        params_cls, {k: v for k, v in structure_params.items() if k in names}, "structure"
+    )
 
 
 def build_parts(candidate: Candidate, ctx: PartContext) -> dict[str, Part]:
@@ -52,9 +67,12 @@ def build_parts(candidate: Candidate, ctx: PartContext) -> dict[str, Part]:
     structure_cls = STRUCTURE_LOSSES.get(ctx.structure)
     if structure_cls is not None:
         parts["structure"] = structure_cls(
-            structure_loss_params(structure_cls.Params, ctx.structure_params), ctx)
-    for role, spec, registry in (("logit", candidate.logit_loss, LOGIT_LOSSES),
-                                 ("feature", candidate.feature_loss, FEATURE_LOSSES)):
+            structure_loss_params(structure_cls.Params, ctx.structure_params), ctx
+        )
+    for role, spec, registry in (
+        ("logit", candidate.logit_loss, LOGIT_LOSSES),
+        ("feature", candidate.feature_loss, FEATURE_LOSSES),
+    ):
         cls = registry.get(spec.name)
         parts[role] = cls(from_dict(cls.Params, spec.as_dict(), f"{role}_loss"), ctx)
     if candidate.twi and ctx.structure in TWI_STRUCTURES:

@@ -74,21 +74,38 @@ class AEKT(LogitPart):
         if self.params.layout == "parallel":
             outputs["aekt_dist"] = [self.heads[0](outputs["stream_feature"])]  # [(B, C)]
         else:
-            outputs["aekt_dist"] = [head(logits) for head, logits
-                                    in zip(self.heads, outputs["logit_streams"], strict=True)]
+            outputs["aekt_dist"] = [
+                head(logits)
+                for head, logits in zip(self.heads, outputs["logit_streams"], strict=True)
+            ]
 
-    def stream_loss(self, stream: int, logits: Tensor, outputs: Outputs,
-                    teacher_outputs: Mapping[str, Tensor] | None, labels: Tensor, *,
-                    epoch: int) -> dict[str, Tensor]:
+    def stream_loss(
+        self,
+        stream: int,
+        logits: Tensor,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         logits_teacher = need_teacher(teacher_outputs, "logits", "aekt")  # (B, C)
         p = self.params
         logits_dist = outputs["aekt_dist"][stream]  # (B, C)
         weight = None
         if p.fixed_weight is not None:
             weight = torch.full_like(labels, p.fixed_weight, dtype=logits_dist.dtype)
-        transfer = aekt_loss(logits_dist, logits_teacher, labels, beta=p.beta,
-                             temperature=p.temperature, w_min=p.w_min, w_max=p.w_max,
-                             power=p.power, weight=weight)
+        transfer = aekt_loss(
+            logits_dist,
+            logits_teacher,
+            labels,
+            beta=p.beta,
+            temperature=p.temperature,
+            w_min=p.w_min,
+            w_max=p.w_max,
+            power=p.power,
+            weight=weight,
+        )
         warm = linear_warmup(epoch, p.warmup_epochs)
         return {"ce": p.ce_weight * self.ce(logits, labels), "aekt": warm * transfer}
 

@@ -24,7 +24,14 @@ class CrossEntropy(LogitPart):
 
     terms = ("ce",)
 
-    def stream_loss(self, stream: int, logits: Tensor, outputs: Outputs,
-                    teacher_outputs: Mapping[str, Tensor] | None, labels: Tensor, *,
-                    epoch: int) -> dict[str, Tensor]:
+    def stream_loss(
+        self,
+        stream: int,
+        logits: Tensor,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         return {"ce": self.params.weight * self.ce(logits, labels)}

@@ -41,11 +41,19 @@ class DKD(LogitPart):
         """The DKD weight's linear warm-up factor at 0-based ``epoch``."""
         return linear_warmup(epoch, self.params.warmup_epochs)
 
-    def stream_loss(self, stream: int, logits: Tensor, outputs: Outputs,
-                    teacher_outputs: Mapping[str, Tensor] | None, labels: Tensor, *,
-                    epoch: int) -> dict[str, Tensor]:
+    def stream_loss(
+        self,
+        stream: int,
+        logits: Tensor,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         logits_teacher = need_teacher(teacher_outputs, "logits", "dkd")  # (B, C)
         p = self.params
-        decoupled = dkd_loss(logits, logits_teacher, labels, alpha=p.alpha, beta=p.beta,
-                             temperature=p.temperature)
+        decoupled = dkd_loss(
+            logits, logits_teacher, labels, alpha=p.alpha, beta=p.beta, temperature=p.temperature
+        )
         return {"ce": p.ce_weight * self.ce(logits, labels), "dkd": self.warm(epoch) * decoupled}

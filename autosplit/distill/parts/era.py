@@ -46,8 +46,14 @@ class ERA(Part):
     def teacher_taps(self) -> frozenset[str]:
         return frozenset({"pooled"})
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         p = self.params
         feat_teacher = need_teacher(teacher_outputs, "pooled", "era")  # (B, C_t)
         projected, deltas = outputs["pooled_proj"], outputs["deltas"]  # (B, C_t), M x (B, C_t)

@@ -54,8 +54,14 @@ class Hint(Part):
         feat = resize_map(feat, tuple(self.size))  # (B, C_s, H_t, W_t)
         outputs["hint_feat"] = self.adapter(feat)  # (B, C_t, H_t, W_t)
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "hint")
         return {"loss_hint": self.params.weight * hint_loss(outputs["hint_feat"], feat_teacher)}
 

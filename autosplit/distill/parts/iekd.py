@@ -65,8 +65,10 @@ class IEKD(Part):
         channels = ctx.base_shapes[self.student_tap][0]
         channels_teacher, *self.size = ctx.teacher_shapes[self.teacher_tap]
         if channels < 2 or not 0.0 < params.ratio < 1.0:
-            raise UserError(f"feature_loss.ratio: splitting {channels} channels needs >= 2 "
-                            f"channels and a ratio in (0, 1), got {params.ratio}")
+            raise UserError(
+                f"feature_loss.ratio: splitting {channels} channels needs >= 2 "
+                f"channels and a ratio in (0, 1), got {params.ratio}"
+            )
         self.n_inherit = min(max(round(params.ratio * channels), 1), channels - 1)
         factor = max(1, round(params.factor_ratio * channels_teacher))
         self.encode_inherit = coder(self.n_inherit, factor)
@@ -85,10 +87,16 @@ class IEKD(Part):
         feat = outputs["base_taps"][self.student_tap]  # (B, C, H, W)
         feat = resize_map(feat, tuple(self.size))  # (B, C, H_t, W_t)
         outputs["iekd_inherit"] = self.encode_inherit(feat[:, : self.n_inherit])  # (B, k, H_t, W_t)
-        outputs["iekd_explore"] = self.encode_explore(feat[:, self.n_inherit:])
+        outputs["iekd_explore"] = self.encode_explore(feat[:, self.n_inherit :])
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "iekd")  # (B, C_t, H_t, W_t)
         with torch.no_grad():
             factor_teacher = self.teacher_encoder(feat_teacher)  # (B, k, H_t, W_t)
@@ -103,8 +111,9 @@ class IEKD(Part):
     def term_stages(self) -> dict[str, int]:
         return {"loss_iekd_inherit": 0, "loss_iekd_explore": 0}
 
-    def prepare(self, teacher_source: TeacherSource, train_loader: Iterable[Any],
-                runtime: Runtime) -> None:
+    def prepare(
+        self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
+    ) -> None:
         """Pre-train the teacher auto-encoder with L1 reconstruction, then freeze it."""
         if bool(self.prepared):
             return

@@ -32,10 +32,19 @@ class KD(LogitPart):
     def teacher_taps(self) -> frozenset[str]:
         return frozenset({"logits"})
 
-    def stream_loss(self, stream: int, logits: Tensor, outputs: Outputs,
-                    teacher_outputs: Mapping[str, Tensor] | None, labels: Tensor, *,
-                    epoch: int) -> dict[str, Tensor]:
+    def stream_loss(
+        self,
+        stream: int,
+        logits: Tensor,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         logits_teacher = need_teacher(teacher_outputs, "logits", "kd")  # (B, C)
         p = self.params
-        return {"ce": p.ce_weight * self.ce(logits, labels),
-                "kd": p.kd_weight * kd_loss(logits, logits_teacher, temperature=p.temperature)}
+        return {
+            "ce": p.ce_weight * self.ce(logits, labels),
+            "kd": p.kd_weight * kd_loss(logits, logits_teacher, temperature=p.temperature),
+        }

@@ -42,8 +42,14 @@ class ResKD(Part):
     def teacher_taps(self) -> frozenset[str]:
         return frozenset({"logits"}) if self.params.residual == "mse" else frozenset()
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         if self.params.residual != "mse":
             return {}
         logits_teacher = need_teacher(teacher_outputs, "logits", "reskd")  # (B, C)

@@ -42,12 +42,15 @@ class RKD(Part):
         self.teacher_tap = ctx.teacher_stages[-1]
         pairs: list[tuple[str, str]] = []
         if params.mimic_stages == "all":  # earlier stages, paired from the end
-            pairs = list(zip(reversed(ctx.base_stages[:-1]), reversed(ctx.teacher_stages[:-1]),
-                             strict=False))[::-1]
+            pairs = list(
+                zip(reversed(ctx.base_stages[:-1]), reversed(ctx.teacher_stages[:-1]), strict=False)
+            )[::-1]
         self.pairs = pairs
         self.adapters = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(ctx.base_shapes[s][0], ctx.teacher_shapes[t][0], 1, bias=False),
-                          nn.BatchNorm2d(ctx.teacher_shapes[t][0]))
+            nn.Sequential(
+                nn.Conv2d(ctx.base_shapes[s][0], ctx.teacher_shapes[t][0], 1, bias=False),
+                nn.BatchNorm2d(ctx.teacher_shapes[t][0]),
+            )
             for s, t in pairs
         )
         self.sizes = [tuple(ctx.teacher_shapes[t][1:]) for _, t in pairs]
@@ -59,11 +62,19 @@ class RKD(Part):
     def extend(self, outputs: Outputs) -> None:
         taps = outputs["base_taps"]
         steps = zip(self.adapters, self.pairs, self.sizes, strict=True)
-        outputs["rkd_mimic"] = [adapter(resize_map(taps[student_tap], size))  # (B, C_t, H_t, W_t)
-                                for adapter, (student_tap, _), size in steps]
+        outputs["rkd_mimic"] = [
+            adapter(resize_map(taps[student_tap], size))  # (B, C_t, H_t, W_t)
+            for adapter, (student_tap, _), size in steps
+        ]
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "rkd")  # (B, C_t, H, W)
         feat_base = outputs["feat_base"]  # r(F_S), (B, C_t, H, W)
         mimic = normalized_mse(feat_base, feat_teacher)
@@ -72,8 +83,10 @@ class RKD(Part):
         # The assistant's target is detached: the residual never pushes the base.
         target = (feat_teacher - feat_base).detach()
         residual = normalized_mse(outputs["feat_assistant"], target)
-        return {"loss_rkd_mimic": self.params.mimic_weight * mimic,
-                "loss_rkd_residual": self.params.residual_weight * residual}
+        return {
+            "loss_rkd_mimic": self.params.mimic_weight * mimic,
+            "loss_rkd_residual": self.params.residual_weight * residual,
+        }
 
     def term_stages(self) -> dict[str, int]:
         return {"loss_rkd_mimic": 0, "loss_rkd_residual": 1}

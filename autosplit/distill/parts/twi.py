@@ -37,8 +37,14 @@ class TWI(Part):
         projected = self.projector(outputs["base_taps"]["pooled"])  # (B, C_t)
         outputs["proj_logits"] = self.teacher_head(projected)  # (B, classes)
 
-    def loss(self, outputs: Outputs, teacher_outputs: Mapping[str, Tensor] | None,
-             labels: Tensor, *, epoch: int) -> dict[str, Tensor]:
+    def loss(
+        self,
+        outputs: Outputs,
+        teacher_outputs: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        *,
+        epoch: int,
+    ) -> dict[str, Tensor]:
         ce = nn.functional.cross_entropy(outputs["proj_logits"], labels)
         return {"loss_twi": self.params.weight * ce}
 
