@@ -5,7 +5,8 @@ Importing this package is cheap: torch and autosplit's own modules, no MLflow, O
 (fvcore is imported only when FLOPs are counted).
 """
 
-from autosplit.distill._base import Distiller, Part, PartContext, Stage, build_distiller
+from autosplit.distill import parts, structures  # noqa: F401  (they register themselves)
+from autosplit.distill._base import Distiller, Stage, build_distiller
 from autosplit.distill.candidate import (
     Candidate,
     PartSpec,
@@ -20,13 +21,9 @@ from autosplit.distill.exit import (
     exit_profile,
     measure_exit,
 )
+from autosplit.distill.part import Part, PartContext
 from autosplit.distill.recipes import METHODS, recipe_candidate
-from autosplit.distill.registry import (
-    FEATURE_LOSSES,
-    LOGIT_LOSSES,
-    STRUCTURES,
-    ensure_registered,
-)
+from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES, STRUCTURES
 from autosplit.distill.run import CandidateResult, build_and_count, train_candidate
 from autosplit.distill.student import (
     Student,
@@ -35,8 +32,6 @@ from autosplit.distill.student import (
     expected_flops,
     student_flops,
 )
-
-ensure_registered()  # the registries are complete once the public API is imported
 
 __all__ = [
     "FEATURE_LOSSES",
