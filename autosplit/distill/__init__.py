@@ -6,7 +6,7 @@ Importing this package is cheap: torch and autosplit's own modules, no MLflow, O
 """
 
 from autosplit.distill import parts, structures  # noqa: F401  (they register themselves)
-from autosplit.distill._base import Distiller, Stage, build_distiller
+from autosplit.distill._base import Distiller, Part, PartContext, Stage, build_distiller
 from autosplit.distill.candidate import (
     Candidate,
     PartSpec,
@@ -21,7 +21,6 @@ from autosplit.distill.exit import (
     exit_profile,
     measure_exit,
 )
-from autosplit.distill.part import Part, PartContext
 from autosplit.distill.recipes import METHODS, recipe_candidate
 from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES, STRUCTURES
 from autosplit.distill.run import CandidateResult, build_and_count, train_candidate

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +27,13 @@ from torch.nn import functional as F
 
 from autosplit.config import from_dict
 from autosplit.distill.candidate import Candidate, PartSpec
-from autosplit.distill.part import Part
 from autosplit.distill.registry import STRUCTURES
 from autosplit.errors import UserError
 from autosplit.flops import BudgetTooSmall, count_flops_report, solve_width
 from autosplit.models import ZooModel, create_model
+
+if TYPE_CHECKING:
+    from autosplit.distill._base import Part
 
 
 class Student(nn.Module):
@@ -279,10 +281,11 @@ def expected_flops(flops: StudentFlops, reach_rates: list[float]) -> float:
 # --- pieces shared by the structures -----------------------------------------------------------
 
 
-def at_least(path: str, **checks: tuple[float | None, float]) -> None:
-    """Range checks ``key=(value, minimum)`` of a ``Params``, naming the dotted path at fault;
-    None passes."""
-    for key, (value, minimum) in checks.items():
+def at_least(path: str, params: Any, **minimums: float) -> None:
+    """Range checks of a ``Params``: ``key=minimum`` for each field, naming the dotted path at
+    fault; a None value passes."""
+    for key, minimum in minimums.items():
+        value = getattr(params, key)
         if value is not None and value < minimum:
             raise UserError(f"{path}.{key}: must be >= {minimum}, got {value}")
 

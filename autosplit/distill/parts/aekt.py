@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from autosplit.distill._base import LogitPart, Outputs, PartContext, linear_warmup, need_teacher
 from autosplit.distill.losses import aekt_loss
-from autosplit.distill.part import LogitPart, Outputs, PartContext, linear_warmup, need_teacher
 from autosplit.distill.registry import LOGIT_LOSSES
 from autosplit.errors import UserError
 

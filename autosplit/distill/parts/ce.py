@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from autosplit.distill.part import LogitPart, Outputs
+from autosplit.distill._base import LogitPart, Outputs
 from autosplit.distill.registry import LOGIT_LOSSES
 
 

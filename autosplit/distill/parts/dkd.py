@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from autosplit.distill._base import LogitPart, Outputs, linear_warmup, need_teacher
 from autosplit.distill.losses import dkd_loss
-from autosplit.distill.part import LogitPart, Outputs, linear_warmup, need_teacher
 from autosplit.distill.registry import LOGIT_LOSSES
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from autosplit.distill._base import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.losses import hint_loss
-from autosplit.distill.part import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.registry import FEATURE_LOSSES
 from autosplit.distill.student import resize as resize_map
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autosplit.distill._base import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.losses import factor_distance
-from autosplit.distill.part import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.registry import FEATURE_LOSSES
 from autosplit.distill.student import resize as resize_map
 from autosplit.errors import UserError

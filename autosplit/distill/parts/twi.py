@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from autosplit.distill.part import Outputs, Part, PartContext
+from autosplit.distill._base import Outputs, Part, PartContext
 from autosplit.distill.student import frozen_copy
 
 

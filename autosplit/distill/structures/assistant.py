@@ -5,7 +5,6 @@ Gao, Shen, Li & Loy, "Residual Knowledge Distillation", arXiv 2002.09168, 2020.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from autosplit.distill._base import Outputs, Part, PartContext, TeacherOutputs, need_teacher
 from autosplit.distill.losses import normalized_mse
-from autosplit.distill.part import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.registry import STRUCTURES
 from autosplit.distill.student import BuildContext, Student, at_least, resize, stage_size
 from autosplit.errors import UserError
@@ -31,9 +30,7 @@ class AssistantParams:
     residual_weight: float = 1.0
 
     def validate(self, path: str = "structure") -> None:
-        at_least(
-            path, mimic_weight=(self.mimic_weight, 0), residual_weight=(self.residual_weight, 0)
-        )
+        at_least(path, self, mimic_weight=0, residual_weight=0)
 
 
 class RKD(Part):
@@ -58,12 +55,7 @@ class RKD(Part):
         return frozenset({self.teacher_tap})
 
     def loss(
-        self,
-        outputs: Outputs,
-        teacher_outputs: Mapping[str, Tensor] | None,
-        labels: Tensor,
-        *,
-        epoch: int,
+        self, outputs: Outputs, teacher_outputs: TeacherOutputs, labels: Tensor, *, epoch: int
     ) -> dict[str, Tensor]:
         feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "rkd")  # (B, C_t, H, W)
         feat_base = outputs["feat_base"]  # r(F_S), (B, C_t, H, W)

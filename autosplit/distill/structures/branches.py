@@ -6,7 +6,6 @@ Yan, Chen, Liu & Ye, "Expandable Residual Approximation for Knowledge Distillati
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autosplit.distill._base import Outputs, Part, PartContext, TeacherOutputs, need_teacher
 from autosplit.distill.candidate import Candidate, PartSpec
 from autosplit.distill.losses import era_residual_loss, era_targets
-from autosplit.distill.part import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.registry import STRUCTURES
 from autosplit.distill.student import BuildContext, Student, at_least
 from autosplit.errors import UserError
@@ -37,14 +36,7 @@ class BranchesParams:
     hidden: int | None = None
 
     def validate(self, path: str = "structure") -> None:
-        at_least(
-            path,
-            n_parts=(self.n_parts, 1),
-            mix_alpha=(self.mix_alpha, 0),
-            lambda_f=(self.lambda_f, 0),
-            lambda_g=(self.lambda_g, 0),
-            hidden=(self.hidden, 1),
-        )
+        at_least(path, self, n_parts=1, mix_alpha=0, lambda_f=0, lambda_g=0, hidden=1)
         if self.mix_alpha > 1:
             raise UserError(f"{path}.mix_alpha: must be in [0, 1], got {self.mix_alpha}")
         if self.gamma <= 0:
@@ -75,12 +67,7 @@ class ERA(Part):
         return frozenset({"pooled"})
 
     def loss(
-        self,
-        outputs: Outputs,
-        teacher_outputs: Mapping[str, Tensor] | None,
-        labels: Tensor,
-        *,
-        epoch: int,
+        self, outputs: Outputs, teacher_outputs: TeacherOutputs, labels: Tensor, *, epoch: int
     ) -> dict[str, Tensor]:
         p = self.params
         feat_teacher = need_teacher(teacher_outputs, "pooled", "era")  # (B, C_t)

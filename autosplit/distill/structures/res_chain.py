@@ -5,7 +5,6 @@ Li, Li, Omar, Wu & Li, "ResKD: Residual-Guided Knowledge Distillation", IEEE TIP
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from autosplit.distill._base import Outputs, Part, PartContext, TeacherOutputs, need_teacher
 from autosplit.distill.candidate import PartSpec
 from autosplit.distill.losses import reskd_residual_mse
-from autosplit.distill.part import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.parts.twi import TWI
 from autosplit.distill.registry import STRUCTURES
 from autosplit.distill.student import BuildContext, Student, at_least
@@ -34,12 +33,7 @@ class ResChainParams:
     residual_weight: float = 1.0
 
     def validate(self, path: str = "structure") -> None:
-        at_least(
-            path,
-            n_parts=(self.n_parts, 1),
-            exit_threshold=(self.exit_threshold, 0),
-            residual_weight=(self.residual_weight, 0),
-        )
+        at_least(path, self, n_parts=1, exit_threshold=0, residual_weight=0)
 
 
 class ResKD(Part):
@@ -65,12 +59,7 @@ class ResKD(Part):
         return frozenset({"logits"}) if self.params.residual == "mse" else frozenset()
 
     def loss(
-        self,
-        outputs: Outputs,
-        teacher_outputs: Mapping[str, Tensor] | None,
-        labels: Tensor,
-        *,
-        epoch: int,
+        self, outputs: Outputs, teacher_outputs: TeacherOutputs, labels: Tensor, *, epoch: int
     ) -> dict[str, Tensor]:
         if self.params.residual != "mse":
             return {}
