@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from autosplit.distill.registry import STRUCTURES
 from autosplit.registry import Registry
 
 if TYPE_CHECKING:
@@ -57,8 +58,6 @@ _PART_ONLY = ("student.part_family", "student.part_depth", "split.part_width")
 
 def recipe_candidate(name: str, base: Candidate) -> Candidate:
     """``base`` with method ``name``'s recipe applied (unknown name: ``UserError`` listing them)."""
-    from autosplit.distill.registry import STRUCTURES
-
     values = dict(METHODS.get(name))
     if not STRUCTURES.get(values["structure"]["name"]).part_networks:
         values.update(dict.fromkeys(_PART_ONLY))  # a single network has no parts to shape
