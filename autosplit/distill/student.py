@@ -129,9 +129,8 @@ class Student(nn.Module):
         placed = {id(p) for params in stages.values() for p in params}
         for name, p in self.named_parameters():
             if id(p) not in placed:
-                stages.setdefault(0 if name.startswith(self.base_side_prefixes) else 1, []).append(
-                    p
-                )
+                stage = 0 if name.startswith(self.base_side_prefixes) else 1
+                stages.setdefault(stage, []).append(p)
         return stages
 
     def staged_logits(self, images: Tensor, stage: int) -> Tensor:

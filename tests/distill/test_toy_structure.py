@@ -1,10 +1,11 @@
 """Adding a structure, shown: a toy one defined and registered in this file alone.
 
 ``pair``: two students of the base's family at one solved width, side by side, whose logits are
-averaged. Nothing under ``autosplit/`` names it; it keeps the contract every structure keeps
-(``test_contract.test_distiller_contract``) under every loss, TWI and a staged schedule (the contract's own checks), and
-trains end to end through ``train_candidate``. It is registered only while this module's tests
-run, so the other tests still see the four shipped structures.
+averaged. Nothing under ``autosplit/`` names it. It keeps the contract every structure keeps
+(``test_contract.test_distiller_contract``: shapes, loss terms, gradients, staged stages, FLOPs,
+state_dict) under every logit and feature loss and TWI, trains end to end through
+``train_candidate``, and the search labels and narrows it. It is registered only while this
+module's tests run, so the other tests still see the four shipped structures.
 """
 
 from __future__ import annotations
