@@ -5,6 +5,7 @@ Importing this package is cheap: torch and autosplit's own modules, no MLflow, O
 (fvcore is imported only when FLOPs are counted).
 """
 
+from autosplit.distill import parts, structures  # noqa: F401  (they register themselves)
 from autosplit.distill._base import Distiller, Part, PartContext, Stage, build_distiller
 from autosplit.distill.candidate import (
     Candidate,
@@ -21,12 +22,7 @@ from autosplit.distill.exit import (
     measure_exit,
 )
 from autosplit.distill.recipes import METHODS, recipe_candidate
-from autosplit.distill.registry import (
-    FEATURE_LOSSES,
-    LOGIT_LOSSES,
-    STRUCTURES,
-    ensure_registered,
-)
+from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES, STRUCTURES
 from autosplit.distill.run import CandidateResult, build_and_count, train_candidate
 from autosplit.distill.student import (
     Student,
@@ -35,8 +31,6 @@ from autosplit.distill.student import (
     expected_flops,
     student_flops,
 )
-
-ensure_registered()  # the registries are complete once the public API is imported
 
 __all__ = [
     "FEATURE_LOSSES",

@@ -24,16 +24,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autosplit.config import from_dict
+from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES
+from autosplit.distill.student import Student, build_student
 from autosplit.errors import UserError
 
 if TYPE_CHECKING:
     from autosplit.device import Runtime
     from autosplit.distill.candidate import Candidate
-    from autosplit.distill.student import Student
     from autosplit.models import ZooModel
     from autosplit.train import TeacherSource
 
 Outputs = dict[str, Any]  # tensors, lists of tensors, and the base's tap dict
+TeacherOutputs = Mapping[str, Tensor] | None  # tap -> (B, ...); None: no teacher
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,7 @@ class PartContext:
     Shapes are per sample (no batch dim), measured by one forward pass at build time.
     """
 
-    structure: str
-    structure_params: Mapping[str, Any]
+    structure: str  # the structure's registry key (for messages)
     n_parts: int  # residual parts K (0 for single)
     twi: bool
     num_classes: int
@@ -120,6 +122,7 @@ class Part(nn.Module):
         """Work before training (e.g. pre-train a frozen teacher auto-encoder)."""
 
 
+@FEATURE_LOSSES.register("none")
 class NoLoss(Part):
     """No loss at all: the feature loss ``none``."""
 
@@ -214,7 +217,11 @@ def need_teacher(teacher_outputs: Mapping[str, Tensor] | None, tap: str, who: st
 
 
 class Distiller(nn.Module):
-    """A candidate's training task: its Student and its loss parts (``autosplit.train.Task``)."""
+    """A candidate's training task: its Student and its loss parts (``autosplit.train.Task``).
+
+    Whatever depends on the structure (its logit streams, the feature its head reads, its own
+    loss, whether TWI joins, the stage of each parameter) the Distiller asks the Student.
+    """
 
     def __init__(
         self,
@@ -225,36 +232,25 @@ class Distiller(nn.Module):
         input_shape: tuple[int, int, int],
     ) -> None:
         super().__init__()
-        from autosplit.distill import parts as registry_parts  # registers the parts
-
         self.candidate = candidate
         self.student = student
-        self.structure = candidate.structure.name
-        structure_params = candidate.structure.as_dict()
-        self.residual_mode = str(structure_params.get("residual", "kd"))
-        n_parts = len(student.parts)
         ctx = PartContext(
-            structure=self.structure,
-            structure_params=structure_params,
-            n_parts=n_parts,
+            structure=candidate.structure.name,
+            n_parts=len(student.parts),
             twi=candidate.twi,
             num_classes=teacher.head.out_features,
             label_smoothing=candidate.train.label_smoothing,
-            stream_stages=self._stream_stages(n_parts),
-            stream_weights=self._stream_weights(n_parts, structure_params),
+            stream_stages=student.stream_stages(),
+            stream_weights=student.stream_weights(),
             base_shapes=_tap_shapes(student.base, input_shape),
             teacher_shapes=_tap_shapes(teacher, input_shape),
             base_stages=tuple(student.base.stage_names),
             teacher_stages=tuple(teacher.stage_names),
             teacher_head=teacher.head,
-            stream_feature_dim=self._stream_feature_dim(student, teacher),
+            stream_feature_dim=student.stream_feature_dim,
         )
-        self.parts = nn.ModuleDict(registry_parts.build_parts(candidate, ctx))
-        if self.structure == "assistant":
-            # The fused map has its own head: the base's and the assistant's zoo heads never
-            # see a loss, so they are frozen rather than handed to the optimiser unused.
-            for model in (student.base, *student.parts):
-                model.head.requires_grad_(False)
+        self.parts = nn.ModuleDict(build_parts(candidate, student, ctx))
+        student.freeze_unused()
         # Frozen from the start (teacher heads, pre-trained encoders) stay frozen forever.
         self._trainable = [p for p in self.parameters() if p.requires_grad]
         self._stage: Stage | None = None
@@ -264,8 +260,8 @@ class Distiller(nn.Module):
 
     def forward(self, images: Tensor) -> Outputs:
         outputs: Outputs = self.student.forward_train(images)
-        outputs["logit_streams"] = self._logit_streams(outputs)  # list of (B, C)
-        outputs["stream_feature"] = self._stream_feature(outputs)  # (B, D) or None
+        outputs["logit_streams"] = self.student.logit_streams(outputs)  # list of (B, C)
+        outputs["stream_feature"] = self.student.stream_feature(outputs)  # (B, D) or None
         for part in self.parts.values():
             part.extend(outputs)
         return outputs
@@ -297,13 +293,10 @@ class Distiller(nn.Module):
         return list(self._trainable)
 
     def predict(self, images: Tensor) -> Tensor:
-        """The deployed logits; during a stage, those of what is trained so far (res_chain:
-        z^(k); branches' base stage: z_S; assistant's base stage: the untrained head's)."""
-        if self._stage is not None and self.structure == "res_chain":
-            # While part k trains, the later parts are untrained: judge z^(k), not the chain.
-            return self.student.forward_train(images)["partial_logits"][self._stage.index]
-        if self._stage is not None and self.structure == "branches" and self._stage.index == 0:
-            return self.student.forward_train(images)["logits_student"]
+        """The deployed logits; during a stage, those of what is trained so far (the
+        Student's ``staged_logits``)."""
+        if self._stage is not None:
+            return self.student.staged_logits(images, self._stage.index)
         return self.student(images)
 
     @property
@@ -329,7 +322,7 @@ class Distiller(nn.Module):
         if (schedule or self.candidate.schedule) == "joint":
             return [Stage("joint", 0, tuple(self._trainable), None)]
         by_stage: dict[int, list[nn.Parameter]] = {}
-        for index, params in self._student_stage_parameters().items():
+        for index, params in self.student.stage_parameters().items():
             by_stage.setdefault(index, []).extend(params)
         terms: dict[int, set[str]] = {}
         for part in self.parts.values():
@@ -366,73 +359,6 @@ class Distiller(nn.Module):
                     module.eval()
         return self
 
-    # -- structure-specific plumbing -------------------------------------------------------------
-
-    def _stream_stages(self, n_parts: int) -> tuple[int, ...]:
-        """Logit streams the logit loss is applied to, and the stage each trains in."""
-        if self.structure == "res_chain":
-            return tuple(range(n_parts + 1)) if self.residual_mode == "kd" else (0,)
-        if self.structure == "assistant":
-            return (1,)  # the head reads r(F_S) + F_A: trained with the assistant
-        return (0,)
-
-    def _stream_weights(
-        self, n_parts: int, structure_params: Mapping[str, Any]
-    ) -> tuple[float, ...]:
-        if self.structure == "res_chain" and self.residual_mode == "kd":
-            weight = float(structure_params.get("residual_weight", 1.0))
-            return (1.0,) + (weight,) * n_parts
-        return (1.0,) * len(self._stream_stages(n_parts))
-
-    def _logit_streams(self, outputs: Outputs) -> list[Tensor]:
-        if self.structure == "res_chain":
-            partial, part_logits = outputs["partial_logits"], outputs["part_logits"]
-            streams = [partial[0]]  # z^(0) = z_S
-            if self.residual_mode == "kd":
-                # KD through the sum trains only R_k: sg(z^(k-1)) + z_Rk.
-                streams += [
-                    partial[k - 1].detach() + part_logits[k - 1] for k in range(1, len(partial))
-                ]
-            return streams
-        if self.structure == "branches":
-            return [outputs["logits_student"]]
-        return [outputs["logits"]]
-
-    def _stream_feature(self, outputs: Outputs) -> Tensor | None:
-        """The vector the deployed head reads (AEKT's parallel layout puts its head beside it)."""
-        if self.structure == "assistant":
-            final_map = outputs["feat_base"] + outputs["feat_assistant"]  # (B, C_t, H, W)
-            return torch.flatten(F.adaptive_avg_pool2d(final_map, 1), 1)  # (B, C_t)
-        if self.structure == "res_chain":
-            return None
-        return outputs["base_taps"]["pooled"]
-
-    def _stream_feature_dim(self, student: Student, teacher: ZooModel) -> int | None:
-        if self.structure == "assistant":
-            return teacher.last_stage.channels
-        if self.structure == "res_chain":
-            return None
-        return student.base.tap("pooled").channels
-
-    def _student_stage_parameters(self) -> dict[int, list[nn.Parameter]]:
-        """Stage of every Student parameter: the base 0; res-student k -> k; the assistant, the
-        ERA branches and everything else (head, projector) 1, except RKD's base adapter r,
-        which is the base's mimicry path and trains with it."""
-        student = self.student
-        stages: dict[int, list[nn.Parameter]] = {0: list(student.base.parameters())}
-        for k, part in enumerate(student.parts, start=1):
-            index = k if self.structure == "res_chain" else 1
-            stages.setdefault(index, []).extend(part.parameters())
-        placed = {id(p) for params in stages.values() for p in params}
-        for name, p in student.named_parameters():
-            if id(p) not in placed:
-                base_side = self.structure == "single" or name.startswith(BASE_SIDE_PREFIXES)
-                stages.setdefault(0 if base_side else 1, []).append(p)
-        return stages
-
-
-BASE_SIDE_PREFIXES = ("adapter_base.",)  # Student parameters outside ``base`` that train with it
-
 
 @torch.no_grad()
 def _tap_shapes(model: ZooModel, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
@@ -458,6 +384,23 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
+def build_parts(candidate: Candidate, student: Student, ctx: PartContext) -> dict[str, Part]:
+    """The candidate's loss parts by role: structure (if it has one), logit, feature, twi (if
+    set and the structure leaves TWI to a part)."""
+    parts: dict[str, Part] = {}
+    if student.loss_part is not None:
+        parts["structure"] = student.loss_part(student.params, ctx)
+    for role, spec, registry in (
+        ("logit", candidate.logit_loss, LOGIT_LOSSES),
+        ("feature", candidate.feature_loss, FEATURE_LOSSES),
+    ):
+        cls = registry.get(spec.name)
+        parts[role] = cls(from_dict(cls.Params, spec.as_dict(), f"{role}_loss"), ctx)
+    if candidate.twi and student.twi_part is not None:
+        parts["twi"] = student.twi_part(student.twi_part.Params(), ctx)
+    return parts
+
+
 def build_distiller(
     candidate: Candidate,
     *,
@@ -467,8 +410,6 @@ def build_distiller(
     input_shape: tuple[int, int, int],
 ) -> Distiller:
     """The Student the candidate describes, wrapped with its loss parts."""
-    from autosplit.distill.student import build_student
-
     if teacher.head.out_features != num_classes:
         raise UserError(f"teacher has {teacher.head.out_features} classes, the data {num_classes}")
     student = build_student(

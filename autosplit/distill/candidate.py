@@ -27,12 +27,12 @@ from autosplit.config import (
     load_yaml,
     to_dict,
 )
+from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES, STRUCTURES
 from autosplit.errors import UserError
 
 Scalar = float | int | str | bool | None
 _SCALARS = (float, int, str, bool, type(None))
 _PART_FIELDS = ("structure", "logit_loss", "feature_loss")
-_WITH_PARTS = ("assistant", "res_chain")  # structures whose residual parts are zoo networks
 
 
 @dataclass(frozen=True)
@@ -161,14 +161,6 @@ class Candidate:
     def __post_init__(self) -> None:
         # Normalise the parts (defaults filled in) so equal recipes compare equal, then refuse
         # combinations that cannot mean anything, saying why.
-        from autosplit.distill.registry import (
-            FEATURE_LOSSES,
-            LOGIT_LOSSES,
-            STRUCTURES,
-            ensure_registered,
-        )
-
-        ensure_registered()
         for key, registry in zip(
             _PART_FIELDS, (STRUCTURES, LOGIT_LOSSES, FEATURE_LOSSES), strict=True
         ):
@@ -187,7 +179,9 @@ class Candidate:
 
     def _check_combination(self) -> None:
         kind = self.structure.name
-        if kind not in _WITH_PARTS:
+        structure = STRUCTURES.get(kind)
+        if not structure.part_networks:
+            shaped = " / ".join(n for n in STRUCTURES if STRUCTURES.get(n).part_networks)
             for key, value in (
                 ("student.part_family", self.student.part_family),
                 ("student.part_depth", self.student.part_depth),
@@ -196,18 +190,14 @@ class Candidate:
                 if value is not None:
                     raise UserError(
                         f"{key}: structure {kind!r} has no residual networks to shape; remove it "
-                        "(or use structure assistant / res_chain)"
+                        f"(or use structure {shaped})"
                     )
         elif self.split.part_width is None and self.split.base_share >= 1.0:
             raise UserError(
                 f"split.base_share: 1.0 gives the whole budget to the base and none to the "
                 f"{kind} parts; use a value < 1 or pin split.part_width"
             )
-        if kind == "branches" and self.structure.get("mix_alpha", 0.0) > 0 and not self.twi:
-            raise UserError(
-                "structure.mix_alpha: > 0 deploys the teacher's classifier on the branches' "
-                "reconstruction (ERA's TWI); set twi: true, or mix_alpha: 0"
-            )
+        structure.check(self)
 
     # --- plain data, YAML, dotted paths -------------------------------------------------------
 

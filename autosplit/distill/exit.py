@@ -1,4 +1,4 @@
-"""Sample-adaptive inference for ``res_chain`` students: measure, then choose the exit threshold.
+"""Sample-adaptive inference for a student with an exit gate: measure, then choose the threshold.
 
 ResKD (Li et al., "ResKD: Residual-Guided Knowledge Distillation", IEEE TIP 2021) stops a sample
 after the partial sum z^(k) once ``max softmax(z^(k)) >= theta`` and runs R_(k+1) only for the
@@ -49,8 +49,8 @@ class ExitChoice:
 @torch.no_grad()
 def exit_profile(student: Student, loader: Iterable[Any], runtime: Runtime) -> ExitProfile:
     """Confidence and correctness of every partial sum, over a loader of batches (eval mode)."""
-    if student.kind != "res_chain":
-        raise ValueError(f"early exit needs a res_chain student, not {student.kind!r}")
+    if not student.exit_gate:
+        raise ValueError(f"early exit needs a structure with an exit gate, not {student.kind!r}")
     modes = {module: module.training for module in student.modules()}
     student.eval()
     confidence, correct = [], []

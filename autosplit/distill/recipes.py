@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from autosplit.distill.registry import STRUCTURES
 from autosplit.registry import Registry
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ _PART_ONLY = ("student.part_family", "student.part_depth", "split.part_width")
 def recipe_candidate(name: str, base: Candidate) -> Candidate:
     """``base`` with method ``name``'s recipe applied (unknown name: ``UserError`` listing them)."""
     values = dict(METHODS.get(name))
-    if values["structure"]["name"] not in ("assistant", "res_chain"):
+    if not STRUCTURES.get(values["structure"]["name"]).part_networks:
         values.update(dict.fromkeys(_PART_ONLY))  # a single network has no parts to shape
     elif base.split.part_width is not None or base.split.base_share < 1.0:
         values.pop("split.base_share", None)  # the base already shares its budget: keep that

@@ -5,14 +5,17 @@ values); a candidate's part parameters are validated against it. Keys appear in 
 so never rename one.
 
 - ``STRUCTURES``: ``single``, ``assistant``, ``res_chain``, ``branches`` — the ``Student``
-  subclasses of :mod:`autosplit.distill.structures`.
+  subclasses of :mod:`autosplit.distill.structures`, one file each.
 - ``LOGIT_LOSSES``: ``ce``, ``kd``, ``dkd``, ``aekt``; ``FEATURE_LOSSES``: ``none``, ``hint``,
   ``iekd`` — the loss parts of :mod:`autosplit.distill.parts`.
+
+One registration path: each entry registers itself with the registry's decorator where it is
+defined, and importing :mod:`autosplit.distill` (which any of its modules does first) imports
+those modules. This module imports none of them, so every one of them can import it.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from autosplit.registry import Registry
@@ -20,15 +23,3 @@ from autosplit.registry import Registry
 STRUCTURES: Registry[Any] = Registry("structure")
 LOGIT_LOSSES: Registry[Any] = Registry("logit loss")
 FEATURE_LOSSES: Registry[Any] = Registry("feature loss")
-
-_REGISTERING_MODULES = ("autosplit.distill.structures", "autosplit.distill.parts")
-
-
-def ensure_registered() -> None:
-    """Import the modules that fill the registries (they register on import; cheap after once).
-
-    Done lazily, when a candidate is validated or a student built, so that importing the config
-    layer never imports torch.
-    """
-    for name in _REGISTERING_MODULES:
-        importlib.import_module(name)

@@ -8,9 +8,10 @@
 3. ``joint``: one ``fit`` with every term; ``staged``: one ``fit`` per stage (the base, then each
    residual part with the earlier ones frozen), ``train.epochs`` split evenly over the stages
    so a staged candidate gets the same training budget as a joint one;
-4. ``res_chain``: profile the partial sums on validation and set the exit gate. A threshold in
-   the candidate is used as is; ``None`` is calibrated: the most accurate threshold on
-   validation, ties to the cheapest (ResKD's stopping rule is not public: a reading).
+4. a structure with an exit gate (``res_chain``): profile the partial sums on validation and
+   set the gate. A threshold in the candidate is used as is; ``None`` is calibrated: the most
+   accurate threshold on validation, ties to the cheapest (ResKD's stopping rule is not
+   public: a reading).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def train_candidate(
         distiller.train(False)
 
     student = distiller.student
-    choice = _set_exit(candidate, student, flops, val_loader, runtime)
+    choice = _set_exit(student, flops, val_loader, runtime)
     val_acc = choice.accuracy if choice is not None else evaluate(student, val_loader, runtime)
     seconds = time.perf_counter() - started
     log.info("candidate trained in %.0fs: val %.2f%%", seconds, val_acc)
@@ -215,19 +216,19 @@ def train_candidate(
 
 
 def _set_exit(
-    candidate: Candidate,
     student: Student,
     flops: StudentFlops,
     val_loader: TensorLoader,
     runtime: Runtime,
 ) -> ExitChoice | None:
-    """res_chain: measure (a pinned threshold) or calibrate (None) the gate on validation."""
-    if candidate.structure.name != "res_chain":
+    """A structure with an exit gate: measure (a pinned threshold) or calibrate (None) the gate
+    on validation."""
+    if not student.exit_gate:
         return None
     from autosplit.distill.exit import calibrate_threshold, exit_profile, measure_exit
 
     profile = exit_profile(student, val_loader, runtime)
-    pinned = candidate.structure.get("exit_threshold")
+    pinned = student.params.exit_threshold
     choice = (
         measure_exit(profile, flops, pinned)
         if pinned is not None

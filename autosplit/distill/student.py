@@ -9,38 +9,50 @@ Widths come from fractions: the candidate's ``budget_share`` of ``max_flops`` is
 target, the base gets ``base_share`` of it and the parts share the rest; ``flops.solve_width``
 finds the widest network of a family under each figure. Explicit widths skip the solver.
 
-The four structures are the ``Student`` subclasses in :mod:`autosplit.distill.structures`,
-registered in ``STRUCTURES`` by key. Their residual parts are top-level children named by part
-(``res1``, ``branch2``, ``assistant`` ...), so fvcore's per-module count is the per-part cost.
+The structures are the ``Student`` subclasses in :mod:`autosplit.distill.structures`, one file
+each, registered in ``STRUCTURES`` by key. Their residual parts are top-level children named by
+part (``res1``, ``branch2``, ``assistant`` ...), so fvcore's per-module count is the per-part
+cost. Adding a structure is one file there plus its import line in that package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from autosplit.config import from_dict
-from autosplit.distill.candidate import Candidate
+from autosplit.distill.candidate import Candidate, PartSpec
+from autosplit.distill.registry import STRUCTURES
 from autosplit.errors import UserError
 from autosplit.flops import BudgetTooSmall, count_flops_report, solve_width
 from autosplit.models import ZooModel, create_model
 
+if TYPE_CHECKING:
+    from autosplit.distill._base import Part
+
 
 class Student(nn.Module):
-    """Base class of the four structures; ``forward`` is the deployed inference.
+    """Base class of the structures: one class owns all of a structure's plumbing.
 
-    ``forward_train`` returns everything the losses need (always ``logits`` (B, C) and
-    ``base_taps``, the base's ``forward_taps``); subclasses add their own keys.
+    ``forward`` is the deployed inference. ``forward_train`` returns everything the losses need
+    (always ``logits`` (B, C) and ``base_taps``, the base's ``forward_taps``); subclasses add
+    their own keys. The Distiller, the candidate checks and the search ask these hooks and never
+    test a structure's name; the defaults are ``single``'s (the base alone).
     """
 
-    kind: ClassVar[str] = ""
-    Params: ClassVar[type]
+    kind: ClassVar[str] = ""  # the registry key
+    Params: ClassVar[type]  # its frozen dataclass: the candidate's ``structure.*`` keys
     part_names: tuple[str, ...] = ()  # children that are residual parts, in order
+    part_networks: ClassVar[bool] = False  # parts are zoo models (student.part_*, split.part_*)
+    exit_gate: ClassVar[bool] = False  # a sample-adaptive exit (``Params.exit_threshold``)
+    loss_part: ClassVar[type[Part] | None] = None  # the structure's own loss, on ``params``
+    twi_part: ClassVar[type[Part] | None] = None  # what ``twi: true`` adds, if not built in
+    base_side_prefixes: ClassVar[tuple[str, ...]] = ()  # non-base parameters trained with it
 
     def __init__(
         self, base: ZooModel, *, params: Any, base_width: float, part_width: float | None = None
@@ -50,16 +62,85 @@ class Student(nn.Module):
         self.params = params
         self.base_width = base_width  # widths actually built: export pins them
         self.part_width = part_width
-        self.exit_threshold: float | None = None  # the res_chain gate; None everywhere else
+        self.exit_threshold: float | None = None  # the exit gate's; None: no gate
 
     @classmethod
     def build(cls, ctx: BuildContext, params: Any) -> Student:
         raise NotImplementedError
 
+    # -- what the candidate and the search ask ---------------------------------------------------
+
+    @classmethod
+    def check(cls, candidate: Candidate) -> None:
+        """Refuse a candidate whose other choices mean nothing with this structure."""
+
+    @classmethod
+    def label(cls, spec: PartSpec) -> str:
+        """The structure's part of a trial's label (``res_chain K=3``)."""
+        return spec.name
+
+    @classmethod
+    def narrowest_widths(cls, smallest: float) -> dict[str, float | None]:
+        """Dotted split values that build this structure at its smallest widths."""
+        return {
+            "split.base_width": smallest,
+            "split.part_width": smallest if cls.part_networks else None,
+        }
+
+    # -- what the Distiller asks -----------------------------------------------------------------
+
     @property
     def parts(self) -> nn.ModuleList:
         """The residual parts in order (a view: their parameters, for freezing or staging)."""
         return nn.ModuleList(getattr(self, name) for name in self.part_names)
+
+    def stream_stages(self) -> tuple[int, ...]:
+        """The stage each logit stream trains in (one stream, the logits, by default)."""
+        return (0,)
+
+    def stream_weights(self) -> tuple[float, ...]:
+        """The weight of each stream's logit-loss terms."""
+        return (1.0,) * len(self.stream_stages())
+
+    def logit_streams(self, outputs: dict[str, Any]) -> list[Tensor]:
+        """The logit streams (B, C) the logit loss is applied to, from ``forward_train``."""
+        return [outputs["logits"]]
+
+    def stream_feature(self, outputs: dict[str, Any]) -> Tensor | None:
+        """The vector (B, D) the deployed head reads (AEKT's parallel layout puts its head
+        beside it); None when no single one does."""
+        return outputs["base_taps"]["pooled"]
+
+    @property
+    def stream_feature_dim(self) -> int | None:
+        """D of ``stream_feature``."""
+        return self.base.tap("pooled").channels
+
+    def part_stage(self, k: int) -> int:
+        """The stage residual part k (1-based) trains in under a ``staged`` schedule."""
+        return 1
+
+    def stage_parameters(self) -> dict[int, list[nn.Parameter]]:
+        """Stage of every parameter: the base 0; part k ``part_stage(k)``; everything else
+        (head, adapters, projector) 1, unless named by ``base_side_prefixes``."""
+        stages: dict[int, list[nn.Parameter]] = {0: list(self.base.parameters())}
+        for k, part in enumerate(self.parts, start=1):
+            stages.setdefault(self.part_stage(k), []).extend(part.parameters())
+        placed = {id(p) for params in stages.values() for p in params}
+        for name, p in self.named_parameters():
+            if id(p) not in placed:
+                stage = 0 if name.startswith(self.base_side_prefixes) else 1
+                stages.setdefault(stage, []).append(p)
+        return stages
+
+    def staged_logits(self, images: Tensor, stage: int) -> Tensor:
+        """The logits to judge while ``stage`` trains (later stages are still untrained)."""
+        return self(images)
+
+    def freeze_unused(self) -> None:
+        """Freeze what no loss reaches, before the Distiller collects the trainable parameters."""
+
+    # -- what runs -------------------------------------------------------------------------------
 
     def forward(self, images: Tensor) -> Tensor:
         return self.base(images)
@@ -160,9 +241,6 @@ def build_student(
     teacher: ZooModel,
 ) -> Student:
     """The deployable student of ``candidate``, widths solved from its split (or pinned)."""
-    from autosplit.distill import structures  # noqa: F401  (registers the four structures)
-    from autosplit.distill.registry import STRUCTURES
-
     cls = STRUCTURES.get(candidate.structure.name)
     params = from_dict(cls.Params, candidate.structure.as_dict(), "structure")
     ctx = BuildContext(candidate, teacher, num_classes, in_channels, tuple(input_shape))
@@ -200,6 +278,15 @@ def expected_flops(flops: StudentFlops, reach_rates: list[float]) -> float:
 
 
 # --- pieces shared by the structures -----------------------------------------------------------
+
+
+def at_least(path: str, params: Any, **minimums: float) -> None:
+    """Range checks of a ``Params``: ``key=minimum`` for each field, naming the dotted path at
+    fault; a None value passes."""
+    for key, minimum in minimums.items():
+        value = getattr(params, key)
+        if value is not None and value < minimum:
+            raise UserError(f"{path}.{key}: must be >= {minimum}, got {value}")
 
 
 def resize(feature_map: Tensor, size: tuple[int, int]) -> Tensor:

@@ -136,10 +136,9 @@ class SearchContext:
 
 
 def label_of(candidate: Any) -> str:
-    structure = candidate.structure
-    text = structure.name
-    if structure.name in ("res_chain", "branches"):
-        text += f" K={structure.get('n_parts')}"
+    from autosplit.distill import STRUCTURES
+
+    text = STRUCTURES.get(candidate.structure.name).label(candidate.structure)
     text += f" + {candidate.logit_loss.name}"
     if candidate.feature_loss.name != "none":
         text += f" + {candidate.feature_loss.name}"
@@ -529,13 +528,10 @@ def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
 
 def narrowest(candidate: Any) -> Any:
     """``candidate`` with every width at the solver's lower end: its smallest build."""
-    has_parts = candidate.structure.name in ("assistant", "res_chain")
-    return candidate.with_values(
-        {
-            "split.base_width": SMALLEST_WIDTH,
-            "split.part_width": SMALLEST_WIDTH if has_parts else None,
-        }
-    )
+    from autosplit.distill import STRUCTURES
+
+    structure = STRUCTURES.get(candidate.structure.name)
+    return candidate.with_values(structure.narrowest_widths(SMALLEST_WIDTH))
 
 
 def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list[RungResult]:

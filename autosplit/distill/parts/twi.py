@@ -1,8 +1,7 @@
-"""TWI for single / res_chain: the teacher's frozen head classifies the projected base feature."""
+"""TWI as a loss part: the teacher's frozen head classifies the projected base feature."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from autosplit.distill._base import Outputs, Part, PartContext
+from autosplit.distill.student import frozen_copy
 
 
 class TWI(Part):
@@ -29,9 +29,7 @@ class TWI(Part):
     def __init__(self, params: Any, ctx: PartContext) -> None:
         super().__init__(params, ctx)
         self.projector = nn.Linear(ctx.base_shapes["pooled"][0], ctx.teacher_head.in_features)
-        self.teacher_head = copy.deepcopy(ctx.teacher_head)
-        for p in self.teacher_head.parameters():
-            p.requires_grad_(False)
+        self.teacher_head = frozen_copy(ctx.teacher_head)
 
     def extend(self, outputs: Outputs) -> None:
         projected = self.projector(outputs["base_taps"]["pooled"])  # (B, C_t)
