@@ -192,3 +192,27 @@ def test_no_key_string_outside_the_attrs_module():
             if match.group(1) not in modules:
                 found.append(f"{path.relative_to(repo)}: {match.group(0)}")
     assert not found
+
+
+def test_sync_logs_an_earlier_versions_trial_as_the_driver_did():
+    from autosplit.search.sync import run_state, should_have_run, trial_metrics, trial_tags
+
+    trial = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=[40.0, 1000.0], user_attrs=OLD_TRIAL
+    )
+    assert should_have_run(trial) and run_state(trial) == "complete"
+    assert trial_tags(trial) == {
+        "autosplit.label": "single + kd",
+        "autosplit.baseline": "kd-single",
+        "autosplit.stage": "search",
+        "autosplit.synced": "true",
+    }
+    assert trial_metrics(trial) == {
+        "val/acc": 40.0,
+        "flops/worst_case": 1000.0,
+        "flops/expected": 900.0,
+        "params": 5000.0,
+        "time/train_s": 1.5,
+        "search/rung": 0.0,
+        "optuna/trial_number": float(trial.number),
+    }
