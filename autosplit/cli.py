@@ -219,9 +219,9 @@ def _front_text(study: Any, *, rung: int | None) -> str:
     from autosplit.search.study import records, study_info
 
     info = study_info(study)
-    budget = int(info["autosplit.budget_flops"])
-    teacher_flops = info.get("autosplit.teacher_flops")
-    cost = "expected_flops" if info.get("autosplit.objective_flops") == "expected" else "flops"
+    budget = int(info.budget_flops)
+    teacher_flops = info.teacher_flops
+    cost = "expected_flops" if info.objective_flops == "expected" else "flops"
     recs = records(study)
     if rung is not None:
         at = rung_records(recs, rung)
@@ -230,7 +230,7 @@ def _front_text(study: Any, *, rung: int | None) -> str:
                 f"--rung {rung}: no trial of study {study.study_name!r} finished that rung"
             )
         return f"rung {rung}:\n" + front_table(at, budget, teacher_flops=teacher_flops, cost=cost)
-    members = final_members(recs, info.get("autosplit.final_members"))
+    members = final_members(recs, info.final_members)
     if members:
         return final_table(
             members, budget, teacher_flops=teacher_flops, cost=cost, fidelity=_final_fidelity(study)
@@ -239,12 +239,12 @@ def _front_text(study: Any, *, rung: int | None) -> str:
 
 
 def _final_fidelity(study: Any) -> str:
+    from autosplit.search.attrs import TrialAttrs
+
     for trial in study.get_trials(deepcopy=False):
-        if (
-            trial.user_attrs.get("autosplit.stage") == "final"
-            and "autosplit.candidate" in trial.user_attrs
-        ):
-            train = trial.user_attrs["autosplit.candidate"]["train"]
+        attrs = TrialAttrs.read(trial)
+        if attrs.stage == "final" and attrs.candidate is not None:
+            train = attrs.candidate["train"]
             rows = train.get("max_train_samples") or "all"
             epochs = train["epochs"]
             return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"

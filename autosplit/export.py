@@ -21,6 +21,7 @@ from typing import Any
 from autosplit.config import atomic_write_text, dump_yaml, load_yaml
 from autosplit.errors import UserError, redact_url
 from autosplit.paths import naming
+from autosplit.search.attrs import StudyAttrs, TrialAttrs
 
 FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP, batch 1"
 PACKAGES = ("autosplit", "torch", "torchvision", "optuna", "mlflow", "fvcore", "numpy")
@@ -108,11 +109,11 @@ def export_study(
     from autosplit.search.space import SearchSpace
 
     info = studies.study_info(study)
-    budget = int(info["autosplit.budget_flops"])
-    cost = "expected_flops" if info.get("autosplit.objective_flops") == "expected" else "flops"
+    budget = int(info.budget_flops)
+    cost = "expected_flops" if info.objective_flops == "expected" else "flops"
     records = studies.records(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    members = final_members(records, info.get("autosplit.final_members"))
+    members = final_members(records, info.final_members)
     if members:
         front = final_front(members, budget, cost=cost)
         entries = [
@@ -131,10 +132,10 @@ def export_study(
             "`autosplit search` first"
         )
     best = max(entries, key=lambda e: (e.val_acc, -e.number))
-    space_path = Path(info["autosplit.space"])
+    space_path = Path(info.space)
     views = SearchSpace.from_yaml(space_path).settings.teacher_views if space_path.is_file() else 1
-    context = _EvalContext(best.runs[0].user_attrs["autosplit.candidate"], runtime, runs_dir)
-    teacher_sha = sha256_file(info["autosplit.teacher_path"])
+    context = _EvalContext(TrialAttrs.read(best.runs[0]).candidate, runtime, runs_dir)
+    teacher_sha = sha256_file(info.teacher_path)
     out_dir = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_parent_dir(out_dir)))
     written: list[Path] = []
@@ -193,7 +194,7 @@ def _pm(result: dict[str, Any], which: str) -> str:
 def _document(
     entry: _Entry,
     context: _EvalContext,
-    info: dict[str, Any],
+    info: StudyAttrs,
     study: Any,
     storage_url: str,
     budget: int,
@@ -202,32 +203,28 @@ def _document(
 ) -> tuple[dict[str, Any], Path]:
     """The export YAML of one member, and the weights file to ship with it."""
 
-    tests = [
-        context.test_accuracy(
-            t.user_attrs["autosplit.candidate"], t.user_attrs["autosplit.weights"]
-        )
-        for t in entry.runs
-    ]
-    vals = [float(t.user_attrs["autosplit.val_acc"]) for t in entry.runs]
+    runs = [TrialAttrs.read(t) for t in entry.runs]
+    tests = [context.test_accuracy(run.candidate, run.weights) for run in runs]
+    vals = [float(run.val_acc) for run in runs]
     mean = statistics.fmean(vals)
     # The seed whose val accuracy is closest to the mean: its weights and candidate ship.
     shipped = min(range(len(vals)), key=lambda i: (abs(vals[i] - mean), i))
-    attrs = entry.runs[shipped].user_attrs
+    attrs = runs[shipped]
     result: dict[str, Any] = {
         "val_acc": vals[shipped],
         "test_acc": tests[shipped],
-        "flops_worst_case": attrs["autosplit.flops"],
-        "flops_expected": attrs.get("autosplit.expected_flops"),
-        "params": attrs.get("autosplit.params"),
-        "train_seconds": attrs.get("autosplit.train_seconds"),
+        "flops_worst_case": attrs.flops,
+        "flops_expected": attrs.expected_flops,
+        "params": attrs.params,
+        "train_seconds": attrs.train_seconds,
     }
-    if attrs.get("autosplit.stage") == "final":
-        train = attrs["autosplit.candidate"]["train"]
+    if attrs.stage == "final":
+        train = attrs.candidate["train"]
         result.update(
             {
                 "stage": "final",
                 "fidelity": {"epochs": train["epochs"], "rows": train.get("max_train_samples")},
-                "seeds": [t.user_attrs["autosplit.candidate"]["train"]["seed"] for t in entry.runs],
+                "seeds": [run.candidate["train"]["seed"] for run in runs],
                 "seed_shipped": train["seed"],
                 "val_accs": vals,
                 "val_acc_mean": mean,
@@ -240,28 +237,28 @@ def _document(
     provenance = {
         "packages": package_versions(),
         "flops_convention": FLOPS_CONVENTION,
-        "data_fingerprint": info["autosplit.data_fingerprint"],
-        "teacher_key": info["autosplit.teacher_key"],
+        "data_fingerprint": info.data_fingerprint,
+        "teacher_key": info.teacher_key,
         "teacher_sha256": teacher_sha,
-        "teacher_test_acc": info.get("autosplit.teacher_test_acc"),
-        "budget": info.get("autosplit.budget"),
+        "teacher_test_acc": info.teacher_test_acc,
+        "budget": info.budget,
         "budget_flops": budget,
         "study": study.study_name,
         "storage": redact_url(storage_url),
         "trial": entry.number,
         "final_trials": [t.number for t in entry.runs],
-        "mlflow_run_id": attrs.get("autosplit.run_id"),
+        "mlflow_run_id": attrs.run_id,
         "label": entry.label,
         "baseline": entry.baseline,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     document = {
-        "candidate": attrs["autosplit.candidate"],
+        "candidate": attrs.candidate,
         "result": result,
         "provenance": provenance,
         "training": {"teacher_views": views},
     }
-    return document, Path(attrs["autosplit.weights"])
+    return document, Path(attrs.weights)
 
 
 def _parent_dir(out_dir: Path) -> Path:

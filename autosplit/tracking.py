@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from autosplit.errors import UserError, redact_url
+from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, WORKER_TAG
 from autosplit.search.front import (
     FLOPS_CONVENTION,
     FinalMember,
@@ -45,9 +46,7 @@ _RUN_STATUS = {
     "failed": "FAILED",
     "killed": "KILLED",
 }
-WORKER_TAG = "autosplit.worker"  # host:pid of the process that started the run
 TRIAL_TAG = "optuna.trial_number"  # what ``autosplit sync`` matches trials on
-STATE_TAG = "autosplit.state"  # set by end_trial: a run without it never finished logging
 # Errors of the machine, not of the store: a full disk must be reported as such.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CHECK_SECONDS = 5.0  # how long check_tracking waits for an http(s) store
@@ -387,8 +386,8 @@ class MlflowTracker:
                     self._experiment_id,
                     run_name=f"search-{stamp}",
                     tags={
-                        "autosplit.role": "search",
-                        "autosplit.study": study_name,
+                        ROLE_TAG: "search",
+                        STUDY_TAG: study_name,
                         WORKER_TAG: _worker_id(),
                         "mlflow.note.content": _search_note(study_name, settings, None, []),
                     },
@@ -434,12 +433,12 @@ class MlflowTracker:
         trials: dict[int, tuple[str, bool]] = {}
         for run in runs:
             number = run.data.tags.get(TRIAL_TAG, "")
-            if run.data.tags.get("autosplit.role") == "trial" and number.isdigit():
+            if run.data.tags.get(ROLE_TAG) == "trial" and number.isdigit():
                 finished = STATE_TAG in run.data.tags and run.info.status != "RUNNING"
                 if not trials.get(int(number), ("", False))[1]:  # a finished run wins
                     trials[int(number)] = (run.info.run_id, finished)
         parents = sorted(
-            (r for r in runs if r.data.tags.get("autosplit.role") == "search"),
+            (r for r in runs if r.data.tags.get(ROLE_TAG) == "search"),
             key=lambda r: r.info.start_time,
         )
         return trials, parents
@@ -513,7 +512,7 @@ class MlflowTracker:
                 tags={
                     **tags,
                     "mlflow.parentRunId": self.parent_run_id,
-                    "autosplit.role": "trial",
+                    ROLE_TAG: "trial",
                     TRIAL_TAG: str(trial_number),
                     WORKER_TAG: _worker_id(),
                 },

@@ -32,6 +32,7 @@ import optuna
 from scipy.stats import kendalltau
 
 from autosplit.search import study as studies
+from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.budget import parse_budget, parse_duration
 from autosplit.search.driver import (
     SearchContext,
@@ -125,7 +126,7 @@ def search_phase_hv_times(study: optuna.Study, budget: int, cost: str) -> list[t
     trials = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get("autosplit.stage") != "final" and t.datetime_complete
+        if TrialAttrs.read(t).stage != "final" and t.datetime_complete
     ]
     if not trials:
         return []
@@ -147,7 +148,7 @@ def overhead_shares(study: optuna.Study) -> list[float]:
     """Per finished trial: 1 - (seconds inside the training loop) / (trial wall seconds)."""
     shares = []
     for trial in study.get_trials(deepcopy=False):
-        train = trial.user_attrs.get("autosplit.train_seconds")
+        train = TrialAttrs.read(trial).train_seconds
         if train is None or trial.datetime_complete is None:
             continue
         wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -182,9 +183,7 @@ def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.S
     cost = "expected_flops" if base.space.settings.objective_flops == "expected" else "flops"
 
     def final_hv(study: optuna.Study) -> float:
-        members = final_members(
-            studies.records(study), study.user_attrs.get("autosplit.final_members")
-        )
+        members = final_members(studies.records(study), StudyAttrs.read(study).final_members)
         return hypervolume([m.record() for m in members], budget, cost=cost)
 
     print()
@@ -199,8 +198,7 @@ def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.S
             sum(
                 1
                 for t in s.get_trials()
-                if t.user_attrs.get("autosplit.stage") != "final"
-                and t.user_attrs.get("autosplit.state") == "complete"
+                if (attrs := TrialAttrs.read(t)).stage != "final" and attrs.state == "complete"
             )
             for s in found
         ]
@@ -208,8 +206,8 @@ def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.S
             sum(
                 1
                 for t in s.get_trials()
-                if t.user_attrs.get("autosplit.stage") != "final"
-                and t.user_attrs.get("autosplit.state") in ("complete", "stopped")
+                if (attrs := TrialAttrs.read(t)).stage != "final"
+                and attrs.state in ("complete", "stopped")
             )
             for s in found
         ]
@@ -240,8 +238,9 @@ def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.S
     redone = total = 0.0
     for study in studies_of["halving (TPE)"]:
         for t in study.get_trials(deepcopy=False):
-            rungs = t.user_attrs.get("autosplit.rungs") or []
-            if t.user_attrs.get("autosplit.stage") == "search" and rungs:
+            attrs = TrialAttrs.read(t)
+            rungs = attrs.rungs or []
+            if attrs.stage == "search" and rungs:
                 redone += sum(r["seconds"] for r in rungs[:-1])
                 total += sum(r["seconds"] for r in rungs)
     if total:
@@ -270,14 +269,14 @@ def part_c(ctx: SearchContext, study: optuna.Study, seeds: int) -> None:
     final = Rung(fidelity.epochs, fidelity.rows)
     budget = ctx.max_flops
     cost = "expected_flops" if ctx.space.settings.objective_flops == "expected" else "flops"
-    members = final_members(studies.records(study), study.user_attrs.get("autosplit.final_members"))
+    members = final_members(studies.records(study), StudyAttrs.read(study).final_members)
     front = final_front(members, budget, cost=cost)
     best = max(front, key=lambda m: m.val_mean)
     trials = {t.number: t for t in study.get_trials()}
     kd = next(m for m in members if m.baseline == "kd-single")
     rows = []
     for who, member in (("best final student", best), ("same-FLOPs KD student", kd)):
-        candidate = Candidate.from_dict(trials[member.number].user_attrs["autosplit.candidate"])
+        candidate = Candidate.from_dict(TrialAttrs.read(trials[member.number]).candidate)
         if candidate.structure.get("exit_threshold") is not None:
             candidate = candidate.with_values({"structure.exit_threshold": None})
         vals, tests = [], []

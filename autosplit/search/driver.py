@@ -30,6 +30,7 @@ from autosplit.cache import train_rows
 from autosplit.config import atomic_write_text
 from autosplit.errors import UserError, redact_url
 from autosplit.search import study as studies
+from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.budget import Budget
 from autosplit.search.front import search_records
 from autosplit.search.plan import CostModel, Deadline
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
     from autosplit.distill.candidate import Candidate
 
 log = logging.getLogger(__name__)
-A = "autosplit."
-STAGE, RUNGS, MEMBER, SEED = A + "stage", A + "rungs", A + "member", A + "seed"
 SMALLEST_WIDTH = 0.05  # the width solver's lower end
 
 
@@ -166,11 +165,11 @@ def objective(
 
 def _mark_interrupted(ctx: SearchContext, trial: optuna.Trial, exc: BaseException) -> None:
     try:
-        trial.set_user_attr(A + "state", studies.INTERRUPTED)
-        trial.set_user_attr(
-            A + "error", (repr(exc) if isinstance(exc, KeyboardInterrupt) else str(exc))[:500]
-        )
-        run_id = trial.user_attrs.get(A + "run_id")
+        TrialAttrs(
+            state=studies.INTERRUPTED,
+            error=(repr(exc) if isinstance(exc, KeyboardInterrupt) else str(exc))[:500],
+        ).write(trial)
+        run_id = TrialAttrs.read(trial).run_id
         if run_id:
             ctx.tracker.end_trial(
                 run_id, state="killed", metrics={"optuna/trial_number": trial.number}
@@ -203,13 +202,12 @@ class QuietInterrupts(logging.Filter):
 
 def _objective(ctx: SearchContext, trial: optuna.Trial, phase: str) -> tuple[float, float]:
     interrupts.check()  # a stop dropped since the last training step (gc after a trial)
-    if trial.user_attrs.get(STAGE) == "final":
+    if TrialAttrs.read(trial).stage == "final":
         return final_job(ctx, trial)
     if phase == "final":
         # Optuna samples a fresh trial when another worker took the last waiting job between
         # our check and the pop; the final phase runs no search trial, so it ends here.
-        trial.set_user_attr(STAGE, "search")
-        trial.set_user_attr(A + "state", "skipped")
+        TrialAttrs(stage="search", state="skipped").write(trial)
         trial.study.stop()
         raise optuna.TrialPruned("no final-stage job left for this worker")
     return search_trial(ctx, trial)
@@ -224,12 +222,11 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     from autosplit.distill.run import deployed_parameters
 
     started = time.perf_counter()
-    trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
-    trial.set_user_attr(STAGE, "search")
-    trial.set_user_attr(RUNGS, [])  # a retried trial starts its rungs again
+    # A retried trial starts its rungs again.
+    TrialAttrs(worker=studies.worker_id(), stage="search", rungs=[]).write(trial)
     if isinstance(trial.study.sampler, studies.TrialSeededSampler):
-        trial.set_user_attr(A + "sampler_seed", trial.study.sampler.seed_for(trial.number))
-    baseline = trial.user_attrs.get(A + "baseline")
+        TrialAttrs(sampler_seed=trial.study.sampler.seed_for(trial.number)).write(trial)
+    baseline = TrialAttrs.read(trial).baseline
     overrides = ctx.space.settings.baselines.get(baseline, {}) if baseline else {}
     candidate = ctx.space.suggest(trial, ctx.max_flops, overrides=overrides)
     distiller, flops = _build_or_smallest(candidate, ctx)
@@ -240,25 +237,22 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     )
     over = (flops.worst_case - ctx.max_flops) / ctx.max_flops
     trial.set_constraint("flops_over_budget", over)
-    trial.set_user_attr(A + "label", label_of(candidate))
-    trial.set_user_attr(A + "flops", int(flops.worst_case))
-    trial.set_user_attr(A + "params", deployed_parameters(student))
+    TrialAttrs(
+        label=label_of(candidate),
+        flops=int(flops.worst_case),
+        params=deployed_parameters(student),
+    ).write(trial)
     taps = set(distiller.teacher_taps)
     del distiller, student  # train_candidate builds its own, from the pinned candidate
     run_id = ctx.tracker.start_trial(
         trial_number=trial.number,
         params=candidate.flat(),
-        tags={
-            "autosplit.label": label_of(candidate),
-            "autosplit.baseline": baseline or "",
-            "autosplit.stage": "search",
-        },
+        tags=TrialAttrs(label=label_of(candidate), baseline=baseline, stage="search").run_tags(),
     )
-    trial.set_user_attr(A + "run_id", run_id)
+    TrialAttrs(run_id=run_id).write(trial)
     overhead = time.perf_counter() - started
     if over > 0:
-        trial.set_user_attr(A + "state", "infeasible")
-        trial.set_user_attr(A + "candidate", candidate.to_dict())
+        TrialAttrs(state="infeasible", candidate=candidate.to_dict()).write(trial)
         ctx.tracker.end_trial(
             run_id,
             state="infeasible",
@@ -303,7 +297,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 "expected_flops": outcome.expected_flops,
             }
         )
-        trial.set_user_attr(RUNGS, reached)
+        TrialAttrs(rungs=reached).write(trial)
         if index + 1 < len(rungs):
             me = RungResult(trial.number, outcome.val_acc, _cost(ctx, outcome))
             if not promotable(me, finished_at_rung(trial.study, index, ctx), ctx.eta):
@@ -311,8 +305,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 break
 
     if result is None:  # not even the cheapest rung fits in the time left
-        trial.set_user_attr(A + "state", "skipped")
-        trial.set_user_attr(A + "candidate", candidate.to_dict())
+        TrialAttrs(state="skipped", candidate=candidate.to_dict()).write(trial)
         ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
         trial.study.stop()
         raise optuna.TrialPruned("no time left for the cheapest rung")
@@ -326,17 +319,16 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
     top = len(reached) == len(rungs)
     state = "complete" if top else "stopped"
-    for key, value in {
-        "state": state,
-        "candidate": trained.to_dict(),
-        "rung": len(reached) - 1,
-        "val_acc": result.val_acc,
-        "expected_flops": result.expected_flops,
-        "params": result.params,
-        "weights": str(weights),
-        "train_seconds": train_seconds,
-    }.items():
-        trial.set_user_attr(A + key, value)
+    TrialAttrs(
+        state=state,
+        candidate=trained.to_dict(),
+        rung=len(reached) - 1,
+        val_acc=result.val_acc,
+        expected_flops=result.expected_flops,
+        params=result.params,
+        weights=str(weights),
+        train_seconds=train_seconds,
+    ).write(trial)
     ctx.tracker.end_trial(
         run_id,
         state="complete" if top else "pruned",
@@ -368,25 +360,27 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     from autosplit.distill.candidate import Candidate
 
     started = time.perf_counter()
-    trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
-    member_number, seed_index = int(trial.user_attrs[MEMBER]), int(trial.user_attrs[SEED])
+    TrialAttrs(worker=studies.worker_id()).write(trial)
+    job = TrialAttrs.read(trial)
+    member_number, seed_index = int(job.member), int(job.seed)
     others = trial.study.get_trials(deepcopy=False)
     # Two workers that end their search phase together may both enqueue a job; the earliest
     # live copy trains and the others stop here, before any work.
     if any(
         t.number < trial.number
         and t.state != TrialState.FAIL
-        and t.user_attrs.get(STAGE) == "final"
-        and t.user_attrs.get(A + "state") != "duplicate"
-        and (t.user_attrs.get(MEMBER), t.user_attrs.get(SEED)) == (member_number, seed_index)
+        and (other := TrialAttrs.read(t)).stage == "final"
+        and other.state != "duplicate"
+        and (other.member, other.seed) == (member_number, seed_index)
         for t in others
     ):
-        trial.set_user_attr(A + "state", "duplicate")
+        TrialAttrs(state="duplicate").write(trial)
         raise optuna.TrialPruned(f"final job {member_number}/{seed_index} is already taken")
     member = next(t for t in others if t.number == member_number)
+    of_member = TrialAttrs.read(member)
     # The job was enqueued with the member's parameters: drawing them records them on this
     # trial, so the sampler sees a final result at the member's point of the space.
-    baseline = member.user_attrs.get(A + "baseline")
+    baseline = of_member.baseline
     ctx.space.suggest(
         trial,
         ctx.max_flops,
@@ -394,38 +388,32 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     )
     final = ctx.final
     assert final is not None
-    candidate = Candidate.from_dict(member.user_attrs[A + "candidate"])
+    candidate = Candidate.from_dict(of_member.candidate)
     if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
         candidate = candidate.with_values({"structure.exit_threshold": None})
     candidate = at_fidelity(
         candidate, Rung(ctx.final_epochs or final.epochs, final.rows)
     ).with_values({"train.seed": candidate.train.seed + seed_index})
-    label = member.user_attrs.get(A + "label", "")
-    flops = member.user_attrs[A + "flops"]
-    for key, value in {
-        "label": label,
-        "flops": flops,
-        "baseline": baseline,
-        "params": member.user_attrs.get(A + "params"),
-    }.items():
-        if value is not None:
-            trial.set_user_attr(A + key, value)
+    label = of_member.label or ""
+    flops = of_member.flops
+    TrialAttrs(label=label, flops=flops, baseline=baseline, params=of_member.params).write(trial)
     trial.set_constraint("flops_over_budget", (flops - ctx.max_flops) / ctx.max_flops)
     run_id = ctx.tracker.start_trial(
         trial_number=trial.number,
         params=candidate.flat(),
-        tags={
-            "autosplit.label": label,
-            "autosplit.baseline": baseline or "",
-            "autosplit.stage": "final",
-            "autosplit.member": str(member_number),
-            "autosplit.seed": str(candidate.train.seed),
-        },
+        # The run's seed tag is the training seed; the trial's ``seed`` is the seed index.
+        tags=TrialAttrs(
+            label=label,
+            baseline=baseline,
+            stage="final",
+            member=member_number,
+            seed=candidate.train.seed,
+        ).run_tags(),
     )
-    trial.set_user_attr(A + "run_id", run_id)
+    TrialAttrs(run_id=run_id).write(trial)
     estimate = ctx.estimate(candidate, flops, kind="final")
     if not ctx.deadline.fits(estimate):
-        trial.set_user_attr(A + "state", "skipped")
+        TrialAttrs(state="skipped").write(trial)
         ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
         raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
     from autosplit.distill.run import build_and_count
@@ -438,15 +426,14 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
     weights = _save_trial(ctx, trial.number, candidate, result)
-    for key, value in {
-        "state": "complete",
-        "candidate": candidate.to_dict(),
-        "val_acc": result.val_acc,
-        "expected_flops": result.expected_flops,
-        "weights": str(weights),
-        "train_seconds": result.seconds,
-    }.items():
-        trial.set_user_attr(A + key, value)
+    TrialAttrs(
+        state="complete",
+        candidate=candidate.to_dict(),
+        val_acc=result.val_acc,
+        expected_flops=result.expected_flops,
+        weights=str(weights),
+        train_seconds=result.seconds,
+    ).write(trial)
     ctx.tracker.end_trial(
         run_id,
         state="complete",
@@ -507,8 +494,7 @@ def _train(
     except OSError:
         raise  # the environment's fault, not the candidate's: see ``objective``
     except Exception as exc:
-        trial.set_user_attr(A + "state", "failed")
-        trial.set_user_attr(A + "error", str(exc)[:500])
+        TrialAttrs(state="failed", error=str(exc)[:500]).write(trial)
         ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
 
@@ -539,14 +525,11 @@ def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list
     a failed trial is re-run with its parameters and would otherwise count twice)."""
     out = []
     for t in study.get_trials(deepcopy=False):
-        reached = t.user_attrs.get(RUNGS) or []
-        if (
-            t.state == TrialState.FAIL
-            or t.user_attrs.get(STAGE) != "search"
-            or len(reached) <= rung
-        ):
+        attrs = TrialAttrs.read(t)
+        reached = attrs.rungs or []
+        if t.state == TrialState.FAIL or attrs.stage != "search" or len(reached) <= rung:
             continue
-        flops = float(t.user_attrs[A + "flops"])
+        flops = float(attrs.flops)
         if flops > ctx.max_flops:
             continue
         cost = (
@@ -862,46 +845,44 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
 
 def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:
     """Store what front/export need on the study, refusing to mix budgets or teachers."""
-    wanted = {
-        A + "budget_flops": ctx.max_flops,
-        A + "teacher_key": ctx.teacher.key,
-        A + "data_fingerprint": ctx.splits.fingerprint,
-    }
-    for key, value in wanted.items():
-        have = study.user_attrs.get(key)
+    wanted = StudyAttrs(
+        budget_flops=ctx.max_flops,
+        teacher_key=ctx.teacher.key,
+        data_fingerprint=ctx.splits.fingerprint,
+    )
+    stored = StudyAttrs.read(study)
+    for name, value in wanted.as_dict().items():
+        have = getattr(stored, name)
         if have is not None and have != value:
             raise UserError(
                 f"--study-name {study.study_name}: this study was run with "
-                f"{key.removeprefix(A)}={have}, not {value}; use another --study-name"
+                f"{name}={have}, not {value}; use another --study-name"
             )
-    info = {
-        **wanted,
-        A + "budget": options.budget.text,
-        A + "teacher_flops": ctx.teacher_flops,
-        A + "teacher_test_acc": ctx.teacher.test_acc,
-        A + "teacher_val_acc": ctx.teacher.val_acc,
-        A + "space": str(options.space.path.resolve()),
-        A + "space_yaml": options.space.path.read_text(),
-        A + "teacher_path": str(ctx.teacher.path),
-        A + "objective_flops": options.space.settings.objective_flops,
-    }
-    for key, value in info.items():
-        if study.user_attrs.get(key) != value:
-            study.set_user_attr(key, value)
+    dataclasses.replace(
+        wanted,
+        budget=options.budget.text,
+        teacher_flops=ctx.teacher_flops,
+        teacher_test_acc=ctx.teacher.test_acc,
+        teacher_val_acc=ctx.teacher.val_acc,
+        space=str(options.space.path.resolve()),
+        space_yaml=options.space.path.read_text(),
+        teacher_path=str(ctx.teacher.path),
+        objective_flops=options.space.settings.objective_flops,
+    ).write(study)  # what differs from the stored values
 
 
 def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
     """The baselines run first (once per study), so the front always shows what was beaten."""
-    if study.user_attrs.get(A + "baselines_enqueued"):
+    if StudyAttrs.read(study).baselines_enqueued:
         return
     for name in space.settings.baselines:
         # No parameters: a baseline's pinned values are not drawn (``SearchSpace.suggest``).
-        study.enqueue_trial({}, user_attrs={A + "baseline": name})
-    study.set_user_attr(A + "baselines_enqueued", True)
+        study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
+    StudyAttrs(baselines_enqueued=True).write(study)
 
 
 def _is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
-    return t.user_attrs.get(STAGE) != "final"
+    return TrialAttrs.read(t).stage != "final"
 
 
 def remaining_trials(study: optuna.Study, total: int) -> int:
@@ -911,7 +892,7 @@ def remaining_trials(study: optuna.Study, total: int) -> int:
         t
         for t in study.get_trials(deepcopy=False)
         if _is_search_trial(t)
-        and t.user_attrs.get(A + "state") != "skipped"
+        and TrialAttrs.read(t).state != "skipped"
         and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     ]
     return max(0, total - len(done))
@@ -1035,7 +1016,7 @@ class _ProgressCallback:
         from autosplit.search.front import pareto_front
 
         recs = [r for r in studies.records(study) if r.stage == "search"]
-        budget = study.user_attrs[A + "budget_flops"]
+        budget = StudyAttrs.read(study).budget_flops
         front = pareto_front(search_records(recs), budget)
         best = max((r.val_acc for r in front), default=float("nan"))
         self.bar.n = len([r for r in recs if r.state not in ("running", "waiting", "skipped")])
@@ -1065,12 +1046,12 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
     skip = {
         t.number
         for t in trials
-        if t.user_attrs.get(A + "baseline")
+        if TrialAttrs.read(t).baseline
         or t.state not in (TrialState.COMPLETE, TrialState.PRUNED)
-        or A + "candidate" not in t.user_attrs
+        or TrialAttrs.read(t).candidate is None
     }
     top = max(
-        (len(t.user_attrs.get(RUNGS) or []) for t in trials if _is_search_trial(t)), default=0
+        (len(TrialAttrs.read(t).rungs or []) for t in trials if _is_search_trial(t)), default=0
     )
     for rung in range(top - 1, -1, -1):
         pool = [
@@ -1094,37 +1075,42 @@ def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     # Only baselines that have finished (and so recorded their candidate): another worker's
     # may still be running; that worker enqueues it when its own search phase ends.
+    attrs_of = {t.number: TrialAttrs.read(t) for t in trials}
     done = {
         t.number
         for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and A + "candidate" in t.user_attrs
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and attrs_of[t.number].candidate is not None
     }
     baselines = [
         t.number
         for t in trials
         if _is_search_trial(t)
-        and t.user_attrs.get(A + "baseline")
-        and t.user_attrs.get(RUNGS)
+        and attrs_of[t.number].baseline
+        and attrs_of[t.number].rungs
         and t.number in done
     ]
     members = finalists + [b for b in baselines if b not in finalists]
     have = {
-        (t.user_attrs.get(MEMBER), t.user_attrs.get(SEED))
+        (attrs_of[t.number].member, attrs_of[t.number].seed)
         for t in trials
-        if t.user_attrs.get(STAGE) == "final" and t.state != TrialState.FAIL
+        if attrs_of[t.number].stage == "final" and t.state != TrialState.FAIL
     }
     by_number = {t.number: t for t in trials}
     for seed in range(ctx.final_seeds or final.seeds):
         for member in members:
             if (member, seed) not in have:
-                attrs = {STAGE: "final", MEMBER: member, SEED: seed}
-                if by_number[member].user_attrs.get(A + "baseline"):
-                    attrs[A + "baseline"] = by_number[member].user_attrs[A + "baseline"]
-                study.enqueue_trial(by_number[member].params, user_attrs=attrs)
+                job = TrialAttrs(
+                    stage="final",
+                    member=member,
+                    seed=seed,
+                    baseline=attrs_of[member].baseline or None,
+                )
+                study.enqueue_trial(by_number[member].params, user_attrs=job.user_attrs())
     # A union: a worker that ends its search later may add a finalist the first one missed.
-    known = list(study.user_attrs.get(A + "final_members") or [])
+    known = list(StudyAttrs.read(study).final_members or [])
     members = known + [m for m in members if m not in known]
-    study.set_user_attr(A + "final_members", members)
+    StudyAttrs(final_members=members).write(study)
     return members
 
 
@@ -1132,7 +1118,7 @@ def _waiting_final(study: optuna.Study) -> list[Any]:
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if t.user_attrs.get(STAGE) == "final"
+        if TrialAttrs.read(t).stage == "final"
     ]
 
 
@@ -1143,8 +1129,8 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
 
     from autosplit.search.front import final_members
 
-    members = final_members(studies.records(study), study.user_attrs.get(A + "final_members"))
-    rungs_of = {t.number: t.user_attrs.get(RUNGS) or [] for t in study.get_trials(deepcopy=False)}
+    members = final_members(studies.records(study), StudyAttrs.read(study).final_members)
+    rungs_of = {t.number: TrialAttrs.read(t).rungs or [] for t in study.get_trials(deepcopy=False)}
     out: dict[int, dict[str, float]] = {}
     top = max((len(rungs_of.get(m.number, [])) for m in members), default=0)
     for rung in range(top):
@@ -1240,7 +1226,7 @@ def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: s
             if ctx.final is not None:
                 from autosplit.search.front import final_members, rung_records
 
-                members = final_members(records, study.user_attrs.get(A + "final_members"))
+                members = final_members(records, StudyAttrs.read(study).final_members)
                 rungs = {
                     k: rung_records(records, k)
                     for k in range(len(ctx.space.settings.fidelity.rungs))

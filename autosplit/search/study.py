@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autosplit.errors import UserError, redact_url
+from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.front import TrialRecord
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = int(os.environ.get("AUTOSPLIT_HEARTBEAT_SECONDS", "20"))
 GRACE_SECONDS = int(os.environ.get("AUTOSPLIT_GRACE_SECONDS", "60"))
 MAX_RETRY = 2
-WORKER_ATTR = "autosplit.worker"
+WORKER_ATTR = TrialAttrs.key("worker")  # the stored key, for code that writes the storage
 # What a re-run of a dead worker's trial keeps: what the trial *is* (a baseline, a final-stage
 # job for a member and seed), not what it had measured.
-RETRY_ATTRS = ("autosplit.baseline", "autosplit.stage", "autosplit.member", "autosplit.seed")
+RETRY_FIELDS = ("baseline", "stage", "member", "seed")
 
 
 def default_storage(runs_dir: str | Path, workers: int) -> str:
@@ -221,7 +222,7 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
     ``requeue_interrupted``). Returns how many were failed."""
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if dead_here(trial.user_attrs.get(WORKER_ATTR, "")):
+        if dead_here(TrialAttrs.read(trial).worker or ""):
             study.tell(trial.number, state=TrialState.FAIL)
             failed += 1
     if failed:
@@ -230,7 +231,7 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
     return failed
 
 
-# ``autosplit.state`` of a trial that failed through no fault of its candidate: interrupted
+# ``TrialAttrs.state`` of a trial that failed through no fault of its candidate: interrupted
 # (Ctrl-C, SIGTERM) or stopped by its environment (a full disk). A FAIL trial without a state
 # died with its worker. Both are re-run with their parameters; "failed" (the candidate's own
 # training raised, e.g. diverged) is not, since it would fail again.
@@ -239,10 +240,10 @@ INTERRUPTED = "interrupted"
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Re-queue every FAIL trial that was interrupted or whose worker died, once, with its
-    parameters and what it *is* (``RETRY_ATTRS``); ``autosplit.retry_of`` names the trial it
-    repeats. A chain of retries stops after ``MAX_RETRY``. Returns the re-queued numbers."""
+    parameters and what it *is* (``RETRY_FIELDS``); ``TrialAttrs.retry_of`` names the trial
+    it repeats. A chain of retries stops after ``MAX_RETRY``. Returns the re-queued numbers."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("autosplit.retry_of") for t in trials}
+    retried = {TrialAttrs.read(t).retry_of for t in trials}
     # RDB storages' heartbeat re-queues stale trials itself; its copies name their originals.
     retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     by_number = {t.number: t for t in trials}
@@ -251,17 +252,13 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
         if (
             trial.state != TrialState.FAIL
             or trial.number in retried
-            or trial.user_attrs.get("autosplit.state") not in (None, INTERRUPTED)
+            or TrialAttrs.read(trial).state not in (None, INTERRUPTED)
             or _retry_depth(trial, by_number) >= MAX_RETRY
         ):
             continue
-        study.enqueue_trial(
-            trial.params,
-            user_attrs={
-                **{k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS},
-                "autosplit.retry_of": trial.number,
-            },
-        )
+        kept = TrialAttrs.read(trial)
+        retry = TrialAttrs(**{k: getattr(kept, k) for k in RETRY_FIELDS}, retry_of=trial.number)
+        study.enqueue_trial(trial.params, user_attrs=retry.user_attrs())
         out.append(trial.number)
     if out:
         log.warning(
@@ -274,9 +271,7 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
 
 def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:
     depth = 0
-    while (
-        parent := trial.user_attrs.get("autosplit.retry_of")
-    ) is not None and parent in by_number:
+    while (parent := TrialAttrs.read(trial).retry_of) is not None and parent in by_number:
         depth, trial = depth + 1, by_number[parent]
     return depth
 
@@ -298,9 +293,9 @@ def _alive(pid: int) -> bool:
 
 
 def record_of(trial: FrozenTrial) -> TrialRecord:
-    attrs = trial.user_attrs
+    attrs = TrialAttrs.read(trial)
     state = (
-        attrs.get("autosplit.state")
+        attrs.state
         or {
             TrialState.COMPLETE: "complete",
             TrialState.PRUNED: "pruned",
@@ -314,17 +309,17 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
     return TrialRecord(
         number=trial.number,
         state=state,
-        val_acc=attrs.get("autosplit.val_acc"),
-        flops=attrs.get("autosplit.flops"),
-        expected_flops=attrs.get("autosplit.expected_flops"),
-        params=attrs.get("autosplit.params"),
-        label=attrs.get("autosplit.label", ""),
-        run_id=attrs.get("autosplit.run_id"),
-        baseline=attrs.get("autosplit.baseline"),
-        stage=attrs.get("autosplit.stage", "search"),
-        rung_accs=tuple(float(r["val_acc"]) for r in attrs.get("autosplit.rungs") or []),
-        member=attrs.get("autosplit.member"),
-        seed=attrs.get("autosplit.seed"),
+        val_acc=attrs.val_acc,
+        flops=attrs.flops,
+        expected_flops=attrs.expected_flops,
+        params=attrs.params,
+        label=attrs.label if attrs.label is not None else "",
+        run_id=attrs.run_id,
+        baseline=attrs.baseline,
+        stage=attrs.stage if attrs.stage is not None else "search",
+        rung_accs=tuple(float(r["val_acc"]) for r in attrs.rungs or []),
+        member=attrs.member,
+        seed=attrs.seed,
     )
 
 
@@ -332,9 +327,9 @@ def records(study: optuna.Study) -> list[TrialRecord]:
     return [record_of(t) for t in study.get_trials(deepcopy=False)]
 
 
-def study_info(study: optuna.Study) -> dict[str, Any]:
+def study_info(study: optuna.Study) -> StudyAttrs:
     """What the search stored about itself (budget, teacher, data) for front/export."""
-    attrs = study.user_attrs
-    if "autosplit.budget_flops" not in attrs:
+    info = StudyAttrs.read(study)
+    if info.budget_flops is None:
         raise UserError(f"study {study.study_name!r} was not made by autosplit search")
-    return attrs
+    return info

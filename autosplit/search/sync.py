@@ -3,7 +3,7 @@ down, or its process died before a trial's run ended), from the Optuna study, wh
 source of truth. Matching is on the trial-number tag, so running it twice logs nothing twice.
 
 What cannot be recovered: per-epoch curves (the study keeps each rung's result, not every
-epoch). A synced run carries the tag ``autosplit.synced``.
+epoch). A synced run carries the tag ``SYNCED_TAG`` (``autosplit.synced``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autosplit.search import study as studies
+from autosplit.search.attrs import SYNCED_TAG, StudyAttrs, TrialAttrs
 from autosplit.search.front import final_members, rung_records, search_records
 
-A = "autosplit."
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def run_state(trial: FrozenTrial) -> str:
     """The tracker's end state for a finished trial, as the driver would have given it."""
-    state = trial.user_attrs.get(A + "state")
+    state = TrialAttrs.read(trial).state
     if trial.state == TrialState.FAIL:
         return "failed"
     if state in ("complete", "infeasible"):
@@ -32,14 +32,14 @@ def run_state(trial: FrozenTrial) -> str:
 
 
 def trial_metrics(trial: FrozenTrial) -> dict[str, float]:
-    attrs = trial.user_attrs
-    rungs = attrs.get(A + "rungs") or []
+    attrs = TrialAttrs.read(trial)
+    rungs = attrs.rungs or []
     values = {
-        "val/acc": attrs.get(A + "val_acc"),
-        "flops/worst_case": attrs.get(A + "flops"),
-        "flops/expected": attrs.get(A + "expected_flops"),
-        "params": attrs.get(A + "params"),
-        "time/train_s": attrs.get(A + "train_seconds"),
+        "val/acc": attrs.val_acc,
+        "flops/worst_case": attrs.flops,
+        "flops/expected": attrs.expected_flops,
+        "params": attrs.params,
+        "time/train_s": attrs.train_seconds,
         "search/rung": len(rungs) - 1 if rungs else None,
         "optuna/trial_number": trial.number,
     }
@@ -47,17 +47,7 @@ def trial_metrics(trial: FrozenTrial) -> dict[str, float]:
 
 
 def trial_tags(trial: FrozenTrial) -> dict[str, str]:
-    attrs = trial.user_attrs
-    tags = {
-        "autosplit.label": attrs.get(A + "label", ""),
-        "autosplit.baseline": attrs.get(A + "baseline") or "",
-        "autosplit.stage": attrs.get(A + "stage", "search"),
-        "autosplit.synced": "true",
-    }
-    for key in ("member", "seed"):
-        if attrs.get(A + key) is not None:
-            tags[A + key] = str(attrs[A + key])
-    return tags
+    return {**TrialAttrs.read(trial).run_tags(), SYNCED_TAG: "true"}
 
 
 def should_have_run(trial: FrozenTrial) -> bool:
@@ -65,8 +55,8 @@ def should_have_run(trial: FrozenTrial) -> bool:
     duplicate final job stops before that)."""
     return (
         trial.state in FINISHED
-        and A + "label" in trial.user_attrs
-        and trial.user_attrs.get(A + "state") != "duplicate"
+        and TrialAttrs.read(trial).label is not None
+        and TrialAttrs.read(trial).state != "duplicate"
     )
 
 
@@ -96,7 +86,7 @@ def sync_study(study: optuna.Study, tracker: Any) -> tuple[int, int]:
             attached = parent
         run_ids[trial.number] = tracker.log_trial(
             trial_number=trial.number,
-            params=trial.user_attrs.get(A + "candidate") or trial.params,
+            params=TrialAttrs.read(trial).candidate or trial.params,
             tags=trial_tags(trial),
             state=run_state(trial),
             metrics=trial_metrics(trial),
@@ -122,14 +112,14 @@ def _refresh_front(study: optuna.Study, tracker: Any, parent: str, run_ids: dict
 
     from autosplit.search.driver import proxy_fidelity
 
-    budget = int(studies.study_info(study)[A + "budget_flops"])
+    budget = int(studies.study_info(study).budget_flops)
     records = [
         dataclasses.replace(r, run_id=run_ids.get(r.number, r.run_id))
         for r in studies.records(study)
     ]
     tracker.attach(study_name=study.study_name, parent_run_id=parent, revive=True)
     tracker.update_front(search_records(records), budget)
-    members = final_members(records, study.user_attrs.get(A + "final_members"))
+    members = final_members(records, StudyAttrs.read(study).final_members)
     if members:
         top = max((len(r.rung_accs) for r in records), default=0)
         tracker.log_final_stage(

@@ -1,0 +1,146 @@
+"""What autosplit stores on Optuna trials and studies, and the MLflow tags made from it: one
+typed schema, written and read through this module only.
+
+Each field is an Optuna user attr named ``autosplit.<field>`` holding a JSON value. These are the
+keys every earlier version stored, so an existing study reads the same. A field a trial has not
+stored reads ``None``. A key this version does not know (another tool's, a newer autosplit's)
+is ignored. A misspelt field is an error, never a silent ``None``: ``TrialAttrs(stgae="final")``
+raises TypeError and ``attrs.stgae`` raises AttributeError.
+
+Writing stores the fields that are set (not ``None``) and leaves the others as they are, so
+``TrialAttrs(state="skipped").write(trial)`` sets one field of a live trial.
+
+Pure: no Optuna import, so ``autosplit.tracking`` may take the tag names from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+PREFIX = "autosplit."
+
+
+class _Holder(Protocol):
+    """An Optuna trial (live or frozen) or study."""
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+    def set_user_attr(self, key: str, value: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Attrs:
+    """Field ``name`` is stored under the key ``PREFIX + name``."""
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        """The stored key of field ``name``."""
+        if name not in _names(cls):
+            raise AttributeError(f"{cls.__name__} has no field {name!r}")
+        return PREFIX + name
+
+    @classmethod
+    def read(cls, source: _Holder | Mapping[str, Any]) -> Self:
+        """The fields stored on a trial or study (or in its ``user_attrs``)."""
+        stored = source if isinstance(source, Mapping) else source.user_attrs
+        return cls(**{n: stored[PREFIX + n] for n in _names(cls) if PREFIX + n in stored})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The set fields, by name."""
+        return {n: v for n in _names(type(self)) if (v := getattr(self, n)) is not None}
+
+    def user_attrs(self) -> dict[str, Any]:
+        """The set fields as stored, by key (for ``study.enqueue_trial(user_attrs=…)``)."""
+        return {PREFIX + n: v for n, v in self.as_dict().items()}
+
+    def write(self, target: _Holder) -> None:
+        """Store the set fields on ``target``; the others keep what it holds."""
+        for key, value in self.user_attrs().items():
+            target.set_user_attr(key, value)
+
+    def __repr__(self) -> str:  # the set fields only: most are None on most trials
+        fields = ", ".join(f"{n}={v!r}" for n, v in self.as_dict().items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TrialAttrs(_Attrs):
+    """What one trial stores. Fields are written in this order by one ``write``."""
+
+    worker: str | None = None  # host:pid of the worker process running it (``worker_id``)
+    # What the trial is; a re-run of an interrupted trial keeps these (``study.RETRY_FIELDS``).
+    stage: str | None = None  # "search", or "final" for a final-stage job
+    baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial
+    member: int | None = None  # final: the search trial this job retrains
+    seed: int | None = None  # final: the seed index (it trains at the member's seed + this)
+    retry_of: int | None = None  # the interrupted trial this one re-runs
+    sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
+    # What it measured, and how it ended.
+    state: str | None = None  # complete, stopped, infeasible, skipped, failed, duplicate, …
+    error: str | None = None  # the first 500 characters of what stopped it
+    label: str | None = None  # short description, e.g. "res_chain K=2 + dkd"
+    flops: int | None = None  # worst case
+    params: int | None = None  # parameters of the deployed modules
+    run_id: str | None = None  # its MLflow run ("" when tracking is off)
+    candidate: dict[str, Any] | None = None  # the pinned candidate (``Candidate.to_dict``)
+    rungs: list[dict[str, Any]] | None = None  # search: epochs, rows, val_acc, … per rung
+    rung: int | None = None  # search: the last rung reached
+    val_acc: float | None = None  # percent, 0-100
+    expected_flops: float | None = None
+    weights: str | None = None  # the trained student's checkpoint
+    train_seconds: float | None = None
+
+    def run_tags(self) -> dict[str, str]:
+        """The tags of the trial's MLflow run: what the trial is, under the same keys."""
+        tags = {
+            self.key("label"): self.label or "",
+            self.key("baseline"): self.baseline or "",
+            self.key("stage"): self.stage or "search",
+        }
+        for name in ("member", "seed"):
+            if (value := getattr(self, name)) is not None:
+                tags[self.key(name)] = str(value)
+        return tags
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class StudyAttrs(_Attrs):
+    """What a search stores about itself on its study, for front, export and sync."""
+
+    # A study is for one budget, teacher and data: a search with others is refused.
+    budget_flops: int | None = None
+    teacher_key: str | None = None
+    data_fingerprint: str | None = None
+    budget: str | None = None  # as given: "0.25x", "2M"
+    teacher_flops: int | None = None
+    teacher_test_acc: float | None = None
+    teacher_val_acc: float | None = None
+    space: str | None = None  # the space's YAML file
+    space_yaml: str | None = None  # and its text
+    teacher_path: str | None = None  # the teacher's checkpoint
+    objective_flops: str | None = None  # "worst_case" or "expected"
+    baselines_enqueued: bool | None = None
+    final_members: list[int] | None = None  # the search trials of the latest final stage
+
+    def write(self, target: _Holder) -> None:
+        """Store the set fields that differ from what the study holds (every worker of a
+        search describes the study at its start; most find it described)."""
+        stored = target.user_attrs
+        for key, value in self.user_attrs().items():
+            if stored.get(key) != value:
+                target.set_user_attr(key, value)
+
+
+# The tags of MLflow runs besides ``TrialAttrs.run_tags``.
+ROLE_TAG = PREFIX + "role"  # "search" (a parent run) or "trial"
+STUDY_TAG = PREFIX + "study"  # a parent run's study
+SYNCED_TAG = PREFIX + "synced"  # "true" on a run ``autosplit sync`` logged
+WORKER_TAG = TrialAttrs.key("worker")  # host:pid of the process that started the run
+STATE_TAG = TrialAttrs.key("state")  # set by end_trial: a run without it never finished logging

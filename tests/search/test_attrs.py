@@ -1,0 +1,218 @@
+"""The one schema of what trials and studies store: round trips through a real SQLite study,
+studies written by earlier versions, unknown keys, misspelt fields, and no key string elsewhere.
+
+The dict literals here are the stored format on purpose: a change to it fails these tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autosplit.search import study as studies
+from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.front import TrialRecord
+
+# A search trial at its top rung, keys and values as the driver has always stored them.
+OLD_TRIAL = {
+    "autosplit.worker": "host:4242",
+    "autosplit.stage": "search",
+    "autosplit.baseline": "kd-single",
+    "autosplit.sampler_seed": 17,
+    "autosplit.label": "single + kd",
+    "autosplit.flops": 1000,
+    "autosplit.params": 5000,
+    "autosplit.run_id": "0123abcd",
+    "autosplit.rungs": [{"epochs": 1, "rows": 512, "val_acc": 40.0, "seconds": 1.5}],
+    "autosplit.state": "complete",
+    "autosplit.candidate": {"train": {"seed": 0, "epochs": 1}},
+    "autosplit.rung": 0,
+    "autosplit.val_acc": 40.0,
+    "autosplit.expected_flops": 900.0,
+    "autosplit.weights": "runs/studies/s/trial-0000/student.pt",
+    "autosplit.train_seconds": 1.5,
+}
+OLD_STUDY = {
+    "autosplit.budget_flops": 2000,
+    "autosplit.teacher_key": "resnet8-abc",
+    "autosplit.data_fingerprint": "f00d",
+    "autosplit.budget": "0.5x",
+    "autosplit.teacher_flops": 4000,
+    "autosplit.teacher_test_acc": 90.0,
+    "autosplit.teacher_val_acc": 91.0,
+    "autosplit.space": "/spaces/tiny.yaml",
+    "autosplit.space_yaml": "name: tiny\n",
+    "autosplit.teacher_path": "runs/teachers/t.pt",
+    "autosplit.objective_flops": "worst_case",
+    "autosplit.baselines_enqueued": True,
+    "autosplit.final_members": [0, 3],
+}
+
+
+def _sqlite_study(path: Path, *, create: bool) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+    if create:
+        return optuna.create_study(study_name="s", storage=storage, directions=["maximize"] * 2)
+    return optuna.load_study(study_name="s", storage=storage)
+
+
+def test_trial_and_study_attrs_round_trip_through_a_sqlite_study(tmp_path):
+    study = _sqlite_study(tmp_path / "o.db", create=True)
+    trial = study.ask()
+    written = TrialAttrs.read(OLD_TRIAL)
+    dataclasses.replace(written, run_id=None).write(trial)
+    TrialAttrs(run_id="0123abcd").write(trial)  # one field, later: the others stay
+    study.tell(trial, [40.0, 1000.0])
+    StudyAttrs.read(OLD_STUDY).write(study)
+    job = TrialAttrs(stage="final", member=trial.number, seed=1, baseline="kd-single")
+    study.enqueue_trial({}, user_attrs=job.user_attrs())
+
+    reopened = _sqlite_study(tmp_path / "o.db", create=False)  # a fresh connection
+    done, waiting = reopened.get_trials()
+    assert TrialAttrs.read(done) == written
+    assert done.user_attrs == OLD_TRIAL  # the stored keys and values
+    assert TrialAttrs.read(waiting) == job and waiting.state == TrialState.WAITING
+    assert StudyAttrs.read(reopened) == StudyAttrs.read(OLD_STUDY)
+    assert reopened.user_attrs == OLD_STUDY
+
+
+def test_an_earlier_versions_attrs_read_as_before():
+    trial = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=[40.0, 1000.0], user_attrs=OLD_TRIAL
+    )
+    attrs = TrialAttrs.read(trial)
+    assert (attrs.stage, attrs.baseline, attrs.flops, attrs.val_acc) == (
+        "search",
+        "kd-single",
+        1000,
+        40.0,
+    )
+    assert attrs.user_attrs() == OLD_TRIAL  # rewriting it stores the same
+    assert studies.record_of(trial) == TrialRecord(
+        number=trial.number,
+        state="complete",
+        val_acc=40.0,
+        flops=1000,
+        expected_flops=900.0,
+        params=5000,
+        label="single + kd",
+        run_id="0123abcd",
+        baseline="kd-single",
+        stage="search",
+        rung_accs=(40.0,),
+    )
+    info = StudyAttrs.read(OLD_STUDY)
+    assert (info.budget_flops, info.objective_flops, info.final_members) == (
+        2000,
+        "worst_case",
+        [0, 3],
+    )
+    assert info.user_attrs() == OLD_STUDY
+
+
+def test_a_trial_that_stored_nothing_reads_as_the_driver_expects():
+    trial = optuna.trial.create_trial(state=TrialState.WAITING, user_attrs={})
+    assert TrialAttrs.read(trial) == TrialAttrs()
+    record = studies.record_of(trial)
+    assert (record.state, record.stage, record.label) == ("waiting", "search", "")
+
+
+def test_unknown_keys_are_ignored():
+    stored = {
+        "autosplit.stage": "final",
+        "autosplit.val_curve": [1.0, 2.0],  # a key no version reads
+        "autosplit.from_a_newer_version": {"x": 1},
+        "someone.else": "theirs",
+    }
+    assert TrialAttrs.read(stored) == TrialAttrs(stage="final")
+    assert StudyAttrs.read({**OLD_STUDY, "autosplit.new_thing": 1}) == StudyAttrs.read(OLD_STUDY)
+
+
+def test_a_misspelt_field_is_an_error_not_none():
+    with pytest.raises(TypeError, match="stgae"):
+        TrialAttrs(stgae="final")  # type: ignore[call-arg]
+    with pytest.raises(AttributeError, match="stgae"):
+        TrialAttrs.read(OLD_TRIAL).stgae  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.raises(AttributeError, match="stgae"):
+        TrialAttrs.key("stgae")
+    with pytest.raises(AttributeError):
+        TrialAttrs().stage = "final"  # type: ignore[misc]  # frozen: one write path
+    with pytest.raises(TypeError, match="budget_flop"):
+        StudyAttrs(budget_flop=1)  # type: ignore[call-arg]
+
+
+def test_the_run_tags_use_the_trial_keys():
+    final = TrialAttrs(label="single + kd", stage="final", member=3, seed=7).run_tags()
+    assert final == {
+        "autosplit.label": "single + kd",
+        "autosplit.baseline": "",
+        "autosplit.stage": "final",
+        "autosplit.member": "3",
+        "autosplit.seed": "7",
+    }
+    assert TrialAttrs(label="x").run_tags()[TrialAttrs.key("stage")] == "search"
+
+
+class _Holder:
+    def __init__(self, user_attrs: dict) -> None:
+        self.user_attrs, self.writes = dict(user_attrs), []
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        self.writes.append(key)
+        self.user_attrs[key] = value
+
+
+def test_a_study_write_stores_only_what_changed():
+    study = _Holder(OLD_STUDY)
+    dataclasses.replace(StudyAttrs.read(OLD_STUDY), budget="0.50x").write(study)
+    assert study.writes == ["autosplit.budget"]
+    trial = _Holder(OLD_TRIAL)
+    TrialAttrs(state="complete", val_acc=40.0).write(trial)  # a trial's write always stores
+    assert trial.writes == ["autosplit.state", "autosplit.val_acc"]
+
+
+def test_no_key_string_outside_the_attrs_module():
+    """Every key is written and read through ``autosplit.search.attrs``; the strings left are
+    module names (``"autosplit.flops"``), which are no keys."""
+    repo = Path(__file__).parents[2]
+    package = repo / "autosplit"
+    modules = {p.stem for p in package.iterdir()}
+    # A quoted "autosplit." (a prefix), "autosplit.<name>" or f"autosplit.{…}", not a dotted path.
+    key = re.compile(r"""["']autosplit\.(\w*)(?![\w.])""")
+    found = []
+    for path in [*package.rglob("*.py"), *(repo / "benchmarks").rglob("*.py")]:
+        if path == package / "search" / "attrs.py":
+            continue
+        for match in key.finditer(path.read_text()):
+            if match.group(1) not in modules:
+                found.append(f"{path.relative_to(repo)}: {match.group(0)}")
+    assert not found
+
+
+def test_sync_logs_an_earlier_versions_trial_as_the_driver_did():
+    from autosplit.search.sync import run_state, should_have_run, trial_metrics, trial_tags
+
+    trial = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=[40.0, 1000.0], user_attrs=OLD_TRIAL
+    )
+    assert should_have_run(trial) and run_state(trial) == "complete"
+    assert trial_tags(trial) == {
+        "autosplit.label": "single + kd",
+        "autosplit.baseline": "kd-single",
+        "autosplit.stage": "search",
+        "autosplit.synced": "true",
+    }
+    assert trial_metrics(trial) == {
+        "val/acc": 40.0,
+        "flops/worst_case": 1000.0,
+        "flops/expected": 900.0,
+        "params": 5000.0,
+        "time/train_s": 1.5,
+        "search/rung": 0.0,
+        "optuna/trial_number": float(trial.number),
+    }
