@@ -144,7 +144,7 @@ def _space_and_budget(args: argparse.Namespace):
 def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.budget import parse_duration
     from autosplit.search.driver import SearchOptions, proxy_fidelity, run_search
-    from autosplit.tracking import default_tracking_uri
+    from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
 
     _check_search_paths(args)
     space, budget = _space_and_budget(args)
@@ -163,7 +163,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         time_limit=parse_duration(args.time_limit or space.settings.time_limit),
         study_name=args.study_name,
         storage=args.storage,
-        tracking_uri=args.tracking_uri,
         sampler=args.sampler or space.settings.sampler,
         seed=args.seed,
         workers=args.workers,
@@ -171,10 +170,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
-        tracking=not args.no_tracking,
         started=STARTED,
     )
-    study, ctx = run_search(options)
+    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    # An unreachable store fails now: before the teacher trains, before the study is touched.
+    tracker = NullTracker() if args.no_tracking else check_tracking(uri)
+    study, ctx = run_search(options, tracker=tracker)
     print()
     print(_front_text(study, rung=None))
     tau = proxy_fidelity(study)
@@ -183,7 +184,6 @@ def cmd_search(args: argparse.Namespace) -> int:
             "proxy fidelity (Kendall tau, rung accuracy vs final accuracy over the finalists): "
             + ", ".join(f"rung {k}: {v['tau']:+.2f} (n={int(v['n'])})" for k, v in tau.items())
         )
-    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     print(
