@@ -21,8 +21,8 @@ from typing import Any
 from autosplit.config import atomic_write_text, dump_yaml, load_yaml
 from autosplit.errors import UserError, redact_url
 from autosplit.paths import naming
+from autosplit.search.front import FLOPS_CONVENTION
 
-FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP, batch 1"
 PACKAGES = ("autosplit", "torch", "torchvision", "optuna", "mlflow", "fvcore", "numpy")
 
 
@@ -239,7 +239,7 @@ def _document(
         )
     provenance = {
         "packages": package_versions(),
-        "flops_convention": FLOPS_CONVENTION,
+        "flops_convention": f"{FLOPS_CONVENTION}, batch 1",
         "data_fingerprint": info["autosplit.data_fingerprint"],
         "teacher_key": info["autosplit.teacher_key"],
         "teacher_sha256": teacher_sha,

@@ -43,6 +43,7 @@ from autosplit.search.driver import (
     run_search,
 )
 from autosplit.search.front import (
+    FLOPS_CONVENTION,
     final_front,
     final_members,
     hypervolume,
@@ -378,7 +379,7 @@ def main() -> None:
     tracking_uri = f"sqlite:///{bench}/mlflow.db"
     ctx = prepare(dataclasses.replace(base, time_limit=None), log_teacher=print)
     print(
-        f"budget 0.25x = {ctx.max_flops:,} FLOPs (fvcore: one multiply-add = one FLOP); "
+        f"budget 0.25x = {ctx.max_flops:,} FLOPs ({FLOPS_CONVENTION}); "
         f"teacher {ctx.teacher_flops:,} FLOPs, test {ctx.teacher.test_acc:.2f}%",
         flush=True,
     )
