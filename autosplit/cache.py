@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from autosplit.config import atomic_write_bytes, config_hash
 from autosplit.data import Batch, DatasetInfo, Split, TensorLoader
 from autosplit.device import Runtime
+from autosplit.modules import freeze
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ class LiveTeacher:
     """Runs the frozen teacher on each batch (the fallback when nothing is cached)."""
 
     def __init__(self, model: nn.Module, taps: Sequence[str], runtime: Runtime) -> None:
-        self.model = model.eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
+        self.model = freeze(model)
         self.taps = tuple(taps)
         self.runtime = runtime
 

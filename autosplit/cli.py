@@ -77,13 +77,14 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         teacher_cfg, data, splits, runtime, runs_dir=args.runs_dir, progress=not args.quiet
     )
     from autosplit.flops import count_flops, format_flops
+    from autosplit.search.front import FLOPS_CONVENTION
 
     flops = count_flops(teacher.model.cpu(), splits.info.input_shape)
     state = "cached" if teacher.from_cache else f"trained in {teacher.train_seconds:.0f}s"
     print(
         f"teacher {teacher_cfg.model} ({state}): val {teacher.val_acc:.2f}%  "
         f"test {teacher.test_acc:.2f}%  FLOPs {format_flops(flops)} "
-        f"(fvcore: 1 multiply-add = 1 FLOP)  -> {teacher.path}"
+        f"({FLOPS_CONVENTION})  -> {teacher.path}"
     )
     return 0
 
@@ -91,6 +92,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_flops(args: argparse.Namespace) -> int:
     from autosplit.flops import count_flops_report, format_flops
     from autosplit.models import create_model
+    from autosplit.search.front import FLOPS_CONVENTION
 
     shape = _parse_shape(args.input)
     try:
@@ -114,7 +116,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         f"{args.model} width {args.width:g} input {args.input} classes {args.classes}: "
         f"{format_flops(report.total)} FLOPs ({report.total:,}), {params:,} params"
     )
-    print("convention: fvcore, one multiply-add = one FLOP (what papers call MACs/FLOPs for CNNs)")
+    print(f"convention: {FLOPS_CONVENTION} (what papers call MACs/FLOPs for CNNs)")
     if report.unsupported:
         print(
             "not counted (unsupported operators): "
@@ -144,7 +146,7 @@ def _space_and_budget(args: argparse.Namespace):
 def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.budget import parse_duration
     from autosplit.search.driver import SearchOptions, proxy_fidelity, run_search
-    from autosplit.tracking import default_tracking_uri
+    from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
 
     _check_search_paths(args)
     space, budget = _space_and_budget(args)
@@ -163,7 +165,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         time_limit=parse_duration(args.time_limit or space.settings.time_limit),
         study_name=args.study_name,
         storage=args.storage,
-        tracking_uri=args.tracking_uri,
         sampler=args.sampler or space.settings.sampler,
         seed=args.seed,
         workers=args.workers,
@@ -171,10 +172,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
-        tracking=not args.no_tracking,
         started=STARTED,
     )
-    study, ctx = run_search(options)
+    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    # An unreachable store fails now: before the teacher trains, before the study is touched.
+    tracker = NullTracker() if args.no_tracking else check_tracking(uri)
+    study, ctx = run_search(options, tracker=tracker)
     print()
     print(_front_text(study, rung=None))
     tau = proxy_fidelity(study)
@@ -183,7 +186,6 @@ def cmd_search(args: argparse.Namespace) -> int:
             "proxy fidelity (Kendall tau, rung accuracy vs final accuracy over the finalists): "
             + ", ".join(f"rung {k}: {v['tau']:+.2f} (n={int(v['n'])})" for k, v in tau.items())
         )
-    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     print(
@@ -340,6 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from autosplit.export import read_config, retrain
     from autosplit.flops import format_flops
     from autosplit.paths import check_output_dir, check_output_file
+    from autosplit.search.front import FLOPS_CONVENTION
     from autosplit.teacher import get_teacher
 
     config = read_config(args.config)
@@ -380,7 +383,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: val {outcome['val_acc']:.2f}%  test {outcome['test_acc']:.2f}%  "
         f"FLOPs {format_flops(result.worst_case_flops)} worst case, "
-        f"{format_flops(int(result.expected_flops))} expected (fvcore: 1 multiply-add = 1 FLOP)"
+        f"{format_flops(int(result.expected_flops))} expected ({FLOPS_CONVENTION})"
     )
     if "val_acc_mean" in config.result:
         mean, sd = config.result["val_acc_mean"], config.result["val_acc_sd"]

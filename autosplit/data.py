@@ -35,7 +35,7 @@ IMAGEFOLDER_MAX_BYTES = 4 * 2**30  # decoded uint8 images must fit comfortably i
 IMAGEFOLDER_DEFAULT_SIZE = 64
 _IMAGE_SUFFIXES = set(".png .jpg .jpeg .bmp .gif .webp .tif .tiff .ppm .pgm".split())
 _log = logging.getLogger(__name__)
-_FINGERPRINT_VERSION = 1  # bump when the split algorithm changes, so old caches are not reused
+_FINGERPRINT_VERSION = 2  # bump when the split algorithm changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -383,25 +383,35 @@ def _load_imagefolder(path_text: str, cfg: DataConfig) -> RawDataset:
 
 
 def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Sorted (keep, held_out) row numbers; exactly round(fraction * N) held out, each class within
-    one of its share. Each sample gets its quantile within its class in a random order; the lowest
-    quantiles are held out, ties broken at random. Vectorised: no loop over samples or classes."""
+    """Sorted (keep, held_out) row numbers; exactly round(fraction * N) held out, each class in
+    proportion (scikit-learn's stratified shuffle split, seeded by ``seed``). Where no stratified
+    split exists (a class of one image, or fewer held-out rows than classes) the rows are
+    held out at random instead, with a warning."""
+    from sklearn.model_selection import train_test_split
+
     n = labels.shape[0]
     if n < 2:
         raise UserError(f"cannot carve a split from {n} image(s); the dataset is too small")
     n_held = min(max(round(fraction * n), 1), n - 1)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    by_class = torch.sort(labels[perm], stable=True).indices  # positions in perm, grouped by class
-    counts = torch.bincount(labels)
-    starts = torch.cumsum(counts, 0) - counts
-    sorted_labels = labels[perm][by_class]
-    quantile = (torch.arange(n) - starts[sorted_labels] + 0.5) / counts[sorted_labels]
-    tie_break = torch.randperm(n, generator=g)
-    chosen = tie_break[torch.sort(quantile[tie_break], stable=True).indices[:n_held]]
-    held = torch.zeros(n, dtype=torch.bool)
-    held[perm[by_class[chosen]]] = True
-    return (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
+    per_class = np.bincount(labels.numpy())
+    per_class = per_class[per_class > 0]
+    stratify = (
+        labels.numpy()
+        if per_class.min() >= 2 and min(n_held, n - n_held) >= per_class.size
+        else None
+    )
+    if stratify is None:
+        _log.warning(
+            "a split of %d of %d images over %d classes cannot keep every class in proportion; "
+            "its rows are drawn at random",
+            n_held,
+            n,
+            per_class.size,
+        )
+    keep, held = train_test_split(
+        np.arange(n), test_size=n_held, random_state=seed % 2**32, stratify=stratify
+    )  # NumPy seeds are 32-bit
+    return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
 
 
 def _take(split: Split, rows: Tensor) -> Split:

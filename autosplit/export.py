@@ -22,8 +22,8 @@ from autosplit.config import atomic_write_text, dump_yaml, load_yaml
 from autosplit.errors import UserError, redact_url
 from autosplit.paths import naming
 from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.front import FLOPS_CONVENTION
 
-FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP, batch 1"
 PACKAGES = ("autosplit", "torch", "torchvision", "optuna", "mlflow", "fvcore", "numpy")
 
 
@@ -236,7 +236,7 @@ def _document(
         )
     provenance = {
         "packages": package_versions(),
-        "flops_convention": FLOPS_CONVENTION,
+        "flops_convention": f"{FLOPS_CONVENTION}, batch 1",
         "data_fingerprint": info.data_fingerprint,
         "teacher_key": info.teacher_key,
         "teacher_sha256": teacher_sha,

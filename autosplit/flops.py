@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from autosplit.errors import UserError
+from autosplit.modules import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -98,20 +99,18 @@ def count_flops_report(model: nn.Module, input_shape: tuple[int, int, int]) -> F
     with _quiet():
         from fvcore.nn import FlopCountAnalysis  # importing it warns about TorchScript
 
-    modes = {module: module.training for module in model.modules()}
     parameter = next(model.parameters(), None)
     images = torch.zeros(
         (1, *input_shape),
         device=parameter.device if parameter is not None else None,
         dtype=parameter.dtype if parameter is not None else None,
     )
-    model.eval()
     # One image through a small net: a thread pool only adds synchronisation, which on a busy
     # machine made a count 10-200x slower than on one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.no_grad(), _quiet():
+        with eval_mode(model), torch.no_grad(), _quiet():
             analysis = (
                 FlopCountAnalysis(_TupleOutputs(model), images)
                 .unsupported_ops_warnings(False)
@@ -124,8 +123,6 @@ def count_flops_report(model: nn.Module, input_shape: tuple[int, int, int]) -> F
             unsupported = dict(sorted(analysis.unsupported_ops().items()))
     finally:
         torch.set_num_threads(threads)
-        for module, mode in modes.items():
-            module.training = mode
     by_module = {
         name: int(per_module.get(f"model.{name}", 0)) for name, _ in model.named_children()
     }

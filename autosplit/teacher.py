@@ -25,6 +25,7 @@ from autosplit.data import Splits, TensorLoader, eval_loader
 from autosplit.device import Runtime
 from autosplit.errors import UserError
 from autosplit.models import ZooModel, create_model
+from autosplit.modules import freeze
 from autosplit.train import Classifier, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,6 @@ def build_teacher_model(config: TeacherConfig, splits: Splits) -> ZooModel:
         width=config.width,
         depth=config.depth,
     )
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
 
 
 def load_teacher(path: str | Path, splits: Splits) -> Teacher:

@@ -3,9 +3,10 @@
 The search talks to a ``Tracker``: ``MlflowTracker`` writes one experiment per study, a parent
 run per ``autosplit search`` invocation (the Pareto front plots, hypervolume, the search's own
 cost) and a nested child run per trial; ``NullTracker`` does nothing, for tests and
-``--no-tracking``. It uses ``MlflowClient`` with explicit run ids rather than ``mlflow.start_run``
-so that no global active-run state is shared: several workers (processes or threads) may each
-hold a tracker on the same store. optuna-integration's MLflow callback is deprecated and not used.
+``--no-tracking``. A leaf: the search computes what the parent run shows (``search.report``)
+and hands it over; nothing here knows what a front is. It uses ``MlflowClient`` with explicit
+run ids rather than ``mlflow.start_run`` so that no global active-run state is shared: several
+workers (processes or threads) may each hold a tracker on the same store. optuna-integration's MLflow callback is deprecated and not used.
 """
 
 from __future__ import annotations
@@ -16,23 +17,14 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from autosplit.errors import UserError, redact_url
 from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, WORKER_TAG
-from autosplit.search.front import (
-    FLOPS_CONVENTION,
-    FinalMember,
-    TrialRecord,
-    final_front,
-    hypervolume_history,
-    pareto_front,
-)
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -73,64 +65,65 @@ def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
 
 @runtime_checkable
 class Tracker(Protocol):
-    """What the search reports; one tracker serves one search invocation (one parent run)."""
+    """What the search reports; one tracker serves one search invocation (one parent run).
 
-    def start_search(self, *, study_name: str, settings: dict[str, str | int | float]) -> str: ...
-    def attach(self, *, study_name: str, parent_run_id: str) -> None: ...
-    def start_trial(
-        self, *, trial_number: int, params: dict[str, object], tags: dict[str, str]
-    ) -> str: ...
-    def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None: ...
-    def end_trial(self, run_id: str, *, state: str, metrics: dict[str, float]) -> None: ...
-    def update_front(self, records: list[TrialRecord], budget_flops: int) -> None: ...
-    def log_search_cost(self, metrics: dict[str, float]) -> None: ...
-    def log_final_stage(
-        self,
-        members: list[FinalMember],
-        rungs: dict[int, list[TrialRecord]],
-        proxy: dict[int, dict[str, float]],
-        budget_flops: int,
-    ) -> None: ...
-    def end_search(self, status: str = "FINISHED") -> None: ...
+    ``run_search`` takes one, as Optuna takes a sampler. A tracker given to worker processes
+    is pickled; it must reopen itself there under the same parent run. The bodies here record
+    nothing: ``NullTracker`` is this protocol and no more.
+    """
 
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is recorded: callers skip preparing what only the tracker uses."""
+        return False
 
-class NullTracker:
-    """Records nothing; returns stable fake run ids so callers need no special case."""
-
-    def start_search(self, *, study_name: str, settings: dict[str, str | int | float]) -> str:
+    def start_search(
+        self, *, study_name: str, settings: dict[str, str | int | float], note: str = ""
+    ) -> str:
+        """The parent run's id; ``note`` describes it (markdown)."""
         return "null-search"
 
+    def close_dead_runs(self, study_name: str) -> int:
+        """Close the runs of dead local workers; how many."""
+        return 0
+
     def attach(self, *, study_name: str, parent_run_id: str) -> None:
-        pass
+        """Log under a parent run another process started."""
 
     def start_trial(
         self, *, trial_number: int, params: dict[str, object], tags: dict[str, str]
     ) -> str:
+        """The trial's run id."""
         return f"null-trial-{trial_number}"
 
     def log_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
-        pass
+        """One epoch's metrics on the trial's run."""
 
     def end_trial(self, run_id: str, *, state: str, metrics: dict[str, float]) -> None:
-        pass
+        """The trial's final metrics and state (``complete``, ``pruned`` ...)."""
 
-    def update_front(self, records: list[TrialRecord], budget_flops: int) -> None:
-        pass
+    def log_parent(
+        self,
+        what: str,
+        *,
+        metrics: Mapping[str, float],
+        step: int = 0,
+        artifacts: Sequence[Path] = (),
+        note: str | None = None,
+    ) -> None:
+        """Files, metrics at ``step`` and the description (``note``) on the parent run;
+        ``what`` names the work in the warning a failing store gives."""
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_final_stage(
-        self,
-        members: list[FinalMember],
-        rungs: dict[int, list[TrialRecord]],
-        proxy: dict[int, dict[str, float]],
-        budget_flops: int,
-    ) -> None:
-        pass
+        """The search's own cost (``cost/…`` metrics) on the parent run."""
 
     def end_search(self, status: str = "FINISHED") -> None:
-        pass
+        """End the parent run (and its children still running)."""
+
+
+class NullTracker(Tracker):
+    """Records nothing (``--no-tracking``); returns stable fake run ids so callers need no
+    special case."""
 
 
 def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, str]:
@@ -272,11 +265,20 @@ class MlflowTracker:
         tracker.attach(study_name=study_name, parent_run_id=parent_run_id)
         return tracker
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Sent to a worker process (spawn pickles it), the tracker reopens the store there and
+        logs under the same parent run (``for_worker``); client and lock stay behind."""
+        return _reopened, (self.tracking_uri, self._study_name, self._parent_run_id)
+
     @property
     def off(self) -> bool:
         """Whether tracking has failed for this search: every call is then a no-op."""
         parent = self._parent_run_id or ""
         return self._failed is not None or parent in _FAILED_PARENTS or parent.startswith(_UNLOGGED)
+
+    @property
+    def enabled(self) -> bool:
+        return not self.off
 
     @contextlib.contextmanager
     def _talking(self, what: str, *, strict: bool = False) -> Iterator[None]:
@@ -372,9 +374,11 @@ class MlflowTracker:
         assert self._client is not None, "the store is not open"
         return self._client
 
-    def start_search(self, *, study_name: str, settings: dict[str, str | int | float]) -> str:
-        """The parent run; when the store fails here, an ``unlogged-…`` id that every tracker
-        given it treats as off."""
+    def start_search(
+        self, *, study_name: str, settings: dict[str, str | int | float], note: str = ""
+    ) -> str:
+        """The parent run, described by ``note`` (markdown, shown in ``mlflow ui``); when the
+        store fails here, an ``unlogged-…`` id that every tracker given it treats as off."""
         from mlflow.entities import Param
 
         self._study_name = study_name
@@ -389,7 +393,7 @@ class MlflowTracker:
                         ROLE_TAG: "search",
                         STUDY_TAG: study_name,
                         WORKER_TAG: _worker_id(),
-                        "mlflow.note.content": _search_note(study_name, settings, None, []),
+                        **({"mlflow.note.content": note} if note else {}),
                     },
                 )
                 self._parent_run_id = run.info.run_id
@@ -539,92 +543,25 @@ class MlflowTracker:
             self._log_batch(run_id, metrics=_metrics(metrics, 0), tags=[RunTag(STATE_TAG, state)])
             self.client.set_terminated(run_id, status=_RUN_STATUS[state])
 
-    def update_front(self, records: list[TrialRecord], budget_flops: int) -> None:
-        """Rewrite front.csv/.png/.html and hypervolume.csv on the parent run; log the metric.
-
-        ``search/hypervolume`` gets one point per call, stepped by the number of finished
-        trials seen; hypervolume.csv holds the exact per-trial history (trials may finish out of
-        order across workers, which a metric history could not rewrite).
-        """
-        from autosplit.search import front_plots
-
-        if self.off:
-            return
-        front = pareto_front(records, budget_flops)
-        history = hypervolume_history(records, budget_flops)
-        finished = sum(1 for r in records if r.state not in ("running", "waiting"))
-        with tempfile.TemporaryDirectory(prefix="autosplit-front-") as tmp:
-            folder = Path(tmp)
-            front_plots.write_csv(folder / "front.csv", front)
-            front_plots.write_history_csv(folder / "hypervolume.csv", history)
-            title = f"{self._study_name} — budget {budget_flops:,} FLOPs"
-            front_plots.write_png(folder / "front.png", records, front, budget_flops, title)
-            front_plots.write_html(folder / "front.html", records, front, budget_flops, title)
-            with self._lock, self._talking("update the front artifacts"):
-                for name in ("front.csv", "front.png", "front.html", "hypervolume.csv"):
-                    self.client.log_artifact(self.parent_run_id, str(folder / name))
-                metrics = {"search/front_size": float(len(front))}
-                if front:
-                    metrics["search/best_val_acc"] = max(float(r.val_acc or 0.0) for r in front)
-                if finished > self._hypervolume_step:
-                    self._hypervolume_step = finished
-                    metrics["search/hypervolume"] = history[-1][1] if history else 0.0
-                self._log_batch(self.parent_run_id, metrics=_metrics(metrics, finished))
-                self.client.set_tag(
-                    self.parent_run_id,
-                    "mlflow.note.content",
-                    _search_note(self._study_name, {}, budget_flops, front),
-                    synchronous=True,
-                )
-
-    def log_final_stage(
+    def log_parent(
         self,
-        members: list[FinalMember],
-        rungs: dict[int, list[TrialRecord]],
-        proxy: dict[int, dict[str, float]],
-        budget_flops: int,
+        what: str,
+        *,
+        metrics: Mapping[str, float],
+        step: int = 0,
+        artifacts: Sequence[Path] = (),
+        note: str | None = None,
     ) -> None:
-        """The final front (with ±1 sd error bars), each rung's front, and the proxy's Kendall
-        tau against the final stage, on the parent run."""
-        from autosplit.search import front_plots
-
         if self.off:
             return
-        front = final_front(members, budget_flops)
-        with tempfile.TemporaryDirectory(prefix="autosplit-final-") as tmp:
-            folder = Path(tmp)
-            names = ["final_front.csv", "final_front.png"]
-            front_plots.write_final_csv(folder / names[0], members, front)
-            front_plots.write_final_png(
-                folder / names[1], members, front, budget_flops, f"{self._study_name} — final stage"
-            )
-            for rung, records in sorted(rungs.items()):
-                rung_front = pareto_front(records, budget_flops)
-                name = f"rung{rung}_front.png"
-                front_plots.write_png(
-                    folder / name,
-                    records,
-                    rung_front,
-                    budget_flops,
-                    f"{self._study_name} — rung {rung}",
+        with self._lock, self._talking(what):
+            for path in artifacts:
+                self.client.log_artifact(self.parent_run_id, str(path))
+            self._log_batch(self.parent_run_id, metrics=_metrics(metrics, step))
+            if note is not None:
+                self.client.set_tag(
+                    self.parent_run_id, "mlflow.note.content", note, synchronous=True
                 )
-                names.append(name)
-            metrics: dict[str, float] = {
-                f"final/kendall_tau_rung{k}": v["tau"] for k, v in proxy.items()
-            }
-            if front:
-                best = max(front, key=lambda m: m.val_mean)
-                metrics.update(
-                    {
-                        "final/best_val_acc_mean": best.val_mean,
-                        "final/best_val_acc_sd": best.val_sd,
-                        "final/front_size": float(len(front)),
-                    }
-                )
-            with self._lock, self._talking("log the final stage"):
-                for name in names:
-                    self.client.log_artifact(self.parent_run_id, str(folder / name))
-                self._log_batch(self.parent_run_id, metrics=_metrics(metrics, 0))
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         if self.off:
@@ -660,14 +597,10 @@ class MlflowTracker:
         params: list[Any] | None = None,
         tags: list[Any] | None = None,
     ) -> None:
-        """log_batch in chunks MLflow accepts (100 params/tags, 1000 metrics per call)."""
-        metrics, params, tags = metrics or [], params or [], tags or []
-        for i in range(0, max(len(params), len(tags), 1), 100):
-            self.client.log_batch(
-                run_id, params=params[i : i + 100], tags=tags[i : i + 100], synchronous=True
-            )
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
+        """Waits until logged; MLflow's ``log_batch`` itself splits what its store accepts."""
+        self.client.log_batch(
+            run_id, metrics=metrics or [], params=params or [], tags=tags or [], synchronous=True
+        )
 
 
 def _metrics(values: Mapping[str, float | int | None], step: int) -> list[Any]:
@@ -687,6 +620,12 @@ def _clip(text: str) -> str:
 
 _ADVICE = " (check --tracking-uri, or pass --no-tracking)"
 _UNLOGGED = "unlogged-"  # the prefix of a parent run id the store never received
+
+
+def _reopened(uri: str, study_name: str, parent_run_id: str | None) -> MlflowTracker:
+    if parent_run_id is None:  # sent before its search started: nothing to attach to
+        return MlflowTracker(uri)
+    return MlflowTracker.for_worker(uri, study_name=study_name, parent_run_id=parent_run_id)
 
 
 def _worker_id() -> str:
@@ -725,40 +664,3 @@ def _disk_full(exc: BaseException) -> OSError | None:
             return OSError(errno.ENOSPC, f"disk full while writing the MLflow store ({seen})")
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _search_note(
-    study_name: str,
-    settings: Mapping[str, object],
-    budget_flops: int | None,
-    front: list[TrialRecord],
-) -> str:
-    """The parent run's description in ``mlflow ui``: what is searched and how to read it."""
-    lines = [f"## autosplit search — study `{study_name}`", ""]
-    if budget_flops is not None:
-        lines.append(f"**Budget: {budget_flops:,} FLOPs** ({FLOPS_CONVENTION}).")
-    elif "budget" in settings or "budget_flops" in settings:
-        lines.append(
-            f"**Budget: {settings.get('budget', settings.get('budget_flops'))} FLOPs** "
-            f"({FLOPS_CONVENTION})."
-        )
-    if front:
-        best = max(front, key=lambda r: r.val_acc or 0.0)
-        lines.append(
-            f"Front: {len(front)} trial(s); most accurate: trial {best.number} "
-            f"({best.label}) {best.val_acc:.2f}% at {best.flops:,} FLOPs."
-        )
-    lines += [
-        "",
-        "Objectives: maximise validation accuracy (split carved from train; test untouched), "
-        "minimise worst-case FLOPs; constraint FLOPs <= budget (over-budget candidates are "
-        "never trained).",
-        "",
-        "How to read: open the **Artifacts** tab — `front.html` (interactive, hover for trial "
-        "and recipe) or `front.png`: grey = every trial, coloured line = the Pareto front (no "
-        "feasible trial is both more accurate and cheaper), dashed line = budget, stars = "
-        "baselines (equal-budget KD student, best published recipe). `front.csv` lists the "
-        "front with run ids. Metric `search/hypervolume` (0-1, higher is better) tracks the "
-        "front's progress; the child runs hold one trial each (params = the candidate).",
-    ]
-    return "\n".join(lines)

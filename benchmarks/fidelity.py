@@ -44,12 +44,14 @@ from autosplit.search.driver import (
     run_search,
 )
 from autosplit.search.front import (
+    FLOPS_CONVENTION,
     final_front,
     final_members,
     hypervolume,
     search_records,
 )
 from autosplit.search.space import Rung, SearchSpace
+from autosplit.tracking import MlflowTracker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +158,9 @@ def overhead_shares(study: optuna.Study) -> list[float]:
     return shares
 
 
-def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.Study]]:
+def part_b(
+    base: SearchOptions, tracking_uri: str, seeds: int, tag: str
+) -> dict[str, list[optuna.Study]]:
     modes = {
         "halving (TPE)": ("tpe", True),
         "full-length (TPE)": ("tpe", False),
@@ -171,7 +175,8 @@ def part_b(base: SearchOptions, seeds: int, tag: str) -> dict[str, list[optuna.S
                 base, sampler=sampler, halving=halving, seed=seed, study_name=name
             )
             started = time.perf_counter()
-            study, ctx = run_search(options, say=lambda _m: None)
+            tracker = MlflowTracker(tracking_uri)  # one per search: one parent run each
+            study, ctx = run_search(options, tracker=tracker, say=lambda _m: None)
             walls[mode].append(time.perf_counter() - started)
             studies_of[mode].append(study)
             print(
@@ -366,14 +371,14 @@ def main() -> None:
         trials=space.settings.trials,
         time_limit=parse_duration(args.time_limit),
         storage=f"sqlite:///{bench}/optuna.db",
-        tracking_uri=f"sqlite:///{bench}/mlflow.db",
         device="cpu",
         runs_dir=runs,
         progress=False,
     )
+    tracking_uri = f"sqlite:///{bench}/mlflow.db"
     ctx = prepare(dataclasses.replace(base, time_limit=None), log_teacher=print)
     print(
-        f"budget 0.25x = {ctx.max_flops:,} FLOPs (fvcore: one multiply-add = one FLOP); "
+        f"budget 0.25x = {ctx.max_flops:,} FLOPs ({FLOPS_CONVENTION}); "
         f"teacher {ctx.teacher_flops:,} FLOPs, test {ctx.teacher.test_acc:.2f}%",
         flush=True,
     )
@@ -383,10 +388,12 @@ def main() -> None:
     if "b" in args.parts or "c" in args.parts:
         tag = str(int(time.time()))
         seeds = args.search_seeds if "b" in args.parts else 1
-        found = part_b(base, seeds, tag) if "b" in args.parts else None
+        found = part_b(base, tracking_uri, seeds, tag) if "b" in args.parts else None
         if found is None:
             study, _ = run_search(
-                dataclasses.replace(base, study_name=f"bench-c-{tag}", seed=0), say=lambda _m: None
+                dataclasses.replace(base, study_name=f"bench-c-{tag}", seed=0),
+                tracker=MlflowTracker(tracking_uri),
+                say=lambda _m: None,
             )
         else:
             study = found["halving (TPE)"][0]

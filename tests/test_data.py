@@ -94,6 +94,22 @@ def test_splits_are_deterministic_and_fingerprinted(tmp_path: Path, offline: Non
     )
 
 
+def test_a_split_no_stratification_fits_keeps_its_size_and_seed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A one-image class, or fewer held-out rows than classes: drawn at random, with a warning,
+    still exactly round(fraction * N) rows and the same rows for a seed."""
+    for labels, fraction in (
+        (torch.tensor([0, 0, 0, 1, 1, 1, 2]), 0.3),
+        (torch.arange(40) % 10, 0.1),
+    ):
+        keep, held = data._stratified_split(labels, fraction, seed=3)
+        assert len(held) == round(fraction * len(labels)) and len(keep) + len(held) == len(labels)
+        assert set(keep.tolist()) | set(held.tolist()) == set(range(len(labels)))
+        assert torch.equal(held, data._stratified_split(labels, fraction, seed=3)[1])
+    assert caplog.text.count("cannot keep every class in proportion") == 4
+
+
 def test_fashion_mnist_missing_names_file_and_three_fixes(tmp_path: Path, offline: None) -> None:
     with pytest.raises(UserError) as err:
         load_splits(DataConfig(data_dir=str(tmp_path / "empty")))

@@ -4,6 +4,7 @@ artifacts, two workers sharing a store; and the import contract (no MLflow on im
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from autosplit.errors import UserError
 from autosplit.search.front import TrialRecord, hypervolume, pareto_front
 from autosplit.search.front_plots import read_csv
+from autosplit.search.report import SearchReport
 from autosplit.tracking import (
     MlflowTracker,
     NullTracker,
@@ -51,6 +53,7 @@ def run_search(tracker: MlflowTracker, study: str, records: list[TrialRecord]) -
         study_name=study,
         settings={"budget": "0.25x", "budget_flops": BUDGET, "sampler": "tpe", "seed": 0},
     )
+    report = SearchReport(tracker, study, BUDGET)
     ended: list[TrialRecord] = []
     for record in records:
         run_id = tracker.start_trial(
@@ -78,7 +81,7 @@ def run_search(tracker: MlflowTracker, study: str, records: list[TrialRecord]) -
             },
         )
         ended.append(TrialRecord(**{**record.__dict__, "run_id": run_id}))
-        tracker.update_front(ended, BUDGET)
+        report.front(ended)
     tracker.log_search_cost(
         {"cpu_seconds": 12.0, "gpu_seconds": 0.0, "pruned": 1, "infeasible": 1, "cache_hits": 4}
     )
@@ -238,7 +241,7 @@ def test_attached_worker_logs_under_the_parent(store: str) -> None:
     worker.attach(study_name="study-d", parent_run_id=parent)
     run_id = worker.start_trial(trial_number=0, params={"lr": 0.1}, tags={"autosplit.baseline": ""})
     worker.end_trial(run_id, state="complete", metrics={"val/acc": 90.0})
-    worker.update_front(trial_records(), BUDGET)
+    SearchReport(worker, "study-d", BUDGET).front(trial_records())
     main.end_search("KILLED")
     client = MlflowClient(tracking_uri=store)
     child = client.get_run(run_id)
@@ -261,18 +264,40 @@ def test_deleted_experiment_is_restored(store: str) -> None:
     assert len(client.search_runs([experiment.experiment_id])) == 2
 
 
-def test_null_tracker_accepts_the_whole_protocol() -> None:
-    tracker = NullTracker()
-    assert isinstance(tracker, Tracker)
-    assert tracker.start_search(study_name="s", settings={}) == "null-search"
-    run_id = tracker.start_trial(trial_number=3, params={"a": 1}, tags={})
-    assert run_id == "null-trial-3"
-    tracker.log_epoch(run_id, 0, {"val/acc": 1.0})
-    tracker.end_trial(run_id, state="complete", metrics={})
-    tracker.attach(study_name="s", parent_run_id="p")
-    tracker.update_front(trial_records(), BUDGET)
-    tracker.log_search_cost({})
-    tracker.end_search()
+def test_a_tracker_sent_to_a_worker_process_logs_under_the_same_parent(store: str) -> None:
+    """--workers N: spawn pickles the tracker; it reopens the store and attaches to the parent."""
+    main = MlflowTracker(store)
+    parent = main.start_search(study_name="study-e", settings={})
+    worker = pickle.loads(pickle.dumps(main))
+    assert worker is not main and worker.parent_run_id == parent
+    run_id = worker.start_trial(trial_number=0, params={}, tags={})
+    worker.end_trial(run_id, state="complete", metrics={"val/acc": 1.0})
+    main.end_search()
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_null_tracker_records_nothing_and_draws_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-tracking: the driver's whole sequence runs, crossing to a worker (pickled) too, and
+    no store, file or figure is made for it."""
+    from autosplit.search import front_plots
+
+    def no_drawing(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a figure was drawn for a tracker that records nothing")
+
+    for name in ("write_csv", "write_png", "write_html", "write_final_csv", "write_final_png"):
+        monkeypatch.setattr(front_plots, name, no_drawing)
+    monkeypatch.chdir(tmp_path)
+    tracker = pickle.loads(pickle.dumps(NullTracker()))
+    assert isinstance(tracker, Tracker) and not tracker.enabled
+    assert run_search(tracker, "s", trial_records()) == "null-search"  # type: ignore[arg-type]
+    assert tracker.start_trial(trial_number=3, params={}, tags={}) == "null-trial-3"
+    assert tracker.close_dead_runs("s") == 0
+    SearchReport(tracker, "s", BUDGET).final_stage([], {0: trial_records()}, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_flatten_params_and_default_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from autosplit.errors import UserError
 from autosplit.search.front import TrialRecord
+from autosplit.search.report import SearchReport
 from autosplit.tracking import HTTP_DEFAULTS, MlflowTracker, check_tracking
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -188,7 +189,9 @@ def test_store_gone_mid_search_warns_once_and_goes_on(server: MlflowServer) -> N
     tracker.log_epoch(run_id, 1, {"val/acc": 60.0})
     tracker.end_trial(run_id, state="complete", metrics={"val/acc": 60.0})
     assert tracker.start_trial(trial_number=1, params={}, tags={}) == ""
-    tracker.update_front([TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd")], 2000)
+    SearchReport(tracker, "study-gone", 2000).front(
+        [TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd")]
+    )
     tracker.log_search_cost({"cpu_seconds": 1.0})
     tracker.end_search()
     # Another tracker of the same search (a later phase's worker) stays silent and offline.
@@ -236,7 +239,7 @@ def test_full_disk_is_not_a_store_failure(small_disk: Path) -> None:
     record = TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd", run_id)
     with pytest.raises(OSError) as info:
         for step in range(200):  # artifacts first fail; the metrics' pages fill up next
-            tracker.update_front([record], 2000)
+            SearchReport(tracker, "study-full", 2000).front([record])
             tracker.log_epoch(run_id, step, {"val/acc": 60.0})
     assert info.value.errno == errno.ENOSPC
     assert not isinstance(info.value, UserError) and warnings == []
@@ -271,7 +274,7 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return runs
 
 
-def search_options(tmp: Path, runs: Path, tracking_uri: str, **kw: object):
+def search_options(tmp: Path, runs: Path, **kw: object):
     import dataclasses
 
     from autosplit.search.budget import parse_budget
@@ -284,7 +287,6 @@ def search_options(tmp: Path, runs: Path, tracking_uri: str, **kw: object):
         trials=3,
         study_name="digits-faults",
         storage=f"sqlite:///{tmp}/optuna.db",
-        tracking_uri=tracking_uri,
         sampler="tpe",
         seed=0,
         device="cpu",
@@ -307,10 +309,13 @@ def test_unreachable_store_stops_the_search_before_the_study(
     from autosplit.search.driver import run_search
 
     runs = tmp_path / "runs"
-    options = search_options(tmp_path, runs, f"http://127.0.0.1:{free_port()}")
+    options = search_options(tmp_path, runs)
     started = time.monotonic()
     with pytest.raises(UserError, match="MLflow tracking at http://127.0.0.1"):
-        run_search(options, say=lambda _m: None)
+        # What `autosplit search` does: the store is opened before the search starts.
+        run_search(
+            options, tracker=check_tracking(f"http://127.0.0.1:{free_port()}"), say=lambda _m: None
+        )
     assert time.monotonic() - started < 20
     assert not (tmp_path / "optuna.db").exists()  # the study was not touched
     assert not runs.exists()  # nor was the teacher trained
@@ -333,7 +338,8 @@ def test_ctrl_c_leaves_no_run_running(
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(KeyboardInterrupt):
         driver.run_search(
-            search_options(tmp_path, digits_runs, store, study_name="digits-int"),
+            search_options(tmp_path, digits_runs, study_name="digits-int"),
+            tracker=check_tracking(store),
             say=lambda _m: None,
         )
     runs = experiment_runs(store, "digits-int")
@@ -371,7 +377,9 @@ def test_store_gone_mid_search_then_sync(
 
     monkeypatch.setattr(driver, "search_trial", outage_after_first)
     study, _ctx = driver.run_search(
-        search_options(tmp_path, digits_runs, server.uri), say=lambda _m: None
+        search_options(tmp_path, digits_runs),
+        tracker=check_tracking(server.uri),
+        say=lambda _m: None,
     )
     err = capsys.readouterr().err
     assert err.count("autosplit: warning: MLflow tracking at") == 1, err

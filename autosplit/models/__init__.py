@@ -20,42 +20,16 @@ Families, and what ``width`` / ``depth`` mean for each:
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 from autosplit.errors import UserError
+
+# Importing a family module registers its models into MODELS (``_registry``).
+from autosplit.models import mobilenetv2, resnet_cifar, tiny, torchvision_models, wrn  # noqa: F401
 from autosplit.models._base import FeatureTap, ZooModel
-from autosplit.registry import Registry
-
-
-class ModelFactory(Protocol):
-    """What a registered model is: a builder taking the four knobs of ``create_model``."""
-
-    def __call__(
-        self, *, num_classes: int, in_channels: int, width: float, depth: int | None
-    ) -> ZooModel: ...
-
-
-MODELS: Registry[ModelFactory] = Registry("model")
-
-# The family modules register themselves into MODELS on import, so they must be imported after
-# MODELS exists (they do ``from autosplit.models import MODELS``).
-from autosplit.models import (  # noqa: E402, F401
-    mobilenetv2,
-    resnet_cifar,
-    tiny,
-    torchvision_models,
-    wrn,
-)
-
-# Models whose width (any positive float) and depth the search may vary freely. The torchvision
-# models are left out: their depth is fixed by the name, and they are meant as teachers.
-SEARCHABLE_FAMILIES: frozenset[str] = frozenset(
-    [*resnet_cifar.NAMES, *wrn.NAMES, *mobilenetv2.NAMES, *tiny.NAMES]
-)
+from autosplit.models._registry import MODELS, ModelFactory
 
 __all__ = [
     "MODELS",
-    "SEARCHABLE_FAMILIES",
     "FeatureTap",
     "ModelFactory",
     "ZooModel",

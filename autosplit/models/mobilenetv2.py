@@ -20,8 +20,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from autosplit.errors import UserError
-from autosplit.models import MODELS
 from autosplit.models._base import ZooModel, describe_taps, scale_channels
+from autosplit.models._registry import MODELS
 
 EXPANSION = 6
 # (expansion t, output channels c, blocks n, stride s) per block group, as in the paper,

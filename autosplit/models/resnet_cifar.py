@@ -8,12 +8,14 @@ ones 32/64/128/256. Module names follow mdistiller (``conv1``, ``bn1``, ``layer1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from autosplit.errors import UserError
-from autosplit.models import MODELS
 from autosplit.models._base import ZooModel, describe_taps, scale_channels
+from autosplit.models._registry import MODELS
 
 # name -> (depth, (stem, stage1, stage2, stage3) channels at width 1)
 _CONFIGS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
@@ -105,20 +107,40 @@ def check_depth(name: str, depth: int, *, offset: int, minimum: int) -> None:
         )
 
 
-def _register(name: str, default_depth: int, channels: tuple[int, int, int, int]) -> None:
-    def build(
-        *, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: int | None = None
-    ) -> ResNetCifar:
-        depth = default_depth if depth is None else depth
-        check_depth(name, depth, offset=2, minimum=8)
-        scaled = tuple(scale_channels(c, width) for c in channels)
-        return ResNetCifar(
-            depth=depth, channels=scaled, num_classes=num_classes, in_channels=in_channels
-        )
+def register_6n(
+    model: Callable[..., ZooModel],
+    configs: dict[str, tuple[int, tuple[int, int, int, int]]],
+    *,
+    offset: int,
+    minimum: int,
+    doc: str,
+) -> None:
+    """Register each ``name: (depth, channels)`` of ``configs`` as ``model`` (a CIFAR ResNet or
+    a WRN) of that depth = 6n + ``offset`` by default, any such depth >= ``minimum`` on request,
+    every channel count scaled by ``width``. ``doc`` is formatted with name, depth, channels."""
 
-    build.__doc__ = f"{name}: CIFAR ResNet, depth {default_depth}, channels {channels} at width 1."
-    MODELS.add(name, build)
+    def register(name: str, default_depth: int, channels: tuple[int, int, int, int]) -> None:
+        def build(
+            *, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: int | None = None
+        ) -> ZooModel:
+            depth = default_depth if depth is None else depth
+            check_depth(name, depth, offset=offset, minimum=minimum)
+            scaled = tuple(scale_channels(c, width) for c in channels)
+            return model(
+                depth=depth, channels=scaled, num_classes=num_classes, in_channels=in_channels
+            )
+
+        build.__doc__ = doc.format(name=name, depth=default_depth, channels=channels)
+        MODELS.add(name, build)
+
+    for name, (depth, channels) in configs.items():
+        register(name, depth, channels)
 
 
-for _name, (_depth, _channels) in _CONFIGS.items():
-    _register(_name, _depth, _channels)
+register_6n(
+    ResNetCifar,
+    _CONFIGS,
+    offset=2,
+    minimum=8,
+    doc="{name}: CIFAR ResNet, depth {depth}, channels {channels} at width 1.",
+)

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from autosplit.errors import UserError
-from autosplit.models import MODELS
 from autosplit.models._base import ZooModel, describe_taps, scale_channels
+from autosplit.models._registry import MODELS
 
 _RESNETS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),

@@ -12,9 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from autosplit.models import MODELS
-from autosplit.models._base import ZooModel, describe_taps, scale_channels
-from autosplit.models.resnet_cifar import check_depth
+from autosplit.models._base import ZooModel, describe_taps
+from autosplit.models.resnet_cifar import register_6n
 
 # name -> (depth, widen factor k)
 _CONFIGS: dict[str, tuple[int, int]] = {
@@ -106,22 +105,13 @@ class WideResNet(ZooModel):
         return {"stage1": stage1, "stage2": stage2, "stage3": stage3}
 
 
-def _register(name: str, default_depth: int, widen: int) -> None:
-    channels = (16, 16 * widen, 32 * widen, 64 * widen)
-
-    def build(
-        *, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: int | None = None
-    ) -> WideResNet:
-        depth = default_depth if depth is None else depth
-        check_depth(name, depth, offset=4, minimum=10)
-        scaled = tuple(scale_channels(c, width) for c in channels)
-        return WideResNet(
-            depth=depth, channels=scaled, num_classes=num_classes, in_channels=in_channels
-        )
-
-    build.__doc__ = f"{name}: WRN-{default_depth}-{widen}, channels {channels} at width 1."
-    MODELS.add(name, build)
-
-
-for _name, (_depth, _widen) in _CONFIGS.items():
-    _register(_name, _depth, _widen)
+register_6n(
+    WideResNet,
+    {
+        name: (depth, (16, 16 * widen, 32 * widen, 64 * widen))
+        for name, (depth, widen) in _CONFIGS.items()
+    },
+    offset=4,
+    minimum=10,
+    doc="{name}: WRN-{depth}, channels {channels} at width 1.",
+)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import optuna
 import torch
@@ -35,11 +35,17 @@ from autosplit.search.budget import Budget
 from autosplit.search.front import search_records
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
+from autosplit.search.report import SearchReport, search_note
 from autosplit.search.space import FinalStage, Rung, SearchSpace
+from autosplit.tracking import NullTracker, Tracker
 from autosplit.train import EpochStats
 
 if TYPE_CHECKING:
+    from autosplit.cache import CachedTeacher
+    from autosplit.data import Splits
+    from autosplit.device import Runtime
     from autosplit.distill.candidate import Candidate
+    from autosplit.teacher import Teacher
 
 log = logging.getLogger(__name__)
 SMALLEST_WIDTH = 0.05  # the width solver's lower end
@@ -50,14 +56,14 @@ class SearchContext:
     """Everything a trial needs that is the same for every trial of a search."""
 
     space: SearchSpace
-    splits: Any
-    teacher: Any  # autosplit.teacher.Teacher
-    runtime: Any
+    splits: Splits
+    teacher: Teacher
+    runtime: Runtime
     max_flops: int
     teacher_flops: int
     runs_dir: Path
     study_name: str
-    tracker: Any
+    tracker: Tracker = field(default_factory=NullTracker)
     progress: bool = False
     halving: bool = True  # False: every trial trains at the top rung only
     deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the whole job
@@ -67,7 +73,7 @@ class SearchContext:
     final_seeds: int | None = None  # the plan's seeds (None: the space's)
     finalists: int | None = None  # the plan's finalists (None: the space's top_k)
     final_epochs: int | None = None  # the plan's final-stage epochs (None: the space's)
-    caches: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    caches: dict[tuple[object, ...], CachedTeacher] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
 
     @property
@@ -102,7 +108,7 @@ class SearchContext:
             kind=kind,
         )
 
-    def teacher_source(self, taps: set[str], candidate: Any) -> Any:
+    def teacher_source(self, taps: set[str], candidate: Candidate) -> CachedTeacher:
         """The cached teacher outputs holding ``taps`` over the rows trials train on."""
         from autosplit.cache import teacher_cache_for
 
@@ -592,7 +598,6 @@ class SearchOptions:
     time_limit: float | None = None  # seconds for the whole job (teacher, search, final stage)
     study_name: str | None = None
     storage: str | None = None
-    tracking_uri: str | None = None
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1
@@ -601,7 +606,6 @@ class SearchOptions:
     progress: bool = True
     halving: bool = True
     final_stage: bool = True
-    tracking: bool = True
     clock: Callable[[], float] = time.monotonic
     started: float | None = None  # ``clock()`` when the process started (default: at prepare)
 
@@ -638,13 +642,12 @@ def prepare(
     ctx = SearchContext(
         space=space,
         splits=splits,
-        teacher=None,
+        teacher=cast("Teacher", None),  # trained or loaded below, once the plan is made
         runtime=runtime,
         max_flops=max_flops,
         teacher_flops=teacher_flops,
         runs_dir=Path(options.runs_dir),
         study_name="",
-        tracker=None,
         progress=options.progress,
         halving=options.halving,
         deadline=deadline,
@@ -692,9 +695,6 @@ def prepare(
         f"teacher {space.teacher.model} ({state}): test {ctx.teacher.test_acc:.2f}%, "
         f"{teacher_flops:,} FLOPs; budget {options.budget.text} = {max_flops:,} FLOPs"
     )
-    from autosplit.tracking import NullTracker
-
-    ctx.tracker = NullTracker()
     return ctx
 
 
@@ -904,19 +904,20 @@ def run_worker(
     study_name: str,
     storage_url: str,
     *,
-    parent_run_id: str | None,
+    tracker: Tracker,
     worker_index: int,
     phase: str = "search",
 ) -> None:
     """One worker's loop. ``search``: trials until the study holds ``options.trials`` or the
-    search phase's time is up; ``final``: the waiting final-stage jobs."""
+    search phase's time is up; ``final``: the waiting final-stage jobs. ``tracker``: the
+    search's, logging under its parent run."""
     storage = studies.open_storage(storage_url)
     # One seed for every worker and invocation: the sampler derives each trial's own seed
     # from it and the trial's number, unique in the study (``studies.TrialSeededSampler``).
     sampler = studies.make_sampler(options.sampler, options.seed)
     study = studies.open_study(study_name, storage, sampler=sampler, create=False)
     ctx.study_name = study_name
-    ctx.tracker = _tracker(options, study_name, parent_run_id)
+    ctx.tracker = tracker
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet = QuietInterrupts()
     optimize_log = logging.getLogger("optuna.study._optimize")
@@ -963,24 +964,12 @@ class _StopWhenNoFinalJobWaits:
             study.stop()
 
 
-def _tracker(options: SearchOptions, study_name: str, parent_run_id: str | None) -> Any:
-    from autosplit.tracking import MlflowTracker, NullTracker, default_tracking_uri
-
-    if not options.tracking:
-        return NullTracker()
-    uri = options.tracking_uri or default_tracking_uri(options.runs_dir)
-    if parent_run_id is None:
-        tracker = MlflowTracker(uri)
-        tracker.start_search(study_name=study_name, settings={"budget": options.budget.text})
-        return tracker
-    # A store that fails from here on costs the search nothing but its tracking (one warning).
-    return MlflowTracker.for_worker(uri, study_name=study_name, parent_run_id=parent_run_id)
-
-
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
+    report = SearchReport(ctx.tracker, ctx.study_name, ctx.max_flops)
+
     def refresh(study: optuna.Study, _trial: Any) -> None:
         stats = studies.records(study)
-        ctx.tracker.update_front(search_records(stats), ctx.max_flops)
+        report.front(search_records(stats))
         ctx.tracker.log_search_cost(
             {
                 "cpu_seconds": time.process_time(),
@@ -1146,17 +1135,16 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
 
 
 def run_search(
-    options: SearchOptions, *, say: Callable[[str], None] = print
+    options: SearchOptions,
+    *,
+    tracker: Tracker | None = None,
+    say: Callable[[str], None] = print,
 ) -> tuple[optuna.Study, SearchContext]:
     """Plan and prepare once, run the search phase with ``options.workers`` worker processes
-    (or this one), then the final stage, all on one study."""
-    parent_tracker = None
-    if options.tracking:  # an unreachable store fails now: before the teacher, before the study
-        from autosplit.tracking import check_tracking, default_tracking_uri
-
-        parent_tracker = check_tracking(
-            options.tracking_uri or default_tracking_uri(options.runs_dir)
-        )
+    (or this one), then the final stage, all on one study, logged by ``tracker`` (default:
+    nothing logged). Open the tracker first: a store that cannot be reached then fails before
+    the teacher trains and the study is touched (``tracking.check_tracking``)."""
+    tracker = NullTracker() if tracker is None else tracker
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     ctx = prepare(options, log_teacher=say)
     study_name = options.study_name or default_study_name(options.space, options.budget)
@@ -1176,32 +1164,32 @@ def run_search(
         f"study {study_name} on {redact_url(storage_url)}: "
         f"{options.trials - todo} of {options.trials} trials already done"
     )
-    parent = None
-    if parent_tracker is not None:
-        # Runs of this study left RUNNING by a dead process of this host (kill -9, a store or
-        # disk that failed before their end): KILLED now, as their Optuna trials were failed.
-        parent_tracker.close_dead_runs(study_name)
-        parent = parent_tracker.start_search(
-            study_name=study_name,
-            settings={
-                "budget": options.budget.text,
-                "budget_flops": ctx.max_flops,
-                "sampler": options.sampler,
-                "seed": options.seed,
-                "trials": options.trials,
-                "workers": options.workers,
-                "space": str(options.space.path),
-                "time_limit_s": options.time_limit or 0,
-            },
-        )
+    # Runs of this study left RUNNING by a dead process of this host (kill -9, a store or
+    # disk that failed before their end): KILLED now, as their Optuna trials were failed.
+    tracker.close_dead_runs(study_name)
+    settings: dict[str, str | int | float] = {
+        "budget": options.budget.text,
+        "budget_flops": ctx.max_flops,
+        "sampler": options.sampler,
+        "seed": options.seed,
+        "trials": options.trials,
+        "workers": options.workers,
+        "space": str(options.space.path),
+        "time_limit_s": options.time_limit or 0,
+    }
+    tracker.start_search(
+        study_name=study_name,
+        settings=settings,
+        note=search_note(study_name, settings, None, []),
+    )
     status = "FINISHED"
     try:
         if todo:
-            _run_phase(options, ctx, study_name, storage_url, parent, "search")
+            _run_phase(options, ctx, study_name, storage_url, tracker, "search")
         if options.final_stage and ctx.final is not None:
             enqueue_final_stage(study, ctx)
             if _waiting_final(study):
-                _run_phase(options, ctx, study_name, storage_url, parent, "final")
+                _run_phase(options, ctx, study_name, storage_url, tracker, "final")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -1209,20 +1197,22 @@ def run_search(
         status = "FAILED"
         raise
     finally:
-        if parent is not None:
-            _end_parent(parent_tracker, study, ctx, status)
+        _end_parent(tracker, study, ctx, status)
     return study, ctx
 
 
-def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: str) -> None:
+def _end_parent(tracker: Tracker, study: optuna.Study, ctx: SearchContext, status: str) -> None:
     """The parent run's front and final stage, then its end, which runs whatever the front
     update raises. When the search itself failed or was stopped (``status`` KILLED or FAILED:
     its exception is in flight), an error of the front update is logged, not raised over it."""
     in_flight = status != "FINISHED"
+    if not tracker.enabled:  # records nothing (or its store failed): nothing to draw or end
+        return
     try:
         try:
             records = studies.records(study)
-            tracker.update_front(search_records(records), ctx.max_flops)
+            report = SearchReport(tracker, study.study_name, ctx.max_flops)
+            report.front(search_records(records))
             if ctx.final is not None:
                 from autosplit.search.front import final_members, rung_records
 
@@ -1231,7 +1221,7 @@ def _end_parent(tracker: Any, study: optuna.Study, ctx: SearchContext, status: s
                     k: rung_records(records, k)
                     for k in range(len(ctx.space.settings.fidelity.rungs))
                 }
-                tracker.log_final_stage(members, rungs, proxy_fidelity(study), ctx.max_flops)
+                report.final_stage(members, rungs, proxy_fidelity(study))
         finally:
             tracker.end_search(status)
     except Exception as exc:
@@ -1245,14 +1235,14 @@ def _run_phase(
     ctx: SearchContext,
     study_name: str,
     storage_url: str,
-    parent: str | None,
+    tracker: Tracker,
     phase: str,
 ) -> None:
     if options.workers > 1:
-        _run_processes(options, ctx, study_name, storage_url, parent, phase)
+        _run_processes(options, ctx, study_name, storage_url, tracker, phase)
     else:
         run_worker(
-            options, ctx, study_name, storage_url, parent_run_id=parent, worker_index=0, phase=phase
+            options, ctx, study_name, storage_url, tracker=tracker, worker_index=0, phase=phase
         )
 
 
@@ -1261,13 +1251,14 @@ def _run_processes(
     ctx: SearchContext,
     study_name: str,
     storage_url: str,
-    parent: str | None,
+    tracker: Tracker,
     phase: str,
 ) -> None:
     """N local worker processes on one journal/RDB storage (spawned: no shared torch state).
 
     Each worker gets the deadlines as wall-clock times (monotonic clocks are per process) and
-    the cost model measured here, so workers neither re-plan nor re-measure.
+    the cost model measured here, so workers neither re-plan nor re-measure. The tracker
+    crosses pickled and reopens itself in each worker under the same parent run.
     """
     import multiprocessing as mp
 
@@ -1279,7 +1270,7 @@ def _run_processes(
         context.Process(
             target=_worker_main,
             name=f"autosplit-worker-{i}",
-            args=(worker_options, study_name, storage_url, parent, i, threads, shared, phase),
+            args=(worker_options, study_name, storage_url, tracker, i, threads, shared, phase),
         )
         for i in range(options.workers)
     ]
@@ -1352,7 +1343,7 @@ def _worker_main(
     options: SearchOptions,
     study_name: str,
     storage_url: str,
-    parent: str | None,
+    tracker: Tracker,
     index: int,
     threads: int,
     shared: _SharedPlan,
@@ -1371,7 +1362,7 @@ def _worker_main(
             ctx,
             study_name,
             storage_url,
-            parent_run_id=parent,
+            tracker=tracker,
             worker_index=index,
             phase=phase,
         )

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autosplit.search import study as studies
 from autosplit.search.attrs import SYNCED_TAG, StudyAttrs, TrialAttrs
 from autosplit.search.front import final_members, rung_records, search_records
+from autosplit.search.report import SearchReport, search_note
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -74,7 +75,9 @@ def sync_study(study: optuna.Study, tracker: Any) -> tuple[int, int]:
     already = sum(should_have_run(t) for t in study.get_trials(deepcopy=False)) - len(todo)
     started = ""
     if todo and not parents:  # the store never saw a search of this study
-        started = tracker.start_search(study_name=name, settings={"synced": "true"})
+        settings: dict[str, str | int | float] = {"synced": "true"}
+        note = search_note(name, settings, None, [])
+        started = tracker.start_search(study_name=name, settings=settings, note=note)
         runs, parents = tracker.study_runs(name)
     starts = [p.info.start_time for p in parents]
     run_ids = {number: run_id for number, (run_id, _) in runs.items()}
@@ -118,13 +121,13 @@ def _refresh_front(study: optuna.Study, tracker: Any, parent: str, run_ids: dict
         for r in studies.records(study)
     ]
     tracker.attach(study_name=study.study_name, parent_run_id=parent, revive=True)
-    tracker.update_front(search_records(records), budget)
+    report = SearchReport(tracker, study.study_name, budget)
+    report.front(search_records(records))
     members = final_members(records, StudyAttrs.read(study).final_members)
     if members:
         top = max((len(r.rung_accs) for r in records), default=0)
-        tracker.log_final_stage(
+        report.final_stage(
             members,
             {k: rung_records(records, k) for k in range(top)},
             proxy_fidelity(study),
-            budget,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import pytest
@@ -57,13 +59,25 @@ def plain(**overrides: Any) -> dict[str, Any]:
     return make(**overrides).to_dict()
 
 
-def test_registries_hold_the_designed_keys() -> None:
+@pytest.mark.parametrize(
+    ("field", "registry"),
+    [("structure", STRUCTURES), ("logit_loss", LOGIT_LOSSES), ("feature_loss", FEATURE_LOSSES)],
+)
+def test_every_registered_part_is_checked_against_its_own_params(field: str, registry) -> None:
+    """A part is named by its registry key and validated against that entry's ``Params``: its
+    defaults spelled out are accepted and round-trip; any other key is refused, naming them."""
     make()  # validation fills the registries
-    assert STRUCTURES.names() == ["assistant", "branches", "res_chain", "single"]
-    assert {"ce", "kd", "dkd", "aekt"} <= set(LOGIT_LOSSES.names())
-    assert {"none", "hint", "iekd"} <= set(FEATURE_LOSSES.names())
-    for registry in (STRUCTURES, LOGIT_LOSSES, FEATURE_LOSSES):
-        assert all(hasattr(registry.get(name), "Params") for name in registry)
+    for name in STRUCTURE_CASES if field == "structure" else registry:
+        defaults = dataclasses.asdict(registry.get(name).Params())
+        base = dict(STRUCTURE_CASES[name]) if field == "structure" else {}
+        spelled = make(**{**base, field: PartSpec(name, tuple(defaults.items()))})
+        assert Candidate.from_dict(spelled.to_dict()) == spelled
+        known = ", ".join(defaults) or "(none)"
+        with pytest.raises(
+            UserError,
+            match=re.escape(f"{field}.bogus: unknown key") + ".*" + re.escape(f"{name!r}: {known}"),
+        ):
+            make(**{**base, field: PartSpec(name, (("bogus", 1),))})
 
 
 @pytest.mark.parametrize("name", sorted(STRUCTURE_CASES))

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import torch
+from distill_cases import CLASSES, INPUT_SHAPE, WITH_PARTS, batch
+from distill_cases import make_candidate as tiny_candidate
 
-from autosplit.config import DataConfig, TeacherConfig, TrainConfig
 from autosplit.distill import (
     FEATURE_LOSSES,
     LOGIT_LOSSES,
@@ -23,18 +24,12 @@ from autosplit.distill import (
     STRUCTURES,
     Candidate,
     Distiller,
-    PartSpec,
-    SplitSpec,
-    StudentSpec,
     build_distiller,
     recipe_candidate,
     student_flops,
 )
 from autosplit.models import ZooModel
 
-INPUT_SHAPE = (1, 8, 8)  # digits
-CLASSES = 10
-WITH_PARTS = ("assistant", "res_chain")
 SMALL = {"res_chain": {"n_parts": 2}, "branches": {"n_parts": 2}}  # fewer parts: faster
 
 
@@ -43,33 +38,9 @@ def teacher(tiny_teacher: ZooModel) -> ZooModel:
     return tiny_teacher
 
 
-def make_candidate(
-    structure: str = "single",
-    logit: str = "kd",
-    feature: str = "none",
-    *,
-    twi: bool = False,
-    schedule: str = "joint",
-    **params: Any,
-) -> Candidate:
-    """Tiny models with pinned widths (no width solving); ``params`` are dotted overrides."""
-    parts = structure in WITH_PARTS
-    candidate = Candidate(
-        data=DataConfig(name="digits", augment=False),
-        teacher=TeacherConfig(model="tiny", width=1.5),
-        max_flops=10**6,
-        student=StudentSpec(family="tiny"),
-        split=SplitSpec(
-            base_share=0.7 if parts else 1.0, base_width=0.5, part_width=0.25 if parts else None
-        ),
-        structure=PartSpec(structure, tuple(SMALL.get(structure, {}).items())),
-        logit_loss=PartSpec(logit),
-        feature_loss=PartSpec(feature),
-        twi=twi,
-        schedule=schedule,
-        train=TrainConfig(epochs=2, batch_size=32),
-    )
-    return candidate.with_values(params) if params else candidate
+def make_candidate(structure: str = "single", *args: Any, **kwargs: Any) -> Candidate:
+    """The shared tiny candidate, with fewer parts than the defaults (``SMALL``)."""
+    return tiny_candidate(structure, *args, structure_params=SMALL.get(structure), **kwargs)
 
 
 def from_recipe(name: str) -> Candidate:
@@ -121,10 +92,7 @@ def _build(case: tuple, teacher: ZooModel, seed: int = 0) -> Distiller:
 
 
 def _batch(size: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(
-        0, CLASSES, (size,), generator=gen
-    )
+    return batch(size, seed=1)
 
 
 def _teacher_outputs(teacher: ZooModel, distiller: Distiller, images: torch.Tensor) -> dict:

@@ -8,17 +8,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from distill_cases import CLASSES, INPUT_SHAPE, batch, make_candidate
 
-from autosplit.config import DataConfig, TeacherConfig, TrainConfig
+from autosplit.config import TrainConfig
 from autosplit.data import Splits, TensorLoader
 from autosplit.device import Runtime
 from autosplit.distill import (
     METHODS,
-    Candidate,
     Distiller,
-    PartSpec,
-    SplitSpec,
-    StudentSpec,
     build_distiller,
     recipe_candidate,
     train_candidate,
@@ -29,42 +26,10 @@ from autosplit.errors import UserError
 from autosplit.models import ZooModel, create_model
 from autosplit.train import Classifier, fit, make_optimizer
 
-INPUT_SHAPE = (1, 8, 8)
-CLASSES = 10
-WITH_PARTS = ("assistant", "res_chain")
-
 
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher: ZooModel) -> ZooModel:
     return tiny_teacher.requires_grad_(False)
-
-
-def make_candidate(
-    structure: str = "single",
-    logit: str = "kd",
-    feature: str = "none",
-    *,
-    twi: bool = False,
-    schedule: str = "joint",
-    **values: Any,
-) -> Candidate:
-    parts = structure in WITH_PARTS
-    candidate = Candidate(
-        data=DataConfig(name="digits", augment=False),
-        teacher=TeacherConfig(model="tiny", width=1.5),
-        max_flops=10**6,
-        student=StudentSpec(family="tiny"),
-        split=SplitSpec(
-            base_share=0.7 if parts else 1.0, base_width=0.5, part_width=0.25 if parts else None
-        ),
-        structure=PartSpec(structure),
-        logit_loss=PartSpec(logit),
-        feature_loss=PartSpec(feature),
-        twi=twi,
-        schedule=schedule,
-        train=TrainConfig(epochs=2, batch_size=32),
-    )
-    return candidate.with_values(values) if values else candidate
 
 
 def make_distiller(teacher: ZooModel, *args: Any, **kwargs: Any) -> Distiller:
@@ -75,13 +40,6 @@ def make_distiller(teacher: ZooModel, *args: Any, **kwargs: Any) -> Distiller:
         num_classes=CLASSES,
         in_channels=1,
         input_shape=INPUT_SHAPE,
-    )
-
-
-def batch(size: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(size, *INPUT_SHAPE, generator=gen), torch.randint(
-        0, CLASSES, (size,), generator=gen
     )
 
 

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
 from autosplit.search.space import SearchSpace
+from autosplit.tracking import MlflowTracker
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE = ROOT / "search_spaces" / "digits_tiny.yaml"
@@ -25,7 +26,6 @@ def options(tmp: Path, **kw) -> SearchOptions:
         trials=4,
         study_name="digits-test",
         storage=f"sqlite:///{tmp}/optuna.db",
-        tracking_uri=f"sqlite:///{tmp}/mlflow.db",
         sampler="tpe",
         seed=0,
         device="cpu",
@@ -35,10 +35,14 @@ def options(tmp: Path, **kw) -> SearchOptions:
     return dataclasses.replace(base, **kw)
 
 
+def tracker(tmp: Path) -> MlflowTracker:
+    return MlflowTracker(f"sqlite:///{tmp}/mlflow.db")
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
-    study, ctx = run_search(options(tmp), say=lambda _m: None)
+    study, ctx = run_search(options(tmp), tracker=tracker(tmp), say=lambda _m: None)
     return tmp, study, ctx
 
 
@@ -74,10 +78,10 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
 def test_rerunning_runs_only_what_is_missing(searched):
     tmp, study, _ctx = searched
     finals = len(study.get_trials()) - 4
-    run_search(options(tmp), say=lambda _m: None)
+    run_search(options(tmp), tracker=tracker(tmp), say=lambda _m: None)
     assert len(search_trials(study)) == 4
     assert len(study.get_trials()) == 4 + finals  # the final stage is done: nothing re-runs
-    run_search(options(tmp, trials=5), say=lambda _m: None)
+    run_search(options(tmp, trials=5), tracker=tracker(tmp), say=lambda _m: None)
     assert len(search_trials(study)) == 5
 
 
@@ -260,7 +264,7 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
         study_name="tiny-budget",
         space=SearchSpace.from_yaml(space_file),
     )
-    study, _ctx = run_search(opts, say=lambda _m: None)
+    study, _ctx = run_search(opts, tracker=tracker(tmp_path), say=lambda _m: None)
     trial = study.get_trials()[0]
     assert trial.user_attrs["autosplit.state"] == "infeasible"
     assert trial.constraints["flops_over_budget"] > 0
@@ -281,7 +285,6 @@ def test_a_diverging_candidate_fails_its_trial_not_the_search(tmp_path):
         trials=2,
         study_name="diverge",
         space=SearchSpace.from_yaml(space_file),
-        tracking=False,
     )
     study, _ctx = run_search(opts, say=lambda _m: None)
     trials = study.get_trials()

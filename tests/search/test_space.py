@@ -13,14 +13,22 @@ ROOT = Path(__file__).resolve().parents[2]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 
-def test_the_shipped_spaces_are_there():
-    names = {p.name for p in SPACES}
-    assert {
-        "fashion_mnist.yaml",
-        "digits_tiny.yaml",
-        "cifar100_resnet.yaml",
-        "imagenet_resnet.yaml",
-    } <= names
+def test_the_default_space_is_found_from_any_directory(tmp_path, monkeypatch):
+    """`autosplit search` with no --space: ./search_spaces first, else the shipped one; every
+    space the README names is shipped."""
+    import re
+
+    from autosplit.cli import DEFAULT_SPACE, find_space
+
+    monkeypatch.chdir(tmp_path)
+    assert find_space(None) == ROOT / "search_spaces" / DEFAULT_SPACE
+    assert SearchSpace.from_yaml(find_space(None)).data.name == "fashion-mnist"
+    local = tmp_path / "search_spaces" / DEFAULT_SPACE
+    local.parent.mkdir()
+    local.write_text((ROOT / "search_spaces" / "digits_tiny.yaml").read_text())
+    assert find_space(None) == local and SearchSpace.from_yaml(local).data.name == "digits"
+    named = set(re.findall(r"search_spaces/(\w+\.yaml)", (ROOT / "README.md").read_text()))
+    assert named and named <= {p.name for p in SPACES}
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)

@@ -1,0 +1,151 @@
+"""What a search shows on its parent run: the Pareto front (front.csv/.png/.html), the
+hypervolume history, the final stage, and the run's description in ``mlflow ui``.
+
+Computed here from the study's records (with ``front`` and ``front_plots``) and handed to the
+tracker, which only logs: the tracker knows nothing of fronts, the search nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autosplit.search.front import (
+    FLOPS_CONVENTION,
+    FinalMember,
+    TrialRecord,
+    final_front,
+    hypervolume_history,
+    pareto_front,
+)
+
+if TYPE_CHECKING:
+    from autosplit.tracking import Tracker
+
+
+class SearchReport:
+    """The parent run's figures for one search under ``budget_flops``, logged by ``tracker``.
+
+    Nothing is drawn while the tracker records nothing (``--no-tracking``, or a store that
+    failed): the plots exist only to be logged.
+    """
+
+    def __init__(self, tracker: Tracker, study_name: str, budget_flops: int) -> None:
+        self.tracker, self.study_name, self.budget_flops = tracker, study_name, budget_flops
+        self._hypervolume_step = -1  # finished-trial count of the last hypervolume point
+
+    def front(self, records: list[TrialRecord]) -> None:
+        """Rewrite front.csv/.png/.html and hypervolume.csv on the parent run; log the metric.
+
+        ``search/hypervolume`` gets one point per call, stepped by the number of finished
+        trials seen; hypervolume.csv holds the exact per-trial history (trials may finish out of
+        order across workers, which a metric history could not rewrite).
+        """
+        from autosplit.search import front_plots
+
+        if not self.tracker.enabled:
+            return
+        budget = self.budget_flops
+        front = pareto_front(records, budget)
+        history = hypervolume_history(records, budget)
+        finished = sum(1 for r in records if r.state not in ("running", "waiting"))
+        metrics = {"search/front_size": float(len(front))}
+        if front:
+            metrics["search/best_val_acc"] = max(float(r.val_acc or 0.0) for r in front)
+        if finished > self._hypervolume_step:
+            self._hypervolume_step = finished
+            metrics["search/hypervolume"] = history[-1][1] if history else 0.0
+        with tempfile.TemporaryDirectory(prefix="autosplit-front-") as tmp:
+            folder = Path(tmp)
+            front_plots.write_csv(folder / "front.csv", front)
+            front_plots.write_history_csv(folder / "hypervolume.csv", history)
+            title = f"{self.study_name} — budget {budget:,} FLOPs"
+            front_plots.write_png(folder / "front.png", records, front, budget, title)
+            front_plots.write_html(folder / "front.html", records, front, budget, title)
+            self.tracker.log_parent(
+                "update the front artifacts",
+                artifacts=[
+                    folder / n for n in ("front.csv", "front.png", "front.html", "hypervolume.csv")
+                ],
+                metrics=metrics,
+                step=finished,
+                note=search_note(self.study_name, {}, budget, front),
+            )
+
+    def final_stage(
+        self,
+        members: list[FinalMember],
+        rungs: dict[int, list[TrialRecord]],
+        proxy: dict[int, dict[str, float]],
+    ) -> None:
+        """The final front (with ±1 sd error bars), each rung's front, and the proxy's Kendall
+        tau against the final stage, on the parent run."""
+        from autosplit.search import front_plots
+
+        if not self.tracker.enabled:
+            return
+        budget, name = self.budget_flops, self.study_name
+        front = final_front(members, budget)
+        with tempfile.TemporaryDirectory(prefix="autosplit-final-") as tmp:
+            folder = Path(tmp)
+            paths = [folder / "final_front.csv", folder / "final_front.png"]
+            front_plots.write_final_csv(paths[0], members, front)
+            front_plots.write_final_png(paths[1], members, front, budget, f"{name} — final stage")
+            for rung, records in sorted(rungs.items()):
+                paths.append(folder / f"rung{rung}_front.png")
+                rung_front = pareto_front(records, budget)
+                front_plots.write_png(
+                    paths[-1], records, rung_front, budget, f"{name} — rung {rung}"
+                )
+            metrics: dict[str, float] = {
+                f"final/kendall_tau_rung{k}": v["tau"] for k, v in proxy.items()
+            }
+            if front:
+                best = max(front, key=lambda m: m.val_mean)
+                metrics.update(
+                    {
+                        "final/best_val_acc_mean": best.val_mean,
+                        "final/best_val_acc_sd": best.val_sd,
+                        "final/front_size": float(len(front)),
+                    }
+                )
+            self.tracker.log_parent("log the final stage", artifacts=paths, metrics=metrics)
+
+
+def search_note(
+    study_name: str,
+    settings: Mapping[str, object],
+    budget_flops: int | None,
+    front: list[TrialRecord],
+) -> str:
+    """The parent run's description in ``mlflow ui``: what is searched and how to read it."""
+    lines = [f"## autosplit search — study `{study_name}`", ""]
+    if budget_flops is not None:
+        lines.append(f"**Budget: {budget_flops:,} FLOPs** ({FLOPS_CONVENTION}).")
+    elif "budget" in settings or "budget_flops" in settings:
+        lines.append(
+            f"**Budget: {settings.get('budget', settings.get('budget_flops'))} FLOPs** "
+            f"({FLOPS_CONVENTION})."
+        )
+    if front:
+        best = max(front, key=lambda r: r.val_acc or 0.0)
+        lines.append(
+            f"Front: {len(front)} trial(s); most accurate: trial {best.number} "
+            f"({best.label}) {best.val_acc:.2f}% at {best.flops:,} FLOPs."
+        )
+    lines += [
+        "",
+        "Objectives: maximise validation accuracy (split carved from train; test untouched), "
+        "minimise worst-case FLOPs; constraint FLOPs <= budget (over-budget candidates are "
+        "never trained).",
+        "",
+        "How to read: open the **Artifacts** tab — `front.html` (interactive, hover for trial "
+        "and recipe) or `front.png`: grey = every trial, coloured line = the Pareto front (no "
+        "feasible trial is both more accurate and cheaper), dashed line = budget, stars = "
+        "baselines (equal-budget KD student, best published recipe). `front.csv` lists the "
+        "front with run ids. Metric `search/hypervolume` (0-1, higher is better) tracks the "
+        "front's progress; the child runs hold one trial each (params = the candidate).",
+    ]
+    return "\n".join(lines)
