@@ -230,20 +230,15 @@ def teacher_cache_for(
     runtime: Runtime,
     runs_dir: str | Path,
     *,
+    taps: set[str],
     views: int = 1,
-    taps: set[str] | None = None,
 ) -> Any:
     """Teacher outputs over the training rows a candidate uses (the search's and retrain's path).
 
     Feature taps are stored in fp16, logits in fp32; ``views`` augmented views when the data
-    augments, so epoch ``e`` trains on view ``e % views``.
+    augments, so epoch ``e`` trains on view ``e % views``. ``taps``: the distiller's
+    ``teacher_taps`` (the caller has built it; this module sits below autosplit.distill).
     """
-    from autosplit.data import Split
-    from autosplit.distill.run import build_and_count
-
-    if taps is None:
-        distiller, _ = build_and_count(candidate, teacher.model, splits)
-        taps = set(distiller.teacher_taps)
     rows = train_rows(candidate, splits)
     split = Split(splits.train.images[:rows], splits.train.labels[:rows])
     return teacher_outputs(

@@ -378,10 +378,19 @@ def retrain(
 ) -> dict[str, Any]:
     """Train a candidate through the search's own code path, then evaluate on test."""
     from autosplit.cache import teacher_cache_for
-    from autosplit.distill.run import train_candidate
+    from autosplit.distill.run import build_and_count, train_candidate
     from autosplit.train import evaluate
 
-    source = teacher_cache_for(candidate, teacher, splits, runtime, runs_dir, views=teacher_views)
+    distiller, _ = build_and_count(candidate, teacher.model, splits)
+    source = teacher_cache_for(
+        candidate,
+        teacher,
+        splits,
+        runtime,
+        runs_dir,
+        taps=set(distiller.teacher_taps),
+        views=teacher_views,
+    )
     result = train_candidate(
         candidate, splits, teacher.model, runtime, teacher_source=source, progress=progress
     )

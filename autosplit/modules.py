@@ -1,12 +1,14 @@
-"""Two things done to a network in several places, written once: freezing it, and running it in
-eval mode for a moment without disturbing any submodule's own training flag."""
+"""Small things done to networks and feature maps in several places, written once: freezing a
+network, running it in eval mode for a moment without disturbing any submodule's own training
+flag, and resizing a feature map to another's spatial size."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -28,3 +30,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+def resize(feature_map: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) -> (B, C, *size): average-pool down, bilinear up, as is when equal."""
+    if tuple(feature_map.shape[-2:]) == tuple(size):
+        return feature_map
+    if feature_map.shape[-2] >= size[0] and feature_map.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(feature_map, size)
+    return F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)

@@ -103,15 +103,17 @@ def main() -> None:
                 candidate = candidate.with_values({"logit_loss.warmup_epochs": args.epochs})
             vals, tests, seconds, flops, expected = [], [], [], 0, []
             for seed in range(args.seeds):
-                from autosplit.distill.run import train_candidate
+                from autosplit.distill.run import build_and_count, train_candidate
 
                 seeded = candidate.with_values({"train.seed": seed})
+                distiller, _ = build_and_count(seeded, ctx.teacher.model, ctx.splits)
                 source = teacher_cache_for(
                     seeded,
                     ctx.teacher,
                     ctx.splits,
                     ctx.runtime,
                     Path(args.runs_dir),
+                    taps=set(distiller.teacher_taps),
                     views=space.settings.teacher_views,
                 )
                 started = time.perf_counter()

@@ -28,6 +28,7 @@ from autosplit.config import from_dict
 from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES
 from autosplit.distill.student import Student, build_student
 from autosplit.errors import UserError
+from autosplit.modules import eval_mode
 
 if TYPE_CHECKING:
     from autosplit.device import Runtime
@@ -363,14 +364,9 @@ class Distiller(nn.Module):
 @torch.no_grad()
 def _tap_shapes(model: ZooModel, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
     """Per-sample shape of every tap, from one eval-mode pass on zeros (modes restored)."""
-    modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
-    model.eval()
-    try:
+    with eval_mode(model):
         taps = model.forward_taps(torch.zeros(2, *input_shape, device=device))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     return {name: tuple(value.shape[1:]) for name, value in taps.items()}
 
 

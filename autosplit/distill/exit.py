@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from autosplit.device import Runtime
 from autosplit.distill.student import Student, StudentFlops, expected_flops
+from autosplit.modules import eval_mode
 
 
 @dataclass(frozen=True)
@@ -51,19 +52,14 @@ def exit_profile(student: Student, loader: Iterable[Any], runtime: Runtime) -> E
     """Confidence and correctness of every partial sum, over a loader of batches (eval mode)."""
     if not student.exit_gate:
         raise ValueError(f"early exit needs a structure with an exit gate, not {student.kind!r}")
-    modes = {module: module.training for module in student.modules()}
-    student.eval()
     confidence, correct = [], []
-    try:
+    with eval_mode(student):
         for batch in loader:
             with runtime.autocast():
                 outputs = student.forward_train(runtime.images(batch.images))
             logits = torch.stack(outputs["partial_logits"], dim=1).float()  # (B, K+1, C)
             confidence.append(F.softmax(logits, dim=2).amax(dim=2).cpu())  # (B, K+1)
             correct.append((logits.argmax(dim=2) == batch.labels[:, None]).cpu())
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     return ExitProfile(torch.cat(confidence), torch.cat(correct))
 
 

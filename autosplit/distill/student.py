@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from autosplit.config import from_dict
 from autosplit.distill.candidate import Candidate, PartSpec
@@ -31,6 +30,7 @@ from autosplit.distill.registry import STRUCTURES
 from autosplit.errors import UserError
 from autosplit.flops import BudgetTooSmall, count_flops_report, solve_width
 from autosplit.models import ZooModel, create_model
+from autosplit.modules import eval_mode
 
 if TYPE_CHECKING:
     from autosplit.distill._base import Part
@@ -289,15 +289,6 @@ def at_least(path: str, params: Any, **minimums: float) -> None:
             raise UserError(f"{path}.{key}: must be >= {minimum}, got {value}")
 
 
-def resize(feature_map: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) -> (B, C, *size): average-pool down, bilinear up, as is when equal."""
-    if tuple(feature_map.shape[-2:]) == tuple(size):
-        return feature_map
-    if feature_map.shape[-2] >= size[0] and feature_map.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(feature_map, size)
-    return F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
-
-
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy that never trains (TWI: the teacher's classifier reused as is)."""
     import copy
@@ -310,13 +301,8 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def stage_size(model: ZooModel, input_shape: tuple[int, int, int]) -> tuple[int, int]:
     """Spatial size (H, W) of ``model``'s last stage map for one input; no state is touched."""
-    modes = {module: module.training for module in model.modules()}
     parameter = next(model.parameters())
-    model.eval()
-    try:
+    with eval_mode(model):
         images = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
         last = model.forward_stages(images)[model.last_stage.name]  # (1, C, H, W)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     return int(last.shape[-2]), int(last.shape[-1])

@@ -1225,7 +1225,7 @@ def _end_parent(tracker: Tracker, study: optuna.Study, ctx: SearchContext, statu
         finally:
             tracker.end_search(status)
     except Exception as exc:
-        if in_flight is None:
+        if not in_flight:
             raise
         log.warning("could not finish the MLflow parent run (%s: %s)", type(exc).__name__, exc)
 

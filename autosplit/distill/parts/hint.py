@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from autosplit.distill._base import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.losses import hint_loss
 from autosplit.distill.registry import FEATURE_LOSSES
-from autosplit.distill.student import resize as resize_map
+from autosplit.modules import resize as resize_map
 
 
 def middle(stages: tuple[str, ...]) -> str:

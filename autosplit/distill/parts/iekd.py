@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from autosplit.distill._base import Outputs, Part, PartContext, need_teacher
 from autosplit.distill.losses import factor_distance
 from autosplit.distill.registry import FEATURE_LOSSES
-from autosplit.distill.student import resize as resize_map
 from autosplit.errors import UserError
+from autosplit.modules import resize as resize_map
 
 if TYPE_CHECKING:
     from autosplit.device import Runtime

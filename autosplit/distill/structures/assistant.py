@@ -15,10 +15,11 @@ from torch.nn import functional as F
 from autosplit.distill._base import Outputs, Part, PartContext, TeacherOutputs, need_teacher
 from autosplit.distill.losses import normalized_mse
 from autosplit.distill.registry import STRUCTURES
-from autosplit.distill.student import BuildContext, Student, at_least, resize, stage_size
+from autosplit.distill.student import BuildContext, Student, at_least, stage_size
 from autosplit.errors import UserError
 from autosplit.flops import count_flops
 from autosplit.models import ZooModel
+from autosplit.modules import resize
 
 
 @dataclass(frozen=True)
