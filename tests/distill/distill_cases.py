@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from autosplit.config import DataConfig, TeacherConfig, TrainConfig
-from autosplit.distill import Candidate, PartSpec, SplitSpec, StudentSpec
+from autosplit.distill import STRUCTURES, Candidate, PartSpec, SplitSpec, StudentSpec
 
 INPUT_SHAPE = (1, 8, 8)  # digits
 CLASSES = 10
-WITH_PARTS = ("assistant", "res_chain")  # the structures with residual parts of their own
+# The structures whose residual parts are zoo networks of their own (assistant, res_chain).
+WITH_PARTS = tuple(name for name in STRUCTURES.names() if STRUCTURES.get(name).part_networks)
 
 
 def make_candidate(
