@@ -23,12 +23,12 @@ from autosplit.distill.student import (
     Student,
     build_student,
     expected_flops,
-    resize,
     student_flops,
 )
 from autosplit.errors import UserError
 from autosplit.flops import count_flops
 from autosplit.models import create_model
+from autosplit.modules import resize
 
 SHAPE = (1, 8, 8)
 CLASSES = 10
