@@ -32,6 +32,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# A live server's answer is not what these tests time: a loaded machine gets a minute.
+LIVE_SECONDS = 60.0
+
+
 class MlflowServer:
     """A real ``mlflow server`` on a free loopback port; ``stop`` kills it like a crash."""
 
@@ -68,9 +72,17 @@ class MlflowServer:
             start_new_session=True,
         )
         deadline = time.monotonic() + deadline_s
-        while True:  # poll /health until it answers, within a generous deadline
+        # Poll until the tracking API itself answers (not only /health: its first request
+        # opens the store, which can take seconds on a loaded machine), within a generous
+        # deadline.
+        search = urllib.request.Request(
+            f"{self.uri}/api/2.0/mlflow/experiments/search",
+            data=b'{"max_results": 1}',
+            headers={"Content-Type": "application/json"},
+        )
+        while True:
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                with urllib.request.urlopen(search, timeout=10) as response:
                     if response.status == 200:
                         return self.uri
             except OSError:
@@ -180,7 +192,7 @@ def test_killed_state_and_orphans_closed_by_end_search(tmp_path: Path) -> None:
 
 def test_store_gone_mid_search_warns_once_and_goes_on(server: MlflowServer) -> None:
     warnings: list[str] = []
-    tracker = check_tracking(server.uri, warn=warnings.append)
+    tracker = check_tracking(server.uri, timeout=LIVE_SECONDS, warn=warnings.append)
     parent = tracker.start_search(study_name="study-gone", settings={"budget": "0.5x"})
     run_id = tracker.start_trial(trial_number=0, params={"lr": 0.1}, tags={})
     tracker.log_epoch(run_id, 0, {"val/acc": 50.0})
@@ -378,7 +390,7 @@ def test_store_gone_mid_search_then_sync(
     monkeypatch.setattr(driver, "search_trial", outage_after_first)
     study, _ctx = driver.run_search(
         search_options(tmp_path, digits_runs),
-        tracker=check_tracking(server.uri),
+        tracker=check_tracking(server.uri, timeout=LIVE_SECONDS),
         say=lambda _m: None,
     )
     err = capsys.readouterr().err
