@@ -87,6 +87,9 @@ class TrialAttrs(_Attrs):
     error: str | None = None  # the first 500 characters of what stopped it
     label: str | None = None  # short description, e.g. "res_chain K=2 + dkd"
     flops: int | None = None  # worst case
+    # (flops - budget) / budget, <= 0 when it fits: the trial's Optuna constraint, also stored
+    # here because optuna-dashboard (0.21) shows user attrs but not Optuna 5's constraints.
+    flops_over_budget: float | None = None
     params: int | None = None  # parameters of the deployed modules
     run_id: str | None = None  # its MLflow run ("" when tracking is off)
     candidate: dict[str, Any] | None = None  # the pinned candidate (``Candidate.to_dict``)

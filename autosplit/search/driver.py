@@ -152,6 +152,21 @@ def label_of(candidate: Any) -> str:
     return text
 
 
+OVER_BUDGET = "flops_over_budget"  # the trial's one constraint
+
+
+def set_over_budget(trial: optuna.Trial, flops: float, max_flops: int) -> float:
+    """Record by how much the trial's student exceeds the budget, as a share of it (<= 0 when
+    it fits), and return it. Optuna 5's samplers read the constraint. optuna-dashboard 0.21
+    reads only the older ``constraints`` list, which only the samplers' ``constraints_func``
+    writes (deprecated in Optuna 5), so the value is also a user attr: the dashboard shows,
+    sorts and filters by those."""
+    over = (flops - max_flops) / max_flops
+    trial.set_constraint(OVER_BUDGET, over)
+    TrialAttrs(flops_over_budget=over).write(trial)
+    return over
+
+
 def objective(
     ctx: SearchContext, trial: optuna.Trial, phase: str = "search"
 ) -> tuple[float, float]:
@@ -241,8 +256,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     candidate = candidate.with_values(
         {"split.base_width": student.base_width, "split.part_width": student.part_width}
     )
-    over = (flops.worst_case - ctx.max_flops) / ctx.max_flops
-    trial.set_constraint("flops_over_budget", over)
+    over = set_over_budget(trial, flops.worst_case, ctx.max_flops)
     TrialAttrs(
         label=label_of(candidate),
         flops=int(flops.worst_case),
@@ -403,7 +417,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     label = of_member.label or ""
     flops = of_member.flops
     TrialAttrs(label=label, flops=flops, baseline=baseline, params=of_member.params).write(trial)
-    trial.set_constraint("flops_over_budget", (flops - ctx.max_flops) / ctx.max_flops)
+    set_over_budget(trial, flops, ctx.max_flops)
     run_id = ctx.tracker.start_trial(
         trial_number=trial.number,
         params=candidate.flat(),

@@ -35,6 +35,11 @@ WORKER_ATTR = TrialAttrs.key("worker")  # the stored key, for code that writes t
 # What a re-run of a dead worker's trial keeps: what the trial *is* (a baseline, a final-stage
 # job for a member and seed), not what it had measured.
 RETRY_FIELDS = ("baseline", "stage", "member", "seed")
+# The objectives, in order, and the names optuna-dashboard and ``trials_dataframe`` show them
+# under: validation accuracy (percent) and FLOPs (worst case or expected, as the study's
+# ``objective_flops`` attr says).
+DIRECTIONS = ("maximize", "minimize")
+METRIC_NAMES = ("val_acc", "flops")
 
 
 def default_storage(runs_dir: str | Path, workers: int) -> str:
@@ -205,12 +210,34 @@ def create_or_load(
             study_name=name,
             storage=storage,
             sampler=sampler,
-            directions=["maximize", "minimize"],
+            directions=list(DIRECTIONS),
             load_if_exists=False,
         )
-        return study, True
+        created = True
     except DuplicatedStudyError:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        created = False
+    name_objectives(study)
+    return study, created
+
+
+def name_objectives(study: optuna.Study) -> None:
+    """Name the objectives (``METRIC_NAMES``), once: a study made before they were named gets
+    them when a search resumes it; names already stored (ours, or a user's) are kept.
+
+    Workers started together may all find none and write the same value: RDB storages ignore
+    the duplicate insert of a study system attr, a journal replays the same value twice."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    if study.metric_names is not None or len(study.directions) != len(METRIC_NAMES):
+        return  # named already, or not a study autosplit made: leave it as it is
+    with warnings.catch_warnings():
+        # Experimental since Optuna 3.2, still in 5; it is what the dashboard and
+        # ``trials_dataframe`` read.
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names(list(METRIC_NAMES))
 
 
 def worker_id() -> str:
