@@ -354,8 +354,7 @@ def trained_test_accuracy(
     payload = load_checkpoint(
         weights, kind="student", fix="nothing was exported; restore the file (the search wrote it)"
     )
-    student.load_state_dict(payload["state_dict"])
-    student.exit_threshold = candidate.structure.get("exit_threshold")
+    student.load_state_dict(payload["state_dict"])  # build_student set its exit threshold
     student = runtime.prepare(student).eval()
     return evaluate(student, test_loader(splits, runtime), runtime)
 

@@ -102,11 +102,12 @@ def main() -> None:
                 # of them (as the search space does), else the first steps diverge.
                 candidate = candidate.with_values({"logit_loss.warmup_epochs": args.epochs})
             vals, tests, seconds, flops, expected = [], [], [], 0, []
-            for seed in range(args.seeds):
-                from autosplit.distill.run import build_and_count, train_candidate
+            from autosplit.distill.run import build_and_count, train_candidate
 
+            # The teacher taps a candidate reads do not depend on its seed: one build for all.
+            distiller, _ = build_and_count(candidate, ctx.teacher.model, ctx.splits)
+            for seed in range(args.seeds):
                 seeded = candidate.with_values({"train.seed": seed})
-                distiller, _ = build_and_count(seeded, ctx.teacher.model, ctx.splits)
                 source = teacher_cache_for(
                     seeded,
                     ctx.teacher,
