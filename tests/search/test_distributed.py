@@ -52,7 +52,11 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 2  # one per search invocation, both in the one experiment
-    assert {t.user_attrs["autosplit.run_id"] for t in trials} <= {c.info.run_id for c in children}
+    # A final job the other worker took first is pruned as a duplicate before it starts a run
+    # (how often depends on timing); every other trial has its run among the children.
+    ran = [t for t in trials if t.user_attrs.get("autosplit.state") != "duplicate"]
+    assert all("autosplit.run_id" not in t.user_attrs for t in trials if t not in ran)
+    assert {t.user_attrs["autosplit.run_id"] for t in ran} <= {c.info.run_id for c in children}
 
 
 def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs, tmp_path):
