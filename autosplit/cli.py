@@ -223,7 +223,7 @@ def _front_text(study: Any, *, rung: int | None) -> str:
     info = study_info(study)
     budget = int(info.budget_flops)
     teacher_flops = info.teacher_flops
-    cost = "expected_flops" if info.objective_flops == "expected" else "flops"
+    cost = info.cost
     recs = records(study)
     if rung is not None:
         at = rung_records(recs, rung)

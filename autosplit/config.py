@@ -226,6 +226,10 @@ class TrainConfig:
     seed: int = 0
     max_train_samples: int | None = None
     grad_clip_norm: float | None = None  # clip the global gradient norm (None: no clipping)
+    # A staged schedule: "full" gives every stage the whole schedule above (the papers' way:
+    # ResKD trains S, then each res-student, each for ``epochs``); "shared" splits ``epochs``
+    # over the stages, so the candidate sees as many images as a joint one (equal training cost).
+    stage_epochs: Literal["full", "shared"] = "full"
 
     def validate(self, path: str = "") -> None:
         if self.epochs < 1:

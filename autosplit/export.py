@@ -110,7 +110,7 @@ def export_study(
 
     info = studies.study_info(study)
     budget = int(info.budget_flops)
-    cost = "expected_flops" if info.objective_flops == "expected" else "flops"
+    cost = info.cost
     records = studies.records(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     members = final_members(records, info.final_members)
@@ -217,6 +217,9 @@ def _document(
         "flops_expected": attrs.expected_flops,
         "params": attrs.params,
         "train_seconds": attrs.train_seconds,
+        "train_images": attrs.train_images,
+        "train_flops": attrs.train_flops,
+        "train_cost": attrs.train_cost,
     }
     if attrs.stage == "final":
         train = attrs.candidate["train"]

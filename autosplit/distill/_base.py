@@ -15,6 +15,7 @@ trainable parameters and the loss terms, and keeps frozen batch-norms in eval mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -200,6 +201,17 @@ class LogitPart(Part):
     ) -> dict[str, Tensor]:
         """Weighted terms (keys without ``loss_``) for one stream's logits (B, C)."""
         raise NotImplementedError
+
+
+# DKD's warm-up spans 20 of its 240 epochs; AEKT, built on DKD's decoupling, takes the same.
+WARMUP_SHARE = 20 / 240
+
+
+def warmup_epochs_for(run_epochs: int) -> int:
+    """The warm-up the shipped spaces give DKD and AEKT for a run of ``run_epochs``: DKD's share
+    of the run, rounded up, at least one epoch (so a run under 12 epochs does not warm up: the
+    factor is 1 from the first epoch)."""
+    return max(1, math.ceil(run_epochs * WARMUP_SHARE))
 
 
 def linear_warmup(epoch: int, warmup_epochs: int) -> float:

@@ -6,12 +6,19 @@
    fvcore *before* any training, so the cost is known even if training fails;
 2. ``prepare`` (e.g. IE-KD's teacher auto-encoder);
 3. ``joint``: one ``fit`` with every term; ``staged``: one ``fit`` per stage (the base, then each
-   residual part with the earlier ones frozen), ``train.epochs`` split evenly over the stages
-   so a staged candidate gets the same training budget as a joint one;
-4. a structure with an exit gate (``res_chain``): profile the partial sums on validation and
-   set the gate. A threshold in the candidate is used as is; ``None`` is calibrated: the most
-   accurate threshold on validation, ties to the cheapest (ResKD's stopping rule is not
-   public: a reading).
+   residual part with the earlier ones frozen). With ``train.stage_epochs: full`` (the default,
+   the papers' procedure) every stage trains for ``train.epochs`` with the whole schedule; with
+   ``shared`` the epochs are split evenly over the stages, so the candidate sees as many images
+   as a joint one. The result records the training cost either way (``train_images``,
+   ``train_flops``);
+4. a structure with an exit gate (``res_chain``): a threshold in the candidate is used as is;
+   ``None`` is calibrated on a *calibration split*, the last ``structure.calibration_share`` of
+   the candidate's training rows, held out from training. The rule (ResKD's stopping rule is
+   not public: a reading) is the cheapest threshold whose accuracy is within
+   ``structure.exit_max_drop`` points of running the whole chain, or, with
+   ``structure.exit_flops_share`` set, the most accurate threshold whose expected FLOPs are
+   within that share of the worst case. The gate's accuracy, reach rates and expected FLOPs
+   are then measured on validation, which calibration never saw.
 """
 
 from __future__ import annotations
@@ -47,13 +54,22 @@ class CandidateResult:
 
     student: Student
     val_acc: float  # top-1 % on the validation split, of the deployed student (gate applied)
-    history: list[EpochStats]  # every epoch of every stage, numbered 1..train.epochs
+    history: list[EpochStats]  # every epoch of every stage, numbered 1.. across stages
     flops: StudentFlops  # worst case (every part runs) and per deployed part
     expected_flops: float  # with the res_chain gate's measured reach rates; else worst case
     params: int  # parameters of the deployed modules
     seconds: float
     stages: list[tuple[str, int]]  # (stage name, epochs) as trained
+    train_images: int  # images seen by training, over every stage
+    train_cost: float  # train_images over the images one joint run of train.epochs sees
     exit: ExitChoice | None = None  # res_chain only
+    calibration: ExitChoice | None = None  # the gate on the calibration split (None: pinned)
+
+    @property
+    def train_flops(self) -> float:
+        """Training cost: images seen x the student's forward FLOPs per image (every stage's
+        step runs the whole student forward). Backward passes and the teacher are not counted."""
+        return float(self.train_images) * float(self.flops.worst_case)
 
     @property
     def worst_case_flops(self) -> int:
@@ -78,6 +94,22 @@ def split_epochs(epochs: int, n_stages: int) -> list[int]:
         )
     share, rest = divmod(epochs, n_stages)
     return [share + (1 if i < rest else 0) for i in range(n_stages)]
+
+
+def stage_epochs(cfg: TrainConfig, n_stages: int) -> list[int]:
+    """Epochs of each stage: ``train.epochs`` for each (``full``), or split over them
+    (``shared``); a single stage trains ``train.epochs``."""
+    if n_stages <= 1:
+        return [cfg.epochs]
+    if cfg.stage_epochs == "full":
+        return [cfg.epochs] * n_stages
+    return split_epochs(cfg.epochs, n_stages)
+
+
+def images_per_epoch(rows: int, batch_size: int) -> int:
+    """Images one training epoch sees over ``rows`` rows (the loader drops a last short batch
+    when there is at least one full batch)."""
+    return rows - rows % batch_size if rows >= batch_size else rows
 
 
 def stage_config(cfg: TrainConfig, epochs: int) -> TrainConfig:
@@ -152,6 +184,7 @@ def train_candidate(
         teacher_source = LiveTeacher(teacher, sorted(distiller.teacher_taps | {"logits"}), runtime)
     _check_taps(teacher_source, distiller.teacher_taps)
     train_split = _limit(splits.train, cfg.max_train_samples)
+    train_split, calibration_split = _calibration_split(distiller.student, train_split)
     # A cache of K augmented views serves epoch e with view e % K: the loader must agree.
     n_views = getattr(teacher_source, "n_views", None) if candidate.data.augment else None
     train_loader = TensorLoader(
@@ -169,10 +202,10 @@ def train_candidate(
     distiller.prepare(teacher_source, train_loader, runtime)
 
     stages = distiller.stages()
-    epochs = split_epochs(cfg.epochs, len(stages)) if len(stages) > 1 else [cfg.epochs]
+    epochs = stage_epochs(cfg, len(stages))
     history: list[EpochStats] = []
     try:
-        for stage, stage_epochs in zip(stages, epochs, strict=True):
+        for stage, n_epochs in zip(stages, epochs, strict=True):
             distiller.set_stage(stage if len(stages) > 1 else None)
             offset = len(history)
 
@@ -186,7 +219,7 @@ def train_candidate(
                 distiller,
                 train_loader,
                 val_loader,
-                stage_config(cfg, stage_epochs),
+                stage_config(cfg, n_epochs),
                 runtime,
                 teacher=teacher_source,
                 on_epoch_end=renumber,
@@ -198,7 +231,10 @@ def train_candidate(
         distiller.train(False)
 
     student = distiller.student
-    choice = _set_exit(student, flops, val_loader, runtime)
+    calibration = None
+    if calibration_split is not None:
+        calibration = _calibrate_exit(student, flops, calibration_split, splits, runtime)
+    choice = _measure_exit(student, flops, val_loader, runtime)
     val_acc = choice.accuracy if choice is not None else evaluate(student, val_loader, runtime)
     seconds = time.perf_counter() - started
     log.info("candidate trained in %.0fs: val %.2f%%", seconds, val_acc)
@@ -211,32 +247,78 @@ def train_candidate(
         params=deployed_parameters(student),
         seconds=seconds,
         stages=[(s.name, e) for s, e in zip(stages, epochs, strict=True)],
+        train_images=sum(epochs) * images_per_epoch(len(train_split), cfg.batch_size),
+        train_cost=sum(epochs) / cfg.epochs,
         exit=choice,
+        calibration=calibration,
     )
 
 
-def _set_exit(
+def _calibration_split(student: Student, train: Split) -> tuple[Split, Split | None]:
+    """The rows to train on, and the calibration rows held out of them: the last
+    ``calibration_share`` of the candidate's training rows, for a gate whose threshold is to be
+    calibrated (a prefix stays a prefix: cached teacher rows still match)."""
+    if not student.exit_gate or student.params.exit_threshold is not None:
+        return train, None
+    share = float(student.params.calibration_share)
+    held = max(1, round(share * len(train)))
+    if held >= len(train):
+        raise UserError(
+            f"structure.calibration_share: {share} of {len(train)} training rows leaves none "
+            "to train on; lower it or train on more rows"
+        )
+    images, labels = train.images, train.labels
+    cut = len(train) - held
+    return Split(images[:cut], labels[:cut]), Split(images[cut:], labels[cut:])
+
+
+def _calibrate_exit(
+    student: Student, flops: StudentFlops, calibration: Split, splits: Splits, runtime: Runtime
+) -> ExitChoice:
+    """Choose the gate threshold on the calibration split (never on validation) by the
+    structure's rule, and set it on ``student``."""
+    from autosplit.distill.exit import calibrate_threshold, exit_profile, measure_exit
+
+    params = student.params
+    loader = eval_loader(calibration, splits.info, runtime.device)
+    profile = exit_profile(student, loader, runtime)
+    if params.exit_flops_share is not None:
+        choice = calibrate_threshold(
+            profile, flops, target_expected_flops=params.exit_flops_share * flops.worst_case
+        )
+    else:
+        whole_chain = measure_exit(profile, flops, None).accuracy
+        choice = calibrate_threshold(
+            profile, flops, target_accuracy=whole_chain - params.exit_max_drop
+        )
+    student.exit_threshold = choice.threshold
+    log.info(
+        "exit gate calibrated on %d held-out training rows: threshold %s, expected FLOPs %.0f, "
+        "accuracy %.2f%% there",
+        len(calibration),
+        choice.threshold,
+        choice.expected_flops,
+        choice.accuracy,
+    )
+    return choice
+
+
+def _measure_exit(
     student: Student,
     flops: StudentFlops,
     val_loader: TensorLoader,
     runtime: Runtime,
 ) -> ExitChoice | None:
-    """A structure with an exit gate: measure (a pinned threshold) or calibrate (None) the gate
-    on validation."""
+    """A structure with an exit gate: its reach rates, expected FLOPs and accuracy on
+    validation at the threshold it has (pinned, or calibrated on held-out training rows)."""
     if not student.exit_gate:
         return None
-    from autosplit.distill.exit import calibrate_threshold, exit_profile, measure_exit
+    from autosplit.distill.exit import exit_profile, measure_exit
 
     profile = exit_profile(student, val_loader, runtime)
-    pinned = student.params.exit_threshold
-    choice = (
-        measure_exit(profile, flops, pinned)
-        if pinned is not None
-        else calibrate_threshold(profile, flops)
-    )
-    student.exit_threshold = choice.threshold
+    choice = measure_exit(profile, flops, student.exit_threshold)
     log.info(
-        "exit gate %s: reach rates %s, expected FLOPs %.0f, val %.2f%%",
+        "exit gate %s on validation: reach rates %s, expected FLOPs %.0f, val %.2f%%",
         choice.threshold,
         [round(q, 3) for q in choice.reach_rates],
         choice.expected_flops,

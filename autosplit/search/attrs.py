@@ -99,6 +99,12 @@ class TrialAttrs(_Attrs):
     expected_flops: float | None = None
     weights: str | None = None  # the trained student's checkpoint
     train_seconds: float | None = None
+    # Training cost of the trained result: images seen over every stage, x the student's
+    # forward FLOPs; ``train_cost`` is that over what one joint run of ``train.epochs`` sees
+    # (1.0 joint; K+1 for a chain whose K+1 stages each train the full schedule).
+    train_images: int | None = None
+    train_flops: float | None = None
+    train_cost: float | None = None
 
     def run_tags(self) -> dict[str, str]:
         """The tags of the trial's MLflow run: what the trial is, under the same keys."""
@@ -131,6 +137,12 @@ class StudyAttrs(_Attrs):
     objective_flops: str | None = None  # "worst_case" or "expected"
     baselines_enqueued: bool | None = None
     final_members: list[int] | None = None  # the search trials of the latest final stage
+
+    @property
+    def cost(self) -> str:
+        """The FLOPs figure the search optimises, hence the one its front, hypervolume and
+        export rank by: "expected_flops" or "flops" (worst case)."""
+        return "expected_flops" if self.objective_flops == "expected" else "flops"
 
     def write(self, target: _Holder) -> None:
         """Store the set fields that differ from what the study holds (every worker of a

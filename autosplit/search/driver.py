@@ -32,7 +32,7 @@ from autosplit.errors import UserError, redact_url
 from autosplit.search import study as studies
 from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.budget import Budget
-from autosplit.search.front import search_records
+from autosplit.search.front import Cost, search_records
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.report import SearchReport, search_note
@@ -81,6 +81,11 @@ class SearchContext:
         return self.space.settings.fidelity.eta
 
     @property
+    def front_cost(self) -> Cost:
+        """The FLOPs figure the search optimises (``StudyAttrs.cost`` reads it back)."""
+        return "expected_flops" if self.space.settings.objective_flops == "expected" else "flops"
+
+    @property
     def final(self) -> FinalStage | None:
         return self.space.settings.fidelity.final
 
@@ -98,11 +103,16 @@ class SearchContext:
         ]
         return rungs if self.halving else rungs[-1:]
 
-    def estimate(self, candidate: Candidate, flops: float, *, kind: str) -> float:
-        """Predicted seconds to train ``candidate`` here (see ``plan.CostModel``)."""
+    def estimate(
+        self, candidate: Candidate, flops: float, *, kind: str, n_stages: int = 1
+    ) -> float:
+        """Predicted seconds to train ``candidate`` here (see ``plan.CostModel``), over every
+        one of its ``n_stages`` training stages."""
+        from autosplit.distill.run import stage_epochs
+
         return self.cost_model.training_seconds(
             flops=float(flops),
-            epochs=candidate.train.epochs,
+            epochs=sum(stage_epochs(candidate.train, n_stages)),
             rows=train_rows(candidate, self.splits),
             val_rows=len(self.splits.val),
             kind=kind,
@@ -263,6 +273,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
         params=deployed_parameters(student),
     ).write(trial)
     taps = set(distiller.teacher_taps)
+    n_stages = len(distiller.stages())
     del distiller, student  # train_candidate builds its own, from the pinned candidate
     run_id = ctx.tracker.start_trial(
         trial_number=trial.number,
@@ -292,7 +303,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     stop_reason = ""
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
-        estimate = ctx.estimate(at, flops.worst_case, kind="trial")
+        estimate = ctx.estimate(at, flops.worst_case, kind="trial", n_stages=n_stages)
         if not ctx.search_fits(estimate):
             stop_reason = "time"
             break
@@ -348,6 +359,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
         params=result.params,
         weights=str(weights),
         train_seconds=train_seconds,
+        **train_cost_attrs(result),
     ).write(trial)
     ctx.tracker.end_trial(
         run_id,
@@ -360,6 +372,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
             "search/rung": len(reached) - 1,
             "time/wall_s": wall,
             "time/train_s": train_seconds,
+            **train_cost_metrics(result),
             "optuna/trial_number": trial.number,
             "time/overhead_s": overhead + (time.perf_counter() - record_started),
         },
@@ -431,16 +444,16 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         ).run_tags(),
     )
     TrialAttrs(run_id=run_id).write(trial)
-    estimate = ctx.estimate(candidate, flops, kind="final")
+    from autosplit.distill.run import build_and_count
+
+    distiller, counted = build_and_count(candidate, ctx.teacher.model, ctx.splits)
+    taps, n_stages = set(distiller.teacher_taps), len(distiller.stages())
+    del distiller
+    estimate = ctx.estimate(candidate, flops, kind="final", n_stages=n_stages)
     if not ctx.deadline.fits(estimate):
         TrialAttrs(state="skipped").write(trial)
         ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
         raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
-    from autosplit.distill.run import build_and_count
-
-    distiller, counted = build_and_count(candidate, ctx.teacher.model, ctx.splits)
-    taps = set(distiller.teacher_taps)
-    del distiller
     result = _train(ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None)
     ctx.cost_model.observe("final", estimate, result.seconds)
     if result.exit is not None:
@@ -453,6 +466,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         expected_flops=result.expected_flops,
         weights=str(weights),
         train_seconds=result.seconds,
+        **train_cost_attrs(result),
     ).write(trial)
     ctx.tracker.end_trial(
         run_id,
@@ -464,6 +478,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
             "params": result.params,
             "time/wall_s": time.perf_counter() - started,
             "time/train_s": result.seconds,
+            **train_cost_metrics(result),
             "optuna/trial_number": trial.number,
         },
     )
@@ -554,18 +569,34 @@ def finished_at_rung(study: optuna.Study, rung: int, ctx: SearchContext) -> list
             continue
         cost = (
             float(reached[rung].get("expected_flops") or flops)
-            if ctx.space.settings.objective_flops == "expected"
+            if ctx.front_cost == "expected_flops"
             else flops
         )
         out.append(RungResult(t.number, float(reached[rung]["val_acc"]), cost))
     return out
 
 
+def train_cost_attrs(result: Any) -> dict[str, Any]:
+    """The training cost of a trained result, as ``TrialAttrs`` fields."""
+    return {
+        "train_images": int(result.train_images),
+        "train_flops": float(result.train_flops),
+        "train_cost": float(result.train_cost),
+    }
+
+
+def train_cost_metrics(result: Any) -> dict[str, float]:
+    """The same, as the trial run's MLflow metrics (``sync`` logs them under these names)."""
+    return {
+        "train/images_seen": float(result.train_images),
+        "train/flops": float(result.train_flops),
+        "train/cost_x": float(result.train_cost),
+    }
+
+
 def _cost(ctx: SearchContext, result: Any) -> float:
     return float(
-        result.expected_flops
-        if ctx.space.settings.objective_flops == "expected"
-        else result.worst_case_flops
+        result.expected_flops if ctx.front_cost == "expected_flops" else result.worst_case_flops
     )
 
 
@@ -575,12 +606,15 @@ def at_fidelity(candidate: Candidate, rung: Rung) -> Candidate:
     Restart, not resume: a rung's accuracy is then exactly what ``autosplit train`` reproduces
     at that fidelity, and every schedule (cosine lr, DKD/AEKT warm-up over the run) keeps its
     meaning; a finished 1-epoch cosine run resumed for 3 would be a warm restart instead.
-    Warm-ups set in epochs are clipped to the rung's length.
+    A warm-up (DKD, AEKT) keeps its share of the run: scaled from the candidate's epochs to the
+    rung's, at least one epoch and at most the rung (3 of 30 epochs becomes 24 of 240).
     """
     values: dict[str, Any] = {"train.epochs": rung.epochs, "train.max_train_samples": rung.rows}
     warmup = candidate.logit_loss.get("warmup_epochs")
-    if warmup is not None and warmup > rung.epochs:
-        values["logit_loss.warmup_epochs"] = rung.epochs
+    if warmup is not None and warmup > 0:
+        scaled = max(1, round(warmup * rung.epochs / candidate.train.epochs))
+        if min(scaled, rung.epochs) != warmup:
+            values["logit_loss.warmup_epochs"] = min(scaled, rung.epochs)
     return candidate.with_values(values)
 
 
@@ -979,7 +1013,7 @@ class _StopWhenNoFinalJobWaits:
 
 
 def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
-    report = SearchReport(ctx.tracker, ctx.study_name, ctx.max_flops)
+    report = SearchReport(ctx.tracker, ctx.study_name, ctx.max_flops, ctx.front_cost)
 
     def refresh(study: optuna.Study, _trial: Any) -> None:
         stats = studies.records(study)
@@ -1225,7 +1259,7 @@ def _end_parent(tracker: Tracker, study: optuna.Study, ctx: SearchContext, statu
     try:
         try:
             records = studies.records(study)
-            report = SearchReport(tracker, study.study_name, ctx.max_flops)
+            report = SearchReport(tracker, study.study_name, ctx.max_flops, ctx.front_cost)
             report.front(search_records(records))
             if ctx.final is not None:
                 from autosplit.search.front import final_members, rung_records

@@ -44,6 +44,7 @@ class TrialRecord:
     rung_accs: tuple[float, ...] = ()  # search: val accuracy at each rung reached
     member: int | None = None  # final: the search trial this job retrains
     seed: int | None = None  # final: the training seed
+    train_cost: float | None = None  # images seen over one joint run's (``TrialAttrs``)
 
 
 def search_records(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -77,6 +78,7 @@ class FinalMember:
     val_accs: tuple[float, ...]
     seeds: tuple[int, ...]
     trials: tuple[int, ...]  # the final-stage trials, one per seed
+    train_cost: float | None = None  # of one seed's training (``TrialRecord.train_cost``)
 
     @property
     def val_mean(self) -> float:
@@ -101,6 +103,7 @@ class FinalMember:
             params=self.params,
             label=self.label,
             baseline=self.baseline,
+            train_cost=self.train_cost,
         )
 
 
@@ -139,6 +142,7 @@ def final_members(
                 val_accs=tuple(float(r.val_acc) for r in runs),
                 seeds=tuple(sorted(by_seed)),
                 trials=tuple(r.number for r in runs),
+                train_cost=runs[0].train_cost,
             )
         )
     return out
@@ -263,6 +267,12 @@ def _fmt_flops(value: float | None) -> str:
     return format_flops(value)
 
 
+def _train_cost(value: float | None) -> str:
+    """Training cost relative to one joint run of the candidate's epochs ("3.0x": a chain whose
+    three stages each trained the full schedule)."""
+    return "-" if value is None else f"{value:.1f}x"
+
+
 def _percent(value: float, whole: float | None) -> str:
     return f"{100.0 * value / whole:.0f}%" if whole else "-"
 
@@ -296,6 +306,7 @@ def front_table(
         "%teacher",
         "exp. FLOPs",
         "params",
+        "train",
         "label",
         "mark",
     )
@@ -366,6 +377,7 @@ def _row(
         _percent(flops, teacher_flops) if flops is not None else "-",
         _fmt_flops(record.expected_flops),
         f"{record.params:,}" if record.params is not None else "-",
+        _train_cost(record.train_cost),
         record.label,
         " ".join(marks),
     )
@@ -387,7 +399,11 @@ def final_table(
     """
     front = final_front(members, budget_flops, cost=cost)
     on_front = {m.number for m in front}
-    best = max(front, key=lambda m: (m.val_mean, -m.flops, -m.number)) if front else None
+    best = (
+        max(front, key=lambda m: (m.val_mean, -cost_of(m.record(), cost), -m.number))
+        if front
+        else None
+    )
     others = [m for m in members if m.baseline and m.number not in on_front]
     header = (
         "rank",
@@ -399,6 +415,7 @@ def final_table(
         "%teacher",
         "exp. FLOPs",
         "params",
+        "train",
         "label",
         "mark",
     )
@@ -455,6 +472,10 @@ def _table(
     if len(rows) > n_front:
         out.append("baselines not on the front:")
         out += [line(row) for row in rows[n_front:]]
+    out.append(
+        "train: training cost (images seen x the student's FLOPs) over one joint run of the "
+        "trial's epochs; a staged schedule trains every stage for them (train.stage_epochs)"
+    )
     return out
 
 
@@ -482,6 +503,7 @@ def _final_row(
         _percent(member.flops, teacher_flops),
         _fmt_flops(member.expected_flops),
         f"{member.params:,}" if member.params is not None else "-",
+        _train_cost(member.train_cost),
         member.label,
         " ".join(marks),
     )

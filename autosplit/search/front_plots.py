@@ -2,7 +2,9 @@
 (plotly). No MLflow here — the tracker uploads these, and anything else may write them too.
 
 Every drawing follows one legend: grey = every trial, coloured staircase = the Pareto front,
-dashed line = the budget, stars = the baselines, x = FLOPs in fvcore's convention.
+dashed line = the budget, stars = the baselines, x = FLOPs in fvcore's convention: the figure
+the search optimises (``cost``: expected FLOPs for early-exit chains, or worst case), the one its
+front is ranked by.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autosplit.search.front import FLOPS_CONVENTION, FinalMember, TrialRecord
+from autosplit.search.front import FLOPS_CONVENTION, Cost, FinalMember, TrialRecord, cost_of
 
 CSV_COLUMNS = (
     "rank",
@@ -26,6 +28,7 @@ CSV_COLUMNS = (
     "run_id",
 )
 _FRONT_COLOUR = "#1f77b4"
+_AXIS = {"flops": "FLOPs, worst case", "expected_flops": "FLOPs, expected (worst case if no gate)"}
 _BASELINE_COLOUR = "#d62728"
 
 
@@ -102,6 +105,7 @@ def write_png(
     front: Sequence[TrialRecord],
     budget_flops: int,
     title: str,
+    cost: Cost = "flops",
 ) -> None:
     """Static plot for the MLflow artifact preview. Uses the Agg canvas directly, not pyplot,
     so no global figure state is touched and threads may draw at the same time."""
@@ -115,7 +119,7 @@ def write_png(
     done = [r for r in others if r.state == "complete"]
     pruned = [r for r in others if r.state != "complete"]
     axes.scatter(
-        [r.flops for r in done],
+        [cost_of(r, cost) for r in done],
         [r.val_acc for r in done],
         s=18,
         c="0.6",
@@ -124,7 +128,7 @@ def write_png(
     )
     if pruned:
         axes.scatter(
-            [r.flops for r in pruned],
+            [cost_of(r, cost) for r in pruned],
             [r.val_acc for r in pruned],
             s=18,
             c="0.75",
@@ -134,7 +138,7 @@ def write_png(
         )
     if front:
         axes.plot(
-            [r.flops for r in front],
+            [cost_of(r, cost) for r in front],
             [r.val_acc for r in front],
             drawstyle="steps-post",
             color=_FRONT_COLOUR,
@@ -147,7 +151,7 @@ def write_png(
         for r in front:
             axes.annotate(
                 f"#{r.number}",
-                (r.flops, r.val_acc),
+                (cost_of(r, cost), r.val_acc),
                 textcoords="offset points",
                 xytext=(4, -10),
                 fontsize=7,
@@ -156,7 +160,7 @@ def write_png(
     baselines = [r for r in records if r.baseline and r.val_acc is not None and r.flops]
     if baselines:
         axes.scatter(
-            [r.flops for r in baselines],
+            [cost_of(r, cost) for r in baselines],
             [r.val_acc for r in baselines],
             s=140,
             marker="*",
@@ -169,13 +173,13 @@ def write_png(
         for r in baselines:
             axes.annotate(
                 r.baseline or "",
-                (r.flops, r.val_acc),
+                (cost_of(r, cost), r.val_acc),
                 textcoords="offset points",
                 xytext=(6, 4),
                 fontsize=8,
                 color=_BASELINE_COLOUR,
             )
-    _finish(figure, axes, path, budget_flops, title, "validation accuracy (%)")
+    _finish(figure, axes, path, budget_flops, title, "validation accuracy (%)", cost)
 
 
 def write_html(
@@ -184,13 +188,14 @@ def write_html(
     front: Sequence[TrialRecord],
     budget_flops: int,
     title: str,
+    cost: Cost = "flops",
 ) -> None:
     """Interactive plot; plotly.js is embedded so it opens offline from the MLflow UI."""
     import plotly.graph_objects as go
 
     def trace(rows: Sequence[TrialRecord], name: str, **style: object) -> go.Scatter:
         return go.Scatter(
-            x=[r.flops for r in rows],
+            x=[cost_of(r, cost) for r in rows],
             y=[r.val_acc for r in rows],
             name=name,
             customdata=[
@@ -252,7 +257,7 @@ def write_html(
         title=title,
         template="plotly_white",
         hovermode="closest",
-        xaxis_title=f"FLOPs, worst case ({FLOPS_CONVENTION})",
+        xaxis_title=f"{_AXIS[cost]} ({FLOPS_CONVENTION})",
         yaxis_title="validation accuracy (%)",
     )
     figure.write_html(
@@ -266,6 +271,7 @@ def write_final_png(
     front: Sequence[FinalMember],
     budget_flops: int,
     title: str,
+    cost: Cost = "flops",
 ) -> None:
     """The final front: each member's mean val accuracy over seeds with a ±1 sd error bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -291,7 +297,7 @@ def write_final_png(
         if not group:
             continue
         axes.errorbar(
-            [m.flops for m in group],
+            [_member_cost(m, cost) for m in group],
             [m.val_mean for m in group],
             yerr=[m.val_sd for m in group],
             fmt="*" if colour == _BASELINE_COLOUR else "o",
@@ -304,7 +310,7 @@ def write_final_png(
         for m in group:
             axes.annotate(
                 m.baseline or f"#{m.number}",
-                (m.flops, m.val_mean),
+                (_member_cost(m, cost), m.val_mean),
                 textcoords="offset points",
                 xytext=(5, 4),
                 fontsize=8,
@@ -312,7 +318,7 @@ def write_final_png(
             )
     if front:
         axes.plot(
-            [m.flops for m in front],
+            [_member_cost(m, cost) for m in front],
             [m.val_mean for m in front],
             drawstyle="steps-post",
             color=_FRONT_COLOUR,
@@ -320,11 +326,29 @@ def write_final_png(
             zorder=2,
         )
     _finish(
-        figure, axes, path, budget_flops, title, "validation accuracy (%), mean ± sd over seeds"
+        figure,
+        axes,
+        path,
+        budget_flops,
+        title,
+        "validation accuracy (%), mean ± sd over seeds",
+        cost,
     )
 
 
-def _finish(figure: Any, axes: Any, path: Path, budget_flops: int, title: str, ylabel: str) -> None:
+def _member_cost(member: FinalMember, cost: Cost) -> float:
+    return float(member.expected_flops if cost == "expected_flops" else member.flops)
+
+
+def _finish(
+    figure: Any,
+    axes: Any,
+    path: Path,
+    budget_flops: int,
+    title: str,
+    ylabel: str,
+    cost: Cost = "flops",
+) -> None:
     """The budget line, axes, legend and file every front plot shares."""
     from matplotlib.ticker import FuncFormatter
 
@@ -337,7 +361,7 @@ def _finish(figure: Any, axes: Any, path: Path, budget_flops: int, title: str, y
         zorder=1,
     )
     axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _flops_text(x)))
-    axes.set_xlabel(f"FLOPs, worst case ({FLOPS_CONVENTION})")
+    axes.set_xlabel(f"{_AXIS[cost]} ({FLOPS_CONVENTION})")
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from autosplit.search.front import (
     FLOPS_CONVENTION,
+    Cost,
     FinalMember,
     TrialRecord,
     final_front,
@@ -32,8 +33,11 @@ class SearchReport:
     failed): the plots exist only to be logged.
     """
 
-    def __init__(self, tracker: Tracker, study_name: str, budget_flops: int) -> None:
+    def __init__(
+        self, tracker: Tracker, study_name: str, budget_flops: int, cost: Cost = "flops"
+    ) -> None:
         self.tracker, self.study_name, self.budget_flops = tracker, study_name, budget_flops
+        self.cost = cost  # the FLOPs figure the search optimises: fronts and plots use it too
         self._hypervolume_step = -1  # finished-trial count of the last hypervolume point
 
     def front(self, records: list[TrialRecord]) -> None:
@@ -47,9 +51,9 @@ class SearchReport:
 
         if not self.tracker.enabled:
             return
-        budget = self.budget_flops
-        front = pareto_front(records, budget)
-        history = hypervolume_history(records, budget)
+        budget, cost = self.budget_flops, self.cost
+        front = pareto_front(records, budget, cost=cost)
+        history = hypervolume_history(records, budget, cost=cost)
         finished = sum(1 for r in records if r.state not in ("running", "waiting"))
         metrics = {"search/front_size": float(len(front))}
         if front:
@@ -62,8 +66,8 @@ class SearchReport:
             front_plots.write_csv(folder / "front.csv", front)
             front_plots.write_history_csv(folder / "hypervolume.csv", history)
             title = f"{self.study_name} — budget {budget:,} FLOPs"
-            front_plots.write_png(folder / "front.png", records, front, budget, title)
-            front_plots.write_html(folder / "front.html", records, front, budget, title)
+            front_plots.write_png(folder / "front.png", records, front, budget, title, cost)
+            front_plots.write_html(folder / "front.html", records, front, budget, title, cost)
             self.tracker.log_parent(
                 "update the front artifacts",
                 artifacts=[
@@ -71,7 +75,7 @@ class SearchReport:
                 ],
                 metrics=metrics,
                 step=finished,
-                note=search_note(self.study_name, {}, budget, front),
+                note=search_note(self.study_name, {}, budget, front, cost=cost),
             )
 
     def final_stage(
@@ -86,18 +90,20 @@ class SearchReport:
 
         if not self.tracker.enabled:
             return
-        budget, name = self.budget_flops, self.study_name
-        front = final_front(members, budget)
+        budget, name, cost = self.budget_flops, self.study_name, self.cost
+        front = final_front(members, budget, cost=cost)
         with tempfile.TemporaryDirectory(prefix="autosplit-final-") as tmp:
             folder = Path(tmp)
             paths = [folder / "final_front.csv", folder / "final_front.png"]
             front_plots.write_final_csv(paths[0], members, front)
-            front_plots.write_final_png(paths[1], members, front, budget, f"{name} — final stage")
+            front_plots.write_final_png(
+                paths[1], members, front, budget, f"{name} — final stage", cost
+            )
             for rung, records in sorted(rungs.items()):
                 paths.append(folder / f"rung{rung}_front.png")
-                rung_front = pareto_front(records, budget)
+                rung_front = pareto_front(records, budget, cost=cost)
                 front_plots.write_png(
-                    paths[-1], records, rung_front, budget, f"{name} — rung {rung}"
+                    paths[-1], records, rung_front, budget, f"{name} — rung {rung}", cost
                 )
             metrics: dict[str, float] = {
                 f"final/kendall_tau_rung{k}": v["tau"] for k, v in proxy.items()
@@ -119,6 +125,8 @@ def search_note(
     settings: Mapping[str, object],
     budget_flops: int | None,
     front: list[TrialRecord],
+    *,
+    cost: Cost = "flops",
 ) -> str:
     """The parent run's description in ``mlflow ui``: what is searched and how to read it."""
     lines = [f"## autosplit search — study `{study_name}`", ""]
@@ -138,8 +146,9 @@ def search_note(
     lines += [
         "",
         "Objectives: maximise validation accuracy (split carved from train; test untouched), "
-        "minimise worst-case FLOPs; constraint FLOPs <= budget (over-budget candidates are "
-        "never trained).",
+        f"minimise {'expected' if cost == 'expected_flops' else 'worst-case'} FLOPs (the front, "
+        "its plots and hypervolume use the same figure); constraint worst-case FLOPs <= budget "
+        "(over-budget candidates are never trained).",
         "",
         "How to read: open the **Artifacts** tab — `front.html` (interactive, hover for trial "
         "and recipe) or `front.png`: grey = every trial, coloured line = the Pareto front (no "

@@ -347,6 +347,7 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
         rung_accs=tuple(float(r["val_acc"]) for r in attrs.rungs or []),
         member=attrs.member,
         seed=attrs.seed,
+        train_cost=attrs.train_cost,
     )
 
 

@@ -41,6 +41,9 @@ def trial_metrics(trial: FrozenTrial) -> dict[str, float]:
         "flops/expected": attrs.expected_flops,
         "params": attrs.params,
         "time/train_s": attrs.train_seconds,
+        "train/images_seen": attrs.train_images,
+        "train/flops": attrs.train_flops,
+        "train/cost_x": attrs.train_cost,
         "search/rung": len(rungs) - 1 if rungs else None,
         "optuna/trial_number": trial.number,
     }
@@ -115,13 +118,14 @@ def _refresh_front(study: optuna.Study, tracker: Any, parent: str, run_ids: dict
 
     from autosplit.search.driver import proxy_fidelity
 
-    budget = int(studies.study_info(study).budget_flops)
+    info = studies.study_info(study)
+    budget = int(info.budget_flops)
     records = [
         dataclasses.replace(r, run_id=run_ids.get(r.number, r.run_id))
         for r in studies.records(study)
     ]
     tracker.attach(study_name=study.study_name, parent_run_id=parent, revive=True)
-    report = SearchReport(tracker, study.study_name, budget)
+    report = SearchReport(tracker, study.study_name, budget, info.cost)
     report.front(search_records(records))
     members = final_members(records, StudyAttrs.read(study).final_members)
     if members:

@@ -108,7 +108,15 @@ def test_part_yaml_form_is_flat_and_defaults_are_filled() -> None:
     candidate = Candidate.from_dict(data)
     assert candidate.structure == PartSpec(
         "res_chain",
-        {"n_parts": 2, "exit_threshold": None, "residual": "kd", "residual_weight": 1.0},
+        {
+            "n_parts": 2,
+            "exit_threshold": None,
+            "residual": "kd",
+            "residual_weight": 1.0,
+            "calibration_share": 0.1,
+            "exit_max_drop": 0.1,
+            "exit_flops_share": None,
+        },
     )
     assert candidate.logit_loss.get("temperature") == 2.0
     assert isinstance(candidate.logit_loss.get("temperature"), float)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from distill_cases import CLASSES, INPUT_SHAPE, batch, make_candidate
 
+from autosplit.cache import LiveTeacher
 from autosplit.config import TrainConfig
-from autosplit.data import Splits, TensorLoader
+from autosplit.data import Split, Splits, TensorLoader, eval_loader
 from autosplit.device import Runtime
 from autosplit.distill import (
     METHODS,
@@ -20,6 +21,7 @@ from autosplit.distill import (
     recipe_candidate,
     train_candidate,
 )
+from autosplit.distill.exit import candidate_thresholds, exit_profile, measure_exit
 from autosplit.distill.losses import factor_distance, kd_loss, reskd_residual_mse, tckd_nckd
 from autosplit.distill.run import split_epochs, stage_config
 from autosplit.errors import UserError
@@ -356,8 +358,15 @@ def trained_teacher(digits_splits: Splits, cpu: Runtime) -> ZooModel:
 
 
 @pytest.mark.parametrize(
-    ("structure", "schedule", "epochs"),
-    [("single", "joint", 2), ("res_chain", "joint", 2), ("res_chain", "staged", 3)],
+    ("structure", "schedule", "stage_epochs", "epochs", "per_stage"),
+    [
+        ("single", "joint", "full", 2, [2]),
+        ("res_chain", "joint", "full", 2, [2]),
+        # The papers' procedure: every stage trains the whole schedule (3 stages x 2 epochs).
+        ("res_chain", "staged", "full", 2, [2, 2, 2]),
+        # Equal training cost: the epochs shared over the stages.
+        ("res_chain", "staged", "shared", 3, [1, 1, 1]),
+    ],
 )
 def test_train_candidate_on_digits(
     trained_teacher: ZooModel,
@@ -365,10 +374,15 @@ def test_train_candidate_on_digits(
     cpu: Runtime,
     structure: str,
     schedule: str,
+    stage_epochs: str,
     epochs: int,
+    per_stage: list[int],
 ) -> None:
     candidate = make_candidate(
-        structure, "kd", schedule=schedule, **{"train.epochs": epochs, "train.lr": 0.1}
+        structure,
+        "kd",
+        schedule=schedule,
+        **{"train.epochs": epochs, "train.lr": 0.1, "train.stage_epochs": stage_epochs},
     )
     seen: list[int] = []
     result = train_candidate(
@@ -379,15 +393,114 @@ def test_train_candidate_on_digits(
         progress=False,
         on_epoch_end=lambda stats: seen.append(stats.epoch),
     )
+    total = sum(per_stage)
     assert result.val_acc > 30.0  # chance is 10%
-    assert seen == list(range(1, epochs + 1)) == [h.epoch for h in result.history]
+    assert seen == list(range(1, total + 1)) == [h.epoch for h in result.history]
     assert result.flops.worst_case > 0 and result.params > 0 and result.seconds > 0
-    assert sum(e for _, e in result.stages) == epochs
+    assert [e for _, e in result.stages] == per_stage
+    # Training cost: every epoch of every stage sees the training rows the loader keeps.
+    rows = len(digits_splits.train)
+    rows -= round(0.1 * rows) if structure == "res_chain" else 0  # held out to calibrate
+    per_epoch = rows - rows % candidate.train.batch_size
+    assert result.train_images == total * per_epoch
+    assert result.train_flops == result.train_images * result.flops.worst_case
+    assert result.train_cost == pytest.approx(total / epochs)
     if structure == "res_chain":
         assert result.exit is not None and result.expected_flops <= result.flops.worst_case
         assert result.student.exit_threshold == result.exit.threshold
+        assert result.calibration is not None
+        assert result.calibration.threshold == result.exit.threshold
         assert [name for name, _ in result.stages] == (
             ["base", "part1", "part2"] if schedule == "staged" else ["joint"]
         )
     else:
         assert result.exit is None and result.expected_flops == result.flops.worst_case
+
+
+class _RowsSeen(LiveTeacher):
+    """The live teacher, noting every training row it is asked about."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rows: set[int] = set()
+
+    def outputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        self.rows.update(batch.indices.tolist())
+        return super().outputs(batch)
+
+
+@pytest.mark.parametrize("rule", [{}, {"exit_flops_share": 0.8}])
+def test_exit_gate_is_calibrated_on_held_out_training_rows_and_measured_on_val(
+    trained_teacher: ZooModel, digits_splits: Splits, cpu: Runtime, rule: dict[str, float]
+) -> None:
+    """theta comes from the last 10 % of the training rows, which training never sees; the
+    reported accuracy and expected FLOPs are the gate's on validation at that theta."""
+    candidate = make_candidate(
+        "res_chain",
+        "kd",
+        structure_params={"n_parts": 2, **rule},
+        **{"train.epochs": 2, "train.lr": 0.1},
+    )
+    source = _RowsSeen(trained_teacher, ["logits"], cpu)
+    result = train_candidate(
+        candidate, digits_splits, trained_teacher, cpu, teacher_source=source, progress=False
+    )
+    n = len(digits_splits.train)
+    cut = n - round(0.1 * n)
+    assert source.rows and max(source.rows) < cut  # the calibration rows never trained
+
+    student, flops = result.student, result.flops
+    tail = Split(digits_splits.train.images[cut:], digits_splits.train.labels[cut:])
+    on_tail = exit_profile(student, eval_loader(tail, digits_splits.info), cpu)
+    on_val = exit_profile(student, eval_loader(digits_splits.val, digits_splits.info), cpu)
+    choices = [measure_exit(on_tail, flops, t) for t in candidate_thresholds(on_tail)]
+    chosen = result.calibration
+    assert chosen is not None and chosen.threshold == result.exit.threshold
+    assert chosen == measure_exit(on_tail, flops, chosen.threshold)  # measured on the tail
+    if rule:  # the most accurate theta within the expected-FLOPs target, on the tail
+        within = [c for c in choices if c.expected_flops <= 0.8 * flops.worst_case]
+        assert chosen.expected_flops <= 0.8 * flops.worst_case
+        assert chosen.accuracy == max(c.accuracy for c in within)
+    else:  # the cheapest theta within 0.1 points of the whole chain, on the tail
+        whole = measure_exit(on_tail, flops, None).accuracy
+        near = [c for c in choices if c.accuracy >= whole - 0.1]
+        assert chosen.accuracy >= whole - 0.1
+        assert chosen.expected_flops == min(c.expected_flops for c in near)
+    # What the trial reports is validation's, at the calibrated theta.
+    assert result.exit == measure_exit(on_val, flops, chosen.threshold)
+    assert result.val_acc == result.exit.accuracy
+
+
+def test_a_pinned_exit_threshold_trains_on_every_row(
+    trained_teacher: ZooModel, digits_splits: Splits, cpu: Runtime
+) -> None:
+    candidate = make_candidate(
+        "res_chain", "kd", structure_params={"n_parts": 1, "exit_threshold": 0.9}
+    )
+    source = _RowsSeen(trained_teacher, ["logits"], cpu)
+    result = train_candidate(
+        candidate, digits_splits, trained_teacher, cpu, teacher_source=source, progress=False
+    )
+    assert max(source.rows) == len(digits_splits.train) - 1
+    assert result.calibration is None and result.exit.threshold == 0.9
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"calibration_share": 1.0}, "structure.calibration_share: must be in"),
+        ({"exit_flops_share": 0.0}, "structure.exit_flops_share: must be in"),
+        ({"exit_max_drop": -1.0}, "structure.exit_max_drop: must be >= 0"),
+    ],
+)
+def test_exit_rule_values_are_checked(values: dict[str, float], message: str) -> None:
+    from autosplit.distill.student import build_student
+
+    with pytest.raises(UserError, match=message):
+        build_student(
+            make_candidate("res_chain", "kd", structure_params=values),
+            num_classes=CLASSES,
+            in_channels=1,
+            input_shape=INPUT_SHAPE,
+            teacher=create_model("tiny", num_classes=CLASSES, in_channels=1),
+        )

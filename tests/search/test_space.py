@@ -53,7 +53,7 @@ def test_fixed_trial_drives_suggest_with_conditional_parameters():
             "logit_loss.name": "dkd",
             "logit_loss.temperature": 2.0,
             "logit_loss.beta": 4.0,
-            "logit_loss.warmup_epochs": 3,
+            "logit_loss.warmup_epochs": 1,
             "feature_loss.name": "none",
             "train.lr": 0.05,
         }
@@ -184,3 +184,45 @@ def test_a_bad_space_time_limit_names_its_key(tmp_path):
     )
     with pytest.raises(UserError, match=r"t\.yaml: search\.time_limit: 'soon' is not a duration"):
         SearchSpace.from_yaml(path)
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_dkd_and_aekt_warm_up_by_one_rule_in_every_shipped_space(path):
+    """Every draw and baseline of a shipped space that trains DKD or AEKT warms it up over
+    DKD's 20/240 of the trial's epochs (at least one), never the part's 20-epoch default."""
+    from autosplit.distill._base import warmup_epochs_for
+    from autosplit.search.space import _draw_values
+
+    space = SearchSpace.from_yaml(path)
+    base = space.base_candidate(10**9)
+    rule = warmup_epochs_for(base.train.epochs)
+    names = next(p.choices for p in space.params if p.name == "logit_loss.name")
+    drawn = [
+        base.with_values(_draw_values(space.params, base.flat(), {"logit_loss.name": name}))
+        for name in set(names) & {"dkd", "aekt"}
+    ]
+    drawn += [
+        base.with_values(overrides)
+        for overrides in space.settings.baselines.values()
+        if overrides.get("logit_loss.name") in ("dkd", "aekt")
+    ]
+    assert all(c.logit_loss.get("warmup_epochs") == rule for c in drawn)
+    assert {c.logit_loss.name for c in drawn} == set(names) & {"dkd", "aekt"}
+
+
+def test_a_rung_keeps_the_warm_ups_share_of_the_run():
+    from autosplit.search.driver import at_fidelity
+    from autosplit.search.space import Rung
+
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "cifar100_resnet.yaml")
+    dkd = space.base_candidate(10**9).with_values(
+        {"logit_loss.name": "dkd", "logit_loss.warmup_epochs": 3}
+    )
+    assert dkd.train.epochs == 30
+    assert at_fidelity(dkd, Rung(240, None)).logit_loss.get("warmup_epochs") == 24
+    assert at_fidelity(dkd, Rung(15, None)).logit_loss.get("warmup_epochs") == 2
+    assert at_fidelity(dkd, Rung(5, 20000)).logit_loss.get("warmup_epochs") == 1
+    assert at_fidelity(dkd, Rung(30, None)).logit_loss.get("warmup_epochs") == 3
+    # A warm-up longer than the rung is cut to it.
+    long = dkd.with_values({"logit_loss.warmup_epochs": 60})
+    assert at_fidelity(long, Rung(5, None)).logit_loss.get("warmup_epochs") == 5

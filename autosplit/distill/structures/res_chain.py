@@ -18,22 +18,39 @@ from autosplit.distill.losses import reskd_residual_mse
 from autosplit.distill.parts.twi import TWI
 from autosplit.distill.registry import STRUCTURES
 from autosplit.distill.student import BuildContext, Student, at_least
+from autosplit.errors import UserError
 from autosplit.models import ZooModel
 
 
 @dataclass(frozen=True)
 class ResChainParams:
-    """ResKD: ``n_parts`` = K res-students; ``exit_threshold`` = gate theta on max softmax
-    (None = no gate, > 1 never exits); ``residual`` = "kd" (KD through the partial sum z^(k),
-    training R_k) or "mse" (MSE(z_Rk, sg(z_T - z^(k-1)))); ``residual_weight`` its weight."""
+    """ResKD: ``n_parts`` = K res-students; ``residual`` = "kd" (KD through the partial sum
+    z^(k), training R_k) or "mse" (MSE(z_Rk, sg(z_T - z^(k-1)))); ``residual_weight`` its
+    weight.
+
+    The exit gate: ``exit_threshold`` theta on max softmax (> 1 never exits); None = calibrate
+    it after training on the last ``calibration_share`` of the training rows, held out from
+    training: the cheapest theta within ``exit_max_drop`` accuracy points of running the whole
+    chain there, or, with ``exit_flops_share`` set, the most accurate theta whose expected FLOPs
+    are within that share of the worst case."""
 
     n_parts: int = 2
     exit_threshold: float | None = None
     residual: Literal["kd", "mse"] = "kd"
     residual_weight: float = 1.0
+    calibration_share: float = 0.1
+    exit_max_drop: float = 0.1
+    exit_flops_share: float | None = None
 
     def validate(self, path: str = "structure") -> None:
-        at_least(path, self, n_parts=1, exit_threshold=0, residual_weight=0)
+        at_least(path, self, n_parts=1, exit_threshold=0, residual_weight=0, exit_max_drop=0)
+        if not 0.0 < self.calibration_share < 1.0:
+            raise UserError(
+                f"{path}.calibration_share: must be in (0, 1), got {self.calibration_share}"
+            )
+        share = self.exit_flops_share
+        if share is not None and not 0.0 < share <= 1.0:
+            raise UserError(f"{path}.exit_flops_share: must be in (0, 1] or null, got {share}")
 
 
 class ResKD(Part):
@@ -45,7 +62,8 @@ class ResKD(Part):
     streams; this part adds no term). ``residual: mse``: ``residual_weight * MSE(z_Rk,
     sg(z_T - z^(k-1)))``, and the logit loss sees z^(0) only. Reading (METHODS.md): the paper's
     stopping rule is not public, so K (``n_parts``) is a search knob and the exit gate's
-    threshold is calibrated on validation.
+    threshold is calibrated on training rows held out for it, with a cost rule (see
+    ``ResChainParams``).
     """
 
     Params = ResChainParams
