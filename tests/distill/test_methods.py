@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from autosplit.distill.losses import factor_distance, kd_loss, reskd_residual_ms
 from autosplit.distill.run import split_epochs, stage_config
 from autosplit.errors import UserError
 from autosplit.models import ZooModel, create_model
+from autosplit.search.space import SearchSpace
 from autosplit.train import Classifier, fit, make_optimizer
 
 
@@ -79,6 +82,66 @@ def test_rkd_assistant_target_is_detached(teacher: ZooModel) -> None:
     residual = feat_teacher - run["outputs"]["feat_base"]
     expected = F.mse_loss(run["outputs"]["feat_assistant"], residual) / residual.pow(2).mean()
     assert torch.allclose(run["losses"]["loss_rkd_residual"], expected)
+
+
+@pytest.mark.parametrize(
+    ("mimic_stages", "stages"), [("all", {"stage1", "stage2"}), ("last", {"stage2"})]
+)
+def test_rkd_mimics_the_stages_its_candidate_names(
+    teacher: ZooModel, tmp_path: Path, mimic_stages: str, stages: set[str]
+) -> None:
+    """``structure.mimic_stages`` set by a space's draw reaches the loss: the teacher taps it
+    asks for, one mimic term per stage with its value, and the base learns from each one."""
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "data: {name: digits, augment: false}\n"
+        "teacher: {model: tiny, width: 1.5}\n"
+        "candidate: {student: {family: tiny}, split: {base_width: 0.5, part_width: 0.25},\n"
+        "            structure: {name: assistant}, logit_loss: {name: ce}}\n"
+        "params:\n"
+        "  structure.mimic_stages: {choices: [all, last], when: {structure.name: [assistant]}}\n"
+    )
+    draw = optuna.trial.FixedTrial({"structure.mimic_stages": mimic_stages})
+    candidate = SearchSpace.from_yaml(space_file).suggest(draw, 10**6)
+    assert candidate.structure.get("mimic_stages") == mimic_stages
+    torch.manual_seed(0)
+    distiller = build_distiller(
+        candidate, teacher=teacher, num_classes=CLASSES, in_channels=1, input_shape=INPUT_SHAPE
+    )
+    assert distiller.teacher_taps == stages  # the CE logit loss reads no teacher output
+    run = step(distiller, teacher, term="loss_rkd_mimic_stage1" if "stage1" in stages else "loss")
+    out, losses, taps = run["outputs"], run["losses"], run["taps"]
+    assert {k for k in losses if k.startswith("loss_rkd_mimic")} == {
+        f"loss_rkd_mimic_{stage}" for stage in stages
+    }
+    student = distiller.student
+    last = F.mse_loss(out["feat_base"], taps["stage2"]) / taps["stage2"].pow(2).mean()
+    assert torch.allclose(losses["loss_rkd_mimic_stage2"], last)
+    if "stage1" in stages:  # the early adapter r_1: base stage1 -> teacher stage1's shape
+        adapter = distiller.parts["structure"].adapters["stage1"]
+        feat = adapter(out["base_taps"]["stage1"])  # same 4x4 size: no resize
+        assert feat.shape == taps["stage1"].shape
+        expected = F.mse_loss(feat, taps["stage1"]) / taps["stage1"].pow(2).mean()
+        assert torch.allclose(losses["loss_rkd_mimic_stage1"], expected)
+        # That term trains the base's first stage and r_1, never the assistant.
+        assert any(p.grad is not None and p.grad.any() for p in student.base.parameters())
+        assert all(p.grad is not None for p in adapter.parameters())
+        assert all(p.grad is None for p in student.assistant.parameters())
+        assert {"loss_rkd_mimic_stage1", "loss_rkd_mimic_stage2"} <= distiller.stages("staged")[
+            0
+        ].terms
+
+
+def test_rkd_early_adapters_are_training_only(teacher: ZooModel) -> None:
+    from autosplit.distill import student_flops
+
+    every = make_distiller(teacher, "assistant", "ce", **{"structure.mimic_stages": "all"})
+    last = make_distiller(teacher, "assistant", "ce", **{"structure.mimic_stages": "last"})
+    assert len(list(every.parts["structure"].parameters())) > 0
+    assert len(list(last.parts["structure"].parameters())) == 0
+    assert student_flops(every.student, INPUT_SHAPE) == student_flops(last.student, INPUT_SHAPE)
+    with pytest.raises(UserError, match="structure.mimic_stages: 'first' is not one of"):
+        make_candidate("assistant", **{"structure.mimic_stages": "first"})
 
 
 def test_reskd_kd_trains_only_the_res_student_through_the_sum(teacher: ZooModel) -> None:
@@ -166,7 +229,8 @@ def test_staged_step_changes_only_the_stage(
     expected = {
         ("res_chain", 0): {"base", "feature"},
         ("res_chain", 1): {"res1"},
-        ("assistant", 0): {"base", "adapter_base", "feature"},
+        # "structure": RKD's early-stage adapters r_k train with the base (mimic_stages all)
+        ("assistant", 0): {"base", "adapter_base", "feature", "structure"},
         ("assistant", 1): {"assistant", "adapter_assistant", "head"},
         ("branches", 1): {"projector", "branch1", "branch2", "branch3", "branch4"},
     }
