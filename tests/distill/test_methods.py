@@ -177,19 +177,39 @@ def test_reskd_mse_matches_the_gap(teacher: ZooModel) -> None:
 
 @pytest.mark.parametrize("twi", [True, False])
 def test_era_terms(teacher: ZooModel, twi: bool) -> None:
-    distiller = make_distiller(teacher, "branches", "kd", twi=twi)
+    distiller = make_distiller(teacher, "branches", "kd", twi=twi, **{"logit_loss.ce_weight": 0.3})
     run = step(distiller, teacher)
     out, losses, labels = run["outputs"], run["losses"], run["labels"]
     assert ("loss_era_recon_ce" in losses) is twi and ("loss_era_proj_ce" in losses) is twi
     assert torch.allclose(
         losses["loss_era_feat"], 5.0 * F.mse_loss(out["pooled_proj"], run["taps"]["pooled"])
     )
-    if twi:
+    if twi:  # TWI's cross-entropies are scaled by the KD base's CE weight (ERA's code)
         recon = out["recon_logits"]
         expected = sum(0.5**i * F.cross_entropy(z, labels) for i, z in enumerate(recon)) / len(
             recon
         )
-        assert torch.allclose(losses["loss_era_recon_ce"], expected)
+        assert torch.allclose(losses["loss_era_recon_ce"], 0.3 * expected)
+        proj_ce = F.cross_entropy(out["proj_logits"], labels)
+        assert torch.allclose(losses["loss_era_proj_ce"], 0.3 * proj_ce)
+        assert torch.allclose(losses["loss_ce"], 0.3 * F.cross_entropy(out["logits"], labels))
+
+
+@pytest.mark.parametrize(
+    ("structure", "logit", "values", "ce_weight"),
+    [
+        ("single", "kd", {"logit_loss.ce_weight": 0.9}, 0.9),
+        ("single", "ce", {"logit_loss.weight": 2.0}, 2.0),
+        ("res_chain", "dkd", {"logit_loss.ce_weight": 0.5}, 0.5),
+    ],
+)
+def test_twi_part_takes_the_logit_losss_ce_weight(
+    teacher: ZooModel, structure: str, logit: str, values: dict, ce_weight: float
+) -> None:
+    distiller = make_distiller(teacher, structure, logit, twi=True, **values)
+    run = step(distiller, teacher)
+    expected = F.cross_entropy(run["outputs"]["proj_logits"], run["labels"])
+    assert torch.allclose(run["losses"]["loss_twi"], ce_weight * expected)
 
 
 @pytest.mark.parametrize("structure", ["single", "branches", "assistant", "res_chain"])
@@ -392,6 +412,46 @@ def test_recipes_have_the_papers_defaults() -> None:
     assert recipe_candidate("iekd", base).feature_loss.get("ratio") == 0.5
     with pytest.raises(UserError, match="unknown method"):
         recipe_candidate("nope", base)
+
+
+@pytest.mark.parametrize(
+    ("data", "weights"),
+    [
+        ({"data.name": "digits"}, (0.9, 1.0, 4.0)),
+        ({"data.name": "cifar100"}, (0.9, 1.0, 4.0)),
+        ({"data.name": "fashion-mnist"}, (0.9, 1.0, 4.0)),
+        ({"data.name": "imagefolder:/data/tiny", "data.image_size": 64}, (0.9, 1.0, 4.0)),
+        ({"data.name": "imagefolder:/data/imagenet", "data.image_size": 224}, (1.0, 2.0, 1.0)),
+    ],
+)
+def test_era_recipe_uses_eras_own_kd_base_for_the_data(
+    teacher: ZooModel, data: dict, weights: tuple[float, float, float]
+) -> None:
+    """ERA's code: CE 0.9 / KD 1.0 at tau 4 on CIFAR-like data, CE 1 / KD 2 at tau 1 on
+    ImageNet; not Hinton's 0.1 / 0.9. The loss the distiller computes carries them."""
+    base = make_candidate(**{"logit_loss.ce_weight": 0.1, "logit_loss.temperature": 2.0, **data})
+    era = recipe_candidate("era", base)
+    ce, kd, tau = weights
+    assert era.logit_loss.name == "kd" and era.logit_loss.as_dict() == {
+        "ce_weight": ce,
+        "kd_weight": kd,
+        "temperature": tau,
+    }
+    if data["data.name"] != "digits":
+        return  # the tiny teacher is for digits-shaped input
+    torch.manual_seed(0)
+    distiller = build_distiller(
+        era, teacher=teacher, num_classes=CLASSES, in_channels=1, input_shape=INPUT_SHAPE
+    )
+    run = step(distiller, teacher)
+    out, losses, labels = run["outputs"], run["losses"], run["labels"]
+    logits_teacher = run["taps"]["logits"]
+    assert torch.allclose(losses["loss_ce"], ce * F.cross_entropy(out["logits"], labels))
+    assert torch.allclose(
+        losses["loss_kd"], kd * kd_loss(out["logits"], logits_teacher, temperature=tau)
+    )
+    proj_ce = F.cross_entropy(out["proj_logits"], labels)
+    assert torch.allclose(losses["loss_era_proj_ce"], ce * proj_ce)
 
 
 def test_epochs_split_evenly() -> None:
