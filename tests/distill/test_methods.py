@@ -316,14 +316,15 @@ def test_warmup_scales_with_epoch(teacher: ZooModel, logit: str) -> None:
 
 
 def test_iekd_exploration_pushes_away(teacher: ZooModel) -> None:
-    distiller = make_distiller(teacher, "single", "ce", "iekd")
+    weights = {"feature_loss.lambda_inherit": 200.0, "feature_loss.lambda_explore": 3.0}
+    distiller = make_distiller(teacher, "single", "ce", "iekd", **weights)
     part = distiller.parts["feature"]
     distiller.eval()  # the same batch-norm behaviour before and after the step
     run = step(distiller, teacher, term="loss_iekd_explore")
     factor_teacher = part.teacher_encoder(run["taps"][teacher.last_stage.name])
     distance = factor_distance(run["outputs"]["iekd_explore"], factor_teacher)
     assert float(run["losses"]["loss_iekd_explore"].detach()) < 0
-    assert torch.allclose(run["losses"]["loss_iekd_explore"], -50.0 * distance)
+    assert torch.allclose(run["losses"]["loss_iekd_explore"], -3.0 * distance)
     assert torch.allclose(
         run["losses"]["loss_iekd_inherit"],
         200.0 * factor_distance(run["outputs"]["iekd_inherit"], factor_teacher),
@@ -335,24 +336,113 @@ def test_iekd_exploration_pushes_away(teacher: ZooModel) -> None:
     assert float(after) > float(distance.detach())
 
 
-class _Source:
-    def __init__(self, teacher: ZooModel) -> None:
-        self.teacher = teacher
+class _CachedMaps:
+    """A teacher cache for IE-KD's pre-training: batch i -> low-rank non-negative maps shaped
+    like the tiny teacher's last stage (24, 2, 2), which an auto-encoder can learn."""
 
-    def outputs(self, batch: Any) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return self.teacher.forward_taps(batch.images)
+    def __init__(self, n_batches: int, tap: str) -> None:
+        gen = torch.Generator().manual_seed(0)
+        basis = torch.randn(6, 24 * 2 * 2, generator=gen)
+        self.tap = tap
+        self.maps = [
+            F.relu(torch.randn(32, 6, generator=gen) @ basis).view(32, 24, 2, 2)
+            for _ in range(n_batches)
+        ]
+
+    def outputs(self, batch: int) -> dict[str, torch.Tensor]:
+        return {self.tap: self.maps[batch]}
+
+
+def test_iekd_defaults_are_the_official_codes() -> None:
+    candidate = make_candidate("single", "ce", "iekd")
+    assert candidate.feature_loss.as_dict() == {
+        "ratio": 0.5,
+        "lambda_inherit": 1.0,  # config/ie_kd.yaml: inh and exp loss weights 1, constant
+        "lambda_explore": 1.0,
+        "factor_ratio": 0.5,  # resnet20's 64 channels -> 32-channel factors there
+        "ae_epochs": 30,  # num_epoch_embedS
+        "ae_lr": 0.1,
+    }
+    with pytest.raises(UserError, match="feature_loss.ae_epochs: must be >= 0"):
+        make_candidate("single", "ce", "iekd", **{"feature_loss.ae_epochs": -1})
+
+
+def test_iekd_coders_are_the_official_layers(teacher: ZooModel) -> None:
+    part = make_distiller(teacher, "single", "ce", "iekd").parts["feature"]
+    channels_teacher, factor = 24, 12  # the tiny teacher's last stage; factor_ratio 0.5
+
+    def layout(module: torch.nn.Module) -> list[tuple]:
+        out: list[tuple] = []
+        for layer in module:
+            if isinstance(layer, torch.nn.Conv2d):
+                shape = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.padding)
+                out.append(("conv", *shape, layer.bias is None))
+            elif isinstance(layer, torch.nn.BatchNorm2d):
+                out.append(("bn", layer.num_features))
+            else:
+                assert isinstance(layer, torch.nn.LeakyReLU) and layer.negative_slope == 0.1
+                out.append(("lrelu",))
+        return out
+
+    def official(c_in: int, c_out: int) -> list[tuple]:
+        block = [("lrelu",)]
+        for a, b in ((c_in, c_in), (c_in, c_out), (c_out, c_out)):
+            block += [("conv", a, b, (3, 3), (1, 1), True), ("bn", b), ("lrelu",)]
+        return block
+
+    assert layout(part.teacher_encoder) == official(channels_teacher, factor)
+    assert layout(part.teacher_decoder) == official(factor, channels_teacher)
+    assert layout(part.encode_inherit) == official(part.n_inherit, factor)
+
+
+class _Passes:
+    """A loader of batch indices that counts the passes made over it and the epochs it is told."""
+
+    def __init__(self, n_batches: int) -> None:
+        self.n_batches, self.passes, self.epochs = n_batches, 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self) -> Any:
+        self.passes += 1
+        return iter(range(self.n_batches))
+
+
+@pytest.mark.parametrize("epochs", [0, 3])
+def test_iekd_autoencoder_trains_ae_epochs_with_sgd(
+    teacher: ZooModel, cpu: Runtime, epochs: int
+) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    distiller = make_distiller(
+        teacher, "single", "ce", "iekd", **{"feature_loss.ae_epochs": epochs}
+    )
+    loader = _Passes(2)
+    steps: list[tuple[type, dict]] = []
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: steps.append((type(optimizer), optimizer.defaults))
+    )
+    try:
+        distiller.prepare(_CachedMaps(2, teacher.last_stage.name), loader, cpu)
+    finally:
+        handle.remove()
+    assert loader.passes == epochs and loader.epochs == list(range(epochs))
+    assert len(steps) == 2 * epochs  # one step per batch per epoch
+    for kind, defaults in steps:  # the official code's optimiser
+        assert kind is torch.optim.SGD
+        assert (defaults["lr"], defaults["momentum"], defaults["nesterov"]) == (0.1, 0.9, True)
+        assert defaults["weight_decay"] == 5e-4
+    assert bool(distiller.parts["feature"].prepared)
 
 
 def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
-    teacher: ZooModel, digits_splits: Splits, cpu: Runtime
+    teacher: ZooModel, cpu: Runtime
 ) -> None:
-    distiller = make_distiller(teacher, "single", "ce", "iekd")
+    distiller = make_distiller(teacher, "single", "ce", "iekd")  # the official 30 epochs
     part = distiller.parts["feature"]
-    loader = TensorLoader(
-        digits_splits.train, digits_splits.info, batch_size=128, shuffle=True, augment=False
-    )
-    feats = teacher.forward_taps(next(iter(loader)).images)[teacher.last_stage.name]
+    source = _CachedMaps(4, teacher.last_stage.name)
+    feats = torch.cat(source.maps)
     coders = torch.nn.Sequential(part.teacher_encoder, part.teacher_decoder)
 
     def l1() -> float:
@@ -361,11 +451,15 @@ def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
             return float(F.l1_loss(coders(feats), feats))
 
     before = l1()
-    distiller.prepare(_Source(teacher), loader, cpu)
-    assert bool(part.prepared) and l1() < before
+    distiller.prepare(source, _Passes(4), cpu)
+    after = l1()
+    assert bool(part.prepared) and after < 0.5 * before
+    assert after < 0.5 * float(feats.abs().mean())  # far better than reconstructing zeros
     assert all(not p.requires_grad for p in coders.parameters())
     weights = copy.deepcopy(coders.state_dict())
     sgd_step(distiller, teacher)
+    assert all(torch.equal(v, coders.state_dict()[k]) for k, v in weights.items())
+    distiller.prepare(source, _Passes(4), cpu)  # prepared once: a second call trains nothing
     assert all(torch.equal(v, coders.state_dict()[k]) for k, v in weights.items())
 
 
