@@ -75,6 +75,7 @@ class PartContext:
     teacher_stages: tuple[str, ...]
     teacher_head: nn.Linear = field(repr=False)  # the teacher's own: copy it, never register it
     stream_feature_dim: int | None = None  # width of the vector the deployed head reads
+    ce_weight: float = 1.0  # the logit loss's weight on CE with the labels (TWI's CEs take it)
 
 
 class Part(nn.Module):
@@ -158,6 +159,11 @@ class LogitPart(Part):
         self.stream_weights = ctx.stream_weights
         self.label_smoothing = ctx.label_smoothing
         self.num_classes = ctx.num_classes
+
+    @classmethod
+    def ce_weight_of(cls, params: Any) -> float:
+        """The weight these ``params`` put on CE with the labels."""
+        return float(params.ce_weight)
 
     def key(self, term: str, stream: int) -> str:
         return f"loss_{term}" if len(self.stream_stages) == 1 else f"loss_{term}_z{stream}"
@@ -247,6 +253,8 @@ class Distiller(nn.Module):
         super().__init__()
         self.candidate = candidate
         self.student = student
+        logit_cls = LOGIT_LOSSES.get(candidate.logit_loss.name)
+        logit_params = from_dict(logit_cls.Params, candidate.logit_loss.as_dict(), "logit_loss")
         ctx = PartContext(
             structure=candidate.structure.name,
             n_parts=len(student.parts),
@@ -261,6 +269,7 @@ class Distiller(nn.Module):
             teacher_stages=tuple(teacher.stage_names),
             teacher_head=teacher.head,
             stream_feature_dim=student.stream_feature_dim,
+            ce_weight=logit_cls.ce_weight_of(logit_params),
         )
         self.parts = nn.ModuleDict(build_parts(candidate, student, ctx))
         student.freeze_unused()

@@ -25,7 +25,7 @@ STRUCTURE_CASES: dict[str, dict[str, Any]] = {
     "single": {},
     "assistant": {
         "split": SplitSpec(budget_share=0.8, base_share=0.6),
-        "structure": PartSpec("assistant", (("mimic_weight", 2.0),)),
+        "structure": PartSpec("assistant", (("mimic_weight", 2.0), ("mimic_stages", "last"))),
     },
     "res_chain": {
         "split": SplitSpec(base_share=0.5, part_width=0.3),

@@ -167,3 +167,15 @@ def test_distiller_contract(case: tuple, teacher: ZooModel) -> None:
         second = clone.loss(clone(images), teacher_out, labels, epoch=3)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_a_structure_and_its_loss_part_share_one_params_class(name: str, teacher: ZooModel) -> None:
+    """What a candidate's ``structure.*`` sets is what the structure's loss reads: no second
+    Params class a candidate could not reach."""
+    structure = STRUCTURES.get(name)
+    if structure.loss_part is not None:
+        assert structure.loss_part.Params is structure.Params
+    distiller = _build((name, "kd", "none", False), teacher)
+    part = distiller.parts["structure"] if "structure" in distiller.parts else None
+    assert part is None or part.params is distiller.student.params

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from autosplit.distill.losses import factor_distance, kd_loss, reskd_residual_ms
 from autosplit.distill.run import split_epochs, stage_config
 from autosplit.errors import UserError
 from autosplit.models import ZooModel, create_model
+from autosplit.search.space import SearchSpace
 from autosplit.train import Classifier, fit, make_optimizer
 
 
@@ -83,6 +86,66 @@ def test_rkd_assistant_target_is_detached(teacher: ZooModel) -> None:
     assert torch.allclose(run["losses"]["loss_rkd_residual"], expected)
 
 
+@pytest.mark.parametrize(
+    ("mimic_stages", "stages"), [("all", {"stage1", "stage2"}), ("last", {"stage2"})]
+)
+def test_rkd_mimics_the_stages_its_candidate_names(
+    teacher: ZooModel, tmp_path: Path, mimic_stages: str, stages: set[str]
+) -> None:
+    """``structure.mimic_stages`` set by a space's draw reaches the loss: the teacher taps it
+    asks for, one mimic term per stage with its value, and the base learns from each one."""
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "data: {name: digits, augment: false}\n"
+        "teacher: {model: tiny, width: 1.5}\n"
+        "candidate: {student: {family: tiny}, split: {base_width: 0.5, part_width: 0.25},\n"
+        "            structure: {name: assistant}, logit_loss: {name: ce}}\n"
+        "params:\n"
+        "  structure.mimic_stages: {choices: [all, last], when: {structure.name: [assistant]}}\n"
+    )
+    draw = optuna.trial.FixedTrial({"structure.mimic_stages": mimic_stages})
+    candidate = SearchSpace.from_yaml(space_file).suggest(draw, 10**6)
+    assert candidate.structure.get("mimic_stages") == mimic_stages
+    torch.manual_seed(0)
+    distiller = build_distiller(
+        candidate, teacher=teacher, num_classes=CLASSES, in_channels=1, input_shape=INPUT_SHAPE
+    )
+    assert distiller.teacher_taps == stages  # the CE logit loss reads no teacher output
+    run = step(distiller, teacher, term="loss_rkd_mimic_stage1" if "stage1" in stages else "loss")
+    out, losses, taps = run["outputs"], run["losses"], run["taps"]
+    assert {k for k in losses if k.startswith("loss_rkd_mimic")} == {
+        f"loss_rkd_mimic_{stage}" for stage in stages
+    }
+    student = distiller.student
+    last = F.mse_loss(out["feat_base"], taps["stage2"]) / taps["stage2"].pow(2).mean()
+    assert torch.allclose(losses["loss_rkd_mimic_stage2"], last)
+    if "stage1" in stages:  # the early adapter r_1: base stage1 -> teacher stage1's shape
+        adapter = distiller.parts["structure"].adapters["stage1"]
+        feat = adapter(out["base_taps"]["stage1"])  # same 4x4 size: no resize
+        assert feat.shape == taps["stage1"].shape
+        expected = F.mse_loss(feat, taps["stage1"]) / taps["stage1"].pow(2).mean()
+        assert torch.allclose(losses["loss_rkd_mimic_stage1"], expected)
+        # That term trains the base's first stage and r_1, never the assistant.
+        assert any(p.grad is not None and p.grad.any() for p in student.base.parameters())
+        assert all(p.grad is not None for p in adapter.parameters())
+        assert all(p.grad is None for p in student.assistant.parameters())
+        assert {"loss_rkd_mimic_stage1", "loss_rkd_mimic_stage2"} <= distiller.stages("staged")[
+            0
+        ].terms
+
+
+def test_rkd_early_adapters_are_training_only(teacher: ZooModel) -> None:
+    from autosplit.distill import student_flops
+
+    every = make_distiller(teacher, "assistant", "ce", **{"structure.mimic_stages": "all"})
+    last = make_distiller(teacher, "assistant", "ce", **{"structure.mimic_stages": "last"})
+    assert len(list(every.parts["structure"].parameters())) > 0
+    assert len(list(last.parts["structure"].parameters())) == 0
+    assert student_flops(every.student, INPUT_SHAPE) == student_flops(last.student, INPUT_SHAPE)
+    with pytest.raises(UserError, match="structure.mimic_stages: 'first' is not one of"):
+        make_candidate("assistant", **{"structure.mimic_stages": "first"})
+
+
 def test_reskd_kd_trains_only_the_res_student_through_the_sum(teacher: ZooModel) -> None:
     distiller = make_distiller(teacher, "res_chain", "kd")
     run = step(distiller, teacher, term="loss_kd_z1")
@@ -116,19 +179,39 @@ def test_reskd_mse_matches_the_gap(teacher: ZooModel) -> None:
 
 @pytest.mark.parametrize("twi", [True, False])
 def test_era_terms(teacher: ZooModel, twi: bool) -> None:
-    distiller = make_distiller(teacher, "branches", "kd", twi=twi)
+    distiller = make_distiller(teacher, "branches", "kd", twi=twi, **{"logit_loss.ce_weight": 0.3})
     run = step(distiller, teacher)
     out, losses, labels = run["outputs"], run["losses"], run["labels"]
     assert ("loss_era_recon_ce" in losses) is twi and ("loss_era_proj_ce" in losses) is twi
     assert torch.allclose(
         losses["loss_era_feat"], 5.0 * F.mse_loss(out["pooled_proj"], run["taps"]["pooled"])
     )
-    if twi:
+    if twi:  # TWI's cross-entropies are scaled by the KD base's CE weight (ERA's code)
         recon = out["recon_logits"]
         expected = sum(0.5**i * F.cross_entropy(z, labels) for i, z in enumerate(recon)) / len(
             recon
         )
-        assert torch.allclose(losses["loss_era_recon_ce"], expected)
+        assert torch.allclose(losses["loss_era_recon_ce"], 0.3 * expected)
+        proj_ce = F.cross_entropy(out["proj_logits"], labels)
+        assert torch.allclose(losses["loss_era_proj_ce"], 0.3 * proj_ce)
+        assert torch.allclose(losses["loss_ce"], 0.3 * F.cross_entropy(out["logits"], labels))
+
+
+@pytest.mark.parametrize(
+    ("structure", "logit", "values", "ce_weight"),
+    [
+        ("single", "kd", {"logit_loss.ce_weight": 0.9}, 0.9),
+        ("single", "ce", {"logit_loss.weight": 2.0}, 2.0),
+        ("res_chain", "dkd", {"logit_loss.ce_weight": 0.5}, 0.5),
+    ],
+)
+def test_twi_part_takes_the_logit_losss_ce_weight(
+    teacher: ZooModel, structure: str, logit: str, values: dict, ce_weight: float
+) -> None:
+    distiller = make_distiller(teacher, structure, logit, twi=True, **values)
+    run = step(distiller, teacher)
+    expected = F.cross_entropy(run["outputs"]["proj_logits"], run["labels"])
+    assert torch.allclose(run["losses"]["loss_twi"], ce_weight * expected)
 
 
 @pytest.mark.parametrize("structure", ["single", "branches", "assistant", "res_chain"])
@@ -168,7 +251,8 @@ def test_staged_step_changes_only_the_stage(
     expected = {
         ("res_chain", 0): {"base", "feature"},
         ("res_chain", 1): {"res1"},
-        ("assistant", 0): {"base", "adapter_base", "feature"},
+        # "structure": RKD's early-stage adapters r_k train with the base (mimic_stages all)
+        ("assistant", 0): {"base", "adapter_base", "feature", "structure"},
         ("assistant", 1): {"assistant", "adapter_assistant", "head"},
         ("branches", 1): {"projector", "branch1", "branch2", "branch3", "branch4"},
     }
@@ -234,14 +318,15 @@ def test_warmup_scales_with_epoch(teacher: ZooModel, logit: str) -> None:
 
 
 def test_iekd_exploration_pushes_away(teacher: ZooModel) -> None:
-    distiller = make_distiller(teacher, "single", "ce", "iekd")
+    weights = {"feature_loss.lambda_inherit": 200.0, "feature_loss.lambda_explore": 3.0}
+    distiller = make_distiller(teacher, "single", "ce", "iekd", **weights)
     part = distiller.parts["feature"]
     distiller.eval()  # the same batch-norm behaviour before and after the step
     run = step(distiller, teacher, term="loss_iekd_explore")
     factor_teacher = part.teacher_encoder(run["taps"][teacher.last_stage.name])
     distance = factor_distance(run["outputs"]["iekd_explore"], factor_teacher)
     assert float(run["losses"]["loss_iekd_explore"].detach()) < 0
-    assert torch.allclose(run["losses"]["loss_iekd_explore"], -50.0 * distance)
+    assert torch.allclose(run["losses"]["loss_iekd_explore"], -3.0 * distance)
     assert torch.allclose(
         run["losses"]["loss_iekd_inherit"],
         200.0 * factor_distance(run["outputs"]["iekd_inherit"], factor_teacher),
@@ -253,24 +338,113 @@ def test_iekd_exploration_pushes_away(teacher: ZooModel) -> None:
     assert float(after) > float(distance.detach())
 
 
-class _Source:
-    def __init__(self, teacher: ZooModel) -> None:
-        self.teacher = teacher
+class _CachedMaps:
+    """A teacher cache for IE-KD's pre-training: batch i -> low-rank non-negative maps shaped
+    like the tiny teacher's last stage (24, 2, 2), which an auto-encoder can learn."""
 
-    def outputs(self, batch: Any) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return self.teacher.forward_taps(batch.images)
+    def __init__(self, n_batches: int, tap: str) -> None:
+        gen = torch.Generator().manual_seed(0)
+        basis = torch.randn(6, 24 * 2 * 2, generator=gen)
+        self.tap = tap
+        self.maps = [
+            F.relu(torch.randn(32, 6, generator=gen) @ basis).view(32, 24, 2, 2)
+            for _ in range(n_batches)
+        ]
+
+    def outputs(self, batch: int) -> dict[str, torch.Tensor]:
+        return {self.tap: self.maps[batch]}
+
+
+def test_iekd_defaults_are_the_official_codes() -> None:
+    candidate = make_candidate("single", "ce", "iekd")
+    assert candidate.feature_loss.as_dict() == {
+        "ratio": 0.5,
+        "lambda_inherit": 1.0,  # config/ie_kd.yaml: inh and exp loss weights 1, constant
+        "lambda_explore": 1.0,
+        "factor_ratio": 0.5,  # resnet20's 64 channels -> 32-channel factors there
+        "ae_epochs": 30,  # num_epoch_embedS
+        "ae_lr": 0.1,
+    }
+    with pytest.raises(UserError, match="feature_loss.ae_epochs: must be >= 0"):
+        make_candidate("single", "ce", "iekd", **{"feature_loss.ae_epochs": -1})
+
+
+def test_iekd_coders_are_the_official_layers(teacher: ZooModel) -> None:
+    part = make_distiller(teacher, "single", "ce", "iekd").parts["feature"]
+    channels_teacher, factor = 24, 12  # the tiny teacher's last stage; factor_ratio 0.5
+
+    def layout(module: torch.nn.Module) -> list[tuple]:
+        out: list[tuple] = []
+        for layer in module:
+            if isinstance(layer, torch.nn.Conv2d):
+                shape = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.padding)
+                out.append(("conv", *shape, layer.bias is None))
+            elif isinstance(layer, torch.nn.BatchNorm2d):
+                out.append(("bn", layer.num_features))
+            else:
+                assert isinstance(layer, torch.nn.LeakyReLU) and layer.negative_slope == 0.1
+                out.append(("lrelu",))
+        return out
+
+    def official(c_in: int, c_out: int) -> list[tuple]:
+        block = [("lrelu",)]
+        for a, b in ((c_in, c_in), (c_in, c_out), (c_out, c_out)):
+            block += [("conv", a, b, (3, 3), (1, 1), True), ("bn", b), ("lrelu",)]
+        return block
+
+    assert layout(part.teacher_encoder) == official(channels_teacher, factor)
+    assert layout(part.teacher_decoder) == official(factor, channels_teacher)
+    assert layout(part.encode_inherit) == official(part.n_inherit, factor)
+
+
+class _Passes:
+    """A loader of batch indices that counts the passes made over it and the epochs it is told."""
+
+    def __init__(self, n_batches: int) -> None:
+        self.n_batches, self.passes, self.epochs = n_batches, 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self) -> Any:
+        self.passes += 1
+        return iter(range(self.n_batches))
+
+
+@pytest.mark.parametrize("epochs", [0, 3])
+def test_iekd_autoencoder_trains_ae_epochs_with_sgd(
+    teacher: ZooModel, cpu: Runtime, epochs: int
+) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    distiller = make_distiller(
+        teacher, "single", "ce", "iekd", **{"feature_loss.ae_epochs": epochs}
+    )
+    loader = _Passes(2)
+    steps: list[tuple[type, dict]] = []
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: steps.append((type(optimizer), optimizer.defaults))
+    )
+    try:
+        distiller.prepare(_CachedMaps(2, teacher.last_stage.name), loader, cpu)
+    finally:
+        handle.remove()
+    assert loader.passes == epochs and loader.epochs == list(range(epochs))
+    assert len(steps) == 2 * epochs  # one step per batch per epoch
+    for kind, defaults in steps:  # the official code's optimiser
+        assert kind is torch.optim.SGD
+        assert (defaults["lr"], defaults["momentum"], defaults["nesterov"]) == (0.1, 0.9, True)
+        assert defaults["weight_decay"] == 5e-4
+    assert bool(distiller.parts["feature"].prepared)
 
 
 def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
-    teacher: ZooModel, digits_splits: Splits, cpu: Runtime
+    teacher: ZooModel, cpu: Runtime
 ) -> None:
-    distiller = make_distiller(teacher, "single", "ce", "iekd")
+    distiller = make_distiller(teacher, "single", "ce", "iekd")  # the official 30 epochs
     part = distiller.parts["feature"]
-    loader = TensorLoader(
-        digits_splits.train, digits_splits.info, batch_size=128, shuffle=True, augment=False
-    )
-    feats = teacher.forward_taps(next(iter(loader)).images)[teacher.last_stage.name]
+    source = _CachedMaps(4, teacher.last_stage.name)
+    feats = torch.cat(source.maps)
     coders = torch.nn.Sequential(part.teacher_encoder, part.teacher_decoder)
 
     def l1() -> float:
@@ -279,11 +453,15 @@ def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
             return float(F.l1_loss(coders(feats), feats))
 
     before = l1()
-    distiller.prepare(_Source(teacher), loader, cpu)
-    assert bool(part.prepared) and l1() < before
+    distiller.prepare(source, _Passes(4), cpu)
+    after = l1()
+    assert bool(part.prepared) and after < 0.5 * before
+    assert after < 0.5 * float(feats.abs().mean())  # far better than reconstructing zeros
     assert all(not p.requires_grad for p in coders.parameters())
     weights = copy.deepcopy(coders.state_dict())
     sgd_step(distiller, teacher)
+    assert all(torch.equal(v, coders.state_dict()[k]) for k, v in weights.items())
+    distiller.prepare(source, _Passes(4), cpu)  # prepared once: a second call trains nothing
     assert all(torch.equal(v, coders.state_dict()[k]) for k, v in weights.items())
 
 
@@ -330,6 +508,46 @@ def test_recipes_have_the_papers_defaults() -> None:
     assert recipe_candidate("iekd", base).feature_loss.get("ratio") == 0.5
     with pytest.raises(UserError, match="unknown method"):
         recipe_candidate("nope", base)
+
+
+@pytest.mark.parametrize(
+    ("data", "weights"),
+    [
+        ({"data.name": "digits"}, (0.9, 1.0, 4.0)),
+        ({"data.name": "cifar100"}, (0.9, 1.0, 4.0)),
+        ({"data.name": "fashion-mnist"}, (0.9, 1.0, 4.0)),
+        ({"data.name": "imagefolder:/data/tiny", "data.image_size": 64}, (0.9, 1.0, 4.0)),
+        ({"data.name": "imagefolder:/data/imagenet", "data.image_size": 224}, (1.0, 2.0, 1.0)),
+    ],
+)
+def test_era_recipe_uses_eras_own_kd_base_for_the_data(
+    teacher: ZooModel, data: dict, weights: tuple[float, float, float]
+) -> None:
+    """ERA's code: CE 0.9 / KD 1.0 at tau 4 on CIFAR-like data, CE 1 / KD 2 at tau 1 on
+    ImageNet; not Hinton's 0.1 / 0.9. The loss the distiller computes carries them."""
+    base = make_candidate(**{"logit_loss.ce_weight": 0.1, "logit_loss.temperature": 2.0, **data})
+    era = recipe_candidate("era", base)
+    ce, kd, tau = weights
+    assert era.logit_loss.name == "kd" and era.logit_loss.as_dict() == {
+        "ce_weight": ce,
+        "kd_weight": kd,
+        "temperature": tau,
+    }
+    if data["data.name"] != "digits":
+        return  # the tiny teacher is for digits-shaped input
+    torch.manual_seed(0)
+    distiller = build_distiller(
+        era, teacher=teacher, num_classes=CLASSES, in_channels=1, input_shape=INPUT_SHAPE
+    )
+    run = step(distiller, teacher)
+    out, losses, labels = run["outputs"], run["losses"], run["labels"]
+    logits_teacher = run["taps"]["logits"]
+    assert torch.allclose(losses["loss_ce"], ce * F.cross_entropy(out["logits"], labels))
+    assert torch.allclose(
+        losses["loss_kd"], kd * kd_loss(out["logits"], logits_teacher, temperature=tau)
+    )
+    proj_ce = F.cross_entropy(out["proj_logits"], labels)
+    assert torch.allclose(losses["loss_era_proj_ce"], ce * proj_ce)
 
 
 def test_epochs_split_evenly() -> None:

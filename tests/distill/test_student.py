@@ -142,6 +142,45 @@ def test_branches_mix_the_base_and_the_teacher_head(students: dict[str, Student]
         torch.testing.assert_close(deployed, mixed)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_branches_run_the_teacher_head_once_per_forward(teacher: nn.Module, alpha: float) -> None:
+    """ERA deployed: one head pass on f^(M), the logits of the former pass per branch; fvcore's
+    count of the head is that one pass; training also classifies every f^(i) in one call."""
+    student = build(
+        teacher,
+        structure=PartSpec("branches", (("n_parts", 3), ("mix_alpha", alpha))),
+        twi=True,
+    ).eval()
+    head = student.teacher_head
+    with torch.no_grad():  # a bias far from zero: a bias added M times would show
+        head.bias.copy_(torch.linspace(-3.0, 3.0, CLASSES))
+        for branch in student.parts:  # BN's affine at init makes a branch's Delta_i small
+            branch[-1].weight.fill_(2.0)
+    calls: list[int] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    images = torch.randn(5, *SHAPE)
+    try:
+        with torch.no_grad():
+            deployed = student(images)
+            assert calls == [5]  # once, on the batch
+            outputs = student.forward_train(images)
+            assert calls == [5, 4 * 5]  # P f_S and f^(1..3), stacked: one call
+            # The former procedure: the head on every f^(i), keeping the last.
+            pooled = student.base.pool(student.base.forward_stages(images)["stage2"])
+            recon = student.projector(pooled)
+            for branch in student.parts:
+                recon = recon + branch(pooled)
+                former = head(recon)
+    finally:
+        hook.remove()
+    expected = former if alpha == 1.0 else 0.5 * student.base.head(pooled) + 0.5 * former
+    torch.testing.assert_close(deployed, expected)
+    torch.testing.assert_close(outputs["recon_logits"][-1], former)
+    torch.testing.assert_close(outputs["proj_logits"], head(student.projector(pooled)))
+    flops = student_flops(student, SHAPE)
+    assert flops.by_part["teacher_head"] == head.in_features * head.out_features
+
+
 def test_deployed_flops_count_what_runs(students: dict[str, Student]) -> None:
     def alone(module: nn.Module) -> int:
         return count_flops(module, SHAPE)

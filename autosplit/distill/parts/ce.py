@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -23,6 +24,10 @@ class CrossEntropy(LogitPart):
         weight: float = 1.0  # weight of CE
 
     terms = ("ce",)
+
+    @classmethod
+    def ce_weight_of(cls, params: Any) -> float:
+        return float(params.weight)
 
     def stream_loss(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,15 +25,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def coder(channels_in: int, channels_out: int, *, last_plain: bool = False) -> nn.Sequential:
-    """Three 3x3 conv + BN + LeakyReLU(0.1): in -> in -> out -> out (last one bare if asked)."""
+def coder(channels_in: int, channels_out: int) -> nn.Sequential:
+    """IE-KD's coder, as its official code builds one (encoder and decoder alike): LeakyReLU(0.1),
+    then three 3x3 conv (no bias) + BN + LeakyReLU(0.1), in -> in -> out -> out. Convs start
+    from N(0, 2 / (9 * out)), batch-norms from weight 1, bias 0."""
     widths = (channels_in, channels_in, channels_out, channels_out)
-    layers: list[nn.Module] = []
-    for index, (c_in, c_out) in enumerate(zip(widths, widths[1:], strict=False)):
-        layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=last_plain and index == 2))
-        if not (last_plain and index == 2):
-            layers += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1, inplace=True)]
+    # Not in place: the first activation reads a view of the base's or the teacher's map.
+    layers: list[nn.Module] = [nn.LeakyReLU(0.1)]
+    for c_in, c_out in zip(widths, widths[1:], strict=False):
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (9 * c_out)))
+        layers += [conv, nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1, inplace=True)]
     return nn.Sequential(*layers)
+
+
+def autoencoder_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.SGD:
+    """The official code's optimiser for the teacher auto-encoder: SGD, momentum 0.9, Nesterov,
+    weight decay 5e-4, a constant learning rate."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
 @FEATURE_LOSSES.register("iekd")
@@ -44,20 +54,31 @@ class IEKD(Part):
     inheriting channels of the base's last map and pushes the exploring channels away from it:
     ``lambda_inherit * D(enc_I(F_I), enc_T(F_T)) - lambda_explore * D(enc_E(F_E), enc_T(F_T))``
     with ``D`` the mean |difference| of per-sample L2-normalised factors. F_I = the first
-    ``round(ratio * C)`` channels (ratio 0.5 in the paper). The teacher auto-encoder (factor
-    channels ``factor_ratio * C_t``) is pre-trained with L1 reconstruction in ``prepare`` and
-    frozen. Encoders are training-only. The weights have no value this code can rely on (the
-    inherit one is factor-transfer scale, searched on a log scale).
+    ``round(ratio * C)`` channels (ratio 0.5 in the paper). Encoders are training-only.
+
+    As the official code (github.com/aliyun/Revisiting-Knowledge-Distillation-an-Inheritance-
+    and-Exploration-Framework) does it: the coders are its layers (``coder``); the teacher
+    auto-encoder (factor channels ``factor_ratio * C_t``, 0.5 there) is pre-trained in
+    ``prepare`` with L1 reconstruction for ``ae_epochs`` (30) epochs of SGD at ``ae_lr`` (0.1,
+    constant; ``autoencoder_optimizer``), then frozen; the inherit and explore weights are its
+    config's 1 and 1 (``config/ie_kd.yaml``). D is small (each factor has unit norm), so a search
+    may want larger weights (factor transfer, its parent, uses 500): search them on a log scale.
     """
 
     @dataclass(frozen=True)
     class Params:
         ratio: float = 0.5
-        lambda_inherit: float = 200.0
-        lambda_explore: float = 50.0
+        lambda_inherit: float = 1.0
+        lambda_explore: float = 1.0
         factor_ratio: float = 0.5
-        ae_epochs: int = 1  # auto-encoder pre-training epochs over the train split
-        ae_lr: float = 1e-3
+        ae_epochs: int = 30  # auto-encoder pre-training epochs over the train split
+        ae_lr: float = 0.1
+
+        def validate(self, path: str = "feature_loss") -> None:
+            if self.ae_epochs < 0:
+                raise UserError(f"{path}.ae_epochs: must be >= 0, got {self.ae_epochs}")
+            if not self.ae_lr > 0:
+                raise UserError(f"{path}.ae_lr: must be > 0, got {self.ae_lr}")
 
     def __init__(self, params: Any, ctx: PartContext) -> None:
         super().__init__(params, ctx)
@@ -74,7 +95,7 @@ class IEKD(Part):
         self.encode_inherit = coder(self.n_inherit, factor)
         self.encode_explore = coder(channels - self.n_inherit, factor)
         self.teacher_encoder = coder(channels_teacher, factor)
-        self.teacher_decoder = coder(factor, channels_teacher, last_plain=True)
+        self.teacher_decoder = coder(factor, channels_teacher)
         for p in [*self.teacher_encoder.parameters(), *self.teacher_decoder.parameters()]:
             p.requires_grad_(False)
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
@@ -114,14 +135,18 @@ class IEKD(Part):
     def prepare(
         self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
     ) -> None:
-        """Pre-train the teacher auto-encoder with L1 reconstruction, then freeze it."""
+        """Pre-train the teacher auto-encoder with L1 reconstruction, then freeze it.
+
+        ``ae_epochs`` passes over ``train_loader``; the teacher's maps come from
+        ``teacher_source`` (the teacher cache when there is one: no teacher forward, cheap).
+        """
         if bool(self.prepared):
             return
         coders = nn.Sequential(self.teacher_encoder, self.teacher_decoder)
         params = list(coders.parameters())
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=self.params.ae_lr)
+        optimizer = autoencoder_optimizer(params, self.params.ae_lr)
         coders.train()
         loss = torch.zeros(())
         try:
@@ -130,7 +155,7 @@ class IEKD(Part):
                     train_loader.set_epoch(epoch)
                 for batch in train_loader:
                     feat_teacher = teacher_source.outputs(batch)[self.teacher_tap].float()
-                    loss = F.l1_loss(coders(feat_teacher), feat_teacher)
+                    loss = F.l1_loss(coders(feat_teacher), feat_teacher)  # mean |x - x_hat|
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -139,4 +164,8 @@ class IEKD(Part):
                 p.requires_grad_(False)
             coders.eval()
         self.prepared.fill_(True)
-        log.info("iekd: teacher auto-encoder pre-trained, last L1 %.4f", float(loss.detach()))
+        log.info(
+            "iekd: teacher auto-encoder pre-trained for %d epochs, last L1 %.4f",
+            self.params.ae_epochs,
+            float(loss.detach()),
+        )

@@ -18,16 +18,18 @@ class TWI(Part):
 
     Matches the teacher's classifier: the base's pooled feature, through a training-only
     projector P (Linear C_s -> C_t), must be classified right by the teacher's frozen head:
-    ``weight * CE(W_T P f_S + b_T, y)``. Candidates switch it with ``twi: true`` (no params, so
-    the weight is ERA's 1). The head copy never trains; P is not deployed and not counted.
+    ``a_ce * CE(W_T P f_S + b_T, y)``, a_ce = the logit loss's CE weight (as ERA's code scales
+    its TWI terms). Candidates switch it with ``twi: true``; it has no params of its own. The
+    head copy never trains; P is not deployed and not counted.
     """
 
     @dataclass(frozen=True)
     class Params:
-        weight: float = 1.0
+        pass
 
     def __init__(self, params: Any, ctx: PartContext) -> None:
         super().__init__(params, ctx)
+        self.ce_weight = ctx.ce_weight
         self.projector = nn.Linear(ctx.base_shapes["pooled"][0], ctx.teacher_head.in_features)
         self.teacher_head = frozen_copy(ctx.teacher_head)
 
@@ -44,7 +46,7 @@ class TWI(Part):
         epoch: int,
     ) -> dict[str, Tensor]:
         ce = nn.functional.cross_entropy(outputs["proj_logits"], labels)
-        return {"loss_twi": self.params.weight * ce}
+        return {"loss_twi": self.ce_weight * ce}
 
     def term_stages(self) -> dict[str, int]:
         return {"loss_twi": 0}

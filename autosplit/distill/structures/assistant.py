@@ -6,7 +6,7 @@ Gao, Shen, Li & Loy, "Residual Knowledge Distillation", arXiv 2002.09168, 2020.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,14 @@ from autosplit.modules import resize
 
 @dataclass(frozen=True)
 class AssistantParams:
-    """RKD: ``mimic_weight`` on L_S = normalized_mse(feat_base, F_T), ``residual_weight`` on
-    L_A = normalized_mse(feat_assistant, sg(F_T - feat_base)); F_T = teacher's last stage."""
+    """RKD: ``mimic_weight`` on each L_S^k = normalized_mse(r_k(F_S^k), F_T^k), ``residual_weight``
+    on L_A = normalized_mse(feat_assistant, sg(F_T - feat_base)) at the teacher's last stage;
+    ``mimic_stages`` = "all" (the base mimics the teacher at every stage, METHODS.md) or "last"
+    (at the last stage only)."""
 
     mimic_weight: float = 1.0
     residual_weight: float = 1.0
+    mimic_stages: Literal["all", "last"] = "all"
 
     def validate(self, path: str = "structure") -> None:
         at_least(path, self, mimic_weight=0, residual_weight=0)
@@ -37,12 +40,16 @@ class AssistantParams:
 class RKD(Part):
     """Gao, Shen, Li & Loy, "Residual Knowledge Distillation", arXiv 2002.09168, 2020.
 
-    Matches the teacher's last feature map with the sum of the base's (through the deployed
-    adapter r) and an assistant's: ``mimic_weight * nMSE(r(F_S), F_T)`` trains the base,
+    Matches the teacher's feature maps with the base's, and the teacher's last map with the sum
+    of the base's (through the deployed adapter r) and an assistant's: ``mimic_weight *
+    nMSE(r_k(F_S^k), F_T^k)`` for each mimicked stage k trains the base,
     ``residual_weight * nMSE(F_A, sg(F_T - r(F_S)))`` trains the assistant on what the base
-    misses. nMSE = MSE / mean square of its target (scale-free). Reading (the paper's taps and
-    schedule are not public, METHODS.md): the tap is the last stage; the schedule is the
-    candidate's (``staged``: base mimics, then assistant + head).
+    misses. nMSE = MSE / mean square of its target (scale-free). ``mimic_stages: all`` pairs the
+    stages from the last one backwards (the last pair uses the deployed r; the earlier ones
+    training-only 1x1 conv + BN adapters r_k after resizing F_S^k to the teacher's size, not
+    counted); ``last`` mimics the last stage only. Reading (the paper's taps and schedule are
+    not public, METHODS.md): taps are stage outputs; the schedule is the candidate's
+    (``staged``: base mimics, then assistant + head).
     """
 
     Params = AssistantParams
@@ -50,27 +57,52 @@ class RKD(Part):
     def __init__(self, params: Any, ctx: PartContext) -> None:
         super().__init__(params, ctx)
         self.teacher_tap = ctx.teacher_stages[-1]
+        # (base stage, teacher stage) pairs before the last, from the end: depths may differ.
+        pairs = list(zip(ctx.base_stages[-2::-1], ctx.teacher_stages[-2::-1], strict=False))
+        self.early_pairs = pairs[::-1] if params.mimic_stages == "all" else []
+        self.adapters = nn.ModuleDict()  # teacher stage -> r_k (training-only)
+        self.sizes: dict[str, tuple[int, int]] = {}
+        for base_tap, teacher_tap in self.early_pairs:
+            channels, *size = ctx.teacher_shapes[teacher_tap]
+            self.adapters[teacher_tap] = _adapter(ctx.base_shapes[base_tap][0], channels)
+            self.sizes[teacher_tap] = (size[0], size[1])
+
+    @property
+    def mimicked(self) -> tuple[str, ...]:
+        """The teacher stages the base mimics, in forward order."""
+        return (*(teacher_tap for _, teacher_tap in self.early_pairs), self.teacher_tap)
 
     @property
     def teacher_taps(self) -> frozenset[str]:
-        return frozenset({self.teacher_tap})
+        return frozenset(self.mimicked)
+
+    def extend(self, outputs: Outputs) -> None:
+        taps = outputs["base_taps"]
+        outputs["rkd_mimic"] = {  # teacher stage -> r_k(F_S^k), (B, C_t^k, H_t^k, W_t^k)
+            teacher_tap: self.adapters[teacher_tap](resize(taps[base_tap], self.sizes[teacher_tap]))
+            for base_tap, teacher_tap in self.early_pairs
+        }
+        outputs["rkd_mimic"][self.teacher_tap] = outputs["feat_base"]  # r(F_S), deployed
 
     def loss(
         self, outputs: Outputs, teacher_outputs: TeacherOutputs, labels: Tensor, *, epoch: int
     ) -> dict[str, Tensor]:
-        feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "rkd")  # (B, C_t, H, W)
-        feat_base = outputs["feat_base"]  # r(F_S), (B, C_t, H, W)
-        mimic = normalized_mse(feat_base, feat_teacher)
-        # The assistant's target is detached: the residual never pushes the base.
-        target = (feat_teacher - feat_base).detach()
-        residual = normalized_mse(outputs["feat_assistant"], target)
-        return {
-            "loss_rkd_mimic": self.params.mimic_weight * mimic,
-            "loss_rkd_residual": self.params.residual_weight * residual,
+        terms = {
+            f"loss_rkd_mimic_{tap}": self.params.mimic_weight
+            * normalized_mse(feat, need_teacher(teacher_outputs, tap, "rkd"))
+            for tap, feat in outputs["rkd_mimic"].items()
         }
+        feat_teacher = need_teacher(teacher_outputs, self.teacher_tap, "rkd")  # (B, C_t, H, W)
+        # The assistant's target is detached: the residual never pushes the base.
+        target = (feat_teacher - outputs["feat_base"]).detach()
+        residual = normalized_mse(outputs["feat_assistant"], target)
+        return {**terms, "loss_rkd_residual": self.params.residual_weight * residual}
 
     def term_stages(self) -> dict[str, int]:
-        return {"loss_rkd_mimic": 0, "loss_rkd_residual": 1}
+        return {
+            **{f"loss_rkd_mimic_{tap}": 0 for tap in self.mimicked},
+            "loss_rkd_residual": 1,
+        }
 
 
 def _adapter(in_channels: int, out_channels: int) -> nn.Sequential:

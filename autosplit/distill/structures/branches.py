@@ -50,9 +50,10 @@ class ERA(Part):
     Matches the teacher's pooled feature f_T in residual steps: ``lambda_f * MSE(P f_S, sg f_T)``
     + ``(1/M) sum_i gamma^(i-1) lambda_g MSE(Delta_i, r_i)`` with r_1 = sg(f_T - P f_S),
     r_(i+1) = sg(r_i - Delta_i). With ``twi`` (Teacher Weight Integration) the teacher's frozen
-    head must classify P f_S and every reconstruction: ``CE(W_T P f_S + b_T, y) + (1/M) sum_i
-    gamma^(i-1) CE(W_T f^(i) + b_T, y)``. The candidate's logit loss trains z_S (KD-base).
-    Defaults: the paper's lambda_f 5, lambda_g 1, gamma 0.5.
+    head must classify P f_S and every reconstruction: ``a_ce * [CE(W_T P f_S + b_T, y) + (1/M)
+    sum_i gamma^(i-1) CE(W_T f^(i) + b_T, y)]``, a_ce = the logit loss's CE weight (ERA's code
+    scales them so). The candidate's logit loss trains z_S (KD-base). Defaults: the paper's
+    lambda_f 5, lambda_g 1, gamma 0.5.
     """
 
     Params = BranchesParams
@@ -61,6 +62,7 @@ class ERA(Part):
     def __init__(self, params: Any, ctx: PartContext) -> None:
         super().__init__(params, ctx)
         self.twi = ctx.twi
+        self.ce_weight = ctx.ce_weight
 
     @property
     def teacher_taps(self) -> frozenset[str]:
@@ -77,11 +79,12 @@ class ERA(Part):
             "loss_era_feat": p.lambda_f * F.mse_loss(projected, feat_teacher.detach()),
             "loss_era_residual": p.lambda_g * era_residual_loss(deltas, targets, gamma=p.gamma),
         }
-        if self.twi:
+        if self.twi:  # TWI's cross-entropies take the KD base's CE weight, as in ERA's code
             recon = outputs["recon_logits"]  # M x (B, C)
             ce = [p.gamma**i * F.cross_entropy(z, labels) for i, z in enumerate(recon)]
-            terms["loss_era_proj_ce"] = F.cross_entropy(outputs["proj_logits"], labels)
-            terms["loss_era_recon_ce"] = torch.stack(ce).sum() / len(recon)
+            proj_ce = F.cross_entropy(outputs["proj_logits"], labels)
+            terms["loss_era_proj_ce"] = self.ce_weight * proj_ce
+            terms["loss_era_recon_ce"] = self.ce_weight * torch.stack(ce).sum() / len(recon)
         return terms
 
     def term_stages(self) -> dict[str, int]:
@@ -151,13 +154,21 @@ class BranchesStudent(Student):
         return f"{spec.name} K={spec.get('n_parts')}"
 
     def _reconstruct(self, pooled: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """P f_S (B, C_t), the branches' Delta_i and the reconstructions f^(i) = P f_S +
+        sum_{j<=i} Delta_j (M x (B, C_t) each)."""
         pooled_proj = self.projector(pooled)  # P f_S, (B, C_t)
-        deltas = [branch(pooled) for branch in self.parts]  # M x (B, C_t)
-        recon, recon_logits = pooled_proj, []
+        deltas = [branch(pooled) for branch in self.parts]
+        recon, recons = pooled_proj, []
         for delta in deltas:
             recon = recon + delta  # f^(i)
-            recon_logits.append(self.teacher_head(recon))  # (B, classes)
-        return pooled_proj, deltas, recon_logits
+            recons.append(recon)
+        return pooled_proj, deltas, recons
+
+    def _classify(self, features: list[Tensor]) -> list[Tensor]:
+        """W_T x + b_T for each (B, C_t) in ``features``, in one head call: stacked along the
+        batch (the head is per-sample), so it runs once per training forward too."""
+        logits = self.teacher_head(torch.cat(features))  # (n * B, classes)
+        return list(logits.split(features[0].shape[0]))
 
     def _mix(self, logits_student: Tensor, logits_recon: Tensor) -> Tensor:
         alpha = self.params.mix_alpha
@@ -167,14 +178,16 @@ class BranchesStudent(Student):
         if self.params.mix_alpha == 0:
             return self.base(images)
         pooled = self.base.pool(self.base.forward_stages(images)[self.base.last_stage.name])
-        logits_recon = self._reconstruct(pooled)[2][-1]
+        # Only f^(M) is deployed: one head pass on it, W_T f^(M) + b_T (bias added once).
+        logits_recon = self.teacher_head(self._reconstruct(pooled)[2][-1])  # (B, classes)
         if self.params.mix_alpha == 1:
             return logits_recon  # the base's own head is not run
         return self._mix(self.base.head(pooled), logits_recon)
 
     def forward_train(self, images: Tensor) -> dict[str, Any]:
         taps = self.base.forward_taps(images)
-        pooled_proj, deltas, recon_logits = self._reconstruct(taps["pooled"])
+        pooled_proj, deltas, recons = self._reconstruct(taps["pooled"])
+        proj_logits, *recon_logits = self._classify([pooled_proj, *recons])
         logits = (
             taps["logits"]
             if self.params.mix_alpha == 0
@@ -185,9 +198,9 @@ class BranchesStudent(Student):
             "base_taps": taps,
             "logits_student": taps["logits"],
             "pooled_proj": pooled_proj,
-            "deltas": deltas,
-            "recon_logits": recon_logits,
-            "proj_logits": self.teacher_head(pooled_proj),
+            "deltas": deltas,  # M x (B, C_t)
+            "recon_logits": recon_logits,  # M x (B, classes)
+            "proj_logits": proj_logits,  # (B, classes)
         }
 
     def inference_modules(self) -> list[tuple[str, nn.Module]]:
