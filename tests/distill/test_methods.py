@@ -465,6 +465,48 @@ def test_iekd_prepare_pretrains_then_freezes_the_teacher_autoencoder(
     assert all(torch.equal(v, coders.state_dict()[k]) for k, v in weights.items())
 
 
+class _CacheFile(_CachedMaps):
+    """The same maps as a teacher cache file would serve them, counting the batches asked."""
+
+    def __init__(self, n_batches: int, tap: str, path: str) -> None:
+        super().__init__(n_batches, tap)
+        self.path, self.asked = path, 0
+
+    def outputs(self, batch: int) -> dict[str, torch.Tensor]:
+        self.asked += 1
+        return super().outputs(batch)
+
+
+def test_iekd_autoencoder_is_trained_once_per_process_and_the_same_either_way(
+    teacher: ZooModel, cpu: Runtime, tmp_path: Any
+) -> None:
+    """A second IE-KD candidate on the same teacher cache, rows and seed reuses the trained
+    auto-encoder; what it gets equals training afresh (its init is seeded, not left to what was
+    built before it)."""
+    first = make_distiller(teacher, "single", "ce", "iekd", **{"feature_loss.ae_epochs": 2})
+    source = _CacheFile(2, teacher.last_stage.name, str(tmp_path / "a.pt"))
+    first.prepare(source, _Passes(2), cpu)
+    assert source.asked == 4  # 2 epochs x 2 batches
+    torch.manual_seed(123)  # a different RNG state before the second build
+    second = make_distiller(
+        teacher, "single", "ce", "iekd", **{"feature_loss.ae_epochs": 2, "train.lr": 0.2}
+    )
+    second.parts["feature"].prepare(source, _Passes(2), cpu)
+    assert source.asked == 4  # reused: not one batch more
+    fresh = make_distiller(teacher, "single", "ce", "iekd", **{"feature_loss.ae_epochs": 2})
+    torch.manual_seed(7)
+    other = _CacheFile(2, teacher.last_stage.name, str(tmp_path / "b.pt"))  # another cache
+    fresh.prepare(other, _Passes(2), cpu)
+    assert other.asked == 4
+    for a, b, c in zip(
+        first.parts["feature"].teacher_encoder.state_dict().values(),
+        second.parts["feature"].teacher_encoder.state_dict().values(),
+        fresh.parts["feature"].teacher_encoder.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_hint_adapter_is_training_only(teacher: ZooModel) -> None:
     from autosplit.distill import student_flops
 

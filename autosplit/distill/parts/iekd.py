@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Teacher auto-encoders this process has trained, by what they were trained on (``_memo_key``):
+# one depends only on the teacher's maps, the rows, the seed and its own settings, so every
+# IE-KD trial of a search after the first reuses it instead of training 30 epochs again.
+_TRAINED: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+_KEEP = 4
+
 
 def coder(channels_in: int, channels_out: int) -> nn.Sequential:
     """IE-KD's coder, as its official code builds one (encoder and decoder alike): LeakyReLU(0.1),
@@ -143,6 +149,23 @@ class IEKD(Part):
         if bool(self.prepared):
             return
         coders = nn.Sequential(self.teacher_encoder, self.teacher_decoder)
+        key = self._memo_key(teacher_source, train_loader)
+        if key is not None and key in _TRAINED:
+            coders.load_state_dict(_TRAINED[key])
+            coders.eval()
+            self.prepared.fill_(True)
+            log.info("iekd: teacher auto-encoder reused (trained earlier in this process)")
+            return
+        seed = getattr(train_loader, "seed", 0)
+        # Its own seed, whatever was built before it: reused or trained afresh, it is the same.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in coders.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / (9 * module.out_channels)))
+                elif isinstance(module, nn.BatchNorm2d):
+                    module.reset_parameters()
+                    module.reset_running_stats()
         params = list(coders.parameters())
         for p in params:
             p.requires_grad_(True)
@@ -164,8 +187,34 @@ class IEKD(Part):
                 p.requires_grad_(False)
             coders.eval()
         self.prepared.fill_(True)
+        if key is not None:
+            while len(_TRAINED) >= _KEEP:
+                _TRAINED.pop(next(iter(_TRAINED)))
+            _TRAINED[key] = {k: v.detach().clone() for k, v in coders.state_dict().items()}
         log.info(
             "iekd: teacher auto-encoder pre-trained for %d epochs, last L1 %.4f",
             self.params.ae_epochs,
             float(loss.detach()),
+        )
+
+    def _memo_key(self, teacher_source: Any, train_loader: Any) -> tuple[Any, ...] | None:
+        """What the trained auto-encoder depends on; None (train it every time) for a teacher
+        source that is not a cache file (a live teacher)."""
+        path = getattr(teacher_source, "path", None)
+        if path is None:
+            return None
+        p = self.params
+        return (
+            str(path),
+            self.teacher_tap,
+            tuple(self.teacher_encoder[1].weight.shape),
+            p.factor_ratio,
+            p.ae_epochs,
+            p.ae_lr,
+            getattr(train_loader, "num_samples", None),
+            getattr(train_loader, "batch_size", None),
+            getattr(train_loader, "seed", None),
+            getattr(train_loader, "augment", None),
+            getattr(train_loader, "n_views", None),
+            getattr(train_loader, "drop_last", None),
         )
