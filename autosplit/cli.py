@@ -285,7 +285,8 @@ def cmd_front(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from autosplit.device import resolve_runtime
     from autosplit.export import export_study
-    from autosplit.paths import check_output_dir, check_study_name
+    from autosplit.paths import check_output_dir, check_sqlite_url, check_study_name
+    from autosplit.tracking import check_tracking, default_tracking_uri
 
     study, url = _open_existing(args)
     if args.out is None:
@@ -298,6 +299,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             ) from None
     out = Path(args.out) if args.out else Path(args.runs_dir) / "exports" / study.study_name
     check_output_dir(out, "--out")
+    tracker = None
+    if not args.no_tracking:  # an unreachable store fails now, before the students are measured
+        if args.tracking_uri is not None:
+            check_sqlite_url(args.tracking_uri, "--tracking-uri")
+        tracker = check_tracking(args.tracking_uri or default_tracking_uri(args.runs_dir))
     written = export_study(
         study,
         out,
@@ -305,6 +311,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         runtime=resolve_runtime(args.device),
         runs_dir=Path(args.runs_dir),
         confirm_seeds=args.confirm_seeds,
+        tracker=tracker,
     )
     print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
     print(f"retrain: autosplit train --config {out / 'best.yaml'}")
@@ -532,6 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
                 help="retrain the top front members with N more seeds",
             )
             cmd.add_argument("--device", default="auto")
+            cmd.add_argument(
+                "--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)"
+            )
+            cmd.add_argument(
+                "--no-tracking",
+                action="store_true",
+                help="do not log the students as MLflow models (nor register best)",
+            )
         cmd.set_defaults(func=func)
 
     sync = sub.add_parser("sync", help="log to MLflow the finished trials a search could not log")

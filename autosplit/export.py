@@ -2,7 +2,13 @@
 
 Each YAML is self-contained: the candidate (widths and exit gate pinned), the result measured in
 the search (plus test accuracy, measured here: the search never saw test), and provenance:
-package versions, FLOPs convention, data and teacher checksums, study, trial and run id.
+package versions, FLOPs convention, data and teacher checksums, study, trial and run id, and the
+input the student takes (shape, normalisation).
+
+Files first, then MLflow: the export folder is staged and moved into place whole; only then are
+the students logged as MLflow models (and best.yaml's registered under the study's name). A
+store failing there leaves the files complete and says so in one line (non-zero exit); a
+re-run logs them again, as a new registered version.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ def export_study(
     runs_dir: Path,
     confirm_seeds: int = 0,
     confirm_top: int = 3,
+    tracker: Any = None,
     say: Any = print,
 ) -> list[Path]:
     """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths.
@@ -139,6 +146,7 @@ def export_study(
     out_dir = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_parent_dir(out_dir)))
     written: list[Path] = []
+    models: list[Any] = []  # StudentModel, logged once the files are in place
     try:
         confirm_for = {e.number for e in sorted(entries, key=lambda e: -e.val_acc)[:confirm_top]}
         for entry in entries:
@@ -150,6 +158,10 @@ def export_study(
                     document["candidate"], confirm_seeds, views
                 )
             stem = f"trial-{entry.number:04d}"
+            document["provenance"]["input"] = context.input_description()
+            if tracker is not None:
+                student = context.student(document["candidate"], weights)
+                models.append(_student_model(stem, student, document, context, entry is best))
             targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
             for target in targets:
                 (staging / target).parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +182,49 @@ def export_study(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if tracker is not None:
+        _log_models(tracker, study.study_name, models, out_dir, say)
     return written
+
+
+def _student_model(
+    stem: str, student: Any, document: dict[str, Any], context: _EvalContext, is_best: bool
+) -> Any:
+    from autosplit.tracking import StudentModel
+
+    result, provenance = document["result"], document["provenance"]
+    return StudentModel(
+        name=stem,
+        module=student,
+        example=context.example(1).numpy(),
+        tags={
+            "autosplit.study": provenance["study"],
+            "autosplit.trial": str(provenance["trial"]),
+            "autosplit.label": provenance["label"],
+            "autosplit.best": str(is_best).lower(),
+            "autosplit.exit_threshold": str(student.exit_threshold),
+        },
+        metrics={
+            k: float(result[k])
+            for k in ("val_acc", "test_acc", "flops_worst_case", "flops_expected", "params")
+            if result.get(k) is not None
+        },
+        register=is_best,
+    )
+
+
+def _log_models(tracker: Any, study_name: str, models: list[Any], out_dir: Path, say: Any) -> None:
+    try:
+        logged = tracker.log_students(study_name, models)
+    except UserError as exc:
+        raise UserError(
+            f"{out_dir}: the export is written in full, but {exc}; re-run the export to log "
+            "its models"
+        ) from None
+    say(
+        f"MLflow: logged {len(models)} model(s) in run {logged.run_id} of experiment "
+        f"{study_name!r}; registered best as {logged.registered}"
+    )
 
 
 @dataclass
@@ -311,6 +365,27 @@ class _EvalContext:
             candidate_plain, weights, self.teacher.model, self.splits, self.runtime
         )
 
+    def student(self, candidate_plain: dict[str, Any], weights: str | Path) -> Any:
+        """The trained student in eval mode on the CPU, its exit gate set (deployment)."""
+        return load_trained_student(candidate_plain, weights, self.teacher.model, self.splits)
+
+    def example(self, n: int) -> Any:
+        """The first ``n`` test images as the student takes them: float32 (n, C, H, W),
+        normalised, on the CPU."""
+        from autosplit.data import normalize
+
+        return normalize(self.splits.test.images[:n], self.splits.info)
+
+    def input_description(self) -> dict[str, Any]:
+        info = self.splits.info
+        return {
+            "shape": list(info.input_shape),
+            "dtype": "float32",
+            "normalise": "(x / 255 - mean) / std, per channel",
+            "mean": list(info.mean),
+            "std": list(info.std),
+        }
+
     def confirm(self, candidate_plain: dict[str, Any], seeds: int, views: int) -> dict[str, Any]:
         """Retrain with ``seeds`` further seeds: mean ± sd of val and test accuracy."""
         from autosplit.distill.candidate import Candidate
@@ -338,10 +413,20 @@ def trained_test_accuracy(
 ) -> float:
     """Test accuracy of a trial's saved student (its exit gate applied), rebuilt from its
     pinned candidate."""
+    from autosplit.train import evaluate
+
+    student = load_trained_student(candidate_plain, weights, teacher, splits)
+    student = runtime.prepare(student)
+    return evaluate(student, test_loader(splits, runtime), runtime)
+
+
+def load_trained_student(
+    candidate_plain: dict[str, Any], weights: str | Path, teacher: Any, splits: Any
+) -> Any:
+    """A trial's saved student rebuilt from its pinned candidate, in eval mode on the CPU."""
     from autosplit.checkpoint import load_checkpoint
     from autosplit.distill.candidate import Candidate
     from autosplit.distill.run import build_and_count
-    from autosplit.train import evaluate
 
     candidate = Candidate.from_dict(candidate_plain)
     distiller, _ = build_and_count(candidate, teacher, splits)
@@ -355,8 +440,7 @@ def trained_test_accuracy(
         weights, kind="student", fix="nothing was exported; restore the file (the search wrote it)"
     )
     student.load_state_dict(payload["state_dict"])  # build_student set its exit threshold
-    student = runtime.prepare(student).eval()
-    return evaluate(student, test_loader(splits, runtime), runtime)
+    return student.cpu().eval()
 
 
 def test_loader(splits: Any, runtime: Any) -> Any:

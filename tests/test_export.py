@@ -1,0 +1,171 @@
+"""The student shipped: MLflow models (registered under the study's name), ONNX files beside the
+weights (ResKD's gate run part by part), and latency measured against the teacher.
+
+One tiny study (digits, a 1-epoch teacher, two 1-epoch res_chain trials with an exit gate), one
+export of it; real MLflow on SQLite, real onnxruntime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from autosplit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
+CPU = ("--device", "cpu")
+STUDY = "ship"
+
+
+def chain_space_text() -> str:
+    """digits_tiny, cheaper: a 1-epoch teacher; two 1-epoch trials on 300 rows, both ResKD
+    chains of two res-students (the exit gate calibrated on val); no rungs, no final stage."""
+    text = DIGITS.read_text()
+    text = text.replace("    epochs: 12\n", "    epochs: 1\n").replace(
+        "    epochs: 2\n    batch_size: 64\n    lr: 0.1\n    seed: 0\nparams:",
+        "    epochs: 1\n    batch_size: 64\n    lr: 0.1\n    seed: 0\n    max_train_samples: 300\n"
+        "params:",
+    )
+    text = text.replace("choices: [single, res_chain, branches, assistant]", "choices: [res_chain]")
+    text = text.replace("{type: int, low: 1, high: 2, when", "{choices: [2], when")
+    head, _ = text.split("search:\n")
+    return head + (
+        "search:\n  trials: 2\n  sampler: random\n  fidelity: {rungs: [], final: null}\n"
+        "  baselines: {}\n"
+    )
+
+
+def export_args(tmp: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "export",
+        "--study-name",
+        STUDY,
+        "--runs-dir",
+        str(tmp / "runs"),
+        "--out",
+        str(out),
+        "--tracking-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        *CPU,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The study searched (no tracking) and exported once, with MLflow models and ONNX."""
+    tmp = tmp_path_factory.mktemp("ship")
+    space = tmp / "chains.yaml"
+    space.write_text(chain_space_text())
+    search = ["search", "--space", str(space), "--runs-dir", str(tmp / "runs")]
+    assert main([*search, "--study-name", STUDY, "--no-tracking", "--quiet", *CPU]) == 0
+    assert main(export_args(tmp, tmp / "export")) == 0
+    return tmp, tmp / "export"
+
+
+@pytest.fixture
+def deployer(exported, monkeypatch) -> str:
+    """The store's URI, set as a deployer's shell would (MLflow's own loaders read it)."""
+    tmp, _ = exported
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    return uri
+
+
+def _context(tmp: Path, out: Path):
+    """The export's own loading code: data, teacher, and each exported student."""
+    from autosplit.device import resolve_runtime
+    from autosplit.export import _EvalContext
+
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    return _EvalContext(best["candidate"], resolve_runtime("cpu"), tmp / "runs"), best
+
+
+def test_the_best_student_is_a_registered_mlflow_model_with_the_exported_gate(exported, deployer):
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    tmp, out = exported
+    context, best = _context(tmp, out)
+    student = context.student(best["candidate"], out / "best.pt")
+    threshold = best["candidate"]["structure"]["exit_threshold"]
+    assert student.exit_threshold == threshold is not None
+
+    versions = MlflowClient(deployer).search_model_versions(f"name = '{STUDY}'")
+    assert [int(v.version) for v in versions] == [1]
+    loaded = mlflow.pytorch.load_model(f"models:/{STUDY}/1")
+    assert not loaded.training and loaded.exit_threshold == threshold
+
+    images = context.example(256)
+    with torch.no_grad():
+        expected = student(images)
+        got = loaded(images)
+        student.exit_threshold = None
+        ungated = student(images)
+    assert torch.equal(got, expected)
+    # The gate is what made them equal: some samples exit before the last part.
+    assert not torch.equal(expected, ungated)
+
+
+def test_every_exported_student_is_logged_with_a_signature(exported, deployer):
+    from mlflow.models import get_model_info
+    from mlflow.tracking import MlflowClient
+
+    tmp, out = exported
+    client = MlflowClient(deployer)
+    experiment = client.get_experiment_by_name(STUDY)
+    logged = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    stems = {p.stem for p in (out / "front").glob("trial-*.yaml")}
+    assert {m.name for m in logged} == stems
+    run = client.get_run(logged[0].source_run_id)
+    assert run.data.tags["autosplit.role"] == "export" and run.info.status == "FINISHED"
+    info = get_model_info(logged[0].model_uri)
+    [spec] = info.signature.inputs.inputs
+    assert list(spec.shape) == [-1, 1, 8, 8] and str(spec.type) == "float32"
+    assert info.saved_input_example_info is not None
+
+
+def test_an_unreachable_store_is_one_line_before_any_work(exported, tmp_path, capsys):
+    tmp, _ = exported
+    out = tmp_path / "export"
+    args = export_args(tmp, out)
+    args[args.index("--tracking-uri") + 1] = f"sqlite:///{tmp_path}"  # a folder
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autosplit: --tracking-uri sqlite:///") and "folder" in err
+    assert "\n" not in err and not out.exists()
+
+
+def test_a_store_failing_during_the_export_keeps_the_files(exported, tmp_path):
+    from autosplit.device import resolve_runtime
+    from autosplit.errors import UserError
+    from autosplit.export import export_study
+    from autosplit.search import study as studies
+    from autosplit.tracking import MlflowTracker
+
+    tmp, _ = exported
+    db = tmp_path / "mlflow.db"
+    tracker = MlflowTracker(f"sqlite:///{db}")  # opens, then the file is ruined under it
+    db.write_bytes(b"not a database" * 100)
+    url = studies.default_storage(tmp / "runs", 1)
+    study = studies.open_study(STUDY, studies.open_storage(url, write=False), create=False)
+    out = tmp_path / "export"
+    with pytest.raises(UserError) as caught:
+        export_study(
+            study,
+            out,
+            storage_url=url,
+            runtime=resolve_runtime("cpu"),
+            runs_dir=tmp / "runs",
+            tracker=tracker,
+            say=lambda _m: None,
+        )
+    message = str(caught.value)
+    assert message.startswith(f"{out}: the export is written in full, but MLflow tracking at")
+    assert "\n" not in message
+    assert (out / "best.yaml").is_file() and (out / "best.pt").is_file()
