@@ -288,6 +288,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autosplit.paths import check_output_dir, check_sqlite_url, check_study_name
     from autosplit.tracking import check_tracking, default_tracking_uri
 
+    if args.onnx:  # a missing package is said now, not after the students are measured
+        from autosplit.deploy import require_onnx
+
+        require_onnx()
     study, url = _open_existing(args)
     if args.out is None:
         try:
@@ -312,6 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         runs_dir=Path(args.runs_dir),
         confirm_seeds=args.confirm_seeds,
         tracker=tracker,
+        onnx=args.onnx,
     )
     print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
     print(f"retrain: autosplit train --config {out / 'best.yaml'}")
@@ -546,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--no-tracking",
                 action="store_true",
                 help="do not log the students as MLflow models (nor register best)",
+            )
+            cmd.add_argument(
+                "--onnx",
+                action="store_true",
+                help="also write each student as ONNX beside its weights (extra: onnx)",
             )
         cmd.set_defaults(func=func)
 

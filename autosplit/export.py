@@ -101,6 +101,7 @@ def export_study(
     confirm_seeds: int = 0,
     confirm_top: int = 3,
     tracker: Any = None,
+    onnx: bool = False,
     say: Any = print,
 ) -> list[Path]:
     """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths.
@@ -115,6 +116,10 @@ def export_study(
     from autosplit.search.front import final_front, final_members, pareto_front, search_records
     from autosplit.search.space import SearchSpace
 
+    if onnx:
+        from autosplit.deploy import require_onnx
+
+        require_onnx()
     info = studies.study_info(study)
     budget = int(info.budget_flops)
     cost = "expected_flops" if info.objective_flops == "expected" else "flops"
@@ -159,8 +164,10 @@ def export_study(
                 )
             stem = f"trial-{entry.number:04d}"
             document["provenance"]["input"] = context.input_description()
+            student = context.student(document["candidate"], weights)
+            (staging / "front").mkdir(exist_ok=True)
+            onnx_files = _write_onnx(student, context, staging, out_dir, stem) if onnx else []
             if tracker is not None:
-                student = context.student(document["candidate"], weights)
                 models.append(_student_model(stem, student, document, context, entry is best))
             targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
             for target in targets:
@@ -170,6 +177,10 @@ def export_study(
                     with naming(out_dir / target.with_suffix(".pt"), always=True):
                         shutil.copyfile(weights, staging / target.with_suffix(".pt"))
                     document["provenance"]["weights"] = target.with_suffix(".pt").name
+                if onnx_files:
+                    document["provenance"]["onnx"] = _copy_onnx(
+                        onnx_files, stem, target, staging, out_dir, student
+                    )
                 with naming(out_dir / target.with_suffix(".yaml"), always=True):
                     atomic_write_text(staging / target.with_suffix(".yaml"), dump_yaml(document))
                 written.append(out_dir / target.with_suffix(".yaml"))
@@ -185,6 +196,34 @@ def export_study(
     if tracker is not None:
         _log_models(tracker, study.study_name, models, out_dir, say)
     return written
+
+
+def _write_onnx(
+    student: Any, context: _EvalContext, staging: Path, out_dir: Path, stem: str
+) -> list[str]:
+    from autosplit.deploy import export_onnx
+
+    with naming(out_dir / "front" / f"{stem}.onnx", always=True):
+        return export_onnx(student, context.splits.info.input_shape, staging / "front" / stem)
+
+
+def _copy_onnx(
+    files: list[str], stem: str, target: Path, staging: Path, out_dir: Path, student: Any
+) -> dict[str, Any]:
+    """The ONNX files of ``target`` (written for ``front/<stem>``, copied for ``best``) and
+    what runs them: ``autosplit.deploy.OnnxStudent.from_export(<this yaml>)``."""
+    from autosplit.deploy import gated
+
+    names = [target.name + name.removeprefix(stem) for name in files]
+    for source, name in zip(files, names, strict=True):
+        if target.parent != Path("front"):
+            with naming(out_dir / target.parent / name, always=True):
+                shutil.copyfile(staging / "front" / source, staging / target.parent / name)
+    return {
+        "files": names,
+        "exit_threshold": student.exit_threshold if gated(student) else None,
+        "run": "autosplit.deploy.OnnxStudent.from_export(<this file>)",
+    }
 
 
 def _student_model(

@@ -1,7 +1,7 @@
 """The student shipped: MLflow models (registered under the study's name), ONNX files beside the
 weights (ResKD's gate run part by part), and latency measured against the teacher.
 
-One tiny study (digits, a 1-epoch teacher, two 1-epoch res_chain trials with an exit gate), one
+One tiny study (digits, a 1-epoch teacher, one 1-epoch res_chain trial with an exit gate), one
 export of it; real MLflow on SQLite, real onnxruntime.
 """
 
@@ -22,8 +22,8 @@ STUDY = "ship"
 
 
 def chain_space_text() -> str:
-    """digits_tiny, cheaper: a 1-epoch teacher; two 1-epoch trials on 300 rows, both ResKD
-    chains of two res-students (the exit gate calibrated on val); no rungs, no final stage."""
+    """digits_tiny, cheaper: a 1-epoch teacher; one 1-epoch trial on 300 rows, a ResKD
+    chain of two res-students (the exit gate calibrated on val); no rungs, no final stage."""
     text = DIGITS.read_text()
     text = text.replace("    epochs: 12\n", "    epochs: 1\n").replace(
         "    epochs: 2\n    batch_size: 64\n    lr: 0.1\n    seed: 0\nparams:",
@@ -34,7 +34,7 @@ def chain_space_text() -> str:
     text = text.replace("{type: int, low: 1, high: 2, when", "{choices: [2], when")
     head, _ = text.split("search:\n")
     return head + (
-        "search:\n  trials: 2\n  sampler: random\n  fidelity: {rungs: [], final: null}\n"
+        "search:\n  trials: 1\n  sampler: random\n  fidelity: {rungs: [], final: null}\n"
         "  baselines: {}\n"
     )
 
@@ -63,7 +63,7 @@ def exported(tmp_path_factory):
     space.write_text(chain_space_text())
     search = ["search", "--space", str(space), "--runs-dir", str(tmp / "runs")]
     assert main([*search, "--study-name", STUDY, "--no-tracking", "--quiet", *CPU]) == 0
-    assert main(export_args(tmp, tmp / "export")) == 0
+    assert main(export_args(tmp, tmp / "export", "--onnx")) == 0
     return tmp, tmp / "export"
 
 
@@ -169,3 +169,95 @@ def test_a_store_failing_during_the_export_keeps_the_files(exported, tmp_path):
     assert message.startswith(f"{out}: the export is written in full, but MLflow tracking at")
     assert "\n" not in message
     assert (out / "best.yaml").is_file() and (out / "best.pt").is_file()
+
+
+# --- ONNX -------------------------------------------------------------------------------------
+
+
+def test_onnx_gives_the_torch_logits_on_256_test_images(exported):
+    import numpy as np
+
+    from autosplit.deploy import OnnxStudent
+
+    tmp, out = exported
+    context, _ = _context(tmp, out)
+    images = context.example(256)
+    configs = [out / "best.yaml", *sorted((out / "front").glob("trial-*.yaml"))]
+    assert len(configs) >= 2
+    for config in configs:
+        document = yaml.safe_load(config.read_text())
+        onnx = document["provenance"]["onnx"]
+        student = context.student(document["candidate"], config.with_suffix(".pt"))
+        # A gated chain ships one graph per part, beside the weights, named after them.
+        assert onnx["files"] == [f"{config.stem}.{p}.onnx" for p in ("base", "res1", "res2")]
+        assert all((config.parent / name).is_file() for name in onnx["files"])
+        assert onnx["exit_threshold"] == student.exit_threshold is not None
+        with torch.no_grad():
+            expected = student(images).numpy()
+        got = OnnxStudent.from_export(config)(images.numpy())
+        assert got.shape == expected.shape == (256, 10)
+        assert float(np.abs(got - expected).max()) <= 1e-4, config
+        assert (got.argmax(1) == expected.argmax(1)).all(), config
+
+
+def test_the_onnx_chain_runs_a_part_only_for_the_samples_still_going(exported):
+    import numpy as np
+    import onnxruntime as ort
+
+    from autosplit.deploy import run_chain
+
+    tmp, out = exported
+    context, best = _context(tmp, out)
+    student = context.student(best["candidate"], out / "best.pt")
+    images = context.example(256)
+    with torch.no_grad():
+        confidence = torch.softmax(student.base(images), dim=1).amax(dim=1).sort().values
+    # A threshold halfway between two neighbouring confidences near the median, so that
+    # about half the samples exit at the base and no decision sits on the edge.
+    middle = int(torch.argmax(confidence[100:156].diff())) + 100
+    threshold = float(confidence[middle] + confidence[middle + 1]) / 2
+    student.exit_threshold = threshold
+    with torch.no_grad():
+        expected = student(images).numpy()
+
+    seen: list[int] = []
+
+    def part(name: str):
+        session = ort.InferenceSession(str(out / f"best.{name}.onnx"))
+
+        def run(batch):
+            seen.append(len(batch))
+            return session.run(None, {"images": batch})[0]
+
+        return run
+
+    parts = [part(name) for name in ("base", "res1", "res2")]
+    got = run_chain(parts, images.numpy(), threshold)
+    assert float(np.abs(got - expected).max()) <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert seen[0] == 256 and seen[1] == middle + 1  # res1 ran on the samples below theta only
+    assert len(seen) == 2 or seen[2] <= seen[1]
+    # No threshold: every part runs on every sample, the plain sum.
+    seen.clear()
+    student.exit_threshold = None
+    with torch.no_grad():
+        total = student(images).numpy()
+    assert float(np.abs(run_chain(parts, images.numpy(), None) - total).max()) <= 1e-4
+    assert seen == [256, 256, 256]
+
+
+def test_onnx_without_its_packages_is_one_line_before_any_work(
+    exported, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    tmp, _ = exported
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # how Python blocks an import
+    out = tmp_path / "export"
+    assert main(export_args(tmp, out, "--onnx")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "autosplit: --onnx: needs onnxruntime (not installed); install the extra: "
+        "pip install 'autosplit[onnx]'"
+    )
+    assert not out.exists()
