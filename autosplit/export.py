@@ -102,6 +102,7 @@ def export_study(
     confirm_top: int = 3,
     tracker: Any = None,
     onnx: bool = False,
+    latency_runs: int = 0,
     say: Any = print,
 ) -> list[Path]:
     """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths.
@@ -148,6 +149,7 @@ def export_study(
     views = SearchSpace.from_yaml(space_path).settings.teacher_views if space_path.is_file() else 1
     context = _EvalContext(TrialAttrs.read(best.runs[0]).candidate, runtime, runs_dir)
     teacher_sha = sha256_file(info.teacher_path)
+    teacher_latency = context.teacher_latency(latency_runs, onnx) if latency_runs else None
     out_dir = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_parent_dir(out_dir)))
     written: list[Path] = []
@@ -167,6 +169,12 @@ def export_study(
             student = context.student(document["candidate"], weights)
             (staging / "front").mkdir(exist_ok=True)
             onnx_files = _write_onnx(student, context, staging, out_dir, stem) if onnx else []
+            if latency_runs:
+                onnx_paths = [staging / "front" / name for name in onnx_files]
+                document["result"]["latency_ms"] = context.latency(
+                    student, latency_runs, onnx_paths
+                )
+                document["provenance"]["teacher_latency_ms"] = teacher_latency
             if tracker is not None:
                 models.append(_student_model(stem, student, document, context, entry is best))
             targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
@@ -414,6 +422,37 @@ class _EvalContext:
         from autosplit.data import normalize
 
         return normalize(self.splits.test.images[:n], self.splits.info)
+
+    def latency(
+        self, module: Any, runs: int, onnx_paths: list[Path] | None = None
+    ) -> dict[str, Any]:
+        """``module``'s CPU latency on test images: torch, and onnxruntime on ``onnx_paths``
+        (the files ``deploy.export_onnx`` wrote for it), as an export YAML records it."""
+        from autosplit import latency
+        from autosplit.deploy import OnnxStudent, gated
+
+        images = self.example(128)
+        torch_ms = latency.torch_latency(module, images, runs=runs)
+        onnx_ms = None
+        if onnx_paths:
+            threshold = module.exit_threshold if gated(module) else None
+            runner = OnnxStudent(onnx_paths, threshold, threads=1)
+            onnx_ms = latency.onnx_latency(runner, images, runs=runs)
+        return latency.record(torch_ms, onnx_ms, runs)
+
+    def teacher_latency(self, runs: int, onnx: bool) -> dict[str, Any]:
+        """The teacher's, measured the same way (its ONNX graph written to a temporary
+        folder, not shipped)."""
+        import copy
+
+        from autosplit.deploy import export_onnx
+
+        teacher = copy.deepcopy(self.teacher.model).cpu().eval()
+        if not onnx:
+            return self.latency(teacher, runs)
+        with tempfile.TemporaryDirectory(prefix="autosplit-teacher-") as folder:
+            files = export_onnx(teacher, self.splits.info.input_shape, Path(folder) / "teacher")
+            return self.latency(teacher, runs, [Path(folder) / name for name in files])
 
     def input_description(self) -> dict[str, Any]:
         info = self.splits.info

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
 CPU = ("--device", "cpu")
 STUDY = "ship"
+RUNS = 5  # latency runs: few, to stay fast (the CLI's default is 100)
 
 
 def chain_space_text() -> str:
@@ -63,7 +64,9 @@ def exported(tmp_path_factory):
     space.write_text(chain_space_text())
     search = ["search", "--space", str(space), "--runs-dir", str(tmp / "runs")]
     assert main([*search, "--study-name", STUDY, "--no-tracking", "--quiet", *CPU]) == 0
-    assert main(export_args(tmp, tmp / "export", "--onnx")) == 0
+    threads = torch.get_num_threads()
+    assert main(export_args(tmp, tmp / "export", "--onnx", "--latency-runs", str(RUNS))) == 0
+    assert torch.get_num_threads() == threads  # latency ran on one thread, then put it back
     return tmp, tmp / "export"
 
 
@@ -261,3 +264,99 @@ def test_onnx_without_its_packages_is_one_line_before_any_work(
         "pip install 'autosplit[onnx]'"
     )
     assert not out.exists()
+
+
+# --- latency -------------------------------------------------------------------------------------
+
+
+def test_median_ms_times_the_runs_asked_after_a_warm_up_cycling_the_inputs():
+    from autosplit.latency import median_ms
+
+    seen: list[int] = []
+    assert median_ms(seen.append, [0, 1, 2], runs=7) >= 0.0
+    assert seen == [0, 1, 2] + [0, 1, 2, 0, 1, 2, 0]  # 3 warm-up calls, then 7 timed
+
+
+def test_torch_latency_runs_on_one_thread_and_puts_the_count_back():
+    from autosplit.latency import torch_latency
+
+    class Threads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[tuple[int, int]] = set()
+
+        def forward(self, images):
+            self.seen.add((torch.get_num_threads(), len(images)))
+            return images.flatten(1)
+
+    before = torch.get_num_threads()
+    module = Threads()
+    latency = torch_latency(module, torch.zeros(10, 1, 8, 8), runs=4)
+    assert set(latency) == {"b1", "b64"} and all(v > 0 for v in latency.values())
+    assert module.seen == {(1, 1), (1, 64)}  # 10 images repeated up to a batch of 64
+    assert torch.get_num_threads() == before
+
+
+def test_the_export_records_latency_of_each_student_and_the_teacher(exported):
+    _tmp, out = exported
+    configs = [out / "best.yaml", *sorted((out / "front").glob("trial-*.yaml"))]
+    teachers = []
+    for config in configs:
+        document = yaml.safe_load(config.read_text())
+        teacher = document["provenance"]["teacher_latency_ms"]
+        teachers.append(teacher)
+        for latency in (document["result"]["latency_ms"], teacher):
+            assert latency["measured"].startswith(f"median of {RUNS} runs after warm-up, 1 thread")
+            for backend in ("torch", "onnx"):
+                assert set(latency[backend]) == {"b1", "b64"}
+                assert all(ms > 0 for ms in latency[backend].values())
+    assert all(t == teachers[0] for t in teachers)  # the teacher measured once, for all
+
+
+def test_front_latency_shows_flops_and_latency_shares_of_the_teacher(exported, capsys):
+    tmp, out = exported
+    runs = str(tmp / "runs")
+    assert (
+        main(
+            ["front", "--study-name", STUDY, "--runs-dir", runs, "--latency", "--export", str(out)]
+        )
+        == 0
+    )
+    shown = capsys.readouterr().out.splitlines()
+    header = next(line for line in shown if line.startswith("rank"))
+    assert "%teacher" in header.split()  # FLOPs share, beside the latency shares
+    for name in ("lat torch b1", "lat torch b64", "lat onnx b1", "lat onnx b64"):
+        assert name in header
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    student = best["result"]["latency_ms"]
+    teacher = best["provenance"]["teacher_latency_ms"]
+    row = next(
+        line for line in shown if line.split()[:2] == ["1", str(best["provenance"]["trial"])]
+    )
+    shares = [
+        f"{100 * student[b][n] / teacher[b][n]:.0f}%"
+        for b in ("torch", "onnx")
+        for n in ("b1", "b64")
+    ]
+    cells = row.split()
+    label_at = cells.index("res_chain")
+    assert cells[label_at - 4 : label_at] == shares
+    assert any(line.startswith("%teacher: FLOPs as a share") for line in shown)
+
+
+def test_front_latency_without_an_export_is_one_line(exported, tmp_path, capsys):
+    tmp, _ = exported
+    args = ["front", "--study-name", STUDY, "--runs-dir", str(tmp / "runs"), "--latency"]
+    assert main([*args, "--export", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"autosplit: --latency: no export of study 'ship' at {tmp_path / 'none'}; run autosplit "
+        "export --study-name ship first, or pass --export DIR"
+    )
+    # An export that measured nothing says so, and how to get it.
+    out = tmp_path / "export"
+    assert main([*export_args(tmp, out, "--no-tracking", "--latency-runs", "0")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--export", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autosplit: --latency: the export at {out} recorded no latency")
+    assert "\n" not in err
