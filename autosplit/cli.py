@@ -363,7 +363,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         onnx=args.onnx,
         latency_runs=args.latency_runs,
     )
-    print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
+    shipped = "best.pt, best*.onnx" if args.onnx else "best.pt"
+    print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ {shipped}) and front/")
     print(f"retrain: autosplit train --config {out / 'best.yaml'}")
     return 0
 

@@ -144,6 +144,15 @@ def test_an_unreachable_store_is_one_line_before_any_work(exported, tmp_path, ca
     assert "\n" not in err and not out.exists()
 
 
+def test_a_negative_latency_run_count_is_one_line(exported, tmp_path, capsys):
+    tmp, _ = exported
+    assert main(export_args(tmp, tmp_path / "export", "--latency-runs", "-1")) == 2
+    assert capsys.readouterr().err.strip() == (
+        "autosplit: --latency-runs -1: must be >= 0 (0: not measured)"
+    )
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_store_failing_during_the_export_keeps_the_files(exported, tmp_path):
     from autosplit.device import resolve_runtime
     from autosplit.errors import UserError
