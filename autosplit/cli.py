@@ -208,9 +208,10 @@ def _check_search_paths(args: argparse.Namespace) -> None:
         check_sqlite_url(args.tracking_uri, "--tracking-uri")
 
 
-def _front_text(study: Any, *, rung: int | None) -> str:
+def _front_text(study: Any, *, rung: int | None, extra: Any = None) -> str:
     """The final front when the study has one (unless a rung is asked for), else the search's
-    front at the top rung, or the front of rung ``rung``."""
+    front at the top rung, or the front of rung ``rung``; ``extra``: columns to add
+    (``front.ExtraColumns``)."""
     from autosplit.search.front import (
         final_members,
         final_table,
@@ -231,13 +232,21 @@ def _front_text(study: Any, *, rung: int | None) -> str:
             raise UserError(
                 f"--rung {rung}: no trial of study {study.study_name!r} finished that rung"
             )
-        return f"rung {rung}:\n" + front_table(at, budget, teacher_flops=teacher_flops, cost=cost)
+        table = front_table(at, budget, teacher_flops=teacher_flops, cost=cost, extra=extra)
+        return f"rung {rung}:\n" + table
     members = final_members(recs, info.final_members)
     if members:
         return final_table(
-            members, budget, teacher_flops=teacher_flops, cost=cost, fidelity=_final_fidelity(study)
+            members,
+            budget,
+            teacher_flops=teacher_flops,
+            cost=cost,
+            fidelity=_final_fidelity(study),
+            extra=extra,
         )
-    return front_table(search_records(recs), budget, teacher_flops=teacher_flops, cost=cost)
+    return front_table(
+        search_records(recs), budget, teacher_flops=teacher_flops, cost=cost, extra=extra
+    )
 
 
 def _final_fidelity(study: Any) -> str:
@@ -278,15 +287,55 @@ def _open_existing(args: argparse.Namespace):
 
 def cmd_front(args: argparse.Namespace) -> int:
     study, _ = _open_existing(args)
-    print(_front_text(study, rung=args.rung))
+    extra = _latency_columns(args, study.study_name) if args.latency else None
+    print(_front_text(study, rung=args.rung, extra=extra))
     return 0
+
+
+def _latency_columns(args: argparse.Namespace, study_name: str) -> Any:
+    """``front --latency``: each member's latency as a share of the teacher's, read from what
+    ``autosplit export`` measured (in one process, so the shares compare on a noisy machine;
+    front itself measures nothing)."""
+    from autosplit.latency import read_export_latency
+    from autosplit.search.front import ExtraColumns
+
+    folder = Path(args.export) if args.export else Path(args.runs_dir) / "exports" / study_name
+    fix = f"run autosplit export --study-name {study_name} first, or pass --export DIR"
+    latency = read_export_latency(folder, study_name, fix=fix)
+    keys = [
+        f"{backend} {batch}"
+        for backend in ("torch", "onnx")
+        if backend in latency.teacher
+        for batch in ("b1", "b64")
+    ]
+    cells = {}
+    for number in latency.members:
+        shares = latency.shares(number) or {}
+        cells[number] = tuple(f"{100 * shares[k]:.0f}%" if k in shares else "-" for k in keys)
+    teacher = ", ".join(
+        f"{backend} b1 {ms['b1']:.2f} ms, b64 {ms['b64']:.2f} ms"
+        for backend, ms in latency.teacher.items()
+    )
+    notes = (
+        "%teacher: FLOPs as a share of the teacher's; lat <backend> <batch>: latency as a share "
+        "of the teacher's (onnx = onnxruntime), measured by autosplit export",
+        f"latency from {folder} ({latency.measured}); teacher: {teacher}; - = not in that export",
+    )
+    return ExtraColumns(tuple(f"lat {k}" for k in keys), cells, notes)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autosplit.device import resolve_runtime
     from autosplit.export import export_study
-    from autosplit.paths import check_output_dir, check_study_name
+    from autosplit.paths import check_output_dir, check_sqlite_url, check_study_name
+    from autosplit.tracking import check_tracking, default_tracking_uri
 
+    if args.latency_runs < 0:
+        raise UserError(f"--latency-runs {args.latency_runs}: must be >= 0 (0: not measured)")
+    if args.onnx:  # a missing package is said now, not after the students are measured
+        from autosplit.deploy import require_onnx
+
+        require_onnx()
     study, url = _open_existing(args)
     if args.out is None:
         try:
@@ -298,6 +347,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             ) from None
     out = Path(args.out) if args.out else Path(args.runs_dir) / "exports" / study.study_name
     check_output_dir(out, "--out")
+    tracker = None
+    if not args.no_tracking:  # an unreachable store fails now, before the students are measured
+        if args.tracking_uri is not None:
+            check_sqlite_url(args.tracking_uri, "--tracking-uri")
+        tracker = check_tracking(args.tracking_uri or default_tracking_uri(args.runs_dir))
     written = export_study(
         study,
         out,
@@ -305,8 +359,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         runtime=resolve_runtime(args.device),
         runs_dir=Path(args.runs_dir),
         confirm_seeds=args.confirm_seeds,
+        tracker=tracker,
+        onnx=args.onnx,
+        latency_runs=args.latency_runs,
     )
-    print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ best.pt) and front/")
+    shipped = "best.pt, best*.onnx" if args.onnx else "best.pt"
+    print(f"wrote {len(written)} file(s) under {out}: best.yaml (+ {shipped}) and front/")
     print(f"retrain: autosplit train --config {out / 'best.yaml'}")
     return 0
 
@@ -470,6 +528,8 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autosplit.latency import DEFAULT_RUNS as DEFAULT_LATENCY_RUNS  # imports no torch
+
     parser = argparse.ArgumentParser(prog="autosplit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -523,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--runs-dir", default="runs")
         if name == "front":
             cmd.add_argument("--rung", type=int, help="show rung N's front instead of the final")
+            cmd.add_argument(
+                "--latency",
+                action="store_true",
+                help="add each member's CPU latency as a share of the teacher's, as measured "
+                "by autosplit export",
+            )
+            cmd.add_argument("--export", help="the export to read (default runs/exports/<study>)")
         if name == "export":
             cmd.add_argument("--out", help="folder (default runs/exports/<study>)")
             cmd.add_argument(
@@ -532,6 +599,26 @@ def build_parser() -> argparse.ArgumentParser:
                 help="retrain the top front members with N more seeds",
             )
             cmd.add_argument("--device", default="auto")
+            cmd.add_argument(
+                "--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)"
+            )
+            cmd.add_argument(
+                "--no-tracking",
+                action="store_true",
+                help="do not log the students as MLflow models (nor register best)",
+            )
+            cmd.add_argument(
+                "--onnx",
+                action="store_true",
+                help="also write each student as ONNX beside its weights (extra: onnx)",
+            )
+            cmd.add_argument(
+                "--latency-runs",
+                type=int,
+                default=DEFAULT_LATENCY_RUNS,
+                help="CPU latency of each student and the teacher: median of N runs at batch 1 "
+                f"and 64, 1 thread (default {DEFAULT_LATENCY_RUNS}; 0: not measured)",
+            )
         cmd.set_defaults(func=func)
 
     sync = sub.add_parser("sync", help="log to MLflow the finished trials a search could not log")

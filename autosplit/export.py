@@ -2,7 +2,13 @@
 
 Each YAML is self-contained: the candidate (widths and exit gate pinned), the result measured in
 the search (plus test accuracy, measured here: the search never saw test), and provenance:
-package versions, FLOPs convention, data and teacher checksums, study, trial and run id.
+package versions, FLOPs convention, data and teacher checksums, study, trial and run id, and the
+input the student takes (shape, normalisation).
+
+Files first, then MLflow: the export folder is staged and moved into place whole; only then are
+the students logged as MLflow models (and best.yaml's registered under the study's name). A
+store failing there leaves the files complete and says so in one line (non-zero exit); a
+re-run logs them again, as a new registered version.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ def export_study(
     runs_dir: Path,
     confirm_seeds: int = 0,
     confirm_top: int = 3,
+    tracker: Any = None,
+    onnx: bool = False,
+    latency_runs: int = 0,
     say: Any = print,
 ) -> list[Path]:
     """Write ``best.yaml`` + ``front/trial-N.yaml`` (+ ``.pt`` weights); return the YAML paths.
@@ -108,6 +117,10 @@ def export_study(
     from autosplit.search.front import final_front, final_members, pareto_front, search_records
     from autosplit.search.space import SearchSpace
 
+    if onnx:
+        from autosplit.deploy import require_onnx
+
+        require_onnx()
     info = studies.study_info(study)
     budget = int(info.budget_flops)
     cost = info.cost
@@ -136,9 +149,11 @@ def export_study(
     views = SearchSpace.from_yaml(space_path).settings.teacher_views if space_path.is_file() else 1
     context = _EvalContext(TrialAttrs.read(best.runs[0]).candidate, runtime, runs_dir)
     teacher_sha = sha256_file(info.teacher_path)
+    teacher_latency = context.teacher_latency(latency_runs, onnx) if latency_runs else None
     out_dir = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_parent_dir(out_dir)))
     written: list[Path] = []
+    models: list[Any] = []  # StudentModel, logged once the files are in place
     try:
         confirm_for = {e.number for e in sorted(entries, key=lambda e: -e.val_acc)[:confirm_top]}
         for entry in entries:
@@ -150,6 +165,18 @@ def export_study(
                     document["candidate"], confirm_seeds, views
                 )
             stem = f"trial-{entry.number:04d}"
+            document["provenance"]["input"] = context.input_description()
+            student = context.student(document["candidate"], weights)
+            (staging / "front").mkdir(exist_ok=True)
+            onnx_files = _write_onnx(student, context, staging, out_dir, stem) if onnx else []
+            if latency_runs:
+                onnx_paths = [staging / "front" / name for name in onnx_files]
+                document["result"]["latency_ms"] = context.latency(
+                    student, latency_runs, onnx_paths
+                )
+                document["provenance"]["teacher_latency_ms"] = teacher_latency
+            if tracker is not None:
+                models.append(_student_model(stem, student, document, context, entry is best))
             targets = [Path("front") / stem] + ([Path("best")] if entry is best else [])
             for target in targets:
                 (staging / target).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +185,10 @@ def export_study(
                     with naming(out_dir / target.with_suffix(".pt"), always=True):
                         shutil.copyfile(weights, staging / target.with_suffix(".pt"))
                     document["provenance"]["weights"] = target.with_suffix(".pt").name
+                if onnx_files:
+                    document["provenance"]["onnx"] = _copy_onnx(
+                        onnx_files, stem, target, staging, out_dir, student
+                    )
                 with naming(out_dir / target.with_suffix(".yaml"), always=True):
                     atomic_write_text(staging / target.with_suffix(".yaml"), dump_yaml(document))
                 written.append(out_dir / target.with_suffix(".yaml"))
@@ -170,7 +201,77 @@ def export_study(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if tracker is not None:
+        _log_models(tracker, study.study_name, models, out_dir, say)
     return written
+
+
+def _write_onnx(
+    student: Any, context: _EvalContext, staging: Path, out_dir: Path, stem: str
+) -> list[str]:
+    from autosplit.deploy import export_onnx
+
+    with naming(out_dir / "front" / f"{stem}.onnx", always=True):
+        return export_onnx(student, context.splits.info.input_shape, staging / "front" / stem)
+
+
+def _copy_onnx(
+    files: list[str], stem: str, target: Path, staging: Path, out_dir: Path, student: Any
+) -> dict[str, Any]:
+    """The ONNX files of ``target`` (written for ``front/<stem>``, copied for ``best``) and
+    what runs them: ``autosplit.deploy.OnnxStudent.from_export(<this yaml>)``."""
+    from autosplit.deploy import gated
+
+    names = [target.name + name.removeprefix(stem) for name in files]
+    for source, name in zip(files, names, strict=True):
+        if target.parent != Path("front"):
+            with naming(out_dir / target.parent / name, always=True):
+                shutil.copyfile(staging / "front" / source, staging / target.parent / name)
+    return {
+        "files": names,
+        "exit_threshold": student.exit_threshold if gated(student) else None,
+        "run": "autosplit.deploy.OnnxStudent.from_export(<this file>)",
+    }
+
+
+def _student_model(
+    stem: str, student: Any, document: dict[str, Any], context: _EvalContext, is_best: bool
+) -> Any:
+    from autosplit.tracking import StudentModel
+
+    result, provenance = document["result"], document["provenance"]
+    return StudentModel(
+        name=stem,
+        module=student,
+        example=context.example(1).numpy(),
+        tags={
+            "autosplit.study": provenance["study"],
+            "autosplit.trial": str(provenance["trial"]),
+            "autosplit.label": provenance["label"],
+            "autosplit.best": str(is_best).lower(),
+            "autosplit.exit_threshold": str(student.exit_threshold),
+        },
+        metrics={
+            k: float(result[k])
+            for k in ("val_acc", "test_acc", "flops_worst_case", "flops_expected", "params")
+            if result.get(k) is not None
+        },
+        register=is_best,
+    )
+
+
+def _log_models(tracker: Any, study_name: str, models: list[Any], out_dir: Path, say: Any) -> None:
+    try:
+        logged = tracker.log_students(study_name, models)
+    except UserError as exc:
+        raise UserError(
+            f"{out_dir}: the export is written in full, but {exc}; re-run the export to log "
+            "its models"
+        ) from None
+    say(
+        f"MLflow: logged {len(models)} model(s) in run {logged.run_id} of experiment "
+        f"{study_name!r}; registered best as {logged.registered}"
+    )
 
 
 @dataclass
@@ -314,6 +415,58 @@ class _EvalContext:
             candidate_plain, weights, self.teacher.model, self.splits, self.runtime
         )
 
+    def student(self, candidate_plain: dict[str, Any], weights: str | Path) -> Any:
+        """The trained student in eval mode on the CPU, its exit gate set (deployment)."""
+        return load_trained_student(candidate_plain, weights, self.teacher.model, self.splits)
+
+    def example(self, n: int) -> Any:
+        """The first ``n`` test images as the student takes them: float32 (n, C, H, W),
+        normalised, on the CPU."""
+        from autosplit.data import normalize
+
+        return normalize(self.splits.test.images[:n], self.splits.info)
+
+    def latency(
+        self, module: Any, runs: int, onnx_paths: list[Path] | None = None
+    ) -> dict[str, Any]:
+        """``module``'s CPU latency on test images: torch, and onnxruntime on ``onnx_paths``
+        (the files ``deploy.export_onnx`` wrote for it), as an export YAML records it."""
+        from autosplit import latency
+        from autosplit.deploy import OnnxStudent, gated
+
+        images = self.example(128)
+        torch_ms = latency.torch_latency(module, images, runs=runs)
+        onnx_ms = None
+        if onnx_paths:
+            threshold = module.exit_threshold if gated(module) else None
+            runner = OnnxStudent(onnx_paths, threshold, threads=1)
+            onnx_ms = latency.onnx_latency(runner, images, runs=runs)
+        return latency.record(torch_ms, onnx_ms, runs)
+
+    def teacher_latency(self, runs: int, onnx: bool) -> dict[str, Any]:
+        """The teacher's, measured the same way (its ONNX graph written to a temporary
+        folder, not shipped)."""
+        import copy
+
+        from autosplit.deploy import export_onnx
+
+        teacher = copy.deepcopy(self.teacher.model).cpu().eval()
+        if not onnx:
+            return self.latency(teacher, runs)
+        with tempfile.TemporaryDirectory(prefix="autosplit-teacher-") as folder:
+            files = export_onnx(teacher, self.splits.info.input_shape, Path(folder) / "teacher")
+            return self.latency(teacher, runs, [Path(folder) / name for name in files])
+
+    def input_description(self) -> dict[str, Any]:
+        info = self.splits.info
+        return {
+            "shape": list(info.input_shape),
+            "dtype": "float32",
+            "normalise": "(x / 255 - mean) / std, per channel",
+            "mean": list(info.mean),
+            "std": list(info.std),
+        }
+
     def confirm(self, candidate_plain: dict[str, Any], seeds: int, views: int) -> dict[str, Any]:
         """Retrain with ``seeds`` further seeds: mean ± sd of val and test accuracy."""
         from autosplit.distill.candidate import Candidate
@@ -341,10 +494,20 @@ def trained_test_accuracy(
 ) -> float:
     """Test accuracy of a trial's saved student (its exit gate applied), rebuilt from its
     pinned candidate."""
+    from autosplit.train import evaluate
+
+    student = load_trained_student(candidate_plain, weights, teacher, splits)
+    student = runtime.prepare(student)
+    return evaluate(student, test_loader(splits, runtime), runtime)
+
+
+def load_trained_student(
+    candidate_plain: dict[str, Any], weights: str | Path, teacher: Any, splits: Any
+) -> Any:
+    """A trial's saved student rebuilt from its pinned candidate, in eval mode on the CPU."""
     from autosplit.checkpoint import load_checkpoint
     from autosplit.distill.candidate import Candidate
     from autosplit.distill.run import build_and_count
-    from autosplit.train import evaluate
 
     candidate = Candidate.from_dict(candidate_plain)
     distiller, _ = build_and_count(candidate, teacher, splits)
@@ -358,8 +521,7 @@ def trained_test_accuracy(
         weights, kind="student", fix="nothing was exported; restore the file (the search wrote it)"
     )
     student.load_state_dict(payload["state_dict"])  # build_student set its exit threshold
-    student = runtime.prepare(student).eval()
-    return evaluate(student, test_loader(splits, runtime), runtime)
+    return student.cpu().eval()
 
 
 def test_loader(splits: Any, runtime: Any) -> Any:

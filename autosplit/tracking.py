@@ -3,7 +3,8 @@
 The search talks to a ``Tracker``: ``MlflowTracker`` writes one experiment per study, a parent
 run per ``autosplit search`` invocation (the Pareto front plots, hypervolume, the search's own
 cost) and a nested child run per trial; ``NullTracker`` does nothing, for tests and
-``--no-tracking``. A leaf: the search computes what the parent run shows (``search.report``)
+``--no-tracking``. ``autosplit export`` logs the exported students as MLflow models in an
+``export-…`` run of the same experiment (``MlflowTracker.log_students``). A leaf: the search computes what the parent run shows (``search.report``)
 and hands it over; nothing here knows what a front is. It uses ``MlflowClient`` with explicit
 run ids rather than ``mlflow.start_run`` so that no global active-run state is shared: several
 workers (processes or threads) may each hold a tracker on the same store. optuna-integration's MLflow callback is deprecated and not used.
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -61,6 +63,26 @@ def _is_http(uri: str) -> bool:
 def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
     """``sqlite:///<abs>/runs/mlflow.db``: an embedded store that needs no server."""
     return f"sqlite:///{(Path(runs_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+@dataclass(frozen=True)
+class StudentModel:
+    """One exported student to log as an MLflow model: ``module`` in eval mode on the CPU,
+    ``example`` a float32 batch (1, C, H, W) of normalised images it takes."""
+
+    name: str  # the logged model's name, e.g. "trial-0003"
+    module: Any  # torch.nn.Module
+    example: Any  # numpy.ndarray
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    register: bool = False  # a new version of the registered model named after the study
+
+
+@dataclass(frozen=True)
+class LoggedStudents:
+    run_id: str
+    model_uris: dict[str, str]  # name -> models:/m-… URI
+    registered: str | None  # models:/<name>/<version> of the registered one
 
 
 @runtime_checkable
@@ -589,6 +611,67 @@ class MlflowTracker:
                 )
             self.client.set_terminated(self.parent_run_id, status=status)
 
+    def log_students(self, study_name: str, students: Sequence[StudentModel]) -> LoggedStudents:
+        """Log each student with ``mlflow.pytorch.log_model`` (signature and input example) in
+        a new ``export-…`` run of the study's experiment, registering the one marked
+        ``register`` as a new version of the model named ``study_name``. A failing store raises
+        ``UserError`` (one line).
+
+        Pickled, not MLflow's default "pt2" graph: ``torch.export`` traces one path through
+        the code, and ResKD's exit gate is data-dependent control flow; a pickled module keeps
+        its own ``forward``, gate and threshold (loading it needs autosplit importable).
+        """
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        from autosplit import __version__
+
+        requirements = [f"autosplit=={__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+        quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning, once per model
+        level = quiet.level
+        uris: dict[str, str] = {}
+        registered = None
+        with self._talking(f"log the exported models of study {study_name!r}", strict=True):
+            experiment_id = self._experiment(study_name)
+            run = self.client.create_run(
+                experiment_id,
+                run_name=f"export-{time.strftime('%Y%m%d-%H%M%S')}",
+                tags={ROLE_TAG: "export", STUDY_TAG: study_name, WORKER_TAG: _worker_id()},
+            )
+            run_id, status = run.info.run_id, "FAILED"
+            quiet.setLevel(logging.ERROR)
+            try:
+                with _fluent_uris(self.tracking_uri), mlflow.start_run(run_id=run_id):
+                    for student in students:
+                        with torch.no_grad():
+                            logits = student.module(torch.from_numpy(student.example)).numpy()
+                        info = mlflow.pytorch.log_model(
+                            student.module,
+                            name=student.name,
+                            signature=infer_signature(student.example, logits),  # (-1, C, H, W)
+                            input_example=student.example,
+                            registered_model_name=study_name if student.register else None,
+                            serialization_format="pickle",
+                            pip_requirements=requirements,  # no inference subprocess
+                            tags=student.tags,
+                        )
+                        uris[student.name] = info.model_uri
+                        if student.register:
+                            registered = f"models:/{study_name}/{info.registered_model_version}"
+                        self._log_batch(
+                            run_id,
+                            metrics=_metrics(
+                                {f"{student.name}/{k}": v for k, v in student.metrics.items()}, 0
+                            ),
+                        )
+                status = "FINISHED"
+            finally:
+                quiet.setLevel(level)
+                self.client.set_terminated(run_id, status=status)
+        return LoggedStudents(run_id, uris, registered)
+
     def _log_batch(
         self,
         run_id: str,
@@ -601,6 +684,30 @@ class MlflowTracker:
         self.client.log_batch(
             run_id, metrics=metrics or [], params=params or [], tags=tags or [], synchronous=True
         )
+
+
+@contextlib.contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """``mlflow.pytorch.log_model`` logs through MLflow's process-wide tracking and registry
+    URIs (and their environment variables): point them at ``uri`` for the block, then put back
+    exactly what was there, so that no later client in this process follows them."""
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    tracking, registry = _tracking_service.utils, _model_registry.utils
+    saved = tracking._tracking_uri, registry._registry_uri
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    tracking.set_tracking_uri(uri)
+    registry.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking.set_tracking_uri(saved[0])
+        registry._registry_uri = saved[1]
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _metrics(values: Mapping[str, float | int | None], step: int) -> list[Any]:

@@ -16,4 +16,4 @@ PY="${PYTHON:-python3}"
 # torch first and pinned: on this kind of machine these wheels are on local disk; a bare
 # `torch` requirement would otherwise pull a multi-GB build from the index.
 "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test,postgres,dashboard]'
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test,postgres,dashboard,onnx]'

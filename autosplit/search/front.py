@@ -15,7 +15,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +45,27 @@ class TrialRecord:
     member: int | None = None  # final: the search trial this job retrains
     seed: int | None = None  # final: the training seed
     train_cost: float | None = None  # images seen over one joint run's (``TrialAttrs``)
+
+
+@dataclass(frozen=True)
+class ExtraColumns:
+    """Columns a table shows before ``label`` (``front --latency``): cells by trial number,
+    "-" for a trial without any; ``notes`` are printed under the table."""
+
+    header: tuple[str, ...]
+    cells: Mapping[int, tuple[str, ...]]
+    notes: tuple[str, ...] = ()
+
+
+def _with_columns(
+    header: tuple[str, ...], rows: list[tuple[str, ...]], extra: ExtraColumns | None
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    if extra is None:
+        return header, rows
+    blank = ("-",) * len(extra.header)
+    return header[:-2] + extra.header + header[-2:], [
+        row[:-2] + tuple(extra.cells.get(int(row[1]), blank)) + row[-2:] for row in rows
+    ]
 
 
 def search_records(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -283,6 +304,7 @@ def front_table(
     *,
     teacher_flops: int | None = None,
     cost: Cost = "flops",
+    extra: ExtraColumns | None = None,
 ) -> str:
     """The Pareto table ``autosplit front`` prints: the front cheapest first, then baselines.
 
@@ -323,6 +345,7 @@ def front_table(
         )
     for record in others:
         rows.append(_row("-", record, budget_flops, teacher_flops, False))
+    header, rows = _with_columns(header, rows, extra)
 
     teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
     against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
@@ -344,16 +367,16 @@ def front_table(
     summary = ", ".join(
         f"{counts.get(s, 0)} {s}" for s in ("complete", "pruned", "infeasible", "failed", "running")
     )
-    extra = "".join(
+    others_states = "".join(
         f", {n} {s}"
         for s, n in sorted(counts.items())
         if s not in ("complete", "pruned", "infeasible", "failed", "running")
     )
     out.append(
-        f"{len(records)} trials: {summary}{extra}"
+        f"{len(records)} trials: {summary}{others_states}"
         + (f" ({over} complete but over budget)" if over else "")
     )
-    return "\n".join(out)
+    return "\n".join(out + list(extra.notes if extra else ()))
 
 
 def _row(
@@ -390,6 +413,7 @@ def final_table(
     teacher_flops: int | None = None,
     cost: Cost = "flops",
     fidelity: str = "",
+    extra: ExtraColumns | None = None,
 ) -> str:
     """The final front ``autosplit front`` prints by default: mean ± sd over seeds.
 
@@ -424,6 +448,7 @@ def final_table(
         rows.append(_final_row(str(rank), member, best, budget_flops, teacher_flops))
     for member in others:
         rows.append(_final_row("-", member, best, budget_flops, teacher_flops))
+    header, rows = _with_columns(header, rows, extra)
     teacher = f"; teacher {_fmt_flops(teacher_flops)}" if teacher_flops else ""
     against = "expected FLOPs" if cost == "expected_flops" else "worst-case FLOPs"
     at = f" at {fidelity}" if fidelity else ""
@@ -437,6 +462,7 @@ def final_table(
             budget_flops,
             empty="  (no finished final-stage job yet)",
         )
+        + list(extra.notes if extra else ())
     )
 
 
