@@ -64,9 +64,12 @@ class CachedTeacher:
 
     def outputs(self, batch: Batch) -> dict[str, Tensor]:
         view = self.tensors[batch.view % self.n_views]
-        rows = batch.indices
+        rows = batch.indices  # int64 (B,), CPU
+        # index_select rather than t[rows]: 6x faster for fp16 feature maps on CPU (155 -> 24 us
+        # for (128, 64, 7, 7)); the fp16 -> fp32 cast runs after the copy, on the device.
         return {
-            name: t[rows].to(self.device, non_blocking=True).float() for name, t in view.items()
+            name: torch.index_select(t, 0, rows).to(self.device, non_blocking=True).float()
+            for name, t in view.items()
         }
 
 

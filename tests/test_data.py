@@ -305,6 +305,9 @@ def test_loader_order_length_and_normalisation() -> None:
         assert all(b.view == 0 for b in loader)
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
     assert len(orders[0]) == 48 and len(set(orders[0].tolist())) == 48
+    for batch in loader:  # each batch holds exactly the rows it names
+        assert torch.equal(batch.images, normalize(split.images[batch.indices], info))
+        assert torch.equal(batch.labels, split.labels[batch.indices])
     expected = (split.images.float() / 255 - torch.tensor(info.mean).view(3, 1, 1)) / torch.tensor(
         info.std
     ).view(3, 1, 1)

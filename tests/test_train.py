@@ -5,12 +5,21 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from autosplit.config import TrainConfig
 from autosplit.data import TensorLoader
+from autosplit.device import Runtime
 from autosplit.errors import UserError
 from autosplit.models import create_model
-from autosplit.train import Classifier, StopTraining, fit, lr_factor, seed_everything
+from autosplit.train import (
+    Classifier,
+    StopTraining,
+    fit,
+    lr_factor,
+    make_optimizer,
+    seed_everything,
+)
 
 
 def _loaders(splits, batch_size=64):
@@ -164,3 +173,86 @@ def test_gradient_clipping_bounds_the_step(digits_splits, cpu):
     fit(task, train, val, cfg, cpu, progress=False)
     after = torch.cat([p.detach().flatten() for p in task.parameters()])
     assert 0 < float((after - before).norm()) <= 0.5 * 1e-3 * 1.0001
+
+
+class _ThreeTerms(Classifier):
+    """CE plus an L2 logit penalty: a loss dict with several terms, like a distiller's."""
+
+    def loss(self, outputs, teacher_outputs, labels, *, epoch):
+        ce = F.cross_entropy(outputs["logits"], labels)
+        l2 = 1e-3 * outputs["logits"].pow(2).mean()
+        return {"loss": ce + l2, "loss_ce": ce, "loss_l2": l2}
+
+
+def _reference_fit(task, loader, cfg):
+    """fit's arithmetic written out term by term, as the loop did before it stacked the terms:
+    per-step lr, SGD, and per-key on-device sums of term x batch size."""
+    optimizer = make_optimizer(task.trainable_parameters(), cfg)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    step, epochs = 0, []
+    for epoch in range(cfg.epochs):
+        task.train()
+        loader.set_epoch(epoch)
+        sums, correct, seen = {}, torch.zeros((), dtype=torch.long), 0
+        for batch in loader:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_factor(cfg, step, len(loader))
+            outputs = task(batch.images)
+            losses = task.loss(outputs, None, batch.labels, epoch=epoch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() * batch.labels.numel()
+            correct += (outputs["logits"].detach().argmax(1) == batch.labels).sum()
+            seen += batch.labels.numel()
+            step += 1
+        epochs.append(({k: float(v) / seen for k, v in sums.items()}, 100.0 * int(correct) / seen))
+    return epochs
+
+
+def test_fit_computes_exactly_what_the_plain_loop_computes(digits_splits):
+    # A fixed-format fp32 runtime, so the reference loop needs no memory-format handling.
+    runtime = Runtime(torch.device("cpu"), None, channels_last=False)
+    cfg = TrainConfig(epochs=2, lr=0.1, batch_size=64, schedule="cosine")
+    runs = []
+    for run in (fit, _reference_fit):
+        seed_everything(0)
+        model = create_model("tiny", num_classes=10, in_channels=1)
+        task = _ThreeTerms(model)
+        train, val = _loaders(digits_splits)
+        if run is fit:
+            history = fit(task, train, val, cfg, runtime, progress=False).history
+            epochs = [({"loss": h.train_loss, **h.loss_terms}, h.train_acc) for h in history]
+        else:
+            epochs = _reference_fit(task, train, cfg)
+        runs.append((epochs, [p.detach().clone() for p in task.parameters()]))
+    (fit_epochs, fit_weights), (ref_epochs, ref_weights) = runs
+    assert fit_epochs == ref_epochs  # bit-identical loss terms and accuracy, every epoch
+    assert set(fit_epochs[0][0]) == {"loss", "loss_ce", "loss_l2"}
+    assert all(torch.equal(a, b) for a, b in zip(fit_weights, ref_weights, strict=True))
+
+
+class _SometimesExtra(Classifier):
+    """A term present on every other batch only: the loop must still average every term."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = 0
+
+    def loss(self, outputs, teacher_outputs, labels, *, epoch):
+        ce = F.cross_entropy(outputs["logits"], labels)
+        self.calls += 1
+        if self.calls % 2:
+            return {"loss": ce, "loss_ce": ce}
+        return {"loss": ce, "loss_ce": ce, "loss_extra": torch.ones(())}
+
+
+def test_loss_terms_that_come_and_go_are_averaged_over_all_samples(digits_splits, cpu):
+    train, val = _loaders(digits_splits, batch_size=len(digits_splits.train) // 4)
+    train.drop_last = True  # four equal batches, two of which report loss_extra = 1
+    seed_everything(0)
+    task = _SometimesExtra(create_model("tiny", num_classes=10, in_channels=1))
+    history = fit(task, train, val, TrainConfig(epochs=1), cpu, progress=False).history
+    assert history[0].loss_terms["loss_extra"] == pytest.approx(0.5)
+    assert history[0].loss_terms["loss_ce"] == pytest.approx(history[0].train_loss)
