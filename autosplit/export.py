@@ -27,7 +27,14 @@ from typing import Any
 from autosplit.config import atomic_write_text, dump_yaml, load_yaml
 from autosplit.errors import UserError, redact_url
 from autosplit.paths import naming
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import (
+    BEST_TAG,
+    EXIT_THRESHOLD_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    StudyAttrs,
+    TrialAttrs,
+)
 from autosplit.search.front import FLOPS_CONVENTION
 
 PACKAGES = ("autosplit", "torch", "torchvision", "optuna", "mlflow", "fvcore", "numpy")
@@ -245,11 +252,11 @@ def _student_model(
         module=student,
         example=context.example(1).numpy(),
         tags={
-            "autosplit.study": provenance["study"],
-            "autosplit.trial": str(provenance["trial"]),
-            "autosplit.label": provenance["label"],
-            "autosplit.best": str(is_best).lower(),
-            "autosplit.exit_threshold": str(student.exit_threshold),
+            STUDY_TAG: provenance["study"],
+            TRIAL_TAG: str(provenance["trial"]),
+            TrialAttrs.key("label"): provenance["label"],
+            BEST_TAG: str(is_best).lower(),
+            EXIT_THRESHOLD_TAG: str(student.exit_threshold),
         },
         metrics={
             k: float(result[k])

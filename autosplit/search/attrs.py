@@ -159,3 +159,7 @@ STUDY_TAG = PREFIX + "study"  # a parent run's study
 SYNCED_TAG = PREFIX + "synced"  # "true" on a run ``autosplit sync`` logged
 WORKER_TAG = TrialAttrs.key("worker")  # host:pid of the process that started the run
 STATE_TAG = TrialAttrs.key("state")  # set by end_trial: a run without it never finished logging
+# The tags of an exported student's MLflow model (besides STUDY_TAG and the label's key).
+TRIAL_TAG = PREFIX + "trial"  # the search trial it comes from
+BEST_TAG = PREFIX + "best"  # "true" for best.yaml's student
+EXIT_THRESHOLD_TAG = PREFIX + "exit_threshold"  # its gate's threshold ("None": no gate)
