@@ -513,12 +513,18 @@ def load_trained_student(
 ) -> Any:
     """A trial's saved student rebuilt from its pinned candidate, in eval mode on the CPU."""
     from autosplit.checkpoint import load_checkpoint
+    from autosplit.distill import build_student
     from autosplit.distill.candidate import Candidate
-    from autosplit.distill.run import build_and_count
 
-    candidate = Candidate.from_dict(candidate_plain)
-    distiller, _ = build_and_count(candidate, teacher, splits)
-    student = distiller.student
+    info = splits.info
+    # The student alone: its weights are all the file holds (no loss parts, no FLOPs count).
+    student = build_student(
+        Candidate.from_dict(candidate_plain),
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_shape=info.input_shape,
+        teacher=teacher,
+    )
     if not Path(weights).is_file():
         raise UserError(
             f"{weights}: a trial's weights are missing; nothing was exported; "

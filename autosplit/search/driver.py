@@ -82,8 +82,9 @@ class SearchContext:
 
     @property
     def front_cost(self) -> Cost:
-        """The FLOPs figure the search optimises (``StudyAttrs.cost`` reads it back)."""
-        return "expected_flops" if self.space.settings.objective_flops == "expected" else "flops"
+        """The FLOPs figure the search optimises: the study records ``objective_flops`` and
+        ``StudyAttrs.cost`` is the one mapping from it."""
+        return StudyAttrs(objective_flops=self.space.settings.objective_flops).cost  # type: ignore[return-value]
 
     @property
     def final(self) -> FinalStage | None:
@@ -612,9 +613,9 @@ def at_fidelity(candidate: Candidate, rung: Rung) -> Candidate:
     values: dict[str, Any] = {"train.epochs": rung.epochs, "train.max_train_samples": rung.rows}
     warmup = candidate.logit_loss.get("warmup_epochs")
     if warmup is not None and warmup > 0:
-        scaled = max(1, round(warmup * rung.epochs / candidate.train.epochs))
-        if min(scaled, rung.epochs) != warmup:
-            values["logit_loss.warmup_epochs"] = min(scaled, rung.epochs)
+        scaled = min(max(1, round(warmup * rung.epochs / candidate.train.epochs)), rung.epochs)
+        if scaled != warmup:
+            values["logit_loss.warmup_epochs"] = scaled
     return candidate.with_values(values)
 
 

@@ -297,7 +297,7 @@ def write_final_png(
         if not group:
             continue
         axes.errorbar(
-            [_member_cost(m, cost) for m in group],
+            [cost_of(m.record(), cost) for m in group],
             [m.val_mean for m in group],
             yerr=[m.val_sd for m in group],
             fmt="*" if colour == _BASELINE_COLOUR else "o",
@@ -310,7 +310,7 @@ def write_final_png(
         for m in group:
             axes.annotate(
                 m.baseline or f"#{m.number}",
-                (_member_cost(m, cost), m.val_mean),
+                (cost_of(m.record(), cost), m.val_mean),
                 textcoords="offset points",
                 xytext=(5, 4),
                 fontsize=8,
@@ -318,7 +318,7 @@ def write_final_png(
             )
     if front:
         axes.plot(
-            [_member_cost(m, cost) for m in front],
+            [cost_of(m.record(), cost) for m in front],
             [m.val_mean for m in front],
             drawstyle="steps-post",
             color=_FRONT_COLOUR,
@@ -334,10 +334,6 @@ def write_final_png(
         "validation accuracy (%), mean ± sd over seeds",
         cost,
     )
-
-
-def _member_cost(member: FinalMember, cost: Cost) -> float:
-    return float(member.expected_flops if cost == "expected_flops" else member.flops)
 
 
 def _finish(

@@ -39,10 +39,24 @@ def coder(channels_in: int, channels_out: int) -> nn.Sequential:
     # Not in place: the first activation reads a view of the base's or the teacher's map.
     layers: list[nn.Module] = [nn.LeakyReLU(0.1)]
     for c_in, c_out in zip(widths, widths[1:], strict=False):
-        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (9 * c_out)))
-        layers += [conv, nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1, inplace=True)]
-    return nn.Sequential(*layers)
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.LeakyReLU(0.1, inplace=True),
+        ]
+    return init_coder(nn.Sequential(*layers))
+
+
+def init_coder(coder: nn.Module) -> nn.Module:
+    """(Re)set a coder's weights as the official code starts them: each conv N(0, 2 / (9 * out)),
+    each batch-norm weight 1, bias 0 and fresh running statistics."""
+    for module in coder.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / (9 * module.out_channels)))
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_parameters()
+            module.reset_running_stats()
+    return coder
 
 
 def autoencoder_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.SGD:
@@ -160,12 +174,7 @@ class IEKD(Part):
         # Its own seed, whatever was built before it: reused or trained afresh, it is the same.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for module in coders.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / (9 * module.out_channels)))
-                elif isinstance(module, nn.BatchNorm2d):
-                    module.reset_parameters()
-                    module.reset_running_stats()
+            init_coder(coders)
         params = list(coders.parameters())
         for p in params:
             p.requires_grad_(True)
