@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autosplit.config import TrainConfig
 from autosplit.data import TensorLoader
@@ -256,3 +257,42 @@ def test_loss_terms_that_come_and_go_are_averaged_over_all_samples(digits_splits
     history = fit(task, train, val, TrainConfig(epochs=1), cpu, progress=False).history
     assert history[0].loss_terms["loss_extra"] == pytest.approx(0.5)
     assert history[0].loss_terms["loss_ce"] == pytest.approx(history[0].train_loss)
+
+
+def test_fit_steps_with_the_fused_sgd_kernel_and_the_same_updates(digits_splits, cpu):
+    """fit's SGD is torch's fused kernel on CPU (one kernel for all tensors, not a Python loop
+    over them), and it moves the weights as the unfused SGD with the same settings does."""
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4)
+    fused_flags = []
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: fused_flags.append(optimizer.defaults["fused"])
+    )
+    try:
+        task = _task(digits_splits)
+        train, val = _loaders(digits_splits)
+        fit(task, train, val, cfg, cpu, progress=False)
+    finally:
+        handle.remove()
+    assert fused_flags and all(fused_flags)
+
+    reference = _task(digits_splits)  # the same seed: the same initial weights
+    optimizer = torch.optim.SGD(
+        reference.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        fused=False,
+    )
+    reference.train()
+    train.set_epoch(0)
+    for step, batch in enumerate(train):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step, len(train))
+        loss = reference.loss(reference(batch.images), None, batch.labels, epoch=0)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    for ours, theirs in zip(task.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert make_optimizer(task.parameters(), cfg).defaults["fused"]
