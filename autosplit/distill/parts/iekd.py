@@ -17,7 +17,7 @@ from autosplit.distill.losses import factor_distance
 from autosplit.distill.registry import FEATURE_LOSSES
 from autosplit.errors import UserError
 from autosplit.modules import resize as resize_map
-from autosplit.train import fusable
+from autosplit.train import sgd
 
 if TYPE_CHECKING:
     from autosplit.device import Runtime
@@ -63,10 +63,7 @@ def init_coder(coder: nn.Module) -> nn.Module:
 def autoencoder_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.SGD:
     """The official code's optimiser for the teacher auto-encoder: SGD, momentum 0.9, Nesterov,
     weight decay 5e-4, a constant learning rate."""
-    params = list(params)
-    return torch.optim.SGD(
-        params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fusable(params) or None
-    )
+    return sgd(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
 @FEATURE_LOSSES.register("iekd")
