@@ -35,7 +35,9 @@ IMAGEFOLDER_MAX_BYTES = 4 * 2**30  # decoded uint8 images must fit comfortably i
 IMAGEFOLDER_DEFAULT_SIZE = 64
 _IMAGE_SUFFIXES = set(".png .jpg .jpeg .bmp .gif .webp .tif .tiff .ppm .pgm".split())
 _log = logging.getLogger(__name__)
-_FINGERPRINT_VERSION = 2  # bump when the split algorithm changes, so old caches are not reused
+# Bump when the split or the row order changes, so old caches are not reused.
+# 3: training rows in a seeded, class-interleaved order.
+_FINGERPRINT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -442,8 +444,55 @@ def load_splits(cfg: DataConfig) -> Splits:
             f"{', '.join(DATASETS.names())}, or imagefolder:PATH"
         )
     train_rows, val_rows = _stratified_split(raw.train.labels, cfg.val_fraction, cfg.split_seed)
+    # Rungs, max_train_samples and ResKD's calibration rows take prefixes of the training rows:
+    # keep them in an order whose every prefix holds each class in proportion.
+    train_rows = train_rows[interleaved_order(raw.train.labels[train_rows], cfg.split_seed)]
     train, val = _take(raw.train, train_rows), _take(raw.train, val_rows)
     return Splits(raw.info, train, val, raw.test, _fingerprint(raw, cfg))
+
+
+def interleaved_order(labels: Tensor, seed: int) -> Tensor:
+    """A seeded permutation of ``labels``' rows, interleaved by class, so that every prefix of
+    it holds each class within one row of its share (``len(prefix) * n_c / N``).
+
+    Each step takes a row of the class furthest behind its share (the largest deficit
+    ``m * p_c - count_c``); that greedy keeps every deficit in (-1, 1). Within a class rows are
+    shuffled; ties between classes go by a seeded class order. Files listed class by class (an
+    image folder) would otherwise give a rung's prefix only the first classes."""
+    n = labels.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    rng = np.random.default_rng([seed % 2**32, 0x0DE5])  # NumPy seeds are 32-bit
+    label_array = labels.numpy()
+    classes, counts = np.unique(label_array, return_counts=True)
+    tie_order = rng.permutation(classes.size)  # ties go to the earlier class in this order
+    classes, counts = classes[tie_order], counts[tie_order]
+    pools = [rng.permutation(np.flatnonzero(label_array == c)) for c in classes]
+    share = counts / n
+    taken = np.zeros(classes.size, dtype=np.int64)
+    picks = np.empty(n, dtype=np.int64)  # class position taken at each step
+    for step in range(n):
+        deficit = (step + 1) * share - taken
+        deficit[taken >= counts] = -np.inf  # exhausted (only rounding could ask for more)
+        chosen = int(np.argmax(deficit))
+        picks[step] = chosen
+        taken[chosen] += 1
+    order = np.empty(n, dtype=np.int64)
+    for position, pool in enumerate(pools):
+        order[picks == position] = pool
+    return torch.from_numpy(order)
+
+
+def warn_if_prefix_misses_classes(rows: int, n_classes: int, what: str) -> None:
+    """One line when ``rows`` interleaved training rows cannot hold every class."""
+    if 0 < rows < n_classes:
+        _log.warning(
+            "%s: %d rows cannot hold all %d classes; raise it to at least %d",
+            what,
+            rows,
+            n_classes,
+            n_classes,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +586,7 @@ class TensorLoader:
         n_views: int | None = None,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        first_row: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -546,7 +596,12 @@ class TensorLoader:
         self.shuffle, self.seed, self.n_views, self.drop_last = shuffle, seed, n_views, drop_last
         self.augment = augment and info.augmentation != "none"
         self.device = torch.device(device)
-        self.num_samples = len(split)
+        if not 0 <= first_row < max(len(split), 1):
+            raise ValueError(f"first_row must be in [0, {len(split)}), got {first_row}")
+        # Rows before first_row are held out (ResKD's calibration rows); batch indices stay row
+        # numbers into ``split``, so cached teacher rows and per-row augmentation still match.
+        self.first_row = first_row
+        self.num_samples = len(split) - first_row
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -579,9 +634,9 @@ class TensorLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mix("shuffle", self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator)
+            order = torch.randperm(self.num_samples, generator=generator) + self.first_row
         else:
-            order = torch.arange(self.num_samples)
+            order = torch.arange(self.first_row, len(self.split))
         view = self.view_for_epoch(self.epoch)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             rows = order[start : start + self.batch_size]  # int64 (B,), CPU

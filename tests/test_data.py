@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -322,3 +323,77 @@ def test_real_fashion_mnist_from_debian_package() -> None:
     splits = load_splits(DataConfig(name="fashion-mnist", val_fraction=0.1))
     assert (len(splits.train) + len(splits.val), len(splits.test)) == (60_000, 10_000)
     assert len(splits.val) == 6000 and torch.bincount(splits.test.labels).tolist() == [1000] * 10
+
+
+def _class_ordered_folder(root: Path, n_classes: int, per_class: int) -> Path:
+    """An image folder as users have them: listed class by class (the loader sorts the files)."""
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in range(n_classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), 40 * c + i % 7).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _worst_share_gap(labels: torch.Tensor, n_classes: int) -> float:
+    """max over prefixes and classes of |count of the class in the prefix - prefix * share|."""
+    one_hot = torch.nn.functional.one_hot(labels, n_classes).double()
+    counts = one_hot.cumsum(0)  # (N, C)
+    lengths = torch.arange(1, len(labels) + 1, dtype=torch.float64)[:, None]
+    share = one_hot.mean(0)[None]
+    return float((counts - lengths * share).abs().max())
+
+
+def test_every_prefix_of_a_class_ordered_folder_holds_every_class(tmp_path: Path) -> None:
+    """5 classes x 40 images listed class by class: any prefix of the training rows (a rung's
+    rows, max_train_samples) and ResKD's calibration rows hold each class within one row of its
+    share. Before the interleaving, the first 50 of 180 rows were classes 0 and 1 only."""
+    from autosplit.distill.run import _calibration_split
+    from autosplit.distill.structures.res_chain import ResChainParams
+
+    root = _class_ordered_folder(tmp_path / "ordered", n_classes=5, per_class=40)
+    splits = load_splits(DataConfig(name=f"imagefolder:{root}", image_size=8, val_fraction=0.1))
+    labels = splits.train.labels
+    assert len(labels) == 180 and torch.bincount(labels).tolist() == [36] * 5
+    assert _worst_share_gap(labels, 5) < 1.0
+    assert set(labels[:5].tolist()) == set(range(5))
+
+    gated = SimpleNamespace(exit_gate=True, params=ResChainParams())
+    for rung_rows in (50, 100, 180):  # rung prefixes, then ResKD's held-out first 10 % of them
+        prefix = Split(splits.train.images[:rung_rows], labels[:rung_rows])
+        held, calibration = _calibration_split(gated, prefix, 5)
+        assert calibration is not None and held == len(calibration) == round(0.1 * rung_rows)
+        counts = torch.bincount(calibration.labels, minlength=5).double()
+        assert (counts - held / 5).abs().max() < 1.0
+
+    # The same seed gives the same order; another split seed another one.
+    again = load_splits(DataConfig(name=f"imagefolder:{root}", image_size=8, val_fraction=0.1))
+    assert torch.equal(again.train.images, splits.train.images)
+    other = load_splits(
+        DataConfig(name=f"imagefolder:{root}", image_size=8, val_fraction=0.1, split_seed=1)
+    )
+    assert not torch.equal(other.train.labels, labels)
+
+
+def test_interleaving_holds_unequal_classes_to_one_row() -> None:
+    """Unequal class sizes: the deficit rule keeps every prefix within one row of each share,
+    and the order is a permutation of the rows."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n_classes = 2 + trial % 9
+        sizes = torch.randint(1, 120, (n_classes,), generator=generator)
+        labels = torch.repeat_interleave(torch.arange(n_classes), sizes)
+        order = data.interleaved_order(labels, seed=trial)
+        assert sorted(order.tolist()) == list(range(len(labels)))
+        assert _worst_share_gap(labels[order], n_classes) < 1.0
+
+
+def test_a_prefix_smaller_than_the_classes_warns_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data.warn_if_prefix_misses_classes(4, 10, "train.max_train_samples")
+    data.warn_if_prefix_misses_classes(10, 10, "train.max_train_samples")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "train.max_train_samples: 4 rows cannot hold all 10 classes; raise it to at least 10"
+    ]

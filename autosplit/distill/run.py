@@ -12,7 +12,7 @@
    as a joint one. The result records the training cost either way (``train_images``,
    ``train_flops``);
 4. a structure with an exit gate (``res_chain``): a threshold in the candidate is used as is;
-   ``None`` is calibrated on a *calibration split*, the last ``structure.calibration_share`` of
+   ``None`` is calibrated on a *calibration split*, the first ``structure.calibration_share`` of
    the candidate's training rows, held out from training. The rule (ResKD's stopping rule is
    not public: a reading) is the cheapest threshold whose accuracy is within
    ``structure.exit_max_drop`` points of running the whole chain, or, with
@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from autosplit.data import Split, Splits, TensorLoader, eval_loader
+from autosplit.data import (
+    Split,
+    Splits,
+    TensorLoader,
+    eval_loader,
+    warn_if_prefix_misses_classes,
+)
 from autosplit.errors import UserError
 from autosplit.train import EpochStats, TeacherSource, evaluate, fit, seed_everything
 
@@ -184,7 +190,12 @@ def train_candidate(
         teacher_source = LiveTeacher(teacher, sorted(distiller.teacher_taps | {"logits"}), runtime)
     _check_taps(teacher_source, distiller.teacher_taps)
     train_split = _limit(splits.train, cfg.max_train_samples)
-    train_split, calibration_split = _calibration_split(distiller.student, train_split)
+    warn_if_prefix_misses_classes(
+        len(train_split), splits.info.num_classes, "train.max_train_samples"
+    )
+    held, calibration_split = _calibration_split(
+        distiller.student, train_split, splits.info.num_classes
+    )
     # A cache of K augmented views serves epoch e with view e % K: the loader must agree.
     n_views = getattr(teacher_source, "n_views", None) if candidate.data.augment else None
     train_loader = TensorLoader(
@@ -196,7 +207,8 @@ def train_candidate(
         seed=cfg.seed,
         n_views=n_views,
         device=runtime.device,
-        drop_last=len(train_split) >= cfg.batch_size,
+        drop_last=len(train_split) - held >= cfg.batch_size,
+        first_row=held,
     )
     val_loader = eval_loader(splits.val, splits.info, runtime.device)
     distiller.prepare(teacher_source, train_loader, runtime)
@@ -247,19 +259,21 @@ def train_candidate(
         params=deployed_parameters(student),
         seconds=seconds,
         stages=[(s.name, e) for s, e in zip(stages, epochs, strict=True)],
-        train_images=sum(epochs) * images_per_epoch(len(train_split), cfg.batch_size),
+        train_images=sum(epochs) * images_per_epoch(train_loader.num_samples, cfg.batch_size),
         train_cost=sum(epochs) / cfg.epochs,
         exit=choice,
         calibration=calibration,
     )
 
 
-def _calibration_split(student: Student, train: Split) -> tuple[Split, Split | None]:
-    """The rows to train on, and the calibration rows held out of them: the last
+def _calibration_split(student: Student, train: Split, n_classes: int) -> tuple[int, Split | None]:
+    """How many rows to hold out for calibration, and those rows: the first
     ``calibration_share`` of the candidate's training rows, for a gate whose threshold is to be
-    calibrated (a prefix stays a prefix: cached teacher rows still match)."""
+    calibrated. The training rows are class-interleaved, so that prefix holds every class in
+    proportion; training takes the rest (its row numbers stay those of ``train``, so cached
+    teacher rows still match)."""
     if not student.exit_gate or student.params.exit_threshold is not None:
-        return train, None
+        return 0, None
     share = float(student.params.calibration_share)
     held = max(1, round(share * len(train)))
     if held >= len(train):
@@ -267,9 +281,8 @@ def _calibration_split(student: Student, train: Split) -> tuple[Split, Split | N
             f"structure.calibration_share: {share} of {len(train)} training rows leaves none "
             "to train on; lower it or train on more rows"
         )
-    images, labels = train.images, train.labels
-    cut = len(train) - held
-    return Split(images[:cut], labels[:cut]), Split(images[cut:], labels[cut:])
+    warn_if_prefix_misses_classes(held, n_classes, "structure.calibration_share's rows")
+    return held, Split(train.images[:held], train.labels[:held])
 
 
 def _calibrate_exit(

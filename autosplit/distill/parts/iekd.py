@@ -222,6 +222,7 @@ class IEKD(Part):
             p.ae_epochs,
             p.ae_lr,
             getattr(train_loader, "num_samples", None),
+            getattr(train_loader, "first_row", 0),
             getattr(train_loader, "batch_size", None),
             getattr(train_loader, "seed", None),
             getattr(train_loader, "augment", None),

@@ -29,8 +29,8 @@ class ResChainParams:
     weight.
 
     The exit gate: ``exit_threshold`` theta on max softmax (> 1 never exits); None = calibrate
-    it after training on the last ``calibration_share`` of the training rows, held out from
-    training: the cheapest theta within ``exit_max_drop`` accuracy points of running the whole
+    it after training on the first ``calibration_share`` of the (class-interleaved) training
+    rows, held out from training: the cheapest theta within ``exit_max_drop`` accuracy points of running the whole
     chain there, or, with ``exit_flops_share`` set, the most accurate theta whose expected FLOPs
     are within that share of the worst case."""
 
