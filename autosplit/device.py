@@ -42,6 +42,8 @@ class Runtime:
         module = module.to(self.device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
+            if self.device.type == "cpu":
+                keep_narrow_strided_pointwise_convs_contiguous(module)
         return module
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
@@ -72,3 +74,34 @@ def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:
     # faster per step still but compiles for minutes per architecture, longer than a search
     # trial trains, so it stays off. fp32: no autocast on CPU.
     return Runtime(dev, None, channels_last=True)
+
+
+# oneDNN on CPU (torch 2.14.1, an AVX2 AMD EPYC: no AVX-512) corrupts the heap in the backward
+# pass of a channels_last 1x1 convolution with stride 2 and 2-6 input channels (seen: 2, 3, 4,
+# 5, 6 crash within 50 steps; 1, 7, 8, 10, 12, 14 and every 3x3 do not; contiguous NCHW never
+# does). Narrow students' downsample shortcuts are such convolutions, and a search then aborts
+# with "corrupted double-linked list". Those few convolutions run in NCHW; the rest of the
+# network stays channels_last.
+_NARROW_POINTWISE_MAX_CHANNELS = 8
+
+
+def _to_contiguous(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def keep_narrow_strided_pointwise_convs_contiguous(module: nn.Module) -> None:
+    for conv in module.modules():
+        if (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (1, 1)
+            and max(conv.stride) > 1
+            and conv.in_channels < _NARROW_POINTWISE_MAX_CHANNELS
+            and not getattr(conv, "_autosplit_nchw", False)
+        ):
+            # Not .contiguous(): a (O, I, 1, 1) channels_last weight already counts as
+            # contiguous and keeps its NHWC strides, which oneDNN reads.
+            weight = conv.weight.data
+            conv.weight.data = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            conv.weight.data.copy_(weight)
+            conv.register_forward_pre_hook(_to_contiguous)
+            conv._autosplit_nchw = True  # prepare may run twice on one module

@@ -82,3 +82,39 @@ def test_resolve_runtime_on_cpu():
     assert runtime.channels_last  # the faster format on CPU (benchmarks/train_throughput.py)
     assert not runtime.is_cuda
     assert not runtime.grad_scaler().is_enabled()
+
+
+_NARROW_SHORTCUT = """
+import torch
+from torch import nn
+from autosplit.device import resolve_runtime
+
+block = resolve_runtime("cpu").prepare(
+    nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 11, 1, stride=2))
+)
+for _ in range(50):
+    block(torch.randn(64, 1, 8, 8)).sum().backward()
+print("trained", flush=True)
+"""
+
+
+def test_a_narrow_strided_pointwise_conv_trains_without_corrupting_the_heap() -> None:
+    """oneDNN's channels_last backward of a 1x1 stride-2 conv with 2-6 input channels aborts
+    the process (seen on an AVX2 CPU with torch 2.14.1); the runtime runs such convs in NCHW.
+    In a child process, since the failure is an abort, not an exception."""
+    import subprocess
+    import sys
+
+    from autosplit.device import resolve_runtime
+
+    done = subprocess.run(
+        [sys.executable, "-c", _NARROW_SHORTCUT], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-500:]
+
+    block = resolve_runtime("cpu").prepare(
+        torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(6, 11, 1, 2))
+    )
+    wide, narrow = block[0].weight, block[1].weight
+    assert wide.is_contiguous(memory_format=torch.channels_last)
+    assert narrow.stride() == (6, 1, 1, 1)  # NCHW strides, not the channels_last (6, 1, 6, 6)
