@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import warnings
@@ -124,3 +125,11 @@ def _why(exc: Exception) -> str:
     if isinstance(exc, KeyError | ValueError) or "load key" in text:
         return "the file is not a PyTorch file"
     return f"torch.load raised {type(exc).__name__}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -60,7 +60,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.paths import check_output_dir
-    from autosplit.teacher import get_teacher
+    from autosplit.teacher import PRETRAINED_DIR, get_teacher
 
     space = find_space(args.space)
     data, teacher_cfg = load_space_sections(space)
@@ -74,13 +74,21 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         f"{len(splits.val.labels)} / test {len(splits.test.labels)}; device {runtime.device}"
     )
     teacher = get_teacher(
-        teacher_cfg, data, splits, runtime, runs_dir=args.runs_dir, progress=not args.quiet
+        teacher_cfg,
+        data,
+        splits,
+        runtime,
+        runs_dir=args.runs_dir,
+        progress=not args.quiet,
+        retrain=args.retrain_teacher,
     )
     from autosplit.flops import count_flops, format_flops
     from autosplit.search.front import FLOPS_CONVENTION
 
     flops = count_flops(teacher.model.cpu(), splits.info.input_shape)
     state = "cached" if teacher.from_cache else f"trained in {teacher.train_seconds:.0f}s"
+    if teacher.path.parent == PRETRAINED_DIR:
+        state = "shipped with autosplit"
     print(
         f"teacher {teacher_cfg.model} ({state}): val {teacher.val_acc:.2f}%  "
         f"test {teacher.test_acc:.2f}%  FLOPs {format_flops(flops)} "
@@ -172,6 +180,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
+        retrain_teacher=args.retrain_teacher,
         started=STARTED,
     )
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
@@ -540,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     teacher.add_argument("--data-dir", help="where the dataset files are")
     teacher.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    teacher.add_argument(
+        "--retrain-teacher",
+        action="store_true",
+        help="train a fresh teacher even where one is cached or shipped with the package",
+    )
     teacher.add_argument("--runs-dir", default="runs", help="outputs folder (default: runs)")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
     teacher.set_defaults(func=cmd_teacher)
@@ -562,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--workers", type=int, default=1, help="local worker processes")
     search.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    search.add_argument(
+        "--retrain-teacher",
+        action="store_true",
+        help="train a fresh teacher even where one is cached or shipped with the package",
+    )
     search.add_argument("--data-dir", help="where the dataset files are")
     search.add_argument("--runs-dir", default="runs")
     search.add_argument(

@@ -3,10 +3,16 @@
 Cached under ``runs/teachers/<key>/teacher.pt`` where the key hashes the teacher config and the
 data fingerprint, so a second call with the same space returns at once and any change to the
 teacher's recipe or the data trains a new one.
+
+The package ships the default space's teacher (``autosplit/pretrained/``: the checkpoint and a
+manifest with the command and commit that made it, its accuracies and its SHA-256). A teacher
+whose key matches a shipped one is loaded from there instead of trained, after its SHA-256 is
+checked; ``retrain=True`` (``--retrain-teacher``) trains a fresh one anyway.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from autosplit.checkpoint import (
     load_checkpoint,
     load_state_dict_file,
     save_checkpoint,
+    sha256_file,
 )
 from autosplit.config import DataConfig, TeacherConfig, config_hash, from_dict, to_dict
 from autosplit.data import Splits, TensorLoader, eval_loader
@@ -29,6 +36,7 @@ from autosplit.modules import freeze
 from autosplit.train import Classifier, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # <name>.pt + <name>.json manifests
 
 
 @dataclass
@@ -81,11 +89,41 @@ def load_teacher(path: str | Path, splits: Splits) -> Teacher:
     )
 
 
-def is_cached(config: TeacherConfig, splits: Splits, runs_dir: str | Path) -> bool:
+def is_cached(
+    config: TeacherConfig, splits: Splits, runs_dir: str | Path, *, retrain: bool = False
+) -> bool:
     """Whether ``get_teacher`` would load this teacher rather than train or import it."""
-    return (
-        Path(runs_dir) / "teachers" / teacher_key(config, splits.fingerprint) / "teacher.pt"
-    ).is_file()
+    if retrain:
+        return False
+    key = teacher_key(config, splits.fingerprint)
+    return (Path(runs_dir) / "teachers" / key / "teacher.pt").is_file() or (
+        config.checkpoint is None and shipped_teacher(key) is not None
+    )
+
+
+def shipped_teacher(key: str) -> Path | None:
+    """The checkpoint the package ships for teacher ``key``, if any and intact (its SHA-256 is
+    the manifest's); a damaged one is passed over with one warning."""
+    for manifest_path in sorted(PRETRAINED_DIR.glob("*.json")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("shipped teacher manifest %s unreadable (%s); ignored", manifest_path, exc)
+            continue
+        if manifest.get("teacher_key") != key:
+            continue
+        path = manifest_path.with_suffix(".pt")
+        digest = sha256_file(path) if path.is_file() else "missing"
+        if digest != manifest.get("sha256"):
+            log.warning(
+                "shipped teacher %s: SHA-256 %s, the manifest says %s; training the teacher instead",
+                path,
+                digest[:12],
+                str(manifest.get("sha256"))[:12],
+            )
+            return None
+        return path
+    return None
 
 
 def get_teacher(
@@ -96,12 +134,29 @@ def get_teacher(
     *,
     runs_dir: str | Path = "runs",
     progress: bool = True,
+    retrain: bool = False,
 ) -> Teacher:
-    """Return the cached teacher for (config, data), training or importing it on a miss."""
+    """Return the cached teacher for (config, data): from ``runs_dir``, else the one the package
+    ships for it, else trained (or imported from ``config.checkpoint``) and cached.
+    ``retrain`` trains a fresh one whatever is cached or shipped."""
     key = teacher_key(config, splits.fingerprint)
     folder = Path(runs_dir) / "teachers" / key
     path = folder / "teacher.pt"
-    if path.is_file():
+    shipped = shipped_teacher(key) if config.checkpoint is None and not retrain else None
+    if retrain:
+        log.info("teacher %s: training a fresh one (--retrain-teacher)", config.model)
+    elif not path.is_file() and shipped is not None:
+        teacher = load_teacher(shipped, splits)
+        teacher.model = runtime.prepare(teacher.model)
+        log.info(
+            "teacher %s from the shipped checkpoint %s (val %.2f%%, test %.2f%%)",
+            config.model,
+            shipped,
+            teacher.val_acc,
+            teacher.test_acc,
+        )
+        return teacher
+    if path.is_file() and not retrain:
         try:
             teacher = load_teacher(path, splits)
         except UserError as exc:  # autosplit's own file: rebuilt, as the output cache is

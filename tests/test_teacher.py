@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from autosplit.checkpoint import save_checkpoint
+from autosplit import teacher as teacher_module
+from autosplit.checkpoint import save_checkpoint, sha256_file
 from autosplit.config import DataConfig, TeacherConfig, TrainConfig
 from autosplit.errors import UserError
 from autosplit.models import create_model
-from autosplit.teacher import get_teacher
+from autosplit.teacher import get_teacher, is_cached
 
 DATA = DataConfig(name="digits", val_fraction=0.2, augment=False)
 CONFIG = TeacherConfig(model="tiny", train=TrainConfig(epochs=5, lr=0.1, batch_size=64))
@@ -98,3 +102,41 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
     save_checkpoint(tmp_path / "ok.pt", kind="teacher", state_dict={}, config={"a": 1})
     with pytest.raises(UserError, match="expected 'fit-state'"):
         load_checkpoint(tmp_path / "ok.pt", kind="fit-state")
+
+
+def _ship(source: Path, folder: Path, key: str) -> Path:
+    """What scripts/ship_teacher.py writes: the checkpoint and a manifest naming key and hash."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "shipped.pt"
+    shutil.copyfile(source, target)
+    manifest = {"teacher_key": key, "sha256": sha256_file(target)}
+    (folder / "shipped.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_a_shipped_teacher_is_loaded_not_trained_and_retrain_trains_afresh(
+    digits_splits, cpu, tmp_path, monkeypatch, caplog
+):
+    trained = get_teacher(CONFIG, DATA, digits_splits, cpu, runs_dir=tmp_path / "a", progress=False)
+    shipped = _ship(trained.path, tmp_path / "pretrained", trained.key)
+    monkeypatch.setattr(teacher_module, "PRETRAINED_DIR", tmp_path / "pretrained")
+    fresh_runs = tmp_path / "b"
+    assert is_cached(CONFIG, digits_splits, fresh_runs)  # the planner counts no teacher training
+    assert not is_cached(CONFIG, digits_splits, fresh_runs, retrain=True)
+
+    loaded = get_teacher(CONFIG, DATA, digits_splits, cpu, runs_dir=fresh_runs, progress=False)
+    assert loaded.from_cache and loaded.path == shipped
+    assert (loaded.val_acc, loaded.test_acc) == (trained.val_acc, trained.test_acc)
+    assert not (fresh_runs / "teachers").exists()  # nothing trained, nothing written
+
+    again = get_teacher(
+        CONFIG, DATA, digits_splits, cpu, runs_dir=fresh_runs, progress=False, retrain=True
+    )
+    assert not again.from_cache and again.path.parent.parent == fresh_runs / "teachers"
+
+    # A shipped file whose bytes are not the manifest's is never loaded.
+    shipped.write_bytes(shipped.read_bytes()[:-8] + b"tampered")
+    assert not is_cached(CONFIG, digits_splits, tmp_path / "c")
+    third = get_teacher(CONFIG, DATA, digits_splits, cpu, runs_dir=tmp_path / "c", progress=False)
+    assert not third.from_cache
+    assert "SHA-256" in caplog.text and "training the teacher instead" in caplog.text

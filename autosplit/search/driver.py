@@ -655,6 +655,7 @@ class SearchOptions:
     progress: bool = True
     halving: bool = True
     final_stage: bool = True
+    retrain_teacher: bool = False  # train a fresh teacher even where one is cached or shipped
     clock: Callable[[], float] = time.monotonic
     started: float | None = None  # ``clock()`` when the process started (default: at prepare)
 
@@ -712,7 +713,13 @@ def prepare(
     elif options.time_limit is not None:  # without a limit nothing is planned or estimated
         ctx.cost_model = _measure_cost_model(ctx)
     if shared is None and options.time_limit is not None:
-        chosen = _plan(ctx, options, cached=is_cached(teacher_cfg, splits, options.runs_dir))
+        chosen = _plan(
+            ctx,
+            options,
+            cached=is_cached(
+                teacher_cfg, splits, options.runs_dir, retrain=options.retrain_teacher
+            ),
+        )
         log_teacher(chosen.describe())
         for warning in chosen.warnings:
             log_teacher(f"warning: {warning}")
@@ -731,6 +738,7 @@ def prepare(
         runtime,
         runs_dir=options.runs_dir,
         progress=options.progress,
+        retrain=options.retrain_teacher,
     )
     if shared is None and options.time_limit is not None:
         # Work starts only while it can end inside the limit less a small reserve for the end

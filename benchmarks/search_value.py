@@ -1,0 +1,362 @@
+"""Does the search pay? autosplit against hand-picked recipes and random sampling, on Fashion-MNIST.
+
+(tau)   Proxy fidelity: ``--candidates`` candidates drawn at random from the space (not
+        finalists), each trained at every rung and at the space's real final fidelity (seed
+        0). Kendall tau of each rung's val accuracy against the final val accuracy, with n and
+        the p-value.
+(value) At the same wall time ``--time-limit`` per seed: autosplit (search + final stage, the
+        shipped or cached teacher), the same search with random sampling, and each of the KD,
+        DKD and FitNets recipes (as their papers set them) trained on all rows for as many
+        epochs as that time holds (planned from a throughput probe; the real wall time is
+        printed). Test accuracy mean ± sd over ``--seeds`` seeds: for a search, its best final
+        member's test accuracy (mean over its final seeds, read by export, never by the search);
+        for a recipe, the student trained with that seed.
+
+Both parts run at ``--budgets`` (fractions of the teacher's FLOPs). Every finished job is
+appended to ``<out>/results.jsonl`` at once, and a second run skips it: the benchmark runs for
+hours and may be stopped and started again at any point (a job cut short runs again from its
+start). The tables are printed from that file, whatever has finished, with n per cell.
+
+Usage: python benchmarks/search_value.py [--parts tau,value] [--budgets 0.25 0.125]
+           [--candidates 12] [--time-limit 20m] [--seeds 3] [--runs-dir runs] [--out DIR]
+           [--tables-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from scipy.stats import kendalltau
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import mean_sd, train_at  # noqa: E402  (the search's own training path)
+
+from autosplit.config import load_yaml  # noqa: E402
+from autosplit.distill._base import warmup_epochs_for  # noqa: E402
+from autosplit.distill.recipes import recipe_candidate  # noqa: E402
+from autosplit.export import export_study, test_loader  # noqa: E402
+from autosplit.search.attrs import TrialAttrs  # noqa: E402
+from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
+from autosplit.search.driver import (  # noqa: E402
+    SearchContext,
+    SearchOptions,
+    _build_or_smallest,
+    label_of,
+    prepare,
+    run_search,
+)
+from autosplit.search.front import FLOPS_CONVENTION  # noqa: E402
+from autosplit.search.space import Rung, SearchSpace  # noqa: E402
+from autosplit.tracking import MlflowTracker  # noqa: E402
+from autosplit.train import evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ("kd", "dkd", "fitnets")
+SEARCH_ARMS = {"autosplit (TPE)": "tpe", "random sampling": "random"}
+
+
+class Results:
+    """Finished jobs, one JSON line each, keyed; appended and flushed as each job ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line cut by a kill: its job runs again
+                        continue
+                    self.rows[row["key"]] = row
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows[row["key"]] = row
+
+    def where(self, prefix: str) -> list[dict[str, Any]]:
+        return [r for k, r in self.rows.items() if k.startswith(prefix)]
+
+
+def final_rung(ctx: SearchContext) -> Rung:
+    final = ctx.space.settings.fidelity.final
+    return Rung(final.epochs, final.rows)
+
+
+def part_tau(ctx: SearchContext, budget: str, n: int, seed: int, results: Results) -> None:
+    """Random candidates at every rung and at the final fidelity. The draws are the same on
+    every run (a seeded sampler, asked in the same order), so finished ones are skipped."""
+    rungs, final = ctx.space.settings.fidelity.rungs, final_rung(ctx)
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed)
+    )
+    drawn = 0
+    while drawn < n:
+        trial = study.ask()
+        candidate = ctx.space.suggest(trial, ctx.max_flops)
+        _, flops = _build_or_smallest(candidate, ctx)
+        if flops.worst_case > ctx.max_flops:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        key = f"tau/{budget}/{seed}/{drawn}"
+        drawn += 1
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        if key in results:
+            continue
+        started = time.perf_counter()
+        accs = [train_at(ctx, candidate, rung)[1].val_acc for rung in rungs]
+        final_acc = train_at(ctx, candidate, final)[1].val_acc
+        results.add(
+            {
+                "key": key,
+                "label": label_of(candidate),
+                "flops": flops.worst_case,
+                "rungs": accs,
+                "final": final_acc,
+                "final_fidelity": [final.epochs, final.rows],
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        print(
+            f"  tau {budget} {drawn}/{n} {label_of(candidate)}: rungs "
+            f"{', '.join(f'{a:.2f}' for a in accs)} -> final {final_acc:.2f}",
+            flush=True,
+        )
+
+
+def search_job(
+    base: SearchOptions, arm: str, seed: int, budget: str, out: Path, results: Results
+) -> None:
+    key = f"value/{budget}/{arm}/{seed}"
+    if key in results:
+        return
+    # A job cut short left a study behind: start a fresh one (a resumed search would get a
+    # second time limit).
+    attempt = sum(1 for p in out.glob(f"export-{budget}-{SEARCH_ARMS[arm]}-s{seed}-*"))
+    name = f"sv-{budget}-{SEARCH_ARMS[arm]}-s{seed}-{attempt}"
+    options = dataclasses.replace(base, sampler=SEARCH_ARMS[arm], seed=seed, study_name=name)
+    started = time.perf_counter()
+    study, ctx = run_search(
+        options, tracker=MlflowTracker(f"sqlite:///{out}/mlflow.db"), say=lambda _m: None
+    )
+    wall = time.perf_counter() - started
+    export_dir = out / f"export-{budget}-{SEARCH_ARMS[arm]}-s{seed}-{attempt}"
+    export_study(
+        study,
+        export_dir,
+        storage_url=base.storage,
+        runtime=ctx.runtime,
+        runs_dir=base.runs_dir,
+        say=lambda _m: None,
+    )
+    best = load_yaml(export_dir / "best.yaml")
+    result, provenance = best["result"], best["provenance"]
+    search_trials = sum(1 for t in study.get_trials() if TrialAttrs.read(t).stage != "final")
+    results.add(
+        {
+            "key": key,
+            "study": name,
+            "label": provenance["label"],
+            "baseline": provenance["baseline"],
+            "flops": result["flops_worst_case"],
+            "expected_flops": result["flops_expected"],
+            "val": result.get("val_acc_mean", result["val_acc"]),
+            "test": result.get("test_acc_mean", result["test_acc"]),
+            "final_seeds": len(result.get("seeds", [])) or 1,
+            "fidelity": result.get("fidelity"),
+            "trials": search_trials,
+            "wall": wall,
+            "limit": base.time_limit,
+        }
+    )
+    print(f"  value {budget} {arm} seed {seed}: {wall:.0f}s, best test {results.rows[key]['test']}")
+
+
+def recipe_job(
+    ctx: SearchContext, recipe: str, seed: int, budget: str, limit: float, results: Results
+) -> None:
+    """The recipe trained on all rows for as many epochs as ``limit`` holds at the rate a probe
+    epoch measured (one probe per recipe and budget, kept in the results too)."""
+    key = f"value/{budget}/{recipe}/{seed}"
+    if key in results:
+        return
+    base = ctx.space.base_candidate(ctx.max_flops)
+    candidate = recipe_candidate(recipe, base)
+    rows = len(ctx.splits.train)
+    probe_key = f"probe/{budget}/{recipe}"
+    if probe_key not in results:
+        probe_rows = min(rows, 10000)
+        started = time.perf_counter()
+        train_at(ctx, candidate, Rung(1, probe_rows))
+        seconds = time.perf_counter() - started
+        results.add({"key": probe_key, "rows": probe_rows, "seconds": seconds})
+    probe = results.rows[probe_key]
+    epochs = max(1, int(limit * probe["rows"] / probe["seconds"] / rows))
+    fitted = candidate.with_values({"train.epochs": epochs})
+    if fitted.logit_loss.name in ("dkd", "aekt"):
+        fitted = fitted.with_values({"logit_loss.warmup_epochs": warmup_epochs_for(epochs)})
+    started = time.perf_counter()
+    _, result = train_at(ctx, fitted, Rung(epochs, None), seed)
+    wall = time.perf_counter() - started
+    student = ctx.runtime.prepare(result.student).eval()
+    test = evaluate(student, test_loader(ctx.splits, ctx.runtime), ctx.runtime)
+    results.add(
+        {
+            "key": key,
+            "label": label_of(fitted),
+            "flops": result.flops.worst_case,
+            "val": result.val_acc,
+            "test": test,
+            "epochs": epochs,
+            "wall": wall,
+            "limit": limit,
+        }
+    )
+    print(f"  value {budget} {recipe} seed {seed}: {epochs} epochs, {wall:.0f}s, test {test:.2f}")
+
+
+def tau_table(results: Results, budget: str, ctx: SearchContext) -> None:
+    rows = sorted(results.where(f"tau/{budget}/"), key=lambda r: r["key"])
+    final = final_rung(ctx)
+    print(
+        f"\n(tau) budget {budget}x: {len(rows)} random candidates, final fidelity "
+        f"{final.epochs} epochs x {final.rows or 'all'} rows (the space's own), seed 0"
+    )
+    print("| proxy | n | Kendall tau vs final | p |")
+    print("|---|---|---|---|")
+    for k, rung in enumerate(ctx.space.settings.fidelity.rungs):
+        name = f"rung {k}: {rung.epochs} epoch(s) x {rung.rows or 'all'} rows"
+        if len(rows) < 5:
+            print(f"| {name} | {len(rows)} | no figure: fewer than 5 candidates | |")
+            continue
+        tau = kendalltau([r["rungs"][k] for r in rows], [r["final"] for r in rows])
+        print(f"| {name} | {len(rows)} | {tau.statistic:+.3f} | {tau.pvalue:.3g} |")
+
+
+def value_table(results: Results, budget: str, ctx: SearchContext, limit: float) -> None:
+    print(
+        f"\n(value) budget {budget}x ({ctx.max_flops:,} FLOPs, {FLOPS_CONVENTION}), "
+        f"{limit / 60:.0f} min of wall time per job; test accuracy %, mean ± sd over seeds"
+    )
+    print("| arm | seeds done | test % | val % | FLOPs | wall s | what it trained |")
+    print("|---|---|---|---|---|---|---|")
+    means: dict[str, list[float]] = {}
+    for arm in (*SEARCH_ARMS, *RECIPES):
+        rows = results.where(f"value/{budget}/{arm}/")
+        if not rows:
+            print(f"| {arm} | 0 | not run yet | | | | |")
+            continue
+        tests = [r["test"] for r in rows]
+        means[arm] = tests
+        vals = [r["val"] for r in rows]
+        walls = ", ".join(f"{r['wall']:.0f}" for r in rows)
+        what = (
+            "; ".join(f"{r['trials']} trials, best {r['label']}" for r in rows)
+            if arm in SEARCH_ARMS
+            else f"{rows[0]['epochs']} epochs on all rows"
+        )
+        print(
+            f"| {arm} | {len(rows)} | {spread(tests)} | {spread(vals)} | "
+            f"{statistics.fmean(float(r['flops'] or 0) for r in rows):,.0f} | "
+            f"{walls} | {what} |"
+        )
+    hand = [r for r in RECIPES if r in means]
+    if "autosplit (TPE)" in means and hand:
+        best = max(hand, key=lambda r: statistics.fmean(means[r]))
+        ours, theirs = means["autosplit (TPE)"], means[best]
+        sd = statistics.stdev(theirs) if len(theirs) > 1 else None
+        gap = statistics.fmean(ours) - statistics.fmean(theirs)
+        print(
+            f"autosplit - best hand-picked recipe ({best}), test: {gap:+.2f} pt"
+            + (
+                f" ({best} sd {sd:.2f}; {'>' if gap > 2 * sd else '<='} 2 sd)"
+                if sd
+                else " (1 seed)"
+            )
+        )
+    if "autosplit (TPE)" in means:
+        print(
+            f"autosplit - teacher, test: "
+            f"{statistics.fmean(means['autosplit (TPE)']) - ctx.teacher.test_acc:+.2f} pt "
+            f"(teacher {ctx.teacher.test_acc:.2f} %; long goal: >= 0 at <= 25 % of its FLOPs)"
+        )
+    if "autosplit (TPE)" in means and "kd" in means:
+        kd = means["kd"]
+        gap = statistics.fmean(means["autosplit (TPE)"]) - statistics.fmean(kd)
+        sd = statistics.stdev(kd) if len(kd) > 1 else None
+        print(
+            f"autosplit - same-FLOPs KD student, test: {gap:+.2f} pt"
+            + (f" (KD sd {sd:.2f}; long goal: > 2 sd)" if sd else " (1 seed: no sd)")
+        )
+
+
+def spread(values: list[float]) -> str:
+    return mean_sd(values) if len(values) > 1 else f"{values[0]:.2f} (1 seed)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "fashion_mnist.yaml"))
+    parser.add_argument("--parts", default="tau,value")
+    parser.add_argument("--budgets", nargs="+", default=["0.25", "0.125"])
+    parser.add_argument("--candidates", type=int, default=12)
+    parser.add_argument("--time-limit", default="20m", help="wall time of each job of (value)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="the random draws of (tau)")
+    parser.add_argument("--runs-dir", default="runs", help="holds the cached teacher")
+    parser.add_argument("--out", default=None, help="default: <runs-dir>/bench-search-value")
+    parser.add_argument("--tables-only", action="store_true", help="print what has finished")
+    args = parser.parse_args()
+    runs = Path(args.runs_dir).resolve()
+    out = Path(args.out).resolve() if args.out else runs / "bench-search-value"
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(out / "results.jsonl")
+    space = SearchSpace.from_yaml(Path(args.space))
+    limit = parse_duration(args.time_limit)
+    parts = set(args.parts.split(","))
+    for budget in args.budgets:
+        base = SearchOptions(
+            space=space,
+            budget=parse_budget(f"{budget}x"),
+            trials=space.settings.trials,
+            time_limit=limit,
+            storage=f"sqlite:///{out}/optuna.db",
+            device="cpu",
+            runs_dir=runs,
+            progress=False,
+        )
+        ctx = prepare(dataclasses.replace(base, time_limit=None), log_teacher=print)
+        print(
+            f"budget {budget}x = {ctx.max_flops:,} FLOPs ({FLOPS_CONVENTION}); teacher "
+            f"{ctx.teacher_flops:,} FLOPs, test {ctx.teacher.test_acc:.2f}%",
+            flush=True,
+        )
+        if not args.tables_only and "tau" in parts:
+            part_tau(ctx, budget, args.candidates, args.seed, results)
+        if not args.tables_only and "value" in parts:
+            for seed in range(args.seeds):  # every arm at seed 0 first: a stop leaves pairs
+                for arm in SEARCH_ARMS:
+                    search_job(base, arm, seed, budget, out, results)
+                for recipe in RECIPES:
+                    recipe_job(ctx, recipe, seed, budget, limit, results)
+        tau_table(results, budget, ctx)
+        value_table(results, budget, ctx, limit)
+
+
+if __name__ == "__main__":
+    main()
