@@ -137,6 +137,13 @@ class StudyAttrs(_Attrs):
     objective_flops: str | None = None  # "worst_case" or "expected"
     baselines_enqueued: bool | None = None
     final_members: list[int] | None = None  # the search trials of the latest final stage
+    # The MLflow store the search logged to: export, sync and front on any host default to it.
+    tracking_uri: str | None = None
+    # The one teacher every host of the study uses (see ``search/shared_teacher.py``): who
+    # claimed its training (host:pid), the SHA-256 of its weights, and where it is published.
+    teacher_claim: str | None = None
+    teacher_sha256: str | None = None
+    teacher_uri: str | None = None
 
     @property
     def cost(self) -> str:

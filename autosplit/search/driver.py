@@ -651,6 +651,7 @@ class SearchOptions:
     seed: int = 0
     workers: int = 1
     device: str = "auto"
+    tracking_uri: str | None = None  # the MLflow store logged to (None: not tracked)
     runs_dir: Path = Path("runs")
     progress: bool = True
     halving: bool = True
@@ -917,6 +918,8 @@ def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptio
         space_yaml=options.space.path.read_text(),
         teacher_path=str(ctx.teacher.path),
         objective_flops=options.space.settings.objective_flops,
+        # The first search's store stays the study's: a host logging elsewhere was warned.
+        tracking_uri=stored.tracking_uri or options.tracking_uri,
     ).write(study)  # what differs from the stored values
 
 
