@@ -149,9 +149,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
 
     _check_search_paths(args)
+    from autosplit.device import resolve_devices
+
     space, budget = _space_and_budget(args)
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be >= 1")
+    devices = resolve_devices(args.devices)
+    # One worker per GPU when there are several; else one (--workers N: N on the CPU, or
+    # several per GPU, placed round-robin).
+    workers = args.workers if args.workers is not None else len(devices)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be >= 1")
     trials = args.trials if args.trials is not None else space.settings.trials
     if trials < 0:
         raise UserError(f"--trials {trials}: must be >= 0 (the study's total number of trials)")
@@ -167,8 +173,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         storage=args.storage,
         sampler=args.sampler or space.settings.sampler,
         seed=args.seed,
-        workers=args.workers,
-        device=args.device,
+        workers=workers,
+        device=devices[0],
+        devices=tuple(devices),
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
@@ -177,7 +184,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.driver import default_study_name
     from autosplit.search.study import default_storage
 
-    storage_url = args.storage or default_storage(args.runs_dir, args.workers)
+    storage_url = args.storage or default_storage(args.runs_dir, workers)
     recorded = _recorded_tracking_uri(
         storage_url, args.study_name or default_study_name(space, budget)
     )
@@ -616,8 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
     search.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--workers", type=int, default=1, help="local worker processes")
-    search.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    search.add_argument(
+        "--workers",
+        type=int,
+        help="local worker processes, worker i on device i mod n (default: one per device)",
+    )
+    search.add_argument(
+        "--devices",
+        "--device",
+        dest="devices",
+        default="auto",
+        help="auto (every visible GPU, else cpu) | cpu | cuda | a list, e.g. cuda:0,cuda:1",
+    )
     search.add_argument("--data-dir", help="where the dataset files are")
     search.add_argument("--runs-dir", default="runs")
     search.add_argument(

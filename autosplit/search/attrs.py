@@ -75,6 +75,7 @@ class TrialAttrs(_Attrs):
     """What one trial stores. Fields are written in this order by one ``write``."""
 
     worker: str | None = None  # host:pid of the worker process running it (``worker_id``)
+    device: str | None = None  # the device it trained on: cpu, cuda:1
     # What the trial is; a re-run of an interrupted trial keeps these (``study.RETRY_FIELDS``).
     stage: str | None = None  # "search", or "final" for a final-stage job
     baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial
@@ -83,7 +84,8 @@ class TrialAttrs(_Attrs):
     retry_of: int | None = None  # the interrupted trial this one re-runs
     sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
     # What it measured, and how it ended.
-    state: str | None = None  # complete, stopped, infeasible, skipped, failed, duplicate, …
+    # complete, stopped, infeasible, skipped, failed, out_of_memory, duplicate, …
+    state: str | None = None
     error: str | None = None  # the first 500 characters of what stopped it
     label: str | None = None  # short description, e.g. "res_chain K=2 + dkd"
     flops: int | None = None  # worst case

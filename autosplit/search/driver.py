@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,7 +225,7 @@ class QuietInterrupts(logging.Filter):
         if (
             record.exc_info
             and record.exc_info[0] is not None
-            and issubclass(record.exc_info[0], KeyboardInterrupt | OSError)
+            and issubclass(record.exc_info[0], KeyboardInterrupt | OSError | TrialOutOfMemory)
         ):
             self.quiet.add(message.split(" failed", 1)[0])  # "Trial 7"
             return False
@@ -255,7 +256,9 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
 
     started = time.perf_counter()
     # A retried trial starts its rungs again.
-    TrialAttrs(worker=studies.worker_id(), stage="search", rungs=[]).write(trial)
+    TrialAttrs(
+        worker=studies.worker_id(), device=ctx.runtime.where, stage="search", rungs=[]
+    ).write(trial)
     if isinstance(trial.study.sampler, studies.TrialSeededSampler):
         TrialAttrs(sampler_seed=trial.study.sampler.seed_for(trial.number)).write(trial)
     baseline = TrialAttrs.read(trial).baseline
@@ -394,7 +397,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     from autosplit.distill.candidate import Candidate
 
     started = time.perf_counter()
-    TrialAttrs(worker=studies.worker_id()).write(trial)
+    TrialAttrs(worker=studies.worker_id(), device=ctx.runtime.where).write(trial)
     job = TrialAttrs.read(trial)
     member_number, seed_index = int(job.member), int(job.seed)
     others = trial.study.get_trials(deepcopy=False)
@@ -515,8 +518,8 @@ def _train(
             },
         )
 
-    source = ctx.teacher_source(taps, candidate)
     try:
+        source = ctx.teacher_source(taps, candidate)
         return train_candidate(
             candidate,
             ctx.splits,
@@ -529,10 +532,29 @@ def _train(
         )
     except OSError:
         raise  # the environment's fault, not the candidate's: see ``objective``
+    except torch.OutOfMemoryError:
+        # Too large for this device at these settings: failed, recorded as such (not re-run:
+        # it would run out again), and the search goes on with the next trial.
+        ctx.runtime.free_memory()
+        line = (
+            f"out of GPU memory: {label_of(candidate)} at batch {candidate.train.batch_size} "
+            f"on {ctx.runtime.where}"
+        )
+        TrialAttrs(state=OUT_OF_MEMORY, error=line).write(trial)
+        ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
+        print(f"autosplit: trial {trial.number}: {line}; the search goes on", file=sys.stderr)
+        raise TrialOutOfMemory(line) from None
     except Exception as exc:
         TrialAttrs(state="failed", error=str(exc)[:500]).write(trial)
         ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
+
+
+OUT_OF_MEMORY = "out_of_memory"  # ``TrialAttrs.state`` of a trial its device could not hold
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of GPU memory; Optuna fails it and the worker goes on."""
 
 
 def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
@@ -650,7 +672,8 @@ class SearchOptions:
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1
-    device: str = "auto"
+    device: str = "auto"  # this process's device
+    devices: tuple[str, ...] = ()  # worker i of ``workers`` runs on devices[i % len]; () = device
     tracking_uri: str | None = None  # the MLflow store logged to (None: not tracked)
     runs_dir: Path = Path("runs")
     progress: bool = True
@@ -707,6 +730,10 @@ def prepare(
     final_reserve = 0.0
     if shared is not None:
         shared.apply(ctx)
+        if shared.device != runtime.where and options.time_limit is not None:
+            # A worker on another device (another GPU model, or a GPU busy with other work)
+            # estimates its jobs from its own throughput; the plan's deadlines stay shared.
+            ctx.cost_model = _measure_cost_model(ctx)
         teacher_cfg = dataclasses.replace(
             teacher_cfg, train=dataclasses.replace(teacher_cfg.train, epochs=shared.teacher_epochs)
         )
@@ -801,7 +828,8 @@ def _measure_cost_model(ctx: SearchContext) -> CostModel:
         student, info.input_shape, info.num_classes, ctx.runtime, batch_size=batch
     )
     log.info(
-        "throughput here: teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
+        "throughput here (%s): teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
+        ctx.runtime.where,
         teacher_ips,
         ctx.teacher_flops,
         student_ips,
@@ -991,7 +1019,7 @@ def run_worker(
             n_trials=n,
             callbacks=callbacks,
             gc_after_trial=True,
-            catch=(FloatingPointError,),
+            catch=(FloatingPointError, TrialOutOfMemory),
         )
     finally:
         optimize_log.removeFilter(quiet)
@@ -1226,6 +1254,7 @@ def run_search(
         "seed": options.seed,
         "trials": options.trials,
         "workers": options.workers,
+        "devices": ",".join(options.devices) or options.device,
         "space": str(options.space.path),
         "time_limit_s": options.time_limit or 0,
     }
@@ -1318,11 +1347,22 @@ def _run_processes(
     worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic, started=None)
     threads = max(1, (os.cpu_count() or 1) // options.workers)
     shared = _SharedPlan.of(ctx)
+    devices = options.devices or (options.device,)
     procs = [
         context.Process(
             target=_worker_main,
             name=f"autosplit-worker-{i}",
-            args=(worker_options, study_name, storage_url, tracker, i, threads, shared, phase),
+            args=(
+                dataclasses.replace(worker_options, device=devices[i % len(devices)]),
+                study_name,
+                storage_url,
+                tracker,
+                i,
+                threads,
+                shared,
+                phase,
+                logging.getLogger().getEffectiveLevel(),
+            ),
         )
         for i in range(options.workers)
     ]
@@ -1363,6 +1403,7 @@ class _SharedPlan:
     seeds: int | None
     final_epochs: int | None
     teacher_epochs: int
+    device: str  # where the cost model was measured
 
     @classmethod
     def of(cls, ctx: SearchContext) -> _SharedPlan:
@@ -1378,6 +1419,7 @@ class _SharedPlan:
             ctx.final_seeds,
             ctx.final_epochs,
             ctx.teacher.config.train.epochs,
+            ctx.runtime.where,
         )
 
     def apply(self, ctx: SearchContext) -> None:
@@ -1400,9 +1442,14 @@ def _worker_main(
     threads: int,
     shared: _SharedPlan,
     phase: str,
+    log_level: int = logging.WARNING,
 ) -> None:
     import signal
-    import sys
+
+    # A spawned process starts with logging unconfigured: it logs as its parent does (-v).
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s"
+    )
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a Ctrl-C as SIGTERM
     interrupts.install(signal.SIGTERM)
