@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import warnings
@@ -15,6 +16,15 @@ from autosplit.config import atomic_write_bytes
 from autosplit.errors import UserError
 
 FORMAT = "autosplit-checkpoint-1"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's SHA-256: what identifies a teacher across hosts and in export provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class UnreadableCheckpoint(UserError):

@@ -180,6 +180,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         halving=not args.no_halving,
         started=STARTED,
+        teacher_dir=Path(args.teacher_dir) if args.teacher_dir else None,
+        teacher_wait=_teacher_wait(args.teacher_wait),
     )
     from autosplit.search.driver import default_study_name
     from autosplit.search.study import default_storage
@@ -208,6 +210,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         + (f" --storage {args.storage}" if args.storage else "")
     )
     return 0
+
+
+def _teacher_wait(text: str) -> float:
+    from autosplit.search.budget import parse_duration
+
+    seconds = parse_duration(text, "--teacher-wait")
+    return float("inf") if seconds is None else seconds  # off: wait as long as it takes
 
 
 def _recorded_tracking_uri(storage_url: str, study_name: str) -> str | None:
@@ -643,6 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every trial at the top rung (no successive halving)",
     )
     search.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    search.add_argument(
+        "--teacher-dir",
+        help="a folder every host reads (shared file system) to publish the study's teacher "
+        "in (default: the MLflow artifacts of the search's parent run)",
+    )
+    search.add_argument(
+        "--teacher-wait",
+        default="2h",
+        help="how long a host waits for the teacher another host of the study trains (default 2h)",
+    )
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.set_defaults(func=cmd_search)
 

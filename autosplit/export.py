@@ -13,7 +13,6 @@ re-run logs them again, as a new registered version.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import statistics
@@ -24,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from autosplit.checkpoint import sha256_file
 from autosplit.config import atomic_write_text, dump_yaml, load_yaml
 from autosplit.errors import UserError, redact_url
 from autosplit.paths import naming
@@ -48,14 +48,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

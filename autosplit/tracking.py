@@ -139,6 +139,11 @@ class Tracker(Protocol):
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         """The search's own cost (``cost/…`` metrics) on the parent run."""
 
+    def publish_file(self, path: Path) -> str | None:
+        """Log ``path`` to the parent run's artifacts (its ``teacher/`` folder) for other
+        hosts to download; its URI (``runs:/…``), or None when nothing is recorded."""
+        return None
+
     def end_search(self, status: str = "FINISHED") -> None:
         """End the parent run (and its children still running)."""
 
@@ -584,6 +589,14 @@ class MlflowTracker:
                 self.client.set_tag(
                     self.parent_run_id, "mlflow.note.content", note, synchronous=True
                 )
+
+    def publish_file(self, path: Path) -> str | None:
+        if self.off:
+            return None
+        with self._lock, self._talking(f"publish {path.name}"):
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path="teacher")
+            return f"runs:/{self.parent_run_id}/teacher/{path.name}"
+        return None  # the store failed (warned once): nothing published
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         if self.off:

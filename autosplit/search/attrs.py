@@ -76,6 +76,7 @@ class TrialAttrs(_Attrs):
 
     worker: str | None = None  # host:pid of the worker process running it (``worker_id``)
     device: str | None = None  # the device it trained on: cpu, cuda:1
+    teacher_sha256: str | None = None  # the checkpoint of the teacher it was distilled from
     # What the trial is; a re-run of an interrupted trial keeps these (``study.RETRY_FIELDS``).
     stage: str | None = None  # "search", or "final" for a final-stage job
     baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial

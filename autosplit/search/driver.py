@@ -13,6 +13,7 @@ share them, and a killed job is failed and re-run like any trial.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from autosplit.data import Splits
     from autosplit.device import Runtime
     from autosplit.distill.candidate import Candidate
+    from autosplit.search.shared_teacher import StudyTeacher
     from autosplit.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,13 @@ class SearchContext:
     final_epochs: int | None = None  # the plan's final-stage epochs (None: the space's)
     caches: dict[tuple[object, ...], CachedTeacher] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
+
+    @functools.cached_property
+    def teacher_sha256(self) -> str:
+        """The teacher checkpoint's SHA-256, recorded on every trial distilled from it."""
+        from autosplit.checkpoint import sha256_file
+
+        return sha256_file(self.teacher.path)
 
     @property
     def eta(self) -> int:
@@ -257,7 +266,11 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     started = time.perf_counter()
     # A retried trial starts its rungs again.
     TrialAttrs(
-        worker=studies.worker_id(), device=ctx.runtime.where, stage="search", rungs=[]
+        worker=studies.worker_id(),
+        device=ctx.runtime.where,
+        teacher_sha256=ctx.teacher_sha256,
+        stage="search",
+        rungs=[],
     ).write(trial)
     if isinstance(trial.study.sampler, studies.TrialSeededSampler):
         TrialAttrs(sampler_seed=trial.study.sampler.seed_for(trial.number)).write(trial)
@@ -397,7 +410,9 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     from autosplit.distill.candidate import Candidate
 
     started = time.perf_counter()
-    TrialAttrs(worker=studies.worker_id(), device=ctx.runtime.where).write(trial)
+    TrialAttrs(
+        worker=studies.worker_id(), device=ctx.runtime.where, teacher_sha256=ctx.teacher_sha256
+    ).write(trial)
     job = TrialAttrs.read(trial)
     member_number, seed_index = int(job.member), int(job.seed)
     others = trial.study.get_trials(deepcopy=False)
@@ -675,6 +690,8 @@ class SearchOptions:
     device: str = "auto"  # this process's device
     devices: tuple[str, ...] = ()  # worker i of ``workers`` runs on devices[i % len]; () = device
     tracking_uri: str | None = None  # the MLflow store logged to (None: not tracked)
+    teacher_dir: Path | None = None  # where the study's teacher is published (None: MLflow)
+    teacher_wait: float = 7200.0  # seconds a host waits for the teacher another host trains
     runs_dir: Path = Path("runs")
     progress: bool = True
     halving: bool = True
@@ -692,14 +709,23 @@ def prepare(
     *,
     log_teacher: Callable[[str], None] = print,
     shared: _SharedPlan | None = None,
+    study_teacher: StudyTeacher | None = None,
 ) -> SearchContext:
     """Data, the time plan (from throughput measured here), the teacher (trained once, cached)
-    and the budget in FLOPs. A worker process gets its parent's plan as ``shared``."""
+    and the budget in FLOPs. A worker process gets its parent's plan as ``shared``; the
+    process that starts a search gets ``study_teacher``, the one teacher of the study's hosts
+    (checked before any work, then fetched, or trained by the host that claims it)."""
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.flops import count_flops
     from autosplit.search.plan import usable_seconds
-    from autosplit.teacher import build_teacher_model, get_teacher, is_cached
+    from autosplit.teacher import (
+        build_teacher_model,
+        get_teacher,
+        is_cached,
+        load_teacher,
+        teacher_key,
+    )
 
     deadline = Deadline(options.time_limit, clock=options.clock)
     if options.started is not None:  # the limit counts from process start (imports included)
@@ -709,6 +735,9 @@ def prepare(
     space = options.space
     splits = load_splits(space.data)
     teacher_cfg = space.teacher
+    own_key = teacher_key(teacher_cfg, splits.fingerprint)
+    if study_teacher is not None:
+        study_teacher.check(splits.fingerprint, own_key)
     teacher_model = build_teacher_model(teacher_cfg, splits)  # untrained: for counting only
     teacher_flops = count_flops(teacher_model, splits.info.input_shape)
     max_flops = options.budget.resolve(teacher_flops)
@@ -752,13 +781,26 @@ def prepare(
         ctx.finalists, ctx.final_seeds = chosen.finalists, chosen.seeds
         ctx.final_epochs = chosen.final_epochs if ctx.final is not None else None
         final_reserve = chosen.final_seconds
-    ctx.teacher = get_teacher(
-        teacher_cfg,
-        space.data,
-        splits,
-        runtime,
-        runs_dir=options.runs_dir,
-        progress=options.progress,
+
+    def train() -> Teacher:
+        return get_teacher(
+            teacher_cfg,
+            space.data,
+            splits,
+            runtime,
+            runs_dir=options.runs_dir,
+            progress=options.progress,
+        )
+
+    def load(path: Path) -> Teacher:
+        teacher = load_teacher(path, splits)
+        teacher.model = runtime.prepare(teacher.model)
+        return teacher
+
+    ctx.teacher = (
+        train()
+        if study_teacher is None
+        else study_teacher.obtain(train, load, data_fingerprint=splits.fingerprint, own_key=own_key)
     )
     if shared is None and options.time_limit is not None:
         # Work starts only while it can end inside the limit less a small reserve for the end
@@ -1226,11 +1268,31 @@ def run_search(
     the teacher trains and the study is touched (``tracking.check_tracking``)."""
     tracker = NullTracker() if tracker is None else tracker
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
-    ctx = prepare(options, log_teacher=say)
+    from autosplit.search.shared_teacher import StudyTeacher, is_shared_storage
+
     study_name = options.study_name or default_study_name(options.space, options.budget)
     storage_url = options.storage or studies.default_storage(options.runs_dir, options.workers)
     storage = studies.open_storage(storage_url)
-    study, created = studies.create_or_load(study_name, storage)
+    opened: list[tuple[optuna.Study, bool]] = []
+
+    def open_study() -> optuna.Study:
+        # Made once this host has passed its checks (budget, data, teacher) and is about to
+        # obtain the teacher: the study's claim lives in it.
+        opened.append(studies.create_or_load(study_name, storage))
+        return opened[-1][0]
+
+    study_teacher = StudyTeacher(
+        study_name,
+        storage,
+        open_study,
+        runs_dir=Path(options.runs_dir),
+        shared=is_shared_storage(storage_url),
+        teacher_dir=options.teacher_dir,
+        wait_seconds=options.teacher_wait,
+        say=say,
+    )
+    ctx = prepare(options, log_teacher=say, study_teacher=study_teacher)
+    study, created = opened[-1]
     describe_study(study, ctx, options)
     # A worker of this host that died (kill -9, power loss) left its trial RUNNING: fail it
     # now rather than count it as done; it and any interrupted trial are re-queued with their
@@ -1263,6 +1325,8 @@ def run_search(
         settings=settings,
         note=search_note(study_name, settings, None, []),
     )
+    # Now that the parent run exists: the teacher this host trained, for the study's others.
+    study_teacher.publish(ctx.teacher, tracker.publish_file)
     status = "FINISHED"
     try:
         if todo:

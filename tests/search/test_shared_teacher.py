@@ -1,0 +1,93 @@
+"""Several machines, one study, one teacher: hosts with their own runs folders (host names
+injected) on one PostgreSQL study. The first to claim the teacher trains and publishes it (MLflow
+artifacts of its parent run); the other waits, fetches it and checks its SHA-256; a host with
+another teacher in its cache is refused before any work."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from searchproc import finish, single_space, worker
+
+from autosplit.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from autosplit.search.study import HOST_ENV
+
+STUDY = "pg-one-teacher"
+
+
+def _attrs(storage: str) -> dict:
+    try:
+        return optuna.load_study(study_name=STUDY, storage=storage).user_attrs
+    except KeyError:
+        return {}
+
+
+def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
+    postgres_url, tmp_path
+):
+    space = single_space(tmp_path)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = {host: tmp_path / host for host in ("host-a", "host-b", "host-c")}
+    for folder in runs.values():
+        folder.mkdir()
+
+    def host(name: str, trials: int):
+        args = ("--space", space, "--study-name", STUDY, "--storage", postgres_url)
+        args += ("--tracking-uri", tracking, "--trials", str(trials))
+        return worker(runs[name], *args, env={HOST_ENV: name})
+
+    first = host("host-a", 4)
+    deadline = time.monotonic() + 300
+    while "autosplit.teacher_claim" not in _attrs(postgres_url):
+        assert first.poll() is None and time.monotonic() < deadline, "host-a never claimed"
+        time.sleep(0.2)
+    second = host("host-b", 8)  # a larger total: host-b runs trials once it has the teacher
+    out_a, out_b = finish(first), finish(second)
+
+    attrs = _attrs(postgres_url)
+    assert attrs["autosplit.teacher_claim"].startswith("host-a:")
+    sha = attrs["autosplit.teacher_sha256"]
+    assert attrs["autosplit.teacher_uri"].startswith("runs:/")  # the parent run's artifacts
+    # One teacher trained, by host-a; host-b fetched that file into its own cache.
+    assert "(trained in" in out_a and "(trained in" not in out_b
+    assert "fetched from runs:/" in out_b
+    [fetched] = (runs["host-b"] / "teachers").glob("*/teacher.pt")
+    assert sha256_file(fetched) == sha
+    assert not list((runs["host-b"] / "teachers").glob("*/fit-state.pt"))
+
+    trials = optuna.load_study(study_name=STUDY, storage=postgres_url).get_trials()
+    ran = [t for t in trials if "autosplit.teacher_sha256" in t.user_attrs]
+    hosts = {t.user_attrs["autosplit.worker"].split(":")[0] for t in ran}
+    assert hosts == {"host-a", "host-b"}
+    assert {t.user_attrs["autosplit.teacher_sha256"] for t in ran} == {sha}
+    finals = [
+        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+        for t in trials
+        if t.user_attrs.get("autosplit.stage") == "final"
+        and t.user_attrs.get("autosplit.state") == "complete"
+    ]
+    assert finals and len(finals) == len(set(finals))  # each (member, seed) once across hosts
+
+    # A third host whose cache holds another teacher under the same key: refused in one line.
+    [trained] = (runs["host-a"] / "teachers").glob("*/teacher.pt")
+    payload = load_checkpoint(trained, kind="teacher")
+    name = next(iter(payload["state_dict"]))
+    payload["state_dict"][name] = payload["state_dict"][name] + 1
+    other = runs["host-c"] / "teachers" / trained.parent.name / "teacher.pt"
+    save_checkpoint(
+        other,
+        kind="teacher",
+        config=payload["config"],
+        state_dict=payload["state_dict"],
+        extra=payload["extra"],
+    )
+    third = host("host-c", 10)
+    _out, err = third.communicate(timeout=300)
+    assert third.returncode == 2
+    line = err.strip()
+    assert "\n" not in line and line.startswith(f"autosplit: --study-name {STUDY}: ")
+    assert f"this host's teacher {other}" in line and f"not the study's ({sha[:12]})" in line
+    after = optuna.load_study(study_name=STUDY, storage=postgres_url).get_trials()
+    assert len(after) == len(trials)  # no work: no trial started
+    assert sorted(p.name for p in runs["host-c"].rglob("*") if p.is_file()) == ["teacher.pt"]
