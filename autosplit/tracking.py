@@ -139,9 +139,9 @@ class Tracker(Protocol):
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         """The search's own cost (``cost/…`` metrics) on the parent run."""
 
-    def publish_file(self, path: Path) -> str | None:
-        """Log ``path`` to the parent run's artifacts (its ``teacher/`` folder) for other
-        hosts to download; its URI (``runs:/…``), or None when nothing is recorded."""
+    def publish_file(self, path: Path, *, folder: str, run_id: str | None = None) -> str | None:
+        """Log ``path`` into ``folder`` of a run's artifacts (the parent run's by default) for
+        other hosts to download; its URI (``runs:/…``), or None when nothing is recorded."""
         return None
 
     def end_search(self, status: str = "FINISHED") -> None:
@@ -590,12 +590,13 @@ class MlflowTracker:
                     self.parent_run_id, "mlflow.note.content", note, synchronous=True
                 )
 
-    def publish_file(self, path: Path) -> str | None:
+    def publish_file(self, path: Path, *, folder: str, run_id: str | None = None) -> str | None:
         if self.off:
             return None
+        run_id = run_id or self.parent_run_id
         with self._lock, self._talking(f"publish {path.name}"):
-            self.client.log_artifact(self.parent_run_id, str(path), artifact_path="teacher")
-            return f"runs:/{self.parent_run_id}/teacher/{path.name}"
+            self.client.log_artifact(run_id, str(path), artifact_path=folder)
+            return f"runs:/{run_id}/{folder}/{path.name}"
         return None  # the store failed (warned once): nothing published
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:

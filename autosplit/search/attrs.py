@@ -101,6 +101,8 @@ class TrialAttrs(_Attrs):
     val_acc: float | None = None  # percent, 0-100
     expected_flops: float | None = None
     weights: str | None = None  # the trained student's checkpoint
+    # The same, published for other hosts (MLflow artifact of its run) on a shared study.
+    weights_uri: str | None = None
     train_seconds: float | None = None
     # Training cost of the trained result: images seen over every stage, x the student's
     # forward FLOPs; ``train_cost`` is that over what one joint run of ``train.epochs`` sees

@@ -78,6 +78,7 @@ class SearchContext:
     final_epochs: int | None = None  # the plan's final-stage epochs (None: the space's)
     caches: dict[tuple[object, ...], CachedTeacher] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
+    share_weights: bool = False  # publish trained weights to MLflow: hosts share the study
 
     @functools.cached_property
     def teacher_sha256(self) -> str:
@@ -361,7 +362,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     record_started = time.perf_counter()
     if result.exit is not None:
         trained = trained.with_values({"structure.exit_threshold": result.exit.threshold})
-    weights = _save_trial(ctx, trial.number, trained, result)
+    weights = _save_trial(ctx, trial, trained, result, run_id)
     wall = time.perf_counter() - started
     train_seconds = sum(r["seconds"] for r in reached)
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
@@ -477,7 +478,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     ctx.cost_model.observe("final", estimate, result.seconds)
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
-    weights = _save_trial(ctx, trial.number, candidate, result)
+    weights = _save_trial(ctx, trial, candidate, result, run_id)
     TrialAttrs(
         state="complete",
         candidate=candidate.to_dict(),
@@ -656,20 +657,27 @@ def at_fidelity(candidate: Candidate, rung: Rung) -> Candidate:
     return candidate.with_values(values)
 
 
-def _save_trial(ctx: SearchContext, number: int, candidate: Any, result: Any) -> Path:
-    """The trained student's weights and its (pinned) candidate, for export."""
+def _save_trial(
+    ctx: SearchContext, trial: optuna.Trial, candidate: Any, result: Any, run_id: str
+) -> Path:
+    """The trained student's weights and its (pinned) candidate, for export; on a study that
+    hosts share, the weights also go to the trial's MLflow run, so export works on any host."""
     from autosplit.checkpoint import save_checkpoint
 
-    folder = ctx.runs_dir / "studies" / ctx.study_name / f"trial-{number:04d}"
+    folder = ctx.runs_dir / "studies" / ctx.study_name / f"trial-{trial.number:04d}"
     path = folder / "student.pt"
     save_checkpoint(
         path,
         kind="student",
         config=candidate.to_dict(),
         state_dict={k: v.detach().cpu() for k, v in result.student.state_dict().items()},
-        extra={"val_acc": result.val_acc, "trial": number},
+        extra={"val_acc": result.val_acc, "trial": trial.number},
     )
     atomic_write_text(folder / "candidate.yaml", candidate.to_yaml())
+    if ctx.share_weights and run_id:
+        uri = ctx.tracker.publish_file(path, folder="student", run_id=run_id)
+        if uri is not None:
+            TrialAttrs(weights_uri=uri).write(trial)
     return path
 
 
@@ -719,6 +727,7 @@ def prepare(
     from autosplit.device import resolve_runtime
     from autosplit.flops import count_flops
     from autosplit.search.plan import usable_seconds
+    from autosplit.search.shared_teacher import is_shared_storage
     from autosplit.teacher import (
         build_teacher_model,
         get_teacher,
@@ -753,6 +762,7 @@ def prepare(
         progress=options.progress,
         halving=options.halving,
         deadline=deadline,
+        share_weights=options.storage is not None and is_shared_storage(options.storage),
     )
     if shared is None:
         check_budget(ctx, options.budget, teacher_model, say=log_teacher)

@@ -164,7 +164,7 @@ class StudyTeacher:
             if info.teacher_sha256 is not None:
                 # Published meanwhile, perhaps: this host's own cache must not contradict it.
                 self.check(data_fingerprint, own_key)
-                return load(self._local_copy(info))
+                return load(local_copy(info, self.study_name, self.runs_dir, say=self.say))
             owner = claim(self.storage, study_id, me)
             if owner == me:
                 self.owned = True
@@ -180,47 +180,10 @@ class StudyTeacher:
                 announced = True
             time.sleep(POLL_SECONDS)
 
-    def _local_copy(self, info: StudyAttrs) -> Path:
-        """This host's copy of the study's teacher, fetched when it has none; its hash
-        checked."""
-        target = self._cached(str(info.teacher_key))
-        if target.is_file() and sha256_file(target) == info.teacher_sha256:
-            return target
-        name, uri = self.study_name, info.teacher_uri
-        if uri is None:
-            raise UserError(
-                f"--study-name {name}: its teacher (SHA-256 {str(info.teacher_sha256)[:12]}, "
-                f"from {info.teacher_claim}) was not published (that search had no MLflow "
-                f"tracking and no --teacher-dir); copy its teacher.pt to {target}"
-            )
-        with tempfile.TemporaryDirectory(dir=self.runs_dir) as tmp:
-            fetched = Path(tmp) / "teacher.pt"
-            if uri.startswith("runs:/") or "://" in uri:
-                import mlflow.artifacts
-
-                got = mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=tmp, tracking_uri=info.tracking_uri
-                )
-                fetched = Path(got)
-            else:
-                shutil.copyfile(uri, fetched)
-            sha = sha256_file(fetched)
-            if sha != info.teacher_sha256:
-                raise UserError(
-                    f"--study-name {name}: the teacher fetched from {uri} has SHA-256 "
-                    f"{sha[:12]}, not the study's {str(info.teacher_sha256)[:12]}; the "
-                    "published file was changed: re-run the search on a new --study-name"
-                )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(fetched, target.with_suffix(".fetching"))
-            target.with_suffix(".fetching").replace(target)  # readers see all of it or none
-        self.say(f"teacher: the study's (SHA-256 {sha[:12]}), fetched from {uri}")
-        return target
-
-    def publish(self, teacher: Any, log_artifact: Callable[[Path], str | None]) -> None:
+    def publish(self, teacher: Any, publish_file: Callable[..., str | None]) -> None:
         """For the owner: put the teacher where every host reads it, then record its hash and
-        place in the study (the others wait for this record). ``log_artifact``: logs a file to
-        the search's parent run and returns its URI (None: tracking is off)."""
+        place in the study (the others wait for this record). ``publish_file``: the tracker's,
+        logs a file to the search's parent run and returns its URI (None: tracking is off)."""
         if not self.owned or self.study is None:
             return
         path = Path(teacher.path)
@@ -235,7 +198,57 @@ class StudyTeacher:
                 published.with_suffix(".copying").replace(published)
             uri = str(published.resolve())
         elif self.shared:
-            uri = log_artifact(path)
+            uri = publish_file(path, folder="teacher")
         StudyAttrs(teacher_sha256=sha, teacher_uri=uri).write(self.study)
         if uri is not None:
             self.say(f"teacher: published for the study's hosts at {uri} (SHA-256 {sha[:12]})")
+
+
+def local_copy(
+    info: StudyAttrs, study_name: str, runs_dir: Path, *, say: Callable[[str], None] = print
+) -> Path:
+    """This host's copy of the study's teacher (its cache), fetched from where the study says
+    it was published when this host has none; its hash checked. Export uses it too, so it
+    evaluates with the study's teacher on any host."""
+    target = Path(runs_dir) / "teachers" / str(info.teacher_key) / "teacher.pt"
+    sha_wanted = str(info.teacher_sha256)
+    if target.is_file() and sha256_file(target) == sha_wanted:
+        return target
+    uri = info.teacher_uri
+    if uri is None:
+        raise UserError(
+            f"--study-name {study_name}: its teacher (SHA-256 {sha_wanted[:12]}, from "
+            f"{info.teacher_claim}) was not published (that search had no MLflow tracking and "
+            f"no --teacher-dir); copy its teacher.pt to {target}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        fetched = fetch_file(uri, Path(tmp), tracking_uri=info.tracking_uri)
+        sha = sha256_file(fetched)
+        if sha != sha_wanted:
+            raise UserError(
+                f"--study-name {study_name}: the teacher fetched from {uri} has SHA-256 "
+                f"{sha[:12]}, not the study's {sha_wanted[:12]}; the published file was "
+                "changed: re-run the search on a new --study-name"
+            )
+        fetched.replace(target)  # same folder: readers see all of it or none
+    say(f"teacher: the study's (SHA-256 {sha[:12]}), fetched from {uri}")
+    return target
+
+
+def fetch_file(uri: str, folder: Path, *, tracking_uri: str | None) -> Path:
+    """Download a published file (``runs:/…`` or another MLflow artifact URI, or a path on a
+    shared file system) into ``folder``; its local path."""
+    if "://" in uri or uri.startswith("runs:/"):
+        import mlflow.artifacts
+
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(folder), tracking_uri=tracking_uri
+            )
+        )
+    if not Path(uri).is_file():
+        raise UserError(f"{uri}: the published file is not there; is the shared folder mounted?")
+    fetched = folder / Path(uri).name
+    shutil.copyfile(uri, fetched)
+    return fetched

@@ -5,10 +5,13 @@ another teacher in its cache is refused before any work."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import optuna
-from searchproc import finish, single_space, worker
+import yaml
+from searchproc import _cmd, finish, single_space, worker
 
 from autosplit.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from autosplit.search.study import HOST_ENV
@@ -21,6 +24,14 @@ def _attrs(storage: str) -> dict:
         return optuna.load_study(study_name=STUDY, storage=storage).user_attrs
     except KeyError:
         return {}
+
+
+def cli(cwd, *args: str) -> str:
+    head, tail = _cmd(*args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*head, *tail], cwd=cwd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
@@ -68,6 +79,24 @@ def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
         and t.user_attrs.get("autosplit.state") == "complete"
     ]
     assert finals and len(finals) == len(set(finals))  # each (member, seed) once across hosts
+
+    # front and export on a fresh host (no teacher, no weights of its own): the study's
+    # teacher and the trials' weights come from the MLflow store the study names.
+    fresh = tmp_path / "host-d"
+    fresh.mkdir()
+    for name in ("host-a", "host-b"):  # their weights files are on their machines only
+        (runs[name] / "studies").rename(runs[name] / "elsewhere")
+    common = ["--study-name", STUDY, "--storage", postgres_url, "--runs-dir", str(fresh)]
+    front = cli(fresh, "front", *common)
+    assert "review: mlflow ui --backend-store-uri " + tracking in front
+    out = fresh / "export"
+    cli(fresh, "export", *common, "--out", str(out), "--latency-runs", "0", "--device", "cpu")
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["provenance"]["teacher_sha256"] == sha
+    assert (out / "best.pt").is_file()
+    assert list(fresh.glob("fetched/*/student.pt"))  # from the trial runs' artifacts
+    [copied] = (fresh / "teachers").glob("*/teacher.pt")
+    assert sha256_file(copied) == sha and not list(fresh.glob("teachers/*/fit-state.pt"))
 
     # A third host whose cache holds another teacher under the same key: refused in one line.
     [trained] = (runs["host-a"] / "teachers").glob("*/teacher.pt")
