@@ -120,3 +120,76 @@ def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
     after = optuna.load_study(study_name=STUDY, storage=postgres_url).get_trials()
     assert len(after) == len(trials)  # no work: no trial started
     assert sorted(p.name for p in runs["host-c"].rglob("*") if p.is_file()) == ["teacher.pt"]
+
+
+def _fresh_study(url: str, name: str):
+    from autosplit.search import study as studies
+
+    storage = studies.open_storage(url)
+    study = studies.open_study(name, storage, create=True)
+    return storage, study, storage.get_study_id_from_name(name)
+
+
+def test_of_hosts_claiming_at_once_exactly_one_wins(postgres_url):
+    import threading
+
+    from autosplit.search.shared_teacher import claim
+
+    _fresh_study(postgres_url, "claim-race")
+    owners: dict[str, str] = {}
+    start = threading.Barrier(6)
+
+    def host(i: int) -> None:
+        from autosplit.search import study as studies
+
+        storage = studies.open_storage(postgres_url)  # a connection of its own, like a host
+        study_id = storage.get_study_id_from_name("claim-race")
+        start.wait()
+        owners[f"host-{i}:1"] = claim(storage, study_id, f"host-{i}:1")
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = {me for me, owner in owners.items() if owner == me}
+    assert len(owners) == 6 and len(winners) == 1
+    assert set(owners.values()) == winners  # the losers all see the winner
+
+
+def test_a_dead_local_claim_is_taken_over_and_a_silent_owner_times_out(tmp_path, monkeypatch):
+    import socket
+    import sys
+
+    import pytest
+
+    from autosplit.errors import UserError
+    from autosplit.search import study as studies
+    from autosplit.search.shared_teacher import StudyTeacher, claim
+
+    storage, study, study_id = _fresh_study(f"sqlite:///{tmp_path}/o.db", "s")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = f"{socket.gethostname()}:{dead.pid}"
+    assert claim(storage, study_id, gone) == gone
+    with monkeypatch.context() as elsewhere:
+        elsewhere.setenv(HOST_ENV, "elsewhere")  # another host cannot tell the pid is gone
+        assert claim(storage, study_id, "elsewhere:7") == gone
+    me = studies.worker_id()
+    assert claim(storage, study_id, me) == me  # this host sees its process is gone
+
+    storage2, study2, id2 = _fresh_study(f"sqlite:///{tmp_path}/o2.db", "t")
+    claim(storage2, id2, "elsewhere:7")
+    waiting = StudyTeacher("t", storage2, lambda: study2, runs_dir=tmp_path, shared=True)
+    waiting.wait_seconds = 0.0
+    with pytest.raises(UserError) as refused:
+        waiting.obtain(
+            lambda: pytest.fail("trained"),
+            lambda _p: pytest.fail("loaded"),
+            data_fingerprint="d",
+            own_key="k",
+        )
+    line = str(refused.value)
+    assert "\n" not in line
+    assert line.startswith("--study-name t: waited 0s for the teacher that elsewhere:7 claimed")
+    assert waiting.owned is False
