@@ -18,6 +18,15 @@ from autosplit.errors import UserError
 FORMAT = "autosplit-checkpoint-1"
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's SHA-256: what identifies a teacher across hosts and in export provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class UnreadableCheckpoint(UserError):
     """A file torch cannot load; ``reason`` says why in a few words (for a warning line)."""
 
@@ -125,11 +134,3 @@ def _why(exc: Exception) -> str:
     if isinstance(exc, KeyError | ValueError) or "load key" in text:
         return "the file is not a PyTorch file"
     return f"torch.load raised {type(exc).__name__}"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -157,9 +157,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
 
     _check_search_paths(args)
+    from autosplit.device import resolve_devices
+
     space, budget = _space_and_budget(args)
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be >= 1")
+    devices = resolve_devices(args.devices)
+    # One worker per GPU when there are several; else one (--workers N: N on the CPU, or
+    # several per GPU, placed round-robin).
+    workers = args.workers if args.workers is not None else len(devices)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be >= 1")
     trials = args.trials if args.trials is not None else space.settings.trials
     if trials < 0:
         raise UserError(f"--trials {trials}: must be >= 0 (the study's total number of trials)")
@@ -175,15 +181,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         storage=args.storage,
         sampler=args.sampler or space.settings.sampler,
         seed=args.seed,
-        workers=args.workers,
-        device=args.device,
+        workers=workers,
+        device=devices[0],
+        devices=tuple(devices),
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
         retrain_teacher=args.retrain_teacher,
         started=STARTED,
+        teacher_dir=Path(args.teacher_dir) if args.teacher_dir else None,
+        teacher_wait=_teacher_wait(args.teacher_wait),
     )
-    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    from autosplit.search.driver import default_study_name
+    from autosplit.search.study import default_storage
+
+    storage_url = args.storage or default_storage(args.runs_dir, workers)
+    recorded = _recorded_tracking_uri(
+        storage_url, args.study_name or default_study_name(space, budget)
+    )
+    uri = _tracking_uri(args, recorded, default_tracking_uri(args.runs_dir))
+    options.tracking_uri = None if args.no_tracking else uri
     # An unreachable store fails now: before the teacher trains, before the study is touched.
     tracker = NullTracker() if args.no_tracking else check_tracking(uri)
     study, ctx = run_search(options, tracker=tracker)
@@ -202,6 +219,51 @@ def cmd_search(args: argparse.Namespace) -> int:
         + (f" --storage {args.storage}" if args.storage else "")
     )
     return 0
+
+
+def _teacher_wait(text: str) -> float:
+    from autosplit.search.budget import parse_duration
+
+    seconds = parse_duration(text, "--teacher-wait")
+    return float("inf") if seconds is None else seconds  # off: wait as long as it takes
+
+
+def _recorded_tracking_uri(storage_url: str, study_name: str) -> str | None:
+    """The tracking URI an earlier search of the study recorded; None for a new study (a
+    storage file not made yet is not created here)."""
+    from autosplit.search import study as studies
+    from autosplit.search.attrs import StudyAttrs
+
+    path = storage_url.removeprefix("journal:").removeprefix("sqlite:///")
+    if path != storage_url and not Path(path).is_file():
+        return None
+    if storage_url.endswith(".log") and not Path(storage_url).is_file():
+        return None
+    try:
+        study = studies.open_study(
+            study_name, studies.open_storage(storage_url, write=False), create=False
+        )
+    except UserError:
+        return None  # no such study yet; an unreachable storage is reported by the search
+    return StudyAttrs.read(study).tracking_uri
+
+
+def _tracking_uri(args: argparse.Namespace, recorded: str | None, default: str) -> str:
+    """``--tracking-uri``, else the store the study's search recorded (one MLflow store per
+    study, whichever host asks), else ``default``. A given URI other than the recorded one is
+    used, with one warning: its runs will not be beside the study's others."""
+    from autosplit.errors import redact_url
+
+    if args.tracking_uri is None:
+        return recorded or default
+    if recorded is not None and args.tracking_uri != recorded:
+        print(
+            f"autosplit: warning: --tracking-uri {redact_url(args.tracking_uri)} differs from "
+            f"the study's MLflow store {redact_url(recorded)}; drop --tracking-uri to use the "
+            "study's",
+            file=sys.stderr,
+        )
+    return args.tracking_uri
 
 
 def _check_search_paths(args: argparse.Namespace) -> None:
@@ -294,10 +356,20 @@ def _open_existing(args: argparse.Namespace):
     return studies.open_study(args.study_name, storage, create=False), url
 
 
+def _study_tracking_uri(args: argparse.Namespace, study: Any) -> str:
+    from autosplit.search.attrs import StudyAttrs
+    from autosplit.tracking import default_tracking_uri
+
+    recorded = StudyAttrs.read(study).tracking_uri
+    return _tracking_uri(args, recorded, default_tracking_uri(args.runs_dir))
+
+
 def cmd_front(args: argparse.Namespace) -> int:
     study, _ = _open_existing(args)
     extra = _latency_columns(args, study.study_name) if args.latency else None
     print(_front_text(study, rung=args.rung, extra=extra))
+    uri = _study_tracking_uri(args, study)
+    print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     return 0
 
 
@@ -337,7 +409,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autosplit.device import resolve_runtime
     from autosplit.export import export_study
     from autosplit.paths import check_output_dir, check_sqlite_url, check_study_name
-    from autosplit.tracking import check_tracking, default_tracking_uri
+    from autosplit.tracking import check_tracking
 
     if args.latency_runs < 0:
         raise UserError(f"--latency-runs {args.latency_runs}: must be >= 0 (0: not measured)")
@@ -360,7 +432,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.no_tracking:  # an unreachable store fails now, before the students are measured
         if args.tracking_uri is not None:
             check_sqlite_url(args.tracking_uri, "--tracking-uri")
-        tracker = check_tracking(args.tracking_uri or default_tracking_uri(args.runs_dir))
+        tracker = check_tracking(_study_tracking_uri(args, study))
     written = export_study(
         study,
         out,
@@ -382,10 +454,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     """Log to MLflow the finished trials of a study that have no run yet (the store was down
     during the search, or its process died); a second run logs nothing."""
     from autosplit.search.sync import sync_study
-    from autosplit.tracking import check_tracking, default_tracking_uri
+    from autosplit.tracking import check_tracking
 
     study, _ = _open_existing(args)
-    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    uri = _study_tracking_uri(args, study)
 
     def stop(message: str) -> None:  # a store failing during sync: stop, say so, re-run later
         raise UserError(
@@ -574,8 +646,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
     search.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--workers", type=int, default=1, help="local worker processes")
-    search.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    search.add_argument(
+        "--workers",
+        type=int,
+        help="local worker processes, worker i on device i mod n (default: one per device)",
+    )
+    search.add_argument(
+        "--devices",
+        "--device",
+        dest="devices",
+        default="auto",
+        help="auto (every visible GPU, else cpu) | cpu | cuda | a list, e.g. cuda:0,cuda:1",
+    )
     search.add_argument(
         "--retrain-teacher",
         action="store_true",
@@ -589,6 +671,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every trial at the top rung (no successive halving)",
     )
     search.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    search.add_argument(
+        "--teacher-dir",
+        help="a folder every host reads (shared file system) to publish the study's teacher "
+        "in (default: the MLflow artifacts of the search's parent run)",
+    )
+    search.add_argument(
+        "--teacher-wait",
+        default="2h",
+        help="how long a host waits for the teacher another host of the study trains (default 2h)",
+    )
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.set_defaults(func=cmd_search)
 
@@ -601,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
         cmd.add_argument("--runs-dir", default="runs")
         if name == "front":
+            cmd.add_argument(
+                "--tracking-uri", help="MLflow store to name (default: the study's search's)"
+            )
             cmd.add_argument("--rung", type=int, help="show rung N's front instead of the final")
             cmd.add_argument(
                 "--latency",
@@ -619,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
             cmd.add_argument("--device", default="auto")
             cmd.add_argument(
-                "--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)"
+                "--tracking-uri",
+                help="MLflow tracking URI (default: the study's search's, else sqlite under runs/)",
             )
             cmd.add_argument(
                 "--no-tracking",
@@ -643,7 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="log to MLflow the finished trials a search could not log")
     sync.add_argument("--study-name", required=True)
     sync.add_argument("--storage", help="Optuna storage URL (default sqlite under runs/)")
-    sync.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite under runs/)")
+    sync.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the study's search's, else sqlite under runs/)",
+    )
     sync.add_argument("--runs-dir", default="runs")
     sync.set_defaults(func=cmd_sync)
 

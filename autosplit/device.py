@@ -9,6 +9,7 @@ and torch's intra-op threads left as the machine gives them.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,22 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    name: str | None = None  # the device as asked for, when it differs (a fake GPU in tests)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def where(self) -> str:
+        """The device for messages: ``cuda:1``, ``cpu``."""
+        return self.name or str(self.device)
+
+    def free_memory(self) -> None:
+        """Give back the cached blocks of a failed allocation, so the next trial starts from
+        an empty cache rather than the fragments of the one that ran out of memory."""
+        if self.is_cuda:
+            torch.cuda.empty_cache()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -53,18 +66,66 @@ class Runtime:
         return images
 
 
+# Tests: this many fake GPUs (``cuda:0``…), each running on the CPU, so that the placement of
+# workers on devices can be checked on a machine without one.
+FAKE_GPUS_ENV = "AUTOSPLIT_FAKE_GPUS"
+
+
+def visible_gpus() -> list[str]:
+    """Every CUDA device this process sees, as ``cuda:N``."""
+    fake = os.environ.get(FAKE_GPUS_ENV)
+    if fake:
+        return [f"cuda:{i}" for i in range(int(fake))]
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def resolve_devices(spec: str = "auto") -> list[str]:
+    """``--devices``: ``auto`` (every visible GPU, else the CPU), ``cpu``, ``cuda`` (every GPU)
+    or a comma list such as ``cuda:0,cuda:1``. One search worker runs on each entry."""
+    gpus = visible_gpus()
+    if spec == "auto":
+        return gpus or ["cpu"]
+    if spec == "cuda":
+        if not gpus:
+            raise UserError("--devices cuda: no CUDA device is visible; use --devices cpu or auto")
+        return gpus
+    devices = [part.strip() for part in spec.split(",") if part.strip()]
+    for device in devices:
+        if device != "cpu" and device not in gpus:
+            seen = ", ".join(gpus) or "none"
+            raise UserError(
+                f"--devices {spec}: {device!r} is not cpu or a visible GPU (visible: {seen}); "
+                "e.g. --devices cuda:0,cuda:1 or --devices cpu"
+            )
+    if not devices:
+        raise UserError(f"--devices {spec!r}: empty; e.g. --devices cuda:0,cuda:1 or cpu")
+    return devices
+
+
 def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:
-    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a user error.
+    ``cuda:N`` also becomes this process's current CUDA device, for the code that asks torch
+    for "the" device (memory queries, bf16 support)."""
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if os.environ.get(FAKE_GPUS_ENV) and device.startswith("cuda"):
+        if device not in visible_gpus() and device != "cuda":
+            raise UserError(f"--device {device}: not one of {', '.join(visible_gpus())}")
+        return _cpu_runtime(name=device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return Runtime(dev, dtype if amp else None, channels_last=True)
+    return _cpu_runtime()
+
+
+def _cpu_runtime(name: str | None = None) -> Runtime:
     # Diverging runs drift into subnormal floats, which are orders of magnitude slower on x86
     # CPUs; flushing them to zero costs nothing in accuracy.
     torch.set_flush_denormal(True)
@@ -73,7 +134,7 @@ def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:
     # resnet56 1.36x, wrn_16_2 1.19x, mobilenetv2 1.63x, resnet8x4 1.12x). torch.compile is
     # faster per step still but compiles for minutes per architecture, longer than a search
     # trial trains, so it stays off. fp32: no autocast on CPU.
-    return Runtime(dev, None, channels_last=True)
+    return Runtime(torch.device("cpu"), None, channels_last=True, name=name)
 
 
 # oneDNN on CPU (torch 2.14.1, an AVX2 AMD EPYC: no AVX-512) corrupts the heap in the backward

@@ -13,6 +13,7 @@ re-run logs them again, as a new registered version.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import statistics
@@ -146,8 +147,20 @@ def export_study(
     best = max(entries, key=lambda e: (e.val_acc, -e.number))
     space_path = Path(info.space)
     views = SearchSpace.from_yaml(space_path).settings.teacher_views if space_path.is_file() else 1
-    context = _EvalContext(TrialAttrs.read(best.runs[0]).candidate, runtime, runs_dir)
-    teacher_sha = sha256_file(info.teacher_path)
+    teacher_path = None
+    if info.teacher_sha256 is not None:
+        # The study's one teacher, on any host: this host's copy, or fetched where published.
+        from autosplit.search.shared_teacher import local_copy
+
+        teacher_path = local_copy(info, study.study_name, runs_dir, say=say)
+    context = _EvalContext(
+        TrialAttrs.read(best.runs[0]).candidate,
+        runtime,
+        runs_dir,
+        teacher_path=teacher_path,
+        tracking_uri=info.tracking_uri,
+    )
+    teacher_sha = info.teacher_sha256 or sha256_file(info.teacher_path)
     teacher_latency = context.teacher_latency(latency_runs, onnx) if latency_runs else None
     out_dir = Path(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_parent_dir(out_dir)))
@@ -303,7 +316,7 @@ def _document(
 ) -> tuple[dict[str, Any], Path]:
     """The export YAML of one member, and the weights file to ship with it."""
 
-    runs = [TrialAttrs.read(t) for t in entry.runs]
+    runs = [context.here(TrialAttrs.read(t)) for t in entry.runs]
     tests = [context.test_accuracy(run.candidate, run.weights) for run in runs]
     vals = [float(run.val_acc) for run in runs]
     mean = statistics.fmean(vals)
@@ -392,22 +405,53 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 class _EvalContext:
     """Data and teacher loaded once for evaluating and retraining exported candidates."""
 
-    def __init__(self, candidate_plain: dict[str, Any], runtime: Any, runs_dir: Path) -> None:
+    def __init__(
+        self,
+        candidate_plain: dict[str, Any],
+        runtime: Any,
+        runs_dir: Path,
+        *,
+        teacher_path: Path | None = None,
+        tracking_uri: str | None = None,
+    ) -> None:
         from autosplit.data import load_splits
         from autosplit.distill.candidate import Candidate
-        from autosplit.teacher import get_teacher
+        from autosplit.teacher import get_teacher, load_teacher
 
         candidate = Candidate.from_dict(candidate_plain)
-        self.runtime, self.runs_dir = runtime, runs_dir
+        self.runtime, self.runs_dir, self.tracking_uri = runtime, runs_dir, tracking_uri
         self.splits = load_splits(candidate.data)
-        self.teacher = get_teacher(
-            candidate.teacher,
-            candidate.data,
-            self.splits,
-            runtime,
-            runs_dir=runs_dir,
-            progress=False,
-        )
+        if teacher_path is not None:  # the study's own teacher (see ``export_study``)
+            self.teacher = load_teacher(teacher_path, self.splits)
+            self.teacher.model = runtime.prepare(self.teacher.model)
+        else:
+            self.teacher = get_teacher(
+                candidate.teacher,
+                candidate.data,
+                self.splits,
+                runtime,
+                runs_dir=runs_dir,
+                progress=False,
+            )
+
+    def here(self, attrs: TrialAttrs) -> TrialAttrs:
+        """``attrs`` with weights on this host: a trial another host of the study trained
+        has them in its run's MLflow artifacts (``weights_uri``), fetched once under
+        ``runs/fetched``."""
+        if attrs.weights is None or Path(attrs.weights).is_file() or attrs.weights_uri is None:
+            return attrs
+        from autosplit.search.shared_teacher import fetch_file
+
+        run_id = attrs.weights_uri.removeprefix("runs:/").split("/")[0]
+        folder = self.runs_dir / "fetched" / run_id
+        local = folder / Path(attrs.weights_uri).name
+        if not local.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                fetch_file(attrs.weights_uri, Path(tmp), tracking_uri=self.tracking_uri).replace(
+                    local
+                )
+        return dataclasses.replace(attrs, weights=str(local))
 
     def test_accuracy(self, candidate_plain: dict[str, Any], weights: str) -> float:
         return trained_test_accuracy(

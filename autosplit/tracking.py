@@ -139,6 +139,11 @@ class Tracker(Protocol):
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         """The search's own cost (``cost/…`` metrics) on the parent run."""
 
+    def publish_file(self, path: Path, *, folder: str, run_id: str | None = None) -> str | None:
+        """Log ``path`` into ``folder`` of a run's artifacts (the parent run's by default) for
+        other hosts to download; its URI (``runs:/…``), or None when nothing is recorded."""
+        return None
+
     def end_search(self, status: str = "FINISHED") -> None:
         """End the parent run (and its children still running)."""
 
@@ -584,6 +589,15 @@ class MlflowTracker:
                 self.client.set_tag(
                     self.parent_run_id, "mlflow.note.content", note, synchronous=True
                 )
+
+    def publish_file(self, path: Path, *, folder: str, run_id: str | None = None) -> str | None:
+        if self.off:
+            return None
+        run_id = run_id or self.parent_run_id
+        with self._lock, self._talking(f"publish {path.name}"):
+            self.client.log_artifact(run_id, str(path), artifact_path=folder)
+            return f"runs:/{run_id}/{folder}/{path.name}"
+        return None  # the store failed (warned once): nothing published
 
     def log_search_cost(self, metrics: dict[str, float]) -> None:
         if self.off:

@@ -369,3 +369,36 @@ def test_front_latency_without_an_export_is_one_line(exported, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"autosplit: --latency: the export at {out} recorded no latency")
     assert "\n" not in err
+
+
+def test_export_sync_and_front_default_to_the_store_the_search_recorded(tmp_path, capsys):
+    """One MLflow store per study: a search with --tracking-uri X records X in the study, and a
+    plain export registers the model in X (no runs/mlflow.db made); a differing --tracking-uri
+    is used with one warning."""
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "single.yaml"
+    space.write_text(chain_space_text().replace("choices: [res_chain]", "choices: [single]"))
+    runs = tmp_path / "runs"
+    store = f"sqlite:///{tmp_path}/chosen.db"
+    search = ["search", "--space", str(space), "--runs-dir", str(runs), "--study-name", STUDY]
+    assert main([*search, "--tracking-uri", store, "--quiet", *CPU]) == 0
+    common = ["--study-name", STUDY, "--runs-dir", str(runs)]
+    export = ["export", *common, "--out", str(tmp_path / "out"), "--latency-runs", "0", *CPU]
+    capsys.readouterr()
+    assert main(export) == 0
+    assert not (runs / "mlflow.db").exists()
+    versions = MlflowClient(store).search_model_versions(f"name = '{STUDY}'")
+    assert [int(v.version) for v in versions] == [1]
+    assert "warning" not in capsys.readouterr().err
+
+    assert main(["front", *common]) == 0
+    assert f"--backend-store-uri {store}" in capsys.readouterr().out
+    assert main(["sync", *common]) == 0
+    assert f"({store})" in capsys.readouterr().out
+
+    other = f"sqlite:///{tmp_path}/other.db"
+    assert main(["sync", *common, "--tracking-uri", other]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autosplit: warning: --tracking-uri {other} differs from the study")
+    assert "\n" not in err

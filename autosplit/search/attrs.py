@@ -75,6 +75,8 @@ class TrialAttrs(_Attrs):
     """What one trial stores. Fields are written in this order by one ``write``."""
 
     worker: str | None = None  # host:pid of the worker process running it (``worker_id``)
+    device: str | None = None  # the device it trained on: cpu, cuda:1
+    teacher_sha256: str | None = None  # the checkpoint of the teacher it was distilled from
     # What the trial is; a re-run of an interrupted trial keeps these (``study.RETRY_FIELDS``).
     stage: str | None = None  # "search", or "final" for a final-stage job
     baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial
@@ -83,7 +85,8 @@ class TrialAttrs(_Attrs):
     retry_of: int | None = None  # the interrupted trial this one re-runs
     sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
     # What it measured, and how it ended.
-    state: str | None = None  # complete, stopped, infeasible, skipped, failed, duplicate, …
+    # complete, stopped, infeasible, skipped, failed, out_of_memory, duplicate, …
+    state: str | None = None
     error: str | None = None  # the first 500 characters of what stopped it
     label: str | None = None  # short description, e.g. "res_chain K=2 + dkd"
     flops: int | None = None  # worst case
@@ -98,6 +101,8 @@ class TrialAttrs(_Attrs):
     val_acc: float | None = None  # percent, 0-100
     expected_flops: float | None = None
     weights: str | None = None  # the trained student's checkpoint
+    # The same, published for other hosts (MLflow artifact of its run) on a shared study.
+    weights_uri: str | None = None
     train_seconds: float | None = None
     # Training cost of the trained result: images seen over every stage, x the student's
     # forward FLOPs; ``train_cost`` is that over what one joint run of ``train.epochs`` sees
@@ -137,6 +142,13 @@ class StudyAttrs(_Attrs):
     objective_flops: str | None = None  # "worst_case" or "expected"
     baselines_enqueued: bool | None = None
     final_members: list[int] | None = None  # the search trials of the latest final stage
+    # The MLflow store the search logged to: export, sync and front on any host default to it.
+    tracking_uri: str | None = None
+    # The one teacher every host of the study uses (see ``search/shared_teacher.py``): who
+    # claimed its training (host:pid), the SHA-256 of its weights, and where it is published.
+    teacher_claim: str | None = None
+    teacher_sha256: str | None = None
+    teacher_uri: str | None = None
 
     @property
     def cost(self) -> str:

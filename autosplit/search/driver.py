@@ -13,8 +13,10 @@ share them, and a killed job is failed and re-run like any trial.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from autosplit.data import Splits
     from autosplit.device import Runtime
     from autosplit.distill.candidate import Candidate
+    from autosplit.search.shared_teacher import StudyTeacher
     from autosplit.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,14 @@ class SearchContext:
     final_epochs: int | None = None  # the plan's final-stage epochs (None: the space's)
     caches: dict[tuple[object, ...], CachedTeacher] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
+    share_weights: bool = False  # publish trained weights to MLflow: hosts share the study
+
+    @functools.cached_property
+    def teacher_sha256(self) -> str:
+        """The teacher checkpoint's SHA-256, recorded on every trial distilled from it."""
+        from autosplit.checkpoint import sha256_file
+
+        return sha256_file(self.teacher.path)
 
     @property
     def eta(self) -> int:
@@ -224,7 +235,7 @@ class QuietInterrupts(logging.Filter):
         if (
             record.exc_info
             and record.exc_info[0] is not None
-            and issubclass(record.exc_info[0], KeyboardInterrupt | OSError)
+            and issubclass(record.exc_info[0], KeyboardInterrupt | OSError | TrialOutOfMemory)
         ):
             self.quiet.add(message.split(" failed", 1)[0])  # "Trial 7"
             return False
@@ -255,7 +266,13 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
 
     started = time.perf_counter()
     # A retried trial starts its rungs again.
-    TrialAttrs(worker=studies.worker_id(), stage="search", rungs=[]).write(trial)
+    TrialAttrs(
+        worker=studies.worker_id(),
+        device=ctx.runtime.where,
+        teacher_sha256=ctx.teacher_sha256,
+        stage="search",
+        rungs=[],
+    ).write(trial)
     if isinstance(trial.study.sampler, studies.TrialSeededSampler):
         TrialAttrs(sampler_seed=trial.study.sampler.seed_for(trial.number)).write(trial)
     baseline = TrialAttrs.read(trial).baseline
@@ -345,7 +362,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     record_started = time.perf_counter()
     if result.exit is not None:
         trained = trained.with_values({"structure.exit_threshold": result.exit.threshold})
-    weights = _save_trial(ctx, trial.number, trained, result)
+    weights = _save_trial(ctx, trial, trained, result, run_id)
     wall = time.perf_counter() - started
     train_seconds = sum(r["seconds"] for r in reached)
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
@@ -394,7 +411,9 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     from autosplit.distill.candidate import Candidate
 
     started = time.perf_counter()
-    TrialAttrs(worker=studies.worker_id()).write(trial)
+    TrialAttrs(
+        worker=studies.worker_id(), device=ctx.runtime.where, teacher_sha256=ctx.teacher_sha256
+    ).write(trial)
     job = TrialAttrs.read(trial)
     member_number, seed_index = int(job.member), int(job.seed)
     others = trial.study.get_trials(deepcopy=False)
@@ -459,7 +478,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     ctx.cost_model.observe("final", estimate, result.seconds)
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
-    weights = _save_trial(ctx, trial.number, candidate, result)
+    weights = _save_trial(ctx, trial, candidate, result, run_id)
     TrialAttrs(
         state="complete",
         candidate=candidate.to_dict(),
@@ -515,8 +534,8 @@ def _train(
             },
         )
 
-    source = ctx.teacher_source(taps, candidate)
     try:
+        source = ctx.teacher_source(taps, candidate)
         return train_candidate(
             candidate,
             ctx.splits,
@@ -529,10 +548,29 @@ def _train(
         )
     except OSError:
         raise  # the environment's fault, not the candidate's: see ``objective``
+    except torch.OutOfMemoryError:
+        # Too large for this device at these settings: failed, recorded as such (not re-run:
+        # it would run out again), and the search goes on with the next trial.
+        ctx.runtime.free_memory()
+        line = (
+            f"out of GPU memory: {label_of(candidate)} at batch {candidate.train.batch_size} "
+            f"on {ctx.runtime.where}"
+        )
+        TrialAttrs(state=OUT_OF_MEMORY, error=line).write(trial)
+        ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
+        print(f"autosplit: trial {trial.number}: {line}; the search goes on", file=sys.stderr)
+        raise TrialOutOfMemory(line) from None
     except Exception as exc:
         TrialAttrs(state="failed", error=str(exc)[:500]).write(trial)
         ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
+
+
+OUT_OF_MEMORY = "out_of_memory"  # ``TrialAttrs.state`` of a trial its device could not hold
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of GPU memory; Optuna fails it and the worker goes on."""
 
 
 def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
@@ -619,20 +657,27 @@ def at_fidelity(candidate: Candidate, rung: Rung) -> Candidate:
     return candidate.with_values(values)
 
 
-def _save_trial(ctx: SearchContext, number: int, candidate: Any, result: Any) -> Path:
-    """The trained student's weights and its (pinned) candidate, for export."""
+def _save_trial(
+    ctx: SearchContext, trial: optuna.Trial, candidate: Any, result: Any, run_id: str
+) -> Path:
+    """The trained student's weights and its (pinned) candidate, for export; on a study that
+    hosts share, the weights also go to the trial's MLflow run, so export works on any host."""
     from autosplit.checkpoint import save_checkpoint
 
-    folder = ctx.runs_dir / "studies" / ctx.study_name / f"trial-{number:04d}"
+    folder = ctx.runs_dir / "studies" / ctx.study_name / f"trial-{trial.number:04d}"
     path = folder / "student.pt"
     save_checkpoint(
         path,
         kind="student",
         config=candidate.to_dict(),
         state_dict={k: v.detach().cpu() for k, v in result.student.state_dict().items()},
-        extra={"val_acc": result.val_acc, "trial": number},
+        extra={"val_acc": result.val_acc, "trial": trial.number},
     )
     atomic_write_text(folder / "candidate.yaml", candidate.to_yaml())
+    if ctx.share_weights and run_id:
+        uri = ctx.tracker.publish_file(path, folder="student", run_id=run_id)
+        if uri is not None:
+            TrialAttrs(weights_uri=uri).write(trial)
     return path
 
 
@@ -650,7 +695,11 @@ class SearchOptions:
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1
-    device: str = "auto"
+    device: str = "auto"  # this process's device
+    devices: tuple[str, ...] = ()  # worker i of ``workers`` runs on devices[i % len]; () = device
+    tracking_uri: str | None = None  # the MLflow store logged to (None: not tracked)
+    teacher_dir: Path | None = None  # where the study's teacher is published (None: MLflow)
+    teacher_wait: float = 7200.0  # seconds a host waits for the teacher another host trains
     runs_dir: Path = Path("runs")
     progress: bool = True
     halving: bool = True
@@ -669,14 +718,24 @@ def prepare(
     *,
     log_teacher: Callable[[str], None] = print,
     shared: _SharedPlan | None = None,
+    study_teacher: StudyTeacher | None = None,
 ) -> SearchContext:
     """Data, the time plan (from throughput measured here), the teacher (trained once, cached)
-    and the budget in FLOPs. A worker process gets its parent's plan as ``shared``."""
+    and the budget in FLOPs. A worker process gets its parent's plan as ``shared``; the
+    process that starts a search gets ``study_teacher``, the one teacher of the study's hosts
+    (checked before any work, then fetched, or trained by the host that claims it)."""
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.flops import count_flops
     from autosplit.search.plan import usable_seconds
-    from autosplit.teacher import build_teacher_model, get_teacher, is_cached
+    from autosplit.search.shared_teacher import is_shared_storage
+    from autosplit.teacher import (
+        build_teacher_model,
+        get_teacher,
+        is_cached,
+        load_teacher,
+        teacher_key,
+    )
 
     deadline = Deadline(options.time_limit, clock=options.clock)
     if options.started is not None:  # the limit counts from process start (imports included)
@@ -686,6 +745,9 @@ def prepare(
     space = options.space
     splits = load_splits(space.data)
     teacher_cfg = space.teacher
+    own_key = teacher_key(teacher_cfg, splits.fingerprint)
+    if study_teacher is not None:
+        study_teacher.check(splits.fingerprint, own_key)
     teacher_model = build_teacher_model(teacher_cfg, splits)  # untrained: for counting only
     teacher_flops = count_flops(teacher_model, splits.info.input_shape)
     max_flops = options.budget.resolve(teacher_flops)
@@ -701,12 +763,17 @@ def prepare(
         progress=options.progress,
         halving=options.halving,
         deadline=deadline,
+        share_weights=options.storage is not None and is_shared_storage(options.storage),
     )
     if shared is None:
         check_budget(ctx, options.budget, teacher_model, say=log_teacher)
     final_reserve = 0.0
     if shared is not None:
         shared.apply(ctx)
+        if shared.device != runtime.where and options.time_limit is not None:
+            # A worker on another device (another GPU model, or a GPU busy with other work)
+            # estimates its jobs from its own throughput; the plan's deadlines stay shared.
+            ctx.cost_model = _measure_cost_model(ctx)
         teacher_cfg = dataclasses.replace(
             teacher_cfg, train=dataclasses.replace(teacher_cfg.train, epochs=shared.teacher_epochs)
         )
@@ -731,14 +798,27 @@ def prepare(
         ctx.finalists, ctx.final_seeds = chosen.finalists, chosen.seeds
         ctx.final_epochs = chosen.final_epochs if ctx.final is not None else None
         final_reserve = chosen.final_seconds
-    ctx.teacher = get_teacher(
-        teacher_cfg,
-        space.data,
-        splits,
-        runtime,
-        runs_dir=options.runs_dir,
-        progress=options.progress,
-        retrain=options.retrain_teacher,
+
+    def train() -> Teacher:
+        return get_teacher(
+            teacher_cfg,
+            space.data,
+            splits,
+            runtime,
+            runs_dir=options.runs_dir,
+            progress=options.progress,
+            retrain=options.retrain_teacher,
+        )
+
+    def load(path: Path) -> Teacher:
+        teacher = load_teacher(path, splits)
+        teacher.model = runtime.prepare(teacher.model)
+        return teacher
+
+    ctx.teacher = (
+        train()
+        if study_teacher is None
+        else study_teacher.obtain(train, load, data_fingerprint=splits.fingerprint, own_key=own_key)
     )
     if shared is None and options.time_limit is not None:
         # Work starts only while it can end inside the limit less a small reserve for the end
@@ -808,7 +888,8 @@ def _measure_cost_model(ctx: SearchContext) -> CostModel:
         student, info.input_shape, info.num_classes, ctx.runtime, batch_size=batch
     )
     log.info(
-        "throughput here: teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
+        "throughput here (%s): teacher %.0f img/s at %d FLOPs, student %.0f img/s at %d FLOPs",
+        ctx.runtime.where,
         teacher_ips,
         ctx.teacher_flops,
         student_ips,
@@ -925,6 +1006,8 @@ def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptio
         space_yaml=options.space.path.read_text(),
         teacher_path=str(ctx.teacher.path),
         objective_flops=options.space.settings.objective_flops,
+        # The first search's store stays the study's: a host logging elsewhere was warned.
+        tracking_uri=stored.tracking_uri or options.tracking_uri,
     ).write(study)  # what differs from the stored values
 
 
@@ -996,7 +1079,7 @@ def run_worker(
             n_trials=n,
             callbacks=callbacks,
             gc_after_trial=True,
-            catch=(FloatingPointError,),
+            catch=(FloatingPointError, TrialOutOfMemory),
         )
     finally:
         optimize_log.removeFilter(quiet)
@@ -1203,11 +1286,31 @@ def run_search(
     the teacher trains and the study is touched (``tracking.check_tracking``)."""
     tracker = NullTracker() if tracker is None else tracker
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
-    ctx = prepare(options, log_teacher=say)
+    from autosplit.search.shared_teacher import StudyTeacher, is_shared_storage
+
     study_name = options.study_name or default_study_name(options.space, options.budget)
     storage_url = options.storage or studies.default_storage(options.runs_dir, options.workers)
     storage = studies.open_storage(storage_url)
-    study, created = studies.create_or_load(study_name, storage)
+    opened: list[tuple[optuna.Study, bool]] = []
+
+    def open_study() -> optuna.Study:
+        # Made once this host has passed its checks (budget, data, teacher) and is about to
+        # obtain the teacher: the study's claim lives in it.
+        opened.append(studies.create_or_load(study_name, storage))
+        return opened[-1][0]
+
+    study_teacher = StudyTeacher(
+        study_name,
+        storage,
+        open_study,
+        runs_dir=Path(options.runs_dir),
+        shared=is_shared_storage(storage_url),
+        teacher_dir=options.teacher_dir,
+        wait_seconds=options.teacher_wait,
+        say=say,
+    )
+    ctx = prepare(options, log_teacher=say, study_teacher=study_teacher)
+    study, created = opened[-1]
     describe_study(study, ctx, options)
     # A worker of this host that died (kill -9, power loss) left its trial RUNNING: fail it
     # now rather than count it as done; it and any interrupted trial are re-queued with their
@@ -1231,6 +1334,7 @@ def run_search(
         "seed": options.seed,
         "trials": options.trials,
         "workers": options.workers,
+        "devices": ",".join(options.devices) or options.device,
         "space": str(options.space.path),
         "time_limit_s": options.time_limit or 0,
     }
@@ -1239,6 +1343,8 @@ def run_search(
         settings=settings,
         note=search_note(study_name, settings, None, []),
     )
+    # Now that the parent run exists: the teacher this host trained, for the study's others.
+    study_teacher.publish(ctx.teacher, tracker.publish_file)
     status = "FINISHED"
     try:
         if todo:
@@ -1323,11 +1429,22 @@ def _run_processes(
     worker_options = dataclasses.replace(options, workers=1, clock=time.monotonic, started=None)
     threads = max(1, (os.cpu_count() or 1) // options.workers)
     shared = _SharedPlan.of(ctx)
+    devices = options.devices or (options.device,)
     procs = [
         context.Process(
             target=_worker_main,
             name=f"autosplit-worker-{i}",
-            args=(worker_options, study_name, storage_url, tracker, i, threads, shared, phase),
+            args=(
+                dataclasses.replace(worker_options, device=devices[i % len(devices)]),
+                study_name,
+                storage_url,
+                tracker,
+                i,
+                threads,
+                shared,
+                phase,
+                logging.getLogger().getEffectiveLevel(),
+            ),
         )
         for i in range(options.workers)
     ]
@@ -1368,6 +1485,7 @@ class _SharedPlan:
     seeds: int | None
     final_epochs: int | None
     teacher_epochs: int
+    device: str  # where the cost model was measured
 
     @classmethod
     def of(cls, ctx: SearchContext) -> _SharedPlan:
@@ -1383,6 +1501,7 @@ class _SharedPlan:
             ctx.final_seeds,
             ctx.final_epochs,
             ctx.teacher.config.train.epochs,
+            ctx.runtime.where,
         )
 
     def apply(self, ctx: SearchContext) -> None:
@@ -1405,9 +1524,14 @@ def _worker_main(
     threads: int,
     shared: _SharedPlan,
     phase: str,
+    log_level: int = logging.WARNING,
 ) -> None:
     import signal
-    import sys
+
+    # A spawned process starts with logging unconfigured: it logs as its parent does (-v).
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s"
+    )
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a Ctrl-C as SIGTERM
     interrupts.install(signal.SIGTERM)

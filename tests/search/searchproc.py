@@ -20,9 +20,20 @@ def _cmd(*args: str) -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "autosplit.cli"], list(args)
 
 
-def worker(runs: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+def worker(
+    runs: Path, *args: str, env: dict | None = None, verbose: bool = False
+) -> subprocess.Popen:
     head, tail = _cmd(
-        "search", "--space", SPACE, "--runs-dir", str(runs), "--device", "cpu", "--quiet", *args
+        *(("-v",) if verbose else ()),
+        "search",
+        "--space",
+        SPACE,
+        "--runs-dir",
+        str(runs),
+        "--device",
+        "cpu",
+        "--quiet",
+        *args,
     )
     return subprocess.Popen(
         [*head, *tail],
@@ -78,3 +89,25 @@ def trials_now(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
         if "locked" in str(exc):
             return []
         raise
+
+
+def single_space(tmp_path: Path, *, final: bool = True) -> str:
+    """digits_tiny with single students only (seconds a trial); ``final=False`` drops the
+    rungs and the final stage too."""
+    text = open(SPACE).read()
+    old = "choices: [single, res_chain, branches, assistant]"
+    assert old in text
+    text = text.replace(old, "choices: [single]")
+    if not final:
+        head, _ = text.split("search:\n")
+        text = (
+            head + "search:\n  trials: 4\n  fidelity: {rungs: [], final: null}\n  baselines: {}\n"
+        )
+    path = tmp_path / ("single.yaml" if final else "single_flat.yaml")
+    path.write_text(text)
+    return str(path)
+
+
+def verbose_worker(runs: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``worker`` with ``autosplit -v``: its log lines on stderr."""
+    return worker(runs, *args, env=env, verbose=True)
