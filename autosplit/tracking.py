@@ -177,16 +177,12 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from filelock import FileLock
 
     db_path = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(db_path.with_name(db_path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(db_path.with_name(db_path.name + ".lock")):  # waits as long as it takes
+        yield
 
 
 def check_tracking(
