@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import TRIAL_TAG, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.front import TrialRecord
 
 # A search trial at its top rung, keys and values as the driver has always stored them.
@@ -165,6 +165,33 @@ class _Holder:
     def set_user_attr(self, key: str, value: object) -> None:
         self.writes.append(key)
         self.user_attrs[key] = value
+
+
+def test_a_trial_run_ends_with_the_metrics_earlier_versions_logged():
+    """The names stores already hold: ``mlflow ui`` columns and ``autosplit sync`` keep reading
+    them. Every field has its own name, and unset fields are not logged."""
+    every = TrialMetrics(**{f.name: 1 for f in dataclasses.fields(TrialMetrics)}).logged()
+    assert every == dict.fromkeys(
+        [
+            "val/acc",
+            "flops/worst_case",
+            "flops/expected",
+            "params",
+            "search/rung",
+            "time/wall_s",
+            "time/train_s",
+            "train/images_seen",
+            "train/flops",
+            "train/cost_x",
+            "optuna/trial_number",
+            "time/overhead_s",
+        ],
+        1.0,
+    )
+    assert TrialMetrics(trial_number=3).logged() == {"optuna/trial_number": 3.0}
+    assert TrialMetrics.name("val_acc") == "val/acc"
+    # Every trial run of every version carries it (sync matches on it); exported models too.
+    assert TRIAL_TAG == "optuna.trial_number"
 
 
 def test_a_study_write_stores_only_what_changed():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from autosplit.search.attrs import STATE_TAG, StudyAttrs, TrialAttrs
+from autosplit.search.attrs import STATE_TAG, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
 from autosplit.search.space import SearchSpace
@@ -288,7 +288,7 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert attrs.run_id and client.get_run(attrs.run_id).data.tags[STATE_TAG] == "infeasible"
-    assert client.get_metric_history(attrs.run_id, "val/acc") == []  # no epoch ran
+    assert client.get_metric_history(attrs.run_id, TrialMetrics.name("val_acc")) == []  # no epoch
     assert optuna.load_study(study_name="tiny-budget", storage=opts.storage).best_trials == []
 
 
