@@ -159,3 +159,32 @@ def read_export_latency(folder: Path, study_name: str, *, fix: str) -> ExportLat
         )
     teacher = {k: v for k, v in teacher.items() if k != "measured"}
     return ExportLatency(folder, teacher, members, measured)
+
+
+def front_columns(folder: Path, study_name: str, *, fix: str) -> Any:
+    """``front --latency``: each member's latency as a share of the teacher's, read from what
+    ``autosplit export`` measured at ``folder`` (in one process, so the shares compare on a
+    noisy machine; front itself measures nothing), as ``front.ExtraColumns``."""
+    from autosplit.search.front import ExtraColumns
+
+    latency = read_export_latency(folder, study_name, fix=fix)
+    keys = [
+        f"{backend} {batch}"
+        for backend in ("torch", "onnx")
+        if backend in latency.teacher
+        for batch in ("b1", "b64")
+    ]
+    cells = {}
+    for number in latency.members:
+        shares = latency.shares(number) or {}
+        cells[number] = tuple(f"{100 * shares[k]:.0f}%" if k in shares else "-" for k in keys)
+    teacher = ", ".join(
+        f"{backend} b1 {ms['b1']:.2f} ms, b64 {ms['b64']:.2f} ms"
+        for backend, ms in latency.teacher.items()
+    )
+    notes = (
+        "%teacher: FLOPs as a share of the teacher's; lat <backend> <batch>: latency as a share "
+        "of the teacher's (onnx = onnxruntime), measured by autosplit export",
+        f"latency from {folder} ({latency.measured}); teacher: {teacher}; - = not in that export",
+    )
+    return ExtraColumns(tuple(f"lat {k}" for k in keys), cells, notes)

@@ -754,22 +754,22 @@ def check_budget(
     """Refuse a budget below the narrowest student the space builds (every trial would be
     infeasible), before the teacher trains; warn about one above the teacher's FLOPs.
     ``teacher_model``: the teacher's architecture (counting needs no trained weights)."""
-    from autosplit.distill.run import build_and_count
     from autosplit.flops import format_flops
+    from autosplit.search.budget import within_budget
 
     base = ctx.space.base_candidate(ctx.max_flops)
-    _, counted = build_and_count(
-        narrowest(base).with_values({"split.budget_share": 1.0}), teacher_model, ctx.splits
-    )
-    smallest = int(counted.worst_case)
-    if ctx.max_flops < smallest:
-        raise UserError(
+
+    def below(smallest: int) -> str:
+        return (
             f"--budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs: below the smallest "
             f"student this space builds ({format_flops(smallest)} FLOPs, "
             f"{base.student.family} at width "
             f"{SMALLEST_WIDTH}); raise --budget to at least {smallest / ctx.teacher_flops:.3g}x "
             f"or {format_flops(smallest)}"
         )
+
+    narrowest_student = narrowest(base).with_values({"split.budget_share": 1.0})
+    within_budget(narrowest_student, teacher_model, ctx.splits, max_flops=ctx.max_flops, over=below)
     if ctx.max_flops > ctx.teacher_flops:
         say(
             f"warning: --budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs is above the "
@@ -808,24 +808,23 @@ def _measure_cost_model(ctx: SearchContext) -> CostModel:
 
 def _budget_student(ctx: SearchContext) -> tuple[torch.nn.Module, int]:
     """A single student using the whole budget: the size the planner measures."""
-    from autosplit.distill.run import build_and_count
+    from autosplit.search.budget import within_budget
     from autosplit.teacher import build_teacher_model
 
     baselines = list(ctx.space.settings.baselines.values())
     candidate = ctx.space.base_candidate(ctx.max_flops)
     if baselines:
         candidate = candidate.with_values(baselines[0])
-    from autosplit.flops import BudgetTooSmall
-
-    try:
-        distiller, flops = build_and_count(
-            candidate, build_teacher_model(ctx.space.teacher, ctx.splits), ctx.splits
-        )
-    except BudgetTooSmall as exc:
-        raise UserError(
+    distiller, flops = within_budget(
+        candidate,
+        build_teacher_model(ctx.space.teacher, ctx.splits),
+        ctx.splits,
+        max_flops=None,  # solved to fit it
+        none_fits=lambda exc: (
             f"--budget {ctx.max_flops:,} FLOPs: no student of this space fits it "
             f"({exc}); raise --budget"
-        ) from None
+        ),
+    )
     return distiller.student, flops.worst_case
 
 
