@@ -56,6 +56,26 @@ def save_checkpoint(
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def save_or_rescue(path: str | os.PathLike, runs_dir: str | os.PathLike, **checkpoint: Any) -> None:
+    """``save_checkpoint(path, **checkpoint)``; if that fails now (the disk filled while the
+    weights trained), save them under ``runs_dir/rescued/`` instead so the training is not lost,
+    and say so in one line naming ``path`` (as ``--out``) either way."""
+    from autosplit.paths import disk_fault
+
+    try:
+        save_checkpoint(path, **checkpoint)
+    except OSError as exc:
+        cause = disk_fault(exc) or f"{exc.filename or path}: {exc.strerror or exc}"
+        rescue = Path(runs_dir) / "rescued" / Path(path).name
+        try:
+            save_checkpoint(rescue, **checkpoint)
+        except OSError:
+            raise UserError(f"--out {path}: could not write the weights ({cause})") from None
+        raise UserError(
+            f"--out {path}: could not write the weights ({cause}); saved them to {rescue} instead"
+        ) from None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,

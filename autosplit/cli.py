@@ -279,83 +279,6 @@ def _check_search_paths(args: argparse.Namespace) -> None:
         check_sqlite_url(args.tracking_uri, "--tracking-uri")
 
 
-def _front_text(study: Any, *, rung: int | None, extra: Any = None) -> str:
-    """The final front when the study has one (unless a rung is asked for), else the search's
-    front at the top rung, or the front of rung ``rung``; ``extra``: columns to add
-    (``front.ExtraColumns``)."""
-    from autosplit.search.front import (
-        final_members,
-        final_table,
-        front_table,
-        rung_records,
-        search_records,
-    )
-    from autosplit.search.study import records, study_info
-
-    info = study_info(study)
-    budget = int(info.budget_flops)
-    teacher_flops = info.teacher_flops
-    cost = info.cost
-    recs = records(study)
-    if rung is not None:
-        at = rung_records(recs, rung)
-        if not at:
-            raise UserError(
-                f"--rung {rung}: no trial of study {study.study_name!r} finished that rung"
-            )
-        table = front_table(at, budget, teacher_flops=teacher_flops, cost=cost, extra=extra)
-        return f"rung {rung}:\n" + table
-    members = final_members(recs, info.final_members)
-    if members:
-        return final_table(
-            members,
-            budget,
-            teacher_flops=teacher_flops,
-            cost=cost,
-            fidelity=_final_fidelity(study),
-            extra=extra,
-        )
-    return front_table(
-        search_records(recs), budget, teacher_flops=teacher_flops, cost=cost, extra=extra
-    )
-
-
-def _final_fidelity(study: Any) -> str:
-    from autosplit.search.attrs import TrialAttrs
-
-    for trial in study.get_trials(deepcopy=False):
-        attrs = TrialAttrs.read(trial)
-        if attrs.stage == "final" and attrs.candidate is not None:
-            train = attrs.candidate["train"]
-            rows = train.get("max_train_samples") or "all"
-            epochs = train["epochs"]
-            return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"
-    return ""
-
-
-def _open_existing(args: argparse.Namespace):
-    from autosplit.search import study as studies
-
-    url = args.storage or studies.default_storage(args.runs_dir, 1)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        journal = studies.default_storage(args.runs_dir, 2)
-        if args.storage is not None:
-            raise UserError(
-                f"--storage {url}: no such database file; check the path, or run "
-                "`autosplit search` first"
-            )
-        if not Path(journal.removeprefix("journal:")).is_file():
-            missing = "does not exist" if not Path(args.runs_dir).is_dir() else "holds no study"
-            raise UserError(
-                f"--runs-dir {args.runs_dir}: {missing} (no optuna.db there); run "
-                "`autosplit search` first, or pass --runs-dir or --storage"
-            )
-        url = journal
-    # front and export only read: a study on a read-only disk is still shown and exported.
-    storage = studies.open_storage(url, write=False)
-    return studies.open_study(args.study_name, storage, create=False), url
-
-
 def _study_tracking_uri(args: argparse.Namespace, study: Any) -> str:
     from autosplit.search.attrs import StudyAttrs
     from autosplit.tracking import default_tracking_uri
@@ -365,50 +288,42 @@ def _study_tracking_uri(args: argparse.Namespace, study: Any) -> str:
 
 
 def cmd_front(args: argparse.Namespace) -> int:
-    study, _ = _open_existing(args)
-    extra = _latency_columns(args, study.study_name) if args.latency else None
+    from autosplit.latency import front_columns
+    from autosplit.search.study import open_existing
+
+    study, _ = open_existing(args.study_name, args.storage, args.runs_dir)
+    extra = None
+    if args.latency:
+        name = study.study_name
+        folder = Path(args.export) if args.export else Path(args.runs_dir) / "exports" / name
+        fix = f"run autosplit export --study-name {name} first, or pass --export DIR"
+        extra = front_columns(folder, name, fix=fix)
     print(_front_text(study, rung=args.rung, extra=extra))
     uri = _study_tracking_uri(args, study)
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     return 0
 
 
-def _latency_columns(args: argparse.Namespace, study_name: str) -> Any:
-    """``front --latency``: each member's latency as a share of the teacher's, read from what
-    ``autosplit export`` measured (in one process, so the shares compare on a noisy machine;
-    front itself measures nothing)."""
-    from autosplit.latency import read_export_latency
-    from autosplit.search.front import ExtraColumns
+def _front_text(study: Any, *, rung: int | None, extra: Any = None) -> str:
+    from autosplit.search.front import front_text
+    from autosplit.search.study import final_fidelity, records, study_info
 
-    folder = Path(args.export) if args.export else Path(args.runs_dir) / "exports" / study_name
-    fix = f"run autosplit export --study-name {study_name} first, or pass --export DIR"
-    latency = read_export_latency(folder, study_name, fix=fix)
-    keys = [
-        f"{backend} {batch}"
-        for backend in ("torch", "onnx")
-        if backend in latency.teacher
-        for batch in ("b1", "b64")
-    ]
-    cells = {}
-    for number in latency.members:
-        shares = latency.shares(number) or {}
-        cells[number] = tuple(f"{100 * shares[k]:.0f}%" if k in shares else "-" for k in keys)
-    teacher = ", ".join(
-        f"{backend} b1 {ms['b1']:.2f} ms, b64 {ms['b64']:.2f} ms"
-        for backend, ms in latency.teacher.items()
+    info = study_info(study)
+    return front_text(
+        records(study),
+        info,
+        study_name=study.study_name,
+        rung=rung,
+        fidelity=final_fidelity(study),
+        extra=extra,
     )
-    notes = (
-        "%teacher: FLOPs as a share of the teacher's; lat <backend> <batch>: latency as a share "
-        "of the teacher's (onnx = onnxruntime), measured by autosplit export",
-        f"latency from {folder} ({latency.measured}); teacher: {teacher}; - = not in that export",
-    )
-    return ExtraColumns(tuple(f"lat {k}" for k in keys), cells, notes)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autosplit.device import resolve_runtime
     from autosplit.export import export_study
     from autosplit.paths import check_output_dir, check_sqlite_url, check_study_name
+    from autosplit.search.study import open_existing
     from autosplit.tracking import check_tracking
 
     if args.latency_runs < 0:
@@ -417,7 +332,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from autosplit.deploy import require_onnx
 
         require_onnx()
-    study, url = _open_existing(args)
+    study, url = open_existing(args.study_name, args.storage, args.runs_dir)
     if args.out is None:
         try:
             check_study_name(study.study_name)
@@ -453,10 +368,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     """Log to MLflow the finished trials of a study that have no run yet (the store was down
     during the search, or its process died); a second run logs nothing."""
+    from autosplit.search.study import open_existing
     from autosplit.search.sync import sync_study
     from autosplit.tracking import check_tracking
 
-    study, _ = _open_existing(args)
+    study, _ = open_existing(args.study_name, args.storage, args.runs_dir)
     uri = _study_tracking_uri(args, study)
 
     def stop(message: str) -> None:  # a store failing during sync: stop, say so, re-run later
@@ -476,13 +392,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from autosplit.checkpoint import save_or_rescue
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.export import read_config, retrain
     from autosplit.flops import format_flops
     from autosplit.paths import check_output_dir, check_output_file
+    from autosplit.search.budget import within_budget
     from autosplit.search.front import FLOPS_CONVENTION
-    from autosplit.teacher import get_teacher
+    from autosplit.teacher import build_teacher_model, get_teacher
 
     config = read_config(args.config)
     # Every place this run writes is checked now, not after training with the weights lost.
@@ -500,7 +418,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     runtime = resolve_runtime(args.device)
     splits = load_splits(candidate.data)
-    _check_within_budget(candidate, splits, args.config)
+
+    def over(worst_case: int) -> str:
+        return (
+            f"{args.config}: the student's widths give {format_flops(worst_case)} "
+            f"FLOPs ({worst_case:,}), over its max_flops "
+            f"{format_flops(candidate.max_flops)} ({candidate.max_flops:,}); lower "
+            "split.base_width / split.part_width or raise max_flops"
+        )
+
+    # Refused before any training: an edited config whose widths exceed its max_flops.
+    teacher_shape = build_teacher_model(candidate.teacher, splits)
+    within_budget(candidate, teacher_shape, splits, max_flops=candidate.max_flops, over=over)
     teacher = get_teacher(
         candidate.teacher,
         candidate.data,
@@ -536,56 +465,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif "val_acc" in config.result:
         print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
     if args.out:
-        _save_student(args, candidate, outcome)
-    return 0
-
-
-def _check_within_budget(candidate: Any, splits: Any, where: str) -> None:
-    """Refuse, before any training, a candidate whose (edited) widths exceed its max_flops."""
-    from autosplit.distill.run import build_and_count
-    from autosplit.flops import format_flops
-    from autosplit.teacher import build_teacher_model
-
-    # An untrained teacher of the same shape: counting needs its structure, not its weights.
-    _, flops = build_and_count(candidate, build_teacher_model(candidate.teacher, splits), splits)
-    if flops.worst_case > candidate.max_flops:
-        raise UserError(
-            f"{where}: the student's widths give {format_flops(flops.worst_case)} "
-            f"FLOPs ({flops.worst_case:,}), over its max_flops "
-            f"{format_flops(candidate.max_flops)} ({candidate.max_flops:,}); lower "
-            "split.base_width / split.part_width or raise max_flops"
-        )
-
-
-def _save_student(args: argparse.Namespace, candidate: Any, outcome: dict[str, Any]) -> None:
-    """Write the trained weights to ``--out``; if that fails now (the disk filled during
-    training), save them under the runs dir instead so the training is not lost."""
-    from autosplit.checkpoint import save_checkpoint
-    from autosplit.paths import disk_fault
-
-    def save(path: str | Path) -> None:
-        save_checkpoint(
-            path,
+        save_or_rescue(
+            args.out,
+            args.runs_dir,
             kind="student",
             config=candidate.to_dict(),
-            state_dict={k: v.cpu() for k, v in outcome["result"].student.state_dict().items()},
+            state_dict={k: v.cpu() for k, v in result.student.state_dict().items()},
             extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]},
         )
-
-    try:
-        save(args.out)
-    except OSError as exc:
-        cause = disk_fault(exc) or f"{exc.filename or args.out}: {exc.strerror or exc}"
-        rescue = Path(args.runs_dir) / "rescued" / Path(args.out).name
-        try:
-            save(rescue)
-        except OSError:
-            raise UserError(f"--out {args.out}: could not write the weights ({cause})") from None
-        raise UserError(
-            f"--out {args.out}: could not write the weights ({cause}); saved them "
-            f"to {rescue} instead"
-        ) from None
-    print(f"weights: {args.out}")
+        print(f"weights: {args.out}")
+    return 0
 
 
 # The largest image `flops` builds activations for (C*H*W): 3x2048x2048 fits, with room.

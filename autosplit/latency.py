@@ -9,11 +9,11 @@ same process are what compares (``autosplit front --latency``).
 
 from __future__ import annotations
 
-import contextlib
+import itertools
+import logging
 import platform
 import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,46 @@ DEFAULT_RUNS = 100
 BATCHES = (1, 64)
 
 
-def median_ms(call: Callable[[Any], Any], inputs: Sequence[Any], *, runs: int) -> float:
-    """Median milliseconds of ``call(inputs[i % len(inputs)])`` over ``runs`` timed calls."""
+def median_ms(
+    call: Callable[[Any], Any],
+    inputs: Sequence[Any],
+    *,
+    runs: int,
+    clock: Callable[[], float] | None = None,
+) -> float:
+    """Median milliseconds of ``call(inputs[i % len(inputs)])`` over ``runs`` timed calls, on
+    one torch thread, timed by ``torch.utils.benchmark.Timer`` (``clock``: its clock, for tests).
+
+    Each timed call is one ``Timer.timeit(1)``, so the median is over single calls, as a
+    deployment sees them, not over blocks of calls; ``timeit`` runs two untimed calls on the
+    same input before each (its own warm-up). One timer per input keeps the timed calls cycling
+    through the inputs.
+    """
+    timer_class = _timer_class()
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    for i in range(max(3, runs // 10)):  # warm-up: allocator, kernels picked, caches
-        call(inputs[i % len(inputs)])
-    times = []
-    for i in range(runs):
-        started = time.perf_counter()
-        call(inputs[i % len(inputs)])
-        times.append(time.perf_counter() - started)
+    # Timer restores torch's thread count after each measurement; its clock syncs CUDA if used.
+    options: dict[str, Any] = {"num_threads": 1} | ({"timer": clock} if clock else {})
+    feed = itertools.cycle(inputs)
+    warm_up = timer_class("call(next(feed))", globals={"call": call, "feed": feed}, **options)
+    warm_up.timeit(max(3, runs // 10))  # allocator, kernels picked, caches
+    timers = [timer_class("call(x)", globals={"call": call, "x": x}, **options) for x in inputs]
+    times = [timers[i % len(timers)].timeit(1).median for i in range(runs)]
     return 1000.0 * statistics.median(times)
+
+
+def _timer_class() -> Any:
+    """``torch.utils.benchmark.Timer``, imported without the warning its import of
+    ``cpp_extension`` logs on a CUDA build of torch with no CUDA runtime ("No CUDA runtime is
+    found"): it says nothing about CPU timing, and ``export`` would print it."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        logger.setLevel(level)
+    return Timer
 
 
 def batches(images: Any, size: int) -> list[Any]:
@@ -45,23 +73,11 @@ def batches(images: Any, size: int) -> list[Any]:
     return [images[i : i + size] for i in range(0, len(images) - size + 1, size)]
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def torch_latency(module: Any, images: Any, *, runs: int) -> dict[str, float]:
     """``{"b1": ms, "b64": ms}`` of ``module`` (eval, CPU) on ``images`` float32 (N, C, H, W)."""
     import torch
 
-    with one_torch_thread(), torch.inference_mode():
+    with torch.inference_mode():
         return {f"b{size}": median_ms(module, batches(images, size), runs=runs) for size in BATCHES}
 
 
@@ -143,3 +159,32 @@ def read_export_latency(folder: Path, study_name: str, *, fix: str) -> ExportLat
         )
     teacher = {k: v for k, v in teacher.items() if k != "measured"}
     return ExportLatency(folder, teacher, members, measured)
+
+
+def front_columns(folder: Path, study_name: str, *, fix: str) -> Any:
+    """``front --latency``: each member's latency as a share of the teacher's, read from what
+    ``autosplit export`` measured at ``folder`` (in one process, so the shares compare on a
+    noisy machine; front itself measures nothing), as ``front.ExtraColumns``."""
+    from autosplit.search.front import ExtraColumns
+
+    latency = read_export_latency(folder, study_name, fix=fix)
+    keys = [
+        f"{backend} {batch}"
+        for backend in ("torch", "onnx")
+        if backend in latency.teacher
+        for batch in ("b1", "b64")
+    ]
+    cells = {}
+    for number in latency.members:
+        shares = latency.shares(number) or {}
+        cells[number] = tuple(f"{100 * shares[k]:.0f}%" if k in shares else "-" for k in keys)
+    teacher = ", ".join(
+        f"{backend} b1 {ms['b1']:.2f} ms, b64 {ms['b64']:.2f} ms"
+        for backend, ms in latency.teacher.items()
+    )
+    notes = (
+        "%teacher: FLOPs as a share of the teacher's; lat <backend> <batch>: latency as a share "
+        "of the teacher's (onnx = onnxruntime), measured by autosplit export",
+        f"latency from {folder} ({latency.measured}); teacher: {teacher}; - = not in that export",
+    )
+    return ExtraColumns(tuple(f"lat {k}" for k in keys), cells, notes)

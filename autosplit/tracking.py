@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from autosplit.errors import UserError, redact_url
-from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, WORKER_TAG
+from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -40,7 +40,6 @@ _RUN_STATUS = {
     "failed": "FAILED",
     "killed": "KILLED",
 }
-TRIAL_TAG = "optuna.trial_number"  # what ``autosplit sync`` matches trials on
 # Errors of the machine, not of the store: a full disk must be reported as such.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CHECK_SECONDS = 5.0  # how long check_tracking waits for an http(s) store
@@ -182,16 +181,12 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from filelock import FileLock
 
     db_path = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(db_path.with_name(db_path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(db_path.with_name(db_path.name + ".lock")):  # waits as long as it takes
+        yield
 
 
 def check_tracking(
@@ -250,7 +245,6 @@ class MlflowTracker:
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
         self._study_name = ""
-        self._hypervolume_step = -1  # finished-trial count of the last hypervolume point
         self._failed: str | None = None  # the cause, once the store failed mid-search
         if _is_http(tracking_uri):
             for name, value in HTTP_DEFAULTS.items():

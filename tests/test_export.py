@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from autosplit.cli import main
+from autosplit.search.attrs import ROLE_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
@@ -126,7 +127,7 @@ def test_every_exported_student_is_logged_with_a_signature(exported, deployer):
     stems = {p.stem for p in (out / "front").glob("trial-*.yaml")}
     assert {m.name for m in logged} == stems
     run = client.get_run(logged[0].source_run_id)
-    assert run.data.tags["autosplit.role"] == "export" and run.info.status == "FINISHED"
+    assert run.data.tags[ROLE_TAG] == "export" and run.info.status == "FINISHED"
     info = get_model_info(logged[0].model_uri)
     [spec] = info.signature.inputs.inputs
     assert list(spec.shape) == [-1, 1, 8, 8] and str(spec.type) == "float32"
@@ -278,12 +279,26 @@ def test_onnx_without_its_packages_is_one_line_before_any_work(
 # --- latency -------------------------------------------------------------------------------------
 
 
-def test_median_ms_times_the_runs_asked_after_a_warm_up_cycling_the_inputs():
+def test_median_ms_is_the_median_of_single_timed_calls_cycling_the_inputs():
     from autosplit.latency import median_ms
 
-    seen: list[int] = []
-    assert median_ms(seen.append, [0, 1, 2], runs=7) >= 0.0
-    assert seen == [0, 1, 2] + [0, 1, 2, 0, 1, 2, 0]  # 3 warm-up calls, then 7 timed
+    # A clock that only the calls move: input 0 takes 1 ms, input 1 5 ms, input 2 2 ms.
+    now, seen = [0.0], []
+    cost = {0: 0.001, 1: 0.005, 2: 0.002}
+
+    def call(x: int) -> None:
+        seen.append(x)
+        now[0] += cost[x]
+
+    ms = median_ms(call, [0, 1, 2], runs=7, clock=lambda: now[0])
+    # Timed calls see 0, 1, 2, 0, 1, 2, 0: 1, 5, 2, 1, 5, 2, 1 ms, whose median is 2 ms (a mean
+    # would be 2.43, a median over the warm-up too would differ as well).
+    assert ms == pytest.approx(2.0)
+    # Warm-up: Timer.timeit(3) runs 2 calls of its own, then 3, cycling the inputs; then each
+    # timed call is Timer.timeit(1): 2 untimed calls and 1 timed on the same input.
+    warm_up = [0, 1, 2, 0, 1]
+    timed = [x for i in range(7) for x in [i % 3] * 3]
+    assert seen == warm_up + timed
 
 
 def test_torch_latency_runs_on_one_thread_and_puts_the_count_back():

@@ -1,11 +1,12 @@
-"""Imports point one way: no cycle among autosplit's modules (DESIGN.md, "Interfaces").
+"""Imports point one way: no cycle among autosplit's modules (docs/architecture.md, "Which way
+the imports point").
 
 Every ``import`` counts, inside functions too (a lazy import is still an edge); only imports
 under ``if TYPE_CHECKING:`` do not, since they never run. Importing ``a.b`` also runs ``a``'s
 ``__init__``; that implicit edge to the parent package is not counted, or every package that
 re-exports its modules would be a cycle.
 
-Checked over the whole of ``autosplit`` (DESIGN.md: no cycle anywhere in the package).
+Checked over the whole of ``autosplit`` (docs/architecture.md: no cycle anywhere in the package).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autosplit.errors import UserError
+from autosplit.search.attrs import STATE_TAG, TrialAttrs
 from autosplit.search.front import TrialRecord, hypervolume, pareto_front
 from autosplit.search.front_plots import read_csv
 from autosplit.search.report import SearchReport
@@ -64,7 +65,7 @@ def run_search(tracker: MlflowTracker, study: str, records: list[TrialRecord]) -
                 "feature_loss": None,
                 "lr": 0.05,
             },
-            tags={"autosplit.label": record.label},
+            tags={TrialAttrs.key("label"): record.label},
         )
         for epoch in range(3):
             tracker.log_epoch(run_id, epoch, {"train/loss": 2.0 - epoch, "val/acc": 50.0 + epoch})
@@ -108,15 +109,13 @@ def test_search_layout(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     children = {r.info.run_name: r for r in runs if r.info.run_id != parent}
     assert set(children) == {f"trial-{r.number}" for r in records}
-    statuses = {
-        name: (r.info.status, r.data.tags["autosplit.state"]) for name, r in children.items()
-    }
+    statuses = {name: (r.info.status, r.data.tags[STATE_TAG]) for name, r in children.items()}
     assert statuses["trial-1"] == ("FINISHED", "complete")
     assert statuses["trial-3"] == ("KILLED", "infeasible")
     assert statuses["trial-4"] == ("KILLED", "pruned")
     trial1 = children["trial-1"]
     assert trial1.data.tags["mlflow.parentRunId"] == parent
-    assert trial1.data.tags["autosplit.label"] == "res_chain K=2 + dkd"
+    assert trial1.data.tags[TrialAttrs.key("label")] == "res_chain K=2 + dkd"
     assert trial1.data.params == {
         "structure": "res_chain",
         "split.fractions": "(0.6, 0.4)",
@@ -239,7 +238,9 @@ def test_attached_worker_logs_under_the_parent(store: str) -> None:
     parent = main.start_search(study_name="study-d", settings={"budget_flops": BUDGET})
     worker = MlflowTracker(store)
     worker.attach(study_name="study-d", parent_run_id=parent)
-    run_id = worker.start_trial(trial_number=0, params={"lr": 0.1}, tags={"autosplit.baseline": ""})
+    run_id = worker.start_trial(
+        trial_number=0, params={"lr": 0.1}, tags={TrialAttrs.key("baseline"): ""}
+    )
     worker.end_trial(run_id, state="complete", metrics={"val/acc": 90.0})
     SearchReport(worker, "study-d", BUDGET).front(trial_records())
     main.end_search("KILLED")

@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autosplit.errors import UserError
+from autosplit.search.attrs import ROLE_TAG, STATE_TAG, WORKER_TAG, TrialAttrs
 from autosplit.search.front import TrialRecord
 from autosplit.search.report import SearchReport
 from autosplit.tracking import HTTP_DEFAULTS, MlflowTracker, check_tracking
@@ -161,7 +162,7 @@ def test_runs_of_a_killed_process_are_closed_at_the_next_start(tmp_path: Path) -
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]
-    assert {r.data.tags["autosplit.worker"].rpartition(":")[2] for r in runs} == {str(proc.pid)}
+    assert {r.data.tags[WORKER_TAG].rpartition(":")[2] for r in runs} == {str(proc.pid)}
 
     alive = MlflowTracker(store)  # a live search of this host must not be touched
     mine = alive.start_search(study_name="study-dead", settings={})
@@ -185,7 +186,7 @@ def test_killed_state_and_orphans_closed_by_end_search(tmp_path: Path) -> None:
     tracker.end_search("KILLED")
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(interrupted).info.status == "KILLED"
-    assert client.get_run(interrupted).data.tags["autosplit.state"] == "killed"
+    assert client.get_run(interrupted).data.tags[STATE_TAG] == "killed"
     assert client.get_run(orphan).info.status == "KILLED"
     assert client.get_run(parent).info.status == "KILLED"
 
@@ -397,9 +398,9 @@ def test_store_gone_mid_search_then_sync(
     assert err.count("autosplit: warning: MLflow tracking at") == 1, err
     assert "autosplit sync --study-name digits-faults" in err and "Traceback" not in err
     trials = study.get_trials()
-    searched = [t for t in trials if t.user_attrs.get("autosplit.stage") == "search"]
+    searched = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) == "search"]
     assert len(searched) == 3 and all(t.state != TrialState.FAIL for t in trials)
-    assert any(t.user_attrs.get("autosplit.stage") == "final" for t in trials)
+    assert any(t.user_attrs.get(TrialAttrs.key("stage")) == "final" for t in trials)
     expected = sorted(t.number for t in trials if should_have_run(t))
 
     uri = server.start()  # the same backend database, on a new port
@@ -433,16 +434,16 @@ def test_store_gone_mid_search_then_sync(
     # The parent stays RUNNING only because its process (this test) is alive; the next
     # search or sync from a new process closes it (test_runs_of_a_killed_process_...).
     running = [r for r in runs if r.info.status == "RUNNING"]  # type: ignore
-    assert [r.data.tags["autosplit.role"] for r in running] == ["search"]  # type: ignore
+    assert [r.data.tags[ROLE_TAG] for r in running] == ["search"]  # type: ignore
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs}  # type: ignore
     for trial in trials:
         if (
             trial.number in by_number
             and trial.state == TrialState.COMPLETE
-            and trial.user_attrs.get("autosplit.val_acc") is not None
+            and trial.user_attrs.get(TrialAttrs.key("val_acc")) is not None
         ):
             assert by_number[trial.number].data.metrics["val/acc"] == pytest.approx(  # type: ignore
-                trial.user_attrs["autosplit.val_acc"]
+                trial.user_attrs[TrialAttrs.key("val_acc")]
             )
     parent = running[0].info.run_id  # type: ignore
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent)}

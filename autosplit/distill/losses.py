@@ -3,7 +3,7 @@
 No module state, no warm-up and no cross-entropy: method classes add those. Hyper-parameters are
 keyword-only. Whatever plays the role of a target (teacher logits or features, residual targets)
 is detached here, so a loss never sends gradient into the teacher. Notation follows
-``METHODS.md``: ``p_tau(z) = softmax(z / tau)``, ``sg()`` stop-gradient, B batch, C classes.
+``docs/methods.md``: ``p_tau(z) = softmax(z / tau)``, ``sg()`` stop-gradient, B batch, C classes.
 """
 
 from collections.abc import Sequence
@@ -182,7 +182,8 @@ def iekd_loss(
     ``lambda_inherit * D(inherit, T) - lambda_explore * D(explore, T)``: the inheriting part is
     pulled towards the teacher factor, the exploring part pushed away (note the minus). Factors
     are encoder outputs (B, k, H, W); the teacher factor is detached. The paper gives no values
-    this code can rely on, so the weights have no defaults (METHODS.md: lambda_inherit ~ 100s).
+    this code can rely on, so the weights have no defaults (docs/methods.md, IE-KD: search them
+    on a log scale).
     """
     factor_teacher = factor_teacher.detach()
     inherit = factor_distance(factor_inherit, factor_teacher)

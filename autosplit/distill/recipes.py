@@ -50,7 +50,7 @@ METHODS.add("kd", _recipe("single", "kd"))  # Hinton et al., NIPS-W 2015
 METHODS.add("dkd", _recipe("single", "dkd"))  # Zhao et al., CVPR 2022
 METHODS.add("fitnets", _recipe("single", "ce", "hint"))  # Romero et al., ICLR 2015: CE + 100 hint
 # Residual methods. RKD: widths 0.8 / 0.6 of one model cost about the model (cost ~ width^2),
-# hence base_share 0.64; the paper's order is staged (METHODS.md: a reading).
+# hence base_share 0.64; the paper's order is staged (docs/methods.md: a reading).
 METHODS.add("rkd", _recipe("assistant", "ce", schedule="staged", **{"split.base_share": 0.64}))
 # ResKD: the base with KD, then each res-student in turn on the remaining gap; much lighter parts.
 METHODS.add("reskd", _recipe("res_chain", "kd", schedule="staged", **{"split.base_share": 0.8}))

@@ -1,5 +1,5 @@
-"""What autosplit stores on Optuna trials and studies, and the MLflow tags made from it: one
-typed schema, written and read through this module only.
+"""What autosplit stores on Optuna trials and studies, and the MLflow tags and trial metrics
+made from it: one typed schema, written and read through this module only.
 
 Each field is an Optuna user attr named ``autosplit.<field>`` holding a JSON value. These are the
 keys every earlier version stored, so an existing study reads the same. A field a trial has not
@@ -171,7 +171,58 @@ STUDY_TAG = PREFIX + "study"  # a parent run's study
 SYNCED_TAG = PREFIX + "synced"  # "true" on a run ``autosplit sync`` logged
 WORKER_TAG = TrialAttrs.key("worker")  # host:pid of the process that started the run
 STATE_TAG = TrialAttrs.key("state")  # set by end_trial: a run without it never finished logging
-# The tags of an exported student's MLflow model (besides STUDY_TAG and the label's key).
-TRIAL_TAG = PREFIX + "trial"  # the search trial it comes from
+# The search trial's number, on the trial's run (what ``autosplit sync`` matches runs on) and on
+# an exported student's MLflow model. Not under PREFIX: every trial run of every earlier version
+# carries this key, and sync reads it back.
+TRIAL_TAG = "optuna.trial_number"
+# The tags of an exported student's MLflow model (besides TRIAL_TAG, STUDY_TAG and the label's).
 BEST_TAG = PREFIX + "best"  # "true" for best.yaml's student
 EXIT_THRESHOLD_TAG = PREFIX + "exit_threshold"  # its gate's threshold ("None": no gate)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TrialMetrics:
+    """The metrics a trial's MLflow run ends with, named in ``METRIC_NAMES`` only: the driver
+    logs them when a trial ends and ``autosplit sync`` logs the same names from the study."""
+
+    val_acc: float | None = None  # percent, 0-100
+    flops: float | None = None  # worst case
+    expected_flops: float | None = None
+    params: float | None = None
+    rung: int | None = None  # search: the last rung reached
+    wall_seconds: float | None = None
+    train_seconds: float | None = None
+    train_images: int | None = None
+    train_flops: float | None = None
+    train_cost: float | None = None
+    trial_number: int | None = None
+    overhead_seconds: float | None = None
+
+    @staticmethod
+    def name(field: str) -> str:
+        """The MLflow metric name of ``field``."""
+        return METRIC_NAMES[field]
+
+    def logged(self) -> dict[str, float]:
+        """The set fields, as MLflow metrics: name -> float."""
+        return {
+            METRIC_NAMES[f.name]: float(value)
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None
+        }
+
+
+METRIC_NAMES = {
+    "val_acc": "val/acc",
+    "flops": "flops/worst_case",
+    "expected_flops": "flops/expected",
+    "params": "params",
+    "rung": "search/rung",
+    "wall_seconds": "time/wall_s",
+    "train_seconds": "time/train_s",
+    "train_images": "train/images_seen",
+    "train_flops": "train/flops",
+    "train_cost": "train/cost_x",
+    "trial_number": "optuna/trial_number",
+    "overhead_seconds": "time/overhead_s",
+}

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from autosplit.errors import UserError
+from autosplit.flops import BudgetTooSmall
+
+if TYPE_CHECKING:
+    from autosplit.data import Splits
+    from autosplit.distill import Candidate, Distiller, StudentFlops
+    from autosplit.models import ZooModel
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*$", re.IGNORECASE)
 
@@ -66,3 +74,32 @@ def parse_duration(text: str | None, flag: str = "--time-limit") -> float | None
     if seconds <= 0:
         raise UserError(f"{flag} {text!r}: must be > 0 (or off for no limit)")
     return seconds
+
+
+def within_budget(
+    candidate: Candidate,
+    teacher_model: ZooModel,
+    splits: Splits,
+    *,
+    max_flops: int | None,
+    over: Callable[[int], str] | None = None,
+    none_fits: Callable[[BudgetTooSmall], str] | None = None,
+) -> tuple[Distiller, StudentFlops]:
+    """The one budget check, before any training: ``candidate``'s Distiller and its student's
+    FLOPs, counted with ``teacher_model`` (an untrained teacher of the architecture serves:
+    counting needs its structure, not its weights). A student whose worst case is over
+    ``max_flops`` is refused with the line ``over(worst_case)``; a candidate whose widths no
+    width fits, with ``none_fits(error)`` (else the solver's own line). ``max_flops`` None:
+    no cap to check (the widths were solved to fit it)."""
+    from autosplit.distill.run import build_and_count
+
+    try:
+        distiller, flops = build_and_count(candidate, teacher_model, splits)
+    except BudgetTooSmall as exc:
+        if none_fits is None:
+            raise
+        raise UserError(none_fits(exc)) from None
+    if max_flops is not None and flops.worst_case > max_flops:
+        worst_case = int(flops.worst_case)
+        raise UserError(over(worst_case) if over else f"{worst_case:,} FLOPs > {max_flops:,}")
+    return distiller, flops

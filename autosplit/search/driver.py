@@ -32,7 +32,7 @@ from autosplit.cache import train_rows
 from autosplit.config import atomic_write_text
 from autosplit.errors import UserError, redact_url
 from autosplit.search import study as studies
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.budget import Budget
 from autosplit.search.front import Cost, search_records
 from autosplit.search.plan import CostModel, Deadline
@@ -215,7 +215,7 @@ def _mark_interrupted(ctx: SearchContext, trial: optuna.Trial, exc: BaseExceptio
         run_id = TrialAttrs.read(trial).run_id
         if run_id:
             ctx.tracker.end_trial(
-                run_id, state="killed", metrics={"optuna/trial_number": trial.number}
+                run_id, state="killed", metrics=TrialMetrics(trial_number=trial.number).logged()
             )
     except Exception as inner:  # noqa: BLE001 - a full disk may refuse these writes too; the
         # next start still finds the trial FAIL without a verdict and re-runs it.
@@ -305,7 +305,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
         ctx.tracker.end_trial(
             run_id,
             state="infeasible",
-            metrics={"flops/worst_case": flops.worst_case, "optuna/trial_number": trial.number},
+            metrics=TrialMetrics(flops=flops.worst_case, trial_number=trial.number).logged(),
         )
         log.info(
             "trial %d over budget: %d > %d FLOPs, not trained",
@@ -355,7 +355,9 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
 
     if result is None:  # not even the cheapest rung fits in the time left
         TrialAttrs(state="skipped", candidate=candidate.to_dict()).write(trial)
-        ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
+        ctx.tracker.end_trial(
+            run_id, state="pruned", metrics=TrialMetrics(trial_number=trial.number).logged()
+        )
         trial.study.stop()
         raise optuna.TrialPruned("no time left for the cheapest rung")
 
@@ -382,18 +384,18 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     ctx.tracker.end_trial(
         run_id,
         state="complete" if top else "pruned",
-        metrics={
-            "val/acc": result.val_acc,
-            "flops/worst_case": result.worst_case_flops,
-            "flops/expected": result.expected_flops,
-            "params": result.params,
-            "search/rung": len(reached) - 1,
-            "time/wall_s": wall,
-            "time/train_s": train_seconds,
-            **train_cost_metrics(result),
-            "optuna/trial_number": trial.number,
-            "time/overhead_s": overhead + (time.perf_counter() - record_started),
-        },
+        metrics=TrialMetrics(
+            val_acc=result.val_acc,
+            flops=result.worst_case_flops,
+            expected_flops=result.expected_flops,
+            params=result.params,
+            rung=len(reached) - 1,
+            wall_seconds=wall,
+            train_seconds=train_seconds,
+            **train_cost_attrs(result),
+            trial_number=trial.number,
+            overhead_seconds=overhead + (time.perf_counter() - record_started),
+        ).logged(),
     )
     if not top:
         why = (
@@ -472,7 +474,9 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     estimate = ctx.estimate(candidate, flops, kind="final", n_stages=n_stages)
     if not ctx.deadline.fits(estimate):
         TrialAttrs(state="skipped").write(trial)
-        ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
+        ctx.tracker.end_trial(
+            run_id, state="pruned", metrics=TrialMetrics(trial_number=trial.number).logged()
+        )
         raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
     result = _train(ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None)
     ctx.cost_model.observe("final", estimate, result.seconds)
@@ -491,16 +495,16 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     ctx.tracker.end_trial(
         run_id,
         state="complete",
-        metrics={
-            "val/acc": result.val_acc,
-            "flops/worst_case": result.worst_case_flops,
-            "flops/expected": result.expected_flops,
-            "params": result.params,
-            "time/wall_s": time.perf_counter() - started,
-            "time/train_s": result.seconds,
-            **train_cost_metrics(result),
-            "optuna/trial_number": trial.number,
-        },
+        metrics=TrialMetrics(
+            val_acc=result.val_acc,
+            flops=result.worst_case_flops,
+            expected_flops=result.expected_flops,
+            params=result.params,
+            wall_seconds=time.perf_counter() - started,
+            train_seconds=result.seconds,
+            **train_cost_attrs(result),
+            trial_number=trial.number,
+        ).logged(),
     )
     return result.val_acc, _cost(ctx, result)
 
@@ -562,7 +566,9 @@ def _train(
         raise TrialOutOfMemory(line) from None
     except Exception as exc:
         TrialAttrs(state="failed", error=str(exc)[:500]).write(trial)
-        ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
+        ctx.tracker.end_trial(
+            run_id, state="failed", metrics=TrialMetrics(trial_number=trial.number).logged()
+        )
         raise
 
 
@@ -621,15 +627,6 @@ def train_cost_attrs(result: Any) -> dict[str, Any]:
         "train_images": int(result.train_images),
         "train_flops": float(result.train_flops),
         "train_cost": float(result.train_cost),
-    }
-
-
-def train_cost_metrics(result: Any) -> dict[str, float]:
-    """The same, as the trial run's MLflow metrics (``sync`` logs them under these names)."""
-    return {
-        "train/images_seen": float(result.train_images),
-        "train/flops": float(result.train_flops),
-        "train/cost_x": float(result.train_cost),
     }
 
 
@@ -845,22 +842,22 @@ def check_budget(
     """Refuse a budget below the narrowest student the space builds (every trial would be
     infeasible), before the teacher trains; warn about one above the teacher's FLOPs.
     ``teacher_model``: the teacher's architecture (counting needs no trained weights)."""
-    from autosplit.distill.run import build_and_count
     from autosplit.flops import format_flops
+    from autosplit.search.budget import within_budget
 
     base = ctx.space.base_candidate(ctx.max_flops)
-    _, counted = build_and_count(
-        narrowest(base).with_values({"split.budget_share": 1.0}), teacher_model, ctx.splits
-    )
-    smallest = int(counted.worst_case)
-    if ctx.max_flops < smallest:
-        raise UserError(
+
+    def below(smallest: int) -> str:
+        return (
             f"--budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs: below the smallest "
             f"student this space builds ({format_flops(smallest)} FLOPs, "
             f"{base.student.family} at width "
             f"{SMALLEST_WIDTH}); raise --budget to at least {smallest / ctx.teacher_flops:.3g}x "
             f"or {format_flops(smallest)}"
         )
+
+    narrowest_student = narrowest(base).with_values({"split.budget_share": 1.0})
+    within_budget(narrowest_student, teacher_model, ctx.splits, max_flops=ctx.max_flops, over=below)
     if ctx.max_flops > ctx.teacher_flops:
         say(
             f"warning: --budget {budget.text} = {format_flops(ctx.max_flops)} FLOPs is above the "
@@ -900,24 +897,23 @@ def _measure_cost_model(ctx: SearchContext) -> CostModel:
 
 def _budget_student(ctx: SearchContext) -> tuple[torch.nn.Module, int]:
     """A single student using the whole budget: the size the planner measures."""
-    from autosplit.distill.run import build_and_count
+    from autosplit.search.budget import within_budget
     from autosplit.teacher import build_teacher_model
 
     baselines = list(ctx.space.settings.baselines.values())
     candidate = ctx.space.base_candidate(ctx.max_flops)
     if baselines:
         candidate = candidate.with_values(baselines[0])
-    from autosplit.flops import BudgetTooSmall
-
-    try:
-        distiller, flops = build_and_count(
-            candidate, build_teacher_model(ctx.space.teacher, ctx.splits), ctx.splits
-        )
-    except BudgetTooSmall as exc:
-        raise UserError(
+    distiller, flops = within_budget(
+        candidate,
+        build_teacher_model(ctx.space.teacher, ctx.splits),
+        ctx.splits,
+        max_flops=None,  # solved to fit it
+        none_fits=lambda exc: (
             f"--budget {ctx.max_flops:,} FLOPs: no student of this space fits it "
             f"({exc}); raise --budget"
-        ) from None
+        ),
+    )
     return distiller.student, flops.worst_case
 
 

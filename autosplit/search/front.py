@@ -17,7 +17,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from autosplit.errors import UserError
+
+if TYPE_CHECKING:
+    from autosplit.search.attrs import StudyAttrs
 
 FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP"
 Cost = Literal["flops", "expected_flops"]
@@ -532,4 +537,39 @@ def _final_row(
         _train_cost(member.train_cost),
         member.label,
         " ".join(marks),
+    )
+
+
+def front_text(
+    records: Sequence[TrialRecord],
+    info: StudyAttrs,
+    *,
+    study_name: str,
+    rung: int | None,
+    fidelity: str = "",
+    extra: ExtraColumns | None = None,
+) -> str:
+    """The final front when the study has one (unless a rung is asked for), else the search's
+    front at the top rung, or the front of rung ``rung``. ``info``: what the study stored about
+    itself; ``fidelity``: the final stage's, as a line says it; ``extra``: columns to add."""
+    budget = int(info.budget_flops)  # type: ignore[arg-type] - study_info checked it is set
+    teacher_flops, cost = info.teacher_flops, info.cost
+    if rung is not None:
+        at = rung_records(records, rung)
+        if not at:
+            raise UserError(f"--rung {rung}: no trial of study {study_name!r} finished that rung")
+        table = front_table(at, budget, teacher_flops=teacher_flops, cost=cost, extra=extra)
+        return f"rung {rung}:\n" + table
+    members = final_members(records, info.final_members)
+    if members:
+        return final_table(
+            members,
+            budget,
+            teacher_flops=teacher_flops,
+            cost=cost,
+            fidelity=fidelity,
+            extra=extra,
+        )
+    return front_table(
+        search_records(records), budget, teacher_flops=teacher_flops, cost=cost, extra=extra
     )

@@ -369,3 +369,41 @@ def study_info(study: optuna.Study) -> StudyAttrs:
     if info.budget_flops is None:
         raise UserError(f"study {study.study_name!r} was not made by autosplit search")
     return info
+
+
+def open_existing(
+    study_name: str, storage: str | None, runs_dir: str | Path
+) -> tuple[optuna.Study, str]:
+    """The study ``front``, ``export`` and ``sync`` read, and its storage URL: ``storage``, else
+    the runs dir's SQLite file, else its journal file (a search with several local workers).
+    Opened read-only: a study on a read-only disk is still shown and exported. Messages name
+    the flag at fault (``--storage``, ``--runs-dir``)."""
+    url = storage or default_storage(runs_dir, 1)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        journal = default_storage(runs_dir, 2)
+        if storage is not None:
+            raise UserError(
+                f"--storage {url}: no such database file; check the path, or run "
+                "`autosplit search` first"
+            )
+        if not Path(journal.removeprefix("journal:")).is_file():
+            missing = "does not exist" if not Path(runs_dir).is_dir() else "holds no study"
+            raise UserError(
+                f"--runs-dir {runs_dir}: {missing} (no optuna.db there); run "
+                "`autosplit search` first, or pass --runs-dir or --storage"
+            )
+        url = journal
+    return open_study(study_name, open_storage(url, write=False), create=False), url
+
+
+def final_fidelity(study: optuna.Study) -> str:
+    """The final stage's fidelity as the front's heading says it ("4 epochs x all rows"), from
+    its first final job; "" when the study has none."""
+    for trial in study.get_trials(deepcopy=False):
+        attrs = TrialAttrs.read(trial)
+        if attrs.stage == "final" and attrs.candidate is not None:
+            train = attrs.candidate["train"]
+            rows = train.get("max_train_samples") or "all"
+            epochs = train["epochs"]
+            return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"
+    return ""

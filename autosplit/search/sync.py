@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import SYNCED_TAG, StudyAttrs, TrialAttrs
+from autosplit.search.attrs import SYNCED_TAG, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.front import final_members, rung_records, search_records
 from autosplit.search.report import SearchReport, search_note
 
@@ -35,19 +35,18 @@ def run_state(trial: FrozenTrial) -> str:
 def trial_metrics(trial: FrozenTrial) -> dict[str, float]:
     attrs = TrialAttrs.read(trial)
     rungs = attrs.rungs or []
-    values = {
-        "val/acc": attrs.val_acc,
-        "flops/worst_case": attrs.flops,
-        "flops/expected": attrs.expected_flops,
-        "params": attrs.params,
-        "time/train_s": attrs.train_seconds,
-        "train/images_seen": attrs.train_images,
-        "train/flops": attrs.train_flops,
-        "train/cost_x": attrs.train_cost,
-        "search/rung": len(rungs) - 1 if rungs else None,
-        "optuna/trial_number": trial.number,
-    }
-    return {k: float(v) for k, v in values.items() if v is not None}
+    return TrialMetrics(
+        val_acc=attrs.val_acc,
+        flops=attrs.flops,
+        expected_flops=attrs.expected_flops,
+        params=attrs.params,
+        train_seconds=attrs.train_seconds,
+        train_images=attrs.train_images,
+        train_flops=attrs.train_flops,
+        train_cost=attrs.train_cost,
+        rung=len(rungs) - 1 if rungs else None,
+        trial_number=trial.number,
+    ).logged()
 
 
 def trial_tags(trial: FrozenTrial) -> dict[str, str]:

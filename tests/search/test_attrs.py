@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import TRIAL_TAG, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.front import TrialRecord
 
 # A search trial at its top rung, keys and values as the driver has always stored them.
@@ -167,6 +167,33 @@ class _Holder:
         self.user_attrs[key] = value
 
 
+def test_a_trial_run_ends_with_the_metrics_earlier_versions_logged():
+    """The names stores already hold: ``mlflow ui`` columns and ``autosplit sync`` keep reading
+    them. Every field has its own name, and unset fields are not logged."""
+    every = TrialMetrics(**{f.name: 1 for f in dataclasses.fields(TrialMetrics)}).logged()
+    assert every == dict.fromkeys(
+        [
+            "val/acc",
+            "flops/worst_case",
+            "flops/expected",
+            "params",
+            "search/rung",
+            "time/wall_s",
+            "time/train_s",
+            "train/images_seen",
+            "train/flops",
+            "train/cost_x",
+            "optuna/trial_number",
+            "time/overhead_s",
+        ],
+        1.0,
+    )
+    assert TrialMetrics(trial_number=3).logged() == {"optuna/trial_number": 3.0}
+    assert TrialMetrics.name("val_acc") == "val/acc"
+    # Every trial run of every version carries it (sync matches on it); exported models too.
+    assert TRIAL_TAG == "optuna.trial_number"
+
+
 def test_a_study_write_stores_only_what_changed():
     study = _Holder(OLD_STUDY)
     dataclasses.replace(StudyAttrs.read(OLD_STUDY), budget="0.50x").write(study)
@@ -177,16 +204,18 @@ def test_a_study_write_stores_only_what_changed():
 
 
 def test_no_key_string_outside_the_attrs_module():
-    """Every key is written and read through ``autosplit.search.attrs``; the strings left are
-    module names (``"autosplit.flops"``), which are no keys."""
+    """Every key is written and read through ``autosplit.search.attrs``, in the tests too; the
+    strings left are module names (``"autosplit.flops"``), which are no keys. This file alone
+    spells the stored keys out, since it pins the stored format."""
     repo = Path(__file__).parents[2]
     package = repo / "autosplit"
     modules = {p.stem for p in package.iterdir()}
     # A quoted "autosplit." (a prefix), "autosplit.<name>" or f"autosplit.{…}", not a dotted path.
     key = re.compile(r"""["']autosplit\.(\w*)(?![\w.])""")
     found = []
-    for path in [*package.rglob("*.py"), *(repo / "benchmarks").rglob("*.py")]:
-        if path == package / "search" / "attrs.py":
+    sources = [package, repo / "benchmarks", repo / "tests"]
+    for path in [p for source in sources for p in source.rglob("*.py")]:
+        if path in (package / "search" / "attrs.py", Path(__file__)):
             continue
         for match in key.finditer(path.read_text()):
             if match.group(1) not in modules:

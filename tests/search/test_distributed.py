@@ -12,6 +12,8 @@ import optuna
 from optuna.trial import TrialState
 from searchproc import SPACE, _mlflow_runs, _slow_top_rung_space, finish, trials_now, worker  # noqa: F401 - shared helpers
 
+from autosplit.search.attrs import ROLE_TAG, WORKER_TAG, StudyAttrs, TrialAttrs
+
 
 def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
@@ -30,22 +32,22 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
         finish(proc)
     study = optuna.load_study(study_name="pg-two", storage=postgres_url)
     trials = study.get_trials()
-    search = [t for t in trials if t.user_attrs.get("autosplit.stage") != "final"]
+    search = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) != "final"]
     finished = [t for t in search if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) >= 6 and len(finished) <= 7  # the last trial may overlap by one
     assert len({t.number for t in trials}) == len(trials)
     # The final stage: each (member, seed) trained exactly once, though both workers planned it.
     trained = [
-        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+        (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "final"
-        and t.user_attrs.get("autosplit.state") == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
+        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
     ]
     assert trained and len(trained) == len(set(trained))
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    baselines = [t.user_attrs.get("autosplit.baseline") for t in search]
+    baselines = [t.user_attrs.get(TrialAttrs.key("baseline")) for t in search]
     assert sorted(b for b in baselines if b) == ["best-published", "kd-single"]  # enqueued once
-    workers = {t.user_attrs["autosplit.worker"] for t in trials}
+    workers = {t.user_attrs[TrialAttrs.key("worker")] for t in trials}
     assert len(workers) == 2  # both processes ran trials
 
     runs = _mlflow_runs(tracking, "pg-two")
@@ -54,9 +56,11 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
     assert len(parents) == 2  # one per search invocation, both in the one experiment
     # A final job the other worker took first is pruned as a duplicate before it starts a run
     # (how often depends on timing); every other trial has its run among the children.
-    ran = [t for t in trials if t.user_attrs.get("autosplit.state") != "duplicate"]
-    assert all("autosplit.run_id" not in t.user_attrs for t in trials if t not in ran)
-    assert {t.user_attrs["autosplit.run_id"] for t in ran} <= {c.info.run_id for c in children}
+    ran = [t for t in trials if t.user_attrs.get(TrialAttrs.key("state")) != "duplicate"]
+    assert all(TrialAttrs.key("run_id") not in t.user_attrs for t in trials if t not in ran)
+    assert {t.user_attrs[TrialAttrs.key("run_id")] for t in ran} <= {
+        c.info.run_id for c in children
+    }
 
 
 def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs, tmp_path):
@@ -77,15 +81,22 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs,
         running = [
             t
             for t in study.get_trials(states=(TrialState.RUNNING,))
-            if "autosplit.label" in t.user_attrs
+            if TrialAttrs.key("label") in t.user_attrs
         ]
     assert running, "the worker never started a trial"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed = running[0].number
-    killed_at = time.monotonic()
-    while time.monotonic() - killed_at < 4:  # past the 3 s grace period: the heartbeat is stale
+    # Wait until the storage itself takes the killed trial's heartbeat for stale (Optuna's own
+    # test, on the database's clock: older than the 3 s grace period), not for a fixed time.
+    storage = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=3)
+    study_id = storage.get_study_id_from_name("pg-kill")
+    killed_id = storage.get_trial_id_from_study_id_trial_number(study_id, killed)
+    stale_by = time.monotonic() + 120
+    while killed_id not in storage._get_stale_trial_ids(study_id):
+        assert time.monotonic() < stale_by, "the killed trial's heartbeat never went stale"
         time.sleep(0.2)
+    storage.engine.dispose()
     finish(worker(digits_runs, *args, env=env))
     trials = optuna.load_study(study_name="pg-kill", storage=postgres_url).get_trials()
     assert trials[killed].state == TrialState.FAIL
@@ -93,7 +104,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, digits_runs,
     retried = [
         t
         for t in trials
-        if t.user_attrs.get("autosplit.retry_of") == killed
+        if t.user_attrs.get(TrialAttrs.key("retry_of")) == killed
         or t.system_attrs.get("failed_trial") == killed
         or t.system_attrs.get("stale_trial") == killed
     ]
@@ -129,36 +140,40 @@ def test_four_local_workers_on_a_journal_file_lose_and_repeat_nothing(digits_run
         t
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and t.user_attrs.get("autosplit.stage") != "final"
+        and t.user_attrs.get(TrialAttrs.key("stage")) != "final"
     ]
     # Each worker checks the total before it asks for a trial: they may overshoot by one each.
     assert 8 <= len(done) <= 8 + 3
-    assert len({t.user_attrs["autosplit.worker"] for t in done}) >= 2
+    assert len({t.user_attrs[TrialAttrs.key("worker")] for t in done}) >= 2
     # No candidate drawn twice (each trial has its own sampler seed), no final job trained twice.
     drawn = [
-        tuple(sorted(t.params.items())) for t in done if not t.user_attrs.get("autosplit.baseline")
+        tuple(sorted(t.params.items()))
+        for t in done
+        if not t.user_attrs.get(TrialAttrs.key("baseline"))
     ]
     assert len(set(drawn)) == len(drawn)
-    assert len({t.user_attrs["autosplit.sampler_seed"] for t in done}) == len(done)
+    assert len({t.user_attrs[TrialAttrs.key("sampler_seed")] for t in done}) == len(done)
     finals = [
-        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+        (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "final"
-        and t.user_attrs.get("autosplit.state") == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
+        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
     ]
     assert finals and len(set(finals)) == len(finals)
     # One parent run for the invocation; each worker process (handed the tracker) logged its
     # trials under it, and every run is closed.
     runs = _mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "journal-four")
-    parents = [r for r in runs if r.data.tags.get("autosplit.role") == "search"]
-    children = [r for r in runs if r.data.tags.get("autosplit.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     logged = {
-        t.user_attrs["autosplit.run_id"] for t in trials if t.user_attrs.get("autosplit.run_id")
+        t.user_attrs[TrialAttrs.key("run_id")]
+        for t in trials
+        if t.user_attrs.get(TrialAttrs.key("run_id"))
     }
     assert logged == {r.info.run_id for r in children}
-    assert len({r.data.tags["autosplit.worker"] for r in children}) >= 2
+    assert len({r.data.tags[WORKER_TAG] for r in children}) >= 2
     assert "RUNNING" not in {r.info.status for r in children}
 
 
@@ -195,8 +210,8 @@ def _running_at_top_rung(storage: str) -> list[optuna.trial.FrozenTrial]:
     return [
         t
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "search"
-        and len(t.user_attrs.get("autosplit.rungs") or []) == 1
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "search"
+        and len(t.user_attrs.get(TrialAttrs.key("rungs")) or []) == 1
     ]
 
 
@@ -232,22 +247,23 @@ def test_a_search_killed_mid_rung_resumes_to_its_total(digits_runs, tmp_path):
     search = [
         t
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "search"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "search"
         and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     ]
     assert len(search) == 4  # the total: the killed trial did not use up a slot
-    retry = [t for t in trials if t.user_attrs.get("autosplit.retry_of") == killed.number]
+    retry = [t for t in trials if t.user_attrs.get(TrialAttrs.key("retry_of")) == killed.number]
     assert len(retry) == 1 and retry[0].params == killed.params
-    assert retry[0].user_attrs["autosplit.rungs"][0]["epochs"] == 1  # from the cheapest rung
+    assert retry[0].user_attrs[TrialAttrs.key("rungs")][0]["epochs"] == 1  # from the cheapest rung
     finals = [
         t
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "final"
-        and t.user_attrs.get("autosplit.state") == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
+        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
     ]
     members = optuna.load_study(study_name="resume", storage=storage).user_attrs[
-        "autosplit.final_members"
+        StudyAttrs.key("final_members")
     ]
     assert sorted(
-        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"]) for t in finals
+        (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
+        for t in finals
     ) == sorted((m, s) for m in members for s in range(2))

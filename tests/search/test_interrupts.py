@@ -15,6 +15,7 @@ from searchproc import trials_now as _trials
 
 from autosplit.cli import main
 from autosplit.search import study as studies
+from autosplit.search.attrs import TrialAttrs
 
 
 def _wait_for_running(
@@ -26,7 +27,7 @@ def _wait_for_running(
         running = [
             t
             for t in _trials(storage, name)
-            if t.state == TrialState.RUNNING and "autosplit.run_id" in t.user_attrs
+            if t.state == TrialState.RUNNING and TrialAttrs.key("run_id") in t.user_attrs
         ]
         if len(running) >= count:
             return running
@@ -59,7 +60,7 @@ def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(
     )
     victim = worker(digits_runs, *args)
     running = _wait_for_running(victim, storage, "term")[0]
-    assert running.user_attrs.get("autosplit.baseline")  # baselines run first
+    assert running.user_attrs.get(TrialAttrs.key("baseline"))  # baselines run first
     victim.send_signal(signal.SIGTERM)
     code, lines = _stopped(victim)
 
@@ -71,24 +72,27 @@ def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(
     assert "to resume: autosplit search --space" in lines[0] and "--study-name term" in lines[0]
     interrupted = _trials(storage, "term")[running.number]
     assert interrupted.state == TrialState.FAIL
-    assert interrupted.user_attrs["autosplit.state"] == studies.INTERRUPTED
+    assert interrupted.user_attrs[TrialAttrs.key("state")] == studies.INTERRUPTED
     statuses = {r.info.run_id: r.info.status for r in _mlflow_runs(tracking, "term")}
-    assert statuses[running.user_attrs["autosplit.run_id"]] == "KILLED"
+    assert statuses[running.user_attrs[TrialAttrs.key("run_id")]] == "KILLED"
     assert "RUNNING" not in statuses.values()
 
     finish(worker(digits_runs, *args))  # the same command
 
     trials = _trials(storage, "term")
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    retry = [t for t in trials if t.user_attrs.get("autosplit.retry_of") == running.number]
+    retry = [t for t in trials if t.user_attrs.get(TrialAttrs.key("retry_of")) == running.number]
     assert len(retry) == 1
     assert retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retry[0].user_attrs["autosplit.baseline"] == running.user_attrs["autosplit.baseline"]
+    assert (
+        retry[0].user_attrs[TrialAttrs.key("baseline")]
+        == running.user_attrs[TrialAttrs.key("baseline")]
+    )
     assert retry[0].params == running.params
     search = [
         t
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "search"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "search"
         and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     ]
     assert len(search) == 3
@@ -121,7 +125,7 @@ def test_ctrl_c_stops_every_local_worker_and_leaves_nothing_running(digits_runs,
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     for trial in running:
         assert trials[trial.number].state == TrialState.FAIL
-        assert trials[trial.number].user_attrs["autosplit.state"] == studies.INTERRUPTED
+        assert trials[trial.number].user_attrs[TrialAttrs.key("state")] == studies.INTERRUPTED
 
 
 def test_interrupted_and_dead_trials_are_requeued_once_and_failed_candidates_not(tmp_path):
@@ -131,20 +135,18 @@ def test_interrupted_and_dead_trials_are_requeued_once_and_failed_candidates_not
     numbers = {}
     for verdict in (studies.INTERRUPTED, "failed", None):
         trial = study.ask(dist)
-        if verdict:
-            trial.set_user_attr("autosplit.state", verdict)
-        trial.set_user_attr("autosplit.baseline", f"b-{verdict}")
+        TrialAttrs(state=verdict, baseline=f"b-{verdict}").write(trial)  # state None: unset
         study.tell(trial, state=TrialState.FAIL)
         numbers[verdict] = trial.number
 
     assert studies.requeue_interrupted(study) == [numbers[studies.INTERRUPTED], numbers[None]]
     assert studies.requeue_interrupted(study) == []  # once
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs["autosplit.retry_of"] for t in waiting] == [
+    assert [t.user_attrs[TrialAttrs.key("retry_of")] for t in waiting] == [
         numbers[studies.INTERRUPTED],
         numbers[None],
     ]
-    assert waiting[0].user_attrs["autosplit.baseline"] == f"b-{studies.INTERRUPTED}"
+    assert waiting[0].user_attrs[TrialAttrs.key("baseline")] == f"b-{studies.INTERRUPTED}"
     trials = {t.number: t for t in study.get_trials()}
     assert waiting[0].system_attrs["fixed_params"] == trials[numbers[studies.INTERRUPTED]].params
 
@@ -156,9 +158,9 @@ def test_a_retry_chain_stops_after_max_retry(tmp_path):
         waiting = study.get_trials(states=(TrialState.WAITING,))
         trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
         if not waiting:
-            assert trial.user_attrs.get("autosplit.retry_of") is None
+            assert trial.user_attrs.get(TrialAttrs.key("retry_of")) is None
         study.tell(trial, state=TrialState.FAIL)  # dies again, with no verdict
-    retries = [t for t in study.get_trials() if "autosplit.retry_of" in t.user_attrs]
+    retries = [t for t in study.get_trials() if TrialAttrs.key("retry_of") in t.user_attrs]
     assert len(retries) == studies.MAX_RETRY
 
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from autosplit.search.attrs import STATE_TAG, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
 from autosplit.search.space import SearchSpace
@@ -47,19 +48,19 @@ def searched(tmp_path_factory):
 
 
 def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials() if t.user_attrs.get("autosplit.stage") != "final"]
+    return [t for t in study.get_trials() if t.user_attrs.get(TrialAttrs.key("stage")) != "final"]
 
 
 def test_trials_run_under_the_budget_with_the_baselines_first(searched):
     _tmp, study, ctx = searched
     trials = search_trials(study)
     assert len(trials) == 4
-    assert [t.user_attrs.get("autosplit.baseline") for t in trials[:2]] == [
+    assert [t.user_attrs.get(TrialAttrs.key("baseline")) for t in trials[:2]] == [
         "kd-single",
         "best-published",
     ]
-    assert trials[0].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "kd"
-    assert trials[1].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "dkd"
+    assert trials[0].user_attrs[TrialAttrs.key("candidate")]["logit_loss"]["name"] == "kd"
+    assert trials[1].user_attrs[TrialAttrs.key("candidate")]["logit_loss"]["name"] == "dkd"
     for trial in trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         assert "flops_over_budget" in trial.constraints
@@ -67,11 +68,16 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
         assert trial.constraints["flops_over_budget"] == pytest.approx(
             (flops - ctx.max_flops) / ctx.max_flops
         )
-        if trial.state == TrialState.COMPLETE and trial.user_attrs["autosplit.state"] == "complete":
+        if (
+            trial.state == TrialState.COMPLETE
+            and trial.user_attrs[TrialAttrs.key("state")] == "complete"
+        ):
             assert flops <= ctx.max_flops
-            assert trial.values[0] == trial.user_attrs["autosplit.val_acc"] > 30.0  # chance is 10 %
-            assert Path(trial.user_attrs["autosplit.weights"]).is_file()
-    assert study.user_attrs["autosplit.budget_flops"] == ctx.max_flops
+            assert (
+                trial.values[0] == trial.user_attrs[TrialAttrs.key("val_acc")] > 30.0
+            )  # chance is 10 %
+            assert Path(trial.user_attrs[TrialAttrs.key("weights")]).is_file()
+    assert study.user_attrs[StudyAttrs.key("budget_flops")] == ctx.max_flops
     assert ctx.max_flops == int(0.5 * ctx.teacher_flops)
 
 
@@ -97,26 +103,32 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     assert parents and {c.data.tags["mlflow.parentRunId"] for c in children} <= {
         p.info.run_id for p in parents
     }
-    run_ids = {t.user_attrs["autosplit.run_id"] for t in study.get_trials()}
+    run_ids = {t.user_attrs[TrialAttrs.key("run_id")] for t in study.get_trials()}
     assert run_ids <= {c.info.run_id for c in children}
     child = next(
-        c for c in children if c.info.run_id == study.get_trials()[0].user_attrs["autosplit.run_id"]
+        c
+        for c in children
+        if c.info.run_id == study.get_trials()[0].user_attrs[TrialAttrs.key("run_id")]
     )
     assert child.data.params["structure.name"] == "single"
     assert "val/acc" in child.data.metrics and "flops/worst_case" in child.data.metrics
     # One step per epoch, over every rung the trial climbed.
-    rung_epochs = sum(r["epochs"] for r in study.get_trials()[0].user_attrs["autosplit.rungs"])
+    rung_epochs = sum(
+        r["epochs"] for r in study.get_trials()[0].user_attrs[TrialAttrs.key("rungs")]
+    )
     assert rung_epochs >= 1
     assert len(client.get_metric_history(child.info.run_id, "train/loss")) == rung_epochs
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"front.csv", "front.png", "front.html"} <= artifacts
     # The final stage: its own child runs, and on the parent its front beside the rung fronts.
     assert {"final_front.csv", "final_front.png", "rung0_front.png", "rung1_front.png"} <= artifacts
-    finals = [c for c in children if c.data.tags.get("autosplit.stage") == "final"]
-    final_trials = [t for t in study.get_trials() if t.user_attrs.get("autosplit.stage") == "final"]
+    finals = [c for c in children if c.data.tags.get(TrialAttrs.key("stage")) == "final"]
+    final_trials = [
+        t for t in study.get_trials() if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
+    ]
     assert len(finals) == len(final_trials) > 0
     assert {c.info.run_id for c in finals} == {
-        t.user_attrs["autosplit.run_id"] for t in final_trials
+        t.user_attrs[TrialAttrs.key("run_id")] for t in final_trials
     }
     assert "final/best_val_acc_mean" in parents[0].data.metrics
 
@@ -266,10 +278,17 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
     )
     study, _ctx = run_search(opts, tracker=tracker(tmp_path), say=lambda _m: None)
     trial = study.get_trials()[0]
-    assert trial.user_attrs["autosplit.state"] == "infeasible"
+    attrs = TrialAttrs.read(trial)
+    assert attrs.state == "infeasible"
     assert trial.constraints["flops_over_budget"] > 0
-    assert "autosplit.val_curve" not in trial.user_attrs  # no epoch ran
-    assert "autosplit.weights" not in trial.user_attrs
+    # No rung trained and nothing was saved: a trained rung appends to ``rungs``, sets val_acc
+    # and weights, and every epoch logs val/acc on the trial's MLflow run.
+    assert attrs.rungs == [] and attrs.val_acc is None and attrs.weights is None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert attrs.run_id and client.get_run(attrs.run_id).data.tags[STATE_TAG] == "infeasible"
+    assert client.get_metric_history(attrs.run_id, TrialMetrics.name("val_acc")) == []  # no epoch
     assert optuna.load_study(study_name="tiny-budget", storage=opts.storage).best_trials == []
 
 
@@ -290,5 +309,5 @@ def test_a_diverging_candidate_fails_its_trial_not_the_search(tmp_path):
     trials = study.get_trials()
     assert len(trials) == 2  # both attempts ran; the search itself returned normally
     assert all(t.state == TrialState.FAIL for t in trials)
-    assert all(t.user_attrs["autosplit.state"] == "failed" for t in trials)
-    assert "lower the learning rate" in trials[0].user_attrs["autosplit.error"]
+    assert all(t.user_attrs[TrialAttrs.key("state")] == "failed" for t in trials)
+    assert "lower the learning rate" in trials[0].user_attrs[TrialAttrs.key("error")]

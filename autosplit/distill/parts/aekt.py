@@ -26,7 +26,7 @@ class AEKT(LogitPart):
 
     Layout ``serial``: z_dist = FC_ser(z_cls), FC_ser C x C initialised near identity;
     ``parallel``: z_dist from its own head beside the deployed one. Both heads are training-only.
-    Reading (the paper's weight function is not public, METHODS.md): ``w = clip(sg(p^T_t /
+    Reading (the paper's weight function is not public, docs/methods.md): ``w = clip(sg(p^T_t /
     p^S_t), w_min, w_max) ** power``; ``w_min``, ``w_max`` have no published values.
     ``fixed_weight`` replaces ``w`` by a constant (ablations, tests). The transfer term warms up
     linearly over ``warmup_epochs`` as DKD's does (AEKT builds on DKD's decoupling; without it the

@@ -26,7 +26,7 @@ from autosplit.modules import resize
 class AssistantParams:
     """RKD: ``mimic_weight`` on each L_S^k = normalized_mse(r_k(F_S^k), F_T^k), ``residual_weight``
     on L_A = normalized_mse(feat_assistant, sg(F_T - feat_base)) at the teacher's last stage;
-    ``mimic_stages`` = "all" (the base mimics the teacher at every stage, METHODS.md) or "last"
+    ``mimic_stages`` = "all" (the base mimics the teacher at every stage, docs/methods.md) or "last"
     (at the last stage only)."""
 
     mimic_weight: float = 1.0
@@ -48,7 +48,7 @@ class RKD(Part):
     stages from the last one backwards (the last pair uses the deployed r; the earlier ones
     training-only 1x1 conv + BN adapters r_k after resizing F_S^k to the teacher's size, not
     counted); ``last`` mimics the last stage only. Reading (the paper's taps and schedule are
-    not public, METHODS.md): taps are stage outputs; the schedule is the candidate's
+    not public, docs/methods.md): taps are stage outputs; the schedule is the candidate's
     (``staged``: base mimics, then assistant + head).
     """
 

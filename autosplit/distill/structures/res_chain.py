@@ -60,7 +60,7 @@ class ResKD(Part):
     training only R_k. ``residual: kd`` (KD through the sum): the candidate's logit loss is
     applied to sg(z^(k-1)) + z_Rk, weighted by ``residual_weight`` (the student's logit
     streams; this part adds no term). ``residual: mse``: ``residual_weight * MSE(z_Rk,
-    sg(z_T - z^(k-1)))``, and the logit loss sees z^(0) only. Reading (METHODS.md): the paper's
+    sg(z_T - z^(k-1)))``, and the logit loss sees z^(0) only. Reading (docs/methods.md): the paper's
     stopping rule is not public, so K (``n_parts``) is a search knob and the exit gate's
     threshold is calibrated on training rows held out for it, with a cost rule (see
     ``ResChainParams``).
