@@ -16,6 +16,12 @@ from autosplit.errors import UserError
 STARTED = time.monotonic()
 
 DEFAULT_SPACE = "fashion_mnist.yaml"
+# autosplit.device.PRECISIONS, spelt here: the parser must not import torch.
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_HELP = (
+    "auto (default): bf16 autocast where the device has native bf16, else fp32 on CPU and fp16 "
+    "AMP on CUDA | fp32 | bf16"
+)
 
 
 def find_space(name: str | None) -> Path:
@@ -67,7 +73,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     check_output_dir(args.runs_dir, "--runs-dir")
     if args.data_dir:
         data = dataclasses.replace(data, data_dir=args.data_dir)
-    runtime = resolve_runtime(args.device)
+    runtime = resolve_runtime(args.device, precision=args.precision)
     splits = load_splits(data)
     print(
         f"data: {splits.info.name} train {len(splits.train.labels)} / val "
@@ -169,6 +175,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         device=args.device,
+        precision=args.precision,
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
@@ -417,7 +424,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         candidate = dataclasses.replace(
             candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir)
         )
-    runtime = resolve_runtime(args.device)
+    runtime = resolve_runtime(args.device, precision=args.precision)
     splits = load_splits(candidate.data)
     _check_within_budget(candidate, splits, args.config)
     teacher = get_teacher(
@@ -540,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     teacher.add_argument("--data-dir", help="where the dataset files are")
     teacher.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    teacher.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     teacher.add_argument("--runs-dir", default="runs", help="outputs folder (default: runs)")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
     teacher.set_defaults(func=cmd_teacher)
@@ -562,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--workers", type=int, default=1, help="local worker processes")
     search.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    search.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     search.add_argument("--data-dir", help="where the dataset files are")
     search.add_argument("--runs-dir", default="runs")
     search.add_argument(
@@ -634,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--out", help="write the trained student's weights here")
     train.add_argument("--device", default="auto")
+    train.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     train.add_argument("--data-dir")
     train.add_argument("--runs-dir", default="runs")
     train.add_argument("--quiet", action="store_true")
