@@ -117,7 +117,7 @@ def throughput_rows(label: str, builder, train: Split, val: Split, info, args) -
             f"| {label} | {name} | {statistics.median(rates[name]):.0f} ({low:.0f}-{high:.0f}) | "
             f"{ratio(rates, name, 'fp32'):.2f}x | {first[name]:.1f} |"
         )
-    print(f"  measured {label}: {rows} images/run", flush=True)
+    lines.append(f"| {label} | (images per run) | {rows} | | |")
     return lines
 
 
@@ -195,9 +195,6 @@ def main() -> None:
     )
     started = time.perf_counter()
     if args.only in (None, "throughput"):
-        lines = []
-        for label, builder in builders.items():
-            lines += throughput_rows(label, builder, train, head(splits.val, 128), info, args)
         print(
             f"\n## 1. Throughput: fit's training step on Fashion-MNIST, {args.rounds} rounds, "
             f"runs of ~{args.run_seconds:g} s\n"
@@ -206,8 +203,10 @@ def main() -> None:
             "| model (FLOPs/img) | variant | img/s median (min-max) | ratio to fp32 (median) "
             "| first run incl. compile, s |"
         )
-        print("|---|---|---|---|---|")
-        print("\n".join(lines))
+        print("|---|---|---|---|---|", flush=True)
+        for label, builder in builders.items():  # each model's rows as soon as measured
+            rows = throughput_rows(label, builder, train, head(splits.val, 128), info, args)
+            print("\n".join(rows), flush=True)
     if args.only in (None, "accuracy"):
         label, builder = [(k, v) for k, v in builders.items() if "(0.25x)" in k][0]
         accuracy_table(train, head(splits.val, args.val_rows), info, builder, label, args)
