@@ -16,6 +16,12 @@ from autosplit.errors import UserError
 STARTED = time.monotonic()
 
 DEFAULT_SPACE = "fashion_mnist.yaml"
+# autosplit.device.PRECISIONS, spelt here: the parser must not import torch.
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_HELP = (
+    "auto (default): bf16 autocast where the device has native bf16, else fp32 on CPU and fp16 "
+    "AMP on CUDA | fp32 | bf16"
+)
 
 
 def find_space(name: str | None) -> Path:
@@ -67,7 +73,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     check_output_dir(args.runs_dir, "--runs-dir")
     if args.data_dir:
         data = dataclasses.replace(data, data_dir=args.data_dir)
-    runtime = resolve_runtime(args.device)
+    runtime = resolve_runtime(args.device, precision=args.precision)
     splits = load_splits(data)
     print(
         f"data: {splits.info.name} train {len(splits.train.labels)} / val "
@@ -184,6 +190,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         workers=workers,
         device=devices[0],
         devices=tuple(devices),
+        precision=args.precision,
         runs_dir=Path(args.runs_dir),
         progress=not args.quiet,
         halving=not args.no_halving,
@@ -416,7 +423,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         candidate = dataclasses.replace(
             candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir)
         )
-    runtime = resolve_runtime(args.device)
+    runtime = resolve_runtime(args.device, precision=args.precision)
     splits = load_splits(candidate.data)
 
     def over(worst_case: int) -> str:
@@ -515,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train a fresh teacher even where one is cached or shipped with the package",
     )
+    teacher.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     teacher.add_argument("--runs-dir", default="runs", help="outputs folder (default: runs)")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
     teacher.set_defaults(func=cmd_teacher)
@@ -552,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train a fresh teacher even where one is cached or shipped with the package",
     )
+    search.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     search.add_argument("--data-dir", help="where the dataset files are")
     search.add_argument("--runs-dir", default="runs")
     search.add_argument(
@@ -641,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--out", help="write the trained student's weights here")
     train.add_argument("--device", default="auto")
+    train.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     train.add_argument("--data-dir")
     train.add_argument("--runs-dir", default="runs")
     train.add_argument("--quiet", action="store_true")

@@ -1,9 +1,11 @@
 """Device and precision choices, made in this one place.
 
 On CUDA: automatic mixed precision (bf16 where supported, else fp16 with a grad scaler) and
-channels_last memory format. On CPU: fp32, channels_last too (oneDNN's NHWC convolutions are the
-fast ones; ``benchmarks/train_throughput.py`` measures it against contiguous and torch.compile),
-and torch's intra-op threads left as the machine gives them.
+channels_last memory format. On CPU: bf16 autocast where the CPU has native bf16 (AVX-512 BF16
+or AMX), fp32 elsewhere; channels_last too (oneDNN's NHWC convolutions are the fast ones;
+``benchmarks/train_throughput.py`` measures it against contiguous and torch.compile), and torch's
+intra-op threads left as the machine gives them. ``benchmarks/precision.py`` measures fp32
+against bf16 autocast and torch.compile, speed and accuracy.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ class Runtime:
     amp_dtype: torch.dtype | None
     channels_last: bool
     name: str | None = None  # the device as asked for, when it differs (a fake GPU in tests)
+    why: str = ""  # how the precision was chosen, for the plan line and the trial records
 
     @property
     def is_cuda(self) -> bool:
@@ -41,6 +45,15 @@ class Runtime:
         an empty cache rather than the fragments of the one that ran out of memory."""
         if self.is_cuda:
             torch.cuda.empty_cache()
+
+    @property
+    def precision(self) -> str:
+        """ "fp32", "bf16" or "fp16": what trials compute in (autocast's dtype, else fp32)."""
+        return _NAMES.get(self.amp_dtype, "fp32")
+
+    def describe(self) -> str:
+        """e.g. "cpu fp32 (auto: no native bf16 on this CPU)"."""
+        return f"{self.device.type} {self.precision}" + (f" ({self.why})" if self.why else "")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -102,16 +115,82 @@ def resolve_devices(spec: str = "auto") -> list[str]:
     return devices
 
 
-def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:
+_CPU = torch.device("cpu")
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+PRECISIONS = ("auto", "fp32", "bf16")
+# CPU flags of native bf16 arithmetic: AVX-512 BF16 (dot products) and AMX (tile matmuls).
+# torch.backends.cpu.get_cpu_capability() says only "AVX512" on such CPUs, so it cannot tell.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class CpuBf16:
+    """What this CPU offers for bf16: its native-bf16 flags and oneDNN's own verdict."""
+
+    flags: tuple[str, ...]  # the BF16_FLAGS the CPU lists
+    onednn: bool  # torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    @property
+    def native(self) -> bool:
+        # Both: oneDNN alone says True on AVX-512 CPUs without bf16 units (it emulates), and
+        # the flags alone do not say this torch build has oneDNN's bf16 kernels.
+        return bool(self.flags) and self.onednn
+
+    def describe(self) -> str:
+        if self.native:
+            return f"native bf16: {', '.join(self.flags)}, oneDNN bf16"
+        if self.flags:
+            return f"bf16 flags {', '.join(self.flags)} but no oneDNN bf16 in this torch"
+        return "no native bf16 on this CPU"
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere, which reads as
+    no native bf16 (fp32: the safe choice)."""
+    try:
+        return parse_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return set()
+
+
+def parse_cpu_flags(cpuinfo: str) -> set[str]:
+    """The first processor's flags in /proc/cpuinfo's text (every core lists the same)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16_support() -> CpuBf16:
+    flags = _cpu_flags()
+    return CpuBf16(tuple(f for f in BF16_FLAGS if f in flags), _onednn_bf16())
+
+
+def resolve_runtime(device: str = "auto", *, precision: str = "auto") -> Runtime:
     """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a user error.
     ``cuda:N`` also becomes this process's current CUDA device, for the code that asks torch
-    for "the" device (memory queries, bf16 support)."""
+    for "the" device (memory queries, bf16 support).
+
+    ``precision``: ``auto`` is bf16 autocast where the device computes bf16 natively (CUDA's
+    ``is_bf16_supported``; a CPU with AVX-512 BF16 or AMX, see ``CpuBf16``), else fp16 AMP on
+    CUDA and fp32 on CPU; ``fp32`` turns autocast off; ``bf16`` forces it (on a CPU without
+    native bf16 it is emulated, slower: ``benchmarks/precision.py``)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N")
     if os.environ.get(FAKE_GPUS_ENV) and device.startswith("cuda"):
         if device not in visible_gpus() and device != "cuda":
             raise UserError(f"--device {device}: not one of {', '.join(visible_gpus())}")
-        return _cpu_runtime(name=device)
+        return _cpu_runtime(name=device, precision=precision)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -120,12 +199,18 @@ def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:
     if dev.type == "cuda":
         if dev.index is not None:
             torch.cuda.set_device(dev)
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return Runtime(dev, dtype if amp else None, channels_last=True)
-    return _cpu_runtime()
+        native = torch.cuda.is_bf16_supported()
+        if precision == "bf16" and not native:
+            raise UserError("--precision bf16: this GPU has no bf16; use auto or fp32")
+        if precision == "fp32":
+            return Runtime(dev, None, channels_last=True, why="--precision fp32")
+        if native:
+            return Runtime(dev, torch.bfloat16, channels_last=True, why=f"{precision}: GPU bf16")
+        return Runtime(dev, torch.float16, channels_last=True, why="auto: GPU without bf16, AMP")
+    return _cpu_runtime(precision=precision)
 
 
-def _cpu_runtime(name: str | None = None) -> Runtime:
+def _cpu_runtime(name: str | None = None, *, precision: str = "auto") -> Runtime:
     # Diverging runs drift into subnormal floats, which are orders of magnitude slower on x86
     # CPUs; flushing them to zero costs nothing in accuracy.
     torch.set_flush_denormal(True)
@@ -133,8 +218,15 @@ def _cpu_runtime(name: str | None = None) -> Runtime:
     # AVX-512 EPYC, a training step at batch 128: resnet20 1.27-1.31x, resnet8 1.34-1.57x,
     # resnet56 1.36x, wrn_16_2 1.19x, mobilenetv2 1.63x, resnet8x4 1.12x). torch.compile is
     # faster per step still but compiles for minutes per architecture, longer than a search
-    # trial trains, so it stays off. fp32: no autocast on CPU.
-    return Runtime(torch.device("cpu"), None, channels_last=True, name=name)
+    # trial trains, so it stays off.
+    if precision != "auto":
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        return Runtime(_CPU, dtype, channels_last=True, name=name, why=f"--precision {precision}")
+    support = cpu_bf16_support()
+    # Native bf16 autocast trains ResNet-20 ~1.9x faster than fp32 (AVX-512 BF16 EPYC, issue
+    # 18); without it bf16 is emulated and slower than fp32 (benchmarks/precision.py).
+    dtype = torch.bfloat16 if support.native else None
+    return Runtime(_CPU, dtype, channels_last=True, name=name, why=f"auto: {support.describe()}")
 
 
 # oneDNN on CPU (torch 2.14.1, an AVX2 AMD EPYC: no AVX-512) corrupts the heap in the backward

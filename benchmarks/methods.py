@@ -24,7 +24,7 @@ from pathlib import Path
 from autosplit.cache import teacher_cache_for
 from autosplit.distill import METHODS
 from autosplit.distill._base import warmup_epochs_for
-from autosplit.distill.recipes import recipe_candidate
+from autosplit.distill.recipes import recipe_candidate, scaled_warmup
 from autosplit.export import test_loader
 from autosplit.flops import count_flops, format_flops
 from autosplit.search.budget import parse_budget
@@ -54,9 +54,7 @@ def candidates(base, methods):
     again at equal training cost."""
     for name in methods:
         candidate = base.with_values(CROSS[name]) if name in CROSS else recipe_candidate(name, base)
-        if candidate.logit_loss.name in ("dkd", "aekt"):
-            warmup = warmup_epochs_for(candidate.train.epochs)
-            candidate = candidate.with_values({"logit_loss.warmup_epochs": warmup})
+        candidate = scaled_warmup(candidate)  # DKD and AEKT: the shipped spaces' warm-up
         if candidate.schedule == "staged":
             yield name, "paper", candidate.with_values({"train.stage_epochs": "full"})
             yield name, "equal cost", candidate.with_values({"train.stage_epochs": "shared"})

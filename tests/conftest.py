@@ -24,4 +24,6 @@ def digits_splits():
 def cpu():
     from autosplit.device import resolve_runtime
 
-    return resolve_runtime("cpu")
+    # fp32 on every machine: a CPU with native bf16 would otherwise autocast (auto), and unit
+    # tests check figures by hand.
+    return resolve_runtime("cpu", precision="fp32")

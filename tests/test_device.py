@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from autosplit import device
 from autosplit.cache import LiveTeacher
 from autosplit.config import TrainConfig
 from autosplit.data import Split, TensorLoader, dataset_info
 from autosplit.device import Runtime, resolve_runtime
+from autosplit.errors import UserError
 from autosplit.models import create_model
 from autosplit.train import Classifier, fit, seed_everything
 
@@ -76,7 +79,8 @@ def test_live_teacher_gives_fp32_outputs_under_autocast():
     }
 
 
-def test_resolve_runtime_on_cpu():
+def test_resolve_runtime_on_cpu(monkeypatch):
+    _cpu(monkeypatch, AMD_AVX2, onednn=False)
     runtime = resolve_runtime("cpu")
     assert runtime.device.type == "cpu" and runtime.amp_dtype is None
     assert runtime.channels_last  # the faster format on CPU (benchmarks/train_throughput.py)
@@ -118,3 +122,46 @@ def test_a_narrow_strided_pointwise_conv_trains_without_corrupting_the_heap() ->
     wide, narrow = block[0].weight, block[1].weight
     assert wide.is_contiguous(memory_format=torch.channels_last)
     assert narrow.stride() == (6, 1, 1, 1)  # NCHW strides, not the channels_last (6, 1, 6, 6)
+
+
+AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+def _cpu(monkeypatch, cpuinfo: str, onednn: bool) -> None:
+    """This process's CPU as ``cpuinfo`` says, and oneDNN's bf16 verdict."""
+    monkeypatch.setattr(device, "_cpu_flags", lambda: device.parse_cpu_flags(cpuinfo))
+    monkeypatch.setattr(device, "_onednn_bf16", lambda: onednn)
+
+
+def test_cpu_flags_are_read_from_cpuinfo_text():
+    assert device.parse_cpu_flags(SAPPHIRE) >= {"avx512_bf16", "amx_bf16"}
+    assert device.parse_cpu_flags(AMD_AVX2) == {"fpu", "sse2", "avx", "avx2", "fma"}
+    assert device.parse_cpu_flags("") == set()
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    # oneDNN says True on AVX-512 CPUs that only emulate bf16: the flags decide.
+    _cpu(monkeypatch, AMD_AVX2, onednn=True)
+    runtime = resolve_runtime("cpu")
+    assert runtime.amp_dtype is None and runtime.precision == "fp32"
+    assert runtime.describe() == "cpu fp32 (auto: no native bf16 on this CPU)"
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_it(monkeypatch):
+    _cpu(monkeypatch, SAPPHIRE, onednn=True)
+    runtime = resolve_runtime("cpu")
+    assert runtime.amp_dtype == torch.bfloat16 and runtime.precision == "bf16"
+    assert "avx512_bf16, amx_bf16" in runtime.why
+    # Flags but a torch without oneDNN's bf16 kernels: fp32.
+    _cpu(monkeypatch, SAPPHIRE, onednn=False)
+    assert resolve_runtime("cpu").precision == "fp32"
+
+
+def test_precision_override(monkeypatch):
+    _cpu(monkeypatch, AMD_AVX2, onednn=False)
+    assert resolve_runtime("cpu", precision="bf16").amp_dtype == torch.bfloat16  # emulated
+    _cpu(monkeypatch, SAPPHIRE, onednn=True)
+    assert resolve_runtime("cpu", precision="fp32").amp_dtype is None
+    with pytest.raises(UserError, match="--precision: 'fp16' is not one of auto, fp32, bf16"):
+        resolve_runtime("cpu", precision="fp16")

@@ -7,6 +7,8 @@ values); the structure's loss weights too. Where a paper's values depend on the 
 recipe reads ``base.data`` (``era``: ERA's KD base for CIFAR-like or ImageNet-like data, see
 ``imagenet_scale``). A recipe with residual parts gives them a share of the budget
 (``split.base_share``) only when ``base`` gives them none. Keys are stable API.
+``scaled_recipe`` is a recipe as the search and the benchmarks train it: warm-ups scaled to
+the run's epochs.
 """
 
 from __future__ import annotations
@@ -94,3 +96,20 @@ def recipe_candidate(name: str, base: Candidate) -> Candidate:
     elif base.split.part_width is not None or base.split.base_share < 1.0:
         values.pop("split.base_share", None)  # the base already shares its budget: keep that
     return base.with_values(values)
+
+
+def scaled_warmup(candidate: Candidate) -> Candidate:
+    """``candidate`` with its logit loss's warm-up (DKD, AEKT) at the shipped spaces' rule for
+    its epochs (``warmup_epochs_for``): the papers' 20 epochs would never end in a short run."""
+    from autosplit.distill._base import warmup_epochs_for
+
+    if "logit_loss.warmup_epochs" not in candidate.flat():
+        return candidate
+    warmup = warmup_epochs_for(candidate.train.epochs)
+    return candidate.with_values({"logit_loss.warmup_epochs": warmup})
+
+
+def scaled_recipe(name: str, base: Candidate) -> Candidate:
+    """Method ``name``'s recipe on ``base`` (``recipe_candidate``), its warm-up scaled to
+    ``base``'s epochs (``scaled_warmup``); widths follow ``base``'s budget and split shares."""
+    return scaled_warmup(recipe_candidate(name, base))

@@ -84,6 +84,8 @@ class TrialAttrs(_Attrs):
     seed: int | None = None  # final: the seed index (it trains at the member's seed + this)
     retry_of: int | None = None  # the interrupted trial this one re-runs
     sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
+    portfolio: str | None = None  # the method recipe ("rkd", …) a warm-start trial trains
+    precision: str | None = None  # what it trained in: fp32, bf16 or fp16 (``Runtime``)
     # What it measured, and how it ended.
     # complete, stopped, infeasible, skipped, failed, out_of_memory, duplicate, …
     state: str | None = None
@@ -164,6 +166,10 @@ class StudyAttrs(_Attrs):
             if stored.get(key) != value:
                 target.set_user_attr(key, value)
 
+
+# The MLflow param of a trial's run (beside the candidate's) and of the search's parent run
+# holding the precision trials train in (``Runtime.precision``).
+PRECISION_PARAM = "runtime.precision"
 
 # The tags of MLflow runs besides ``TrialAttrs.run_tags``.
 ROLE_TAG = PREFIX + "role"  # "search" (a parent run) or "trial"

@@ -32,7 +32,7 @@ from autosplit.cache import train_rows
 from autosplit.config import atomic_write_text
 from autosplit.errors import UserError, redact_url
 from autosplit.search import study as studies
-from autosplit.search.attrs import StudyAttrs, TrialAttrs, TrialMetrics
+from autosplit.search.attrs import PRECISION_PARAM, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.budget import Budget
 from autosplit.search.front import Cost, search_records
 from autosplit.search.plan import CostModel, Deadline
@@ -272,11 +272,13 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
         teacher_sha256=ctx.teacher_sha256,
         stage="search",
         rungs=[],
+        precision=ctx.runtime.precision,
     ).write(trial)
     if isinstance(trial.study.sampler, studies.TrialSeededSampler):
         TrialAttrs(sampler_seed=trial.study.sampler.seed_for(trial.number)).write(trial)
-    baseline = TrialAttrs.read(trial).baseline
-    overrides = ctx.space.settings.baselines.get(baseline, {}) if baseline else {}
+    what = TrialAttrs.read(trial)
+    baseline = what.baseline
+    overrides = ctx.space.overrides(baseline=baseline, portfolio=what.portfolio)
     candidate = ctx.space.suggest(trial, ctx.max_flops, overrides=overrides)
     distiller, flops = _build_or_smallest(candidate, ctx)
     student = distiller.student
@@ -295,7 +297,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     del distiller, student  # train_candidate builds its own, from the pinned candidate
     run_id = ctx.tracker.start_trial(
         trial_number=trial.number,
-        params=candidate.flat(),
+        params={**candidate.flat(), PRECISION_PARAM: ctx.runtime.precision},
         tags=TrialAttrs(label=label_of(candidate), baseline=baseline, stage="search").run_tags(),
     )
     TrialAttrs(run_id=run_id).write(trial)
@@ -414,7 +416,10 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
 
     started = time.perf_counter()
     TrialAttrs(
-        worker=studies.worker_id(), device=ctx.runtime.where, teacher_sha256=ctx.teacher_sha256
+        worker=studies.worker_id(),
+        device=ctx.runtime.where,
+        teacher_sha256=ctx.teacher_sha256,
+        precision=ctx.runtime.precision,
     ).write(trial)
     job = TrialAttrs.read(trial)
     member_number, seed_index = int(job.member), int(job.seed)
@@ -439,7 +444,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     ctx.space.suggest(
         trial,
         ctx.max_flops,
-        overrides=ctx.space.settings.baselines.get(baseline) if baseline else None,
+        overrides=ctx.space.overrides(baseline=baseline, portfolio=of_member.portfolio),
     )
     final = ctx.final
     assert final is not None
@@ -455,7 +460,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     set_over_budget(trial, flops, ctx.max_flops)
     run_id = ctx.tracker.start_trial(
         trial_number=trial.number,
-        params=candidate.flat(),
+        params={**candidate.flat(), PRECISION_PARAM: ctx.runtime.precision},
         # The run's seed tag is the training seed; the trial's ``seed`` is the seed index.
         tags=TrialAttrs(
             label=label,
@@ -697,6 +702,7 @@ class SearchOptions:
     tracking_uri: str | None = None  # the MLflow store logged to (None: not tracked)
     teacher_dir: Path | None = None  # where the study's teacher is published (None: MLflow)
     teacher_wait: float = 7200.0  # seconds a host waits for the teacher another host trains
+    precision: str = "auto"  # ``device.resolve_runtime``: auto | fp32 | bf16
     runs_dir: Path = Path("runs")
     progress: bool = True
     halving: bool = True
@@ -738,7 +744,7 @@ def prepare(
     if options.started is not None:  # the limit counts from process start (imports included)
         deadline.started = options.started
         deadline.at = None if options.time_limit is None else options.started + options.time_limit
-    runtime = resolve_runtime(options.device)
+    runtime = resolve_runtime(options.device, precision=options.precision)
     space = options.space
     splits = load_splits(space.data)
     teacher_cfg = space.teacher
@@ -784,7 +790,7 @@ def prepare(
                 teacher_cfg, splits, options.runs_dir, retrain=options.retrain_teacher
             ),
         )
-        log_teacher(chosen.describe())
+        log_teacher(f"{chosen.describe()}; trials in {runtime.describe()}")
         for warning in chosen.warnings:
             log_teacher(f"warning: {warning}")
         if chosen.teacher_epochs < teacher_cfg.train.epochs:
@@ -828,6 +834,7 @@ def prepare(
     log_teacher(
         f"teacher {space.teacher.model} ({state}): test {ctx.teacher.test_acc:.2f}%, "
         f"{teacher_flops:,} FLOPs; budget {options.budget.text} = {max_flops:,} FLOPs"
+        + ("" if options.time_limit is not None else f"; trials in {runtime.describe()}")
     )
     return ctx
 
@@ -1008,12 +1015,18 @@ def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptio
 
 
 def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
-    """The baselines run first (once per study), so the front always shows what was beaten."""
+    """The baselines run first (once per study), so the front always shows what was beaten;
+    then the portfolio, the methods' own recipes, so the sampler starts from them."""
     if StudyAttrs.read(study).baselines_enqueued:
         return
     for name in space.settings.baselines:
         # No parameters: a baseline's pinned values are not drawn (``SearchSpace.suggest``).
         study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
+    for name in space.settings.portfolio:
+        # The recipe's in-range values as the trial's parameters: TPE counts the finished
+        # trial like a drawn one. The rest is pinned when it runs (``SearchSpace.overrides``).
+        params, _pinned = space.portfolio_trial(name)
+        study.enqueue_trial(params, user_attrs=TrialAttrs(portfolio=name).user_attrs())
     StudyAttrs(baselines_enqueued=True).write(study)
 
 
@@ -1333,6 +1346,7 @@ def run_search(
         "devices": ",".join(options.devices) or options.device,
         "space": str(options.space.path),
         "time_limit_s": options.time_limit or 0,
+        PRECISION_PARAM: ctx.runtime.precision,
     }
     tracker.start_search(
         study_name=study_name,

@@ -138,6 +138,10 @@ class SearchSettings:
     fidelity: Fidelity = field(default_factory=Fidelity)
     # Baselines run first, so every front shows what the search beat: name -> dotted overrides.
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The warm start: method recipes (``autosplit.distill.METHODS`` keys) run after the
+    # baselines, before any sampled trial, each at its paper's settings on this space's
+    # candidate (``SearchSpace.portfolio_trial``).
+    portfolio: tuple[str, ...] = ()
     teacher_views: int = 1  # augmented views of the teacher cache (1 = augmentation off in trials)
 
 
@@ -246,6 +250,49 @@ class SearchSpace:
                 chosen[param.name] = values[param.name] = param.suggest(trial)
         return base.with_values({**chosen, **overrides})
 
+    def portfolio_trial(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Recipe ``name`` of the portfolio as (params, pinned): ``params`` are the values of
+        the space's parameters the recipe takes inside their distributions, enqueued as the
+        trial's Optuna parameters so the sampler learns from them like any drawn trial;
+        ``pinned`` are ``suggest``'s overrides: the recipe's values of settings the space does
+        not search, and of parameters outside their range (e.g. ERA's 4 branches where the
+        space draws 1-3) or of a part the space cannot name (a recipe's CE logit loss where
+        the space draws kd | dkd). ``suggest`` with both gives the recipe's candidate."""
+        from autosplit.distill.recipes import scaled_recipe
+
+        base = self.base_candidate(10**9)  # the recipe's values do not depend on the budget
+        recipe, base_flat = scaled_recipe(name, base).flat(), base.flat()
+        # Not in the recipe: a setting of a part the recipe replaces (a CE loss has no
+        # temperature), pinned away with that part's name below.
+        active = [p for p in self.params if p.name in recipe and p.active(recipe)]
+        drawn = {p.name for p in active}
+        # What the recipe changes that no parameter draws here (a parameter whose condition
+        # the recipe does not meet, e.g. AEKT's warm-up where the space conditions it on dkd).
+        pinned = {k: v for k, v in recipe.items() if k not in drawn and v != base_flat.get(k)}
+        # A part whose name is pinned has all its parameters pinned (``suggest`` draws none).
+        for param in active:
+            if param.name.endswith(".name") and not param.contains(recipe[param.name]):
+                pinned[param.name] = recipe[param.name]
+        renamed = {key.removesuffix(".name") for key in pinned if key.endswith(".name")}
+        params = {}
+        for param in active:
+            value = recipe[param.name]
+            if param.name in pinned:
+                continue
+            if param.name.split(".")[0] in renamed or not param.contains(value):
+                pinned[param.name] = value
+            else:
+                params[param.name] = value
+        return params, pinned
+
+    def overrides(self, *, baseline: str | None = None, portfolio: str | None = None) -> dict:
+        """The values ``suggest`` pins for a baseline or portfolio trial (none for others)."""
+        if baseline:
+            return dict(self.settings.baselines.get(baseline, {}))
+        if portfolio:
+            return self.portfolio_trial(portfolio)[1]
+        return {}
+
     def _draw(self, base: Candidate, pinned: dict[str, Any]) -> dict[str, Any]:
         """A deterministic full draw (pinned values, else each parameter's first/low value)."""
         return _draw_values(self.params, base.flat(), pinned)
@@ -278,6 +325,20 @@ class SearchSpace:
                 base.with_values(overrides)
             except UserError as exc:
                 raise UserError(f"search.baselines.{name}: {exc}") from None
+        from autosplit.distill.recipes import METHODS
+
+        if len(set(self.settings.portfolio)) != len(self.settings.portfolio):
+            raise UserError("search.portfolio: a recipe is listed twice")
+        for name in self.settings.portfolio:
+            if name not in METHODS.names():
+                raise UserError(
+                    f"search.portfolio: {name!r} is not a method recipe; known: "
+                    f"{', '.join(METHODS.names())}"
+                )
+            try:
+                self.portfolio_trial(name)
+            except UserError as exc:
+                raise UserError(f"search.portfolio.{name}: {exc}") from None
 
 
 def _draw_values(

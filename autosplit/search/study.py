@@ -34,7 +34,7 @@ MAX_RETRY = 2
 WORKER_ATTR = TrialAttrs.key("worker")  # the stored key, for code that writes the storage
 # What a re-run of a dead worker's trial keeps: what the trial *is* (a baseline, a final-stage
 # job for a member and seed), not what it had measured.
-RETRY_FIELDS = ("baseline", "stage", "member", "seed")
+RETRY_FIELDS = ("baseline", "portfolio", "stage", "member", "seed")
 # The objectives, in order, and the names optuna-dashboard and ``trials_dataframe`` show them
 # under: validation accuracy (percent) and FLOPs (worst case or expected, as the study's
 # ``objective_flops`` attr says).
@@ -293,7 +293,9 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
             continue
         kept = TrialAttrs.read(trial)
         retry = TrialAttrs(**{k: getattr(kept, k) for k in RETRY_FIELDS}, retry_of=trial.number)
-        study.enqueue_trial(trial.params, user_attrs=retry.user_attrs())
+        # An enqueued trial (a portfolio recipe) interrupted before it drew keeps its values.
+        params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        study.enqueue_trial(params, user_attrs=retry.user_attrs())
         out.append(trial.number)
     if out:
         log.warning(

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import SYNCED_TAG, StudyAttrs, TrialAttrs, TrialMetrics
+from autosplit.search.attrs import PRECISION_PARAM, SYNCED_TAG, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.front import final_members, rung_records, search_records
 from autosplit.search.report import SearchReport, search_note
 
@@ -91,7 +91,7 @@ def sync_study(study: optuna.Study, tracker: Any) -> tuple[int, int]:
             attached = parent
         run_ids[trial.number] = tracker.log_trial(
             trial_number=trial.number,
-            params=TrialAttrs.read(trial).candidate or trial.params,
+            params=_params(trial),
             tags=trial_tags(trial),
             state=run_state(trial),
             metrics=trial_metrics(trial),
@@ -134,3 +134,12 @@ def _refresh_front(study: optuna.Study, tracker: Any, parent: str, run_ids: dict
             {k: rung_records(records, k) for k in range(top)},
             proxy_fidelity(study),
         )
+
+
+def _params(trial: FrozenTrial) -> dict[str, object]:
+    """The run's params as the search logs them: the candidate, and the precision it trained in."""
+    attrs = TrialAttrs.read(trial)
+    params: dict[str, object] = dict(attrs.candidate or trial.params)
+    if attrs.precision is not None:
+        params[PRECISION_PARAM] = attrs.precision
+    return params

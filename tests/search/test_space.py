@@ -133,6 +133,14 @@ def test_baseline_overrides_win_over_the_draw():
             r"search\.fidelity\.rungs: list them from cheap to dear",
         ),
         (lambda t: t.replace("eta: 2", "eta: 1"), r"search\.fidelity\.eta: must be >= 2"),
+        (
+            lambda t: t.replace("portfolio: [rkd,", "portfolio: [fitnetz,"),
+            r"search\.portfolio: 'fitnetz' is not a method recipe; known: aekt, ce, dkd",
+        ),
+        (
+            lambda t: t.replace("portfolio: [rkd,", "portfolio: [aekt,"),
+            r"search\.portfolio: a recipe is listed twice",
+        ),
     ],
 )
 def test_validation_names_the_file_and_the_key(tmp_path, edit, message):
@@ -226,3 +234,43 @@ def test_a_rung_keeps_the_warm_ups_share_of_the_run():
     # A warm-up longer than the rung is cut to it.
     long = dkd.with_values({"logit_loss.warmup_epochs": 60})
     assert at_fidelity(long, Rung(5, None)).logit_loss.get("warmup_epochs") == 5
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_shipped_space_warm_starts_from_the_five_recipes(path):
+    space = SearchSpace.from_yaml(path)
+    assert space.settings.portfolio == ("rkd", "reskd", "era", "iekd", "aekt")
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_a_portfolio_trial_trains_its_recipe_and_gives_the_sampler_in_range_params(path):
+    """suggest with the enqueued params and the pinned rest builds the recipe's candidate (its
+    warm-up scaled to the run); every enqueued value lies in its parameter's distribution."""
+    from autosplit.distill.recipes import scaled_recipe
+
+    space = SearchSpace.from_yaml(path)
+    by_name = {p.name: p for p in space.params}
+    for name in space.settings.portfolio:
+        params, pinned = space.portfolio_trial(name)
+        assert params, name  # at least the budget share: TPE sees every recipe
+        assert all(by_name[key].contains(value) for key, value in params.items()), name
+        assert not set(params) & set(pinned)
+        trial = optuna.trial.FixedTrial(params)  # raises if suggest drew a value not given
+        candidate = space.suggest(trial, 10**7, overrides=space.overrides(portfolio=name))
+        assert candidate == scaled_recipe(name, space.base_candidate(10**7)), name
+        assert trial.params == params  # exactly the enqueued values were drawn
+
+
+def test_recipe_values_outside_the_space_are_pinned_not_drawn():
+    space = SearchSpace.from_yaml(ROOT / "search_spaces" / "fashion_mnist.yaml")
+    params, pinned = space.portfolio_trial("era")
+    # ERA's 4 branches where the space draws 1-3: pinned; its KD weight 1.0 is in range.
+    assert pinned["structure.n_parts"] == 4 and "structure.n_parts" not in params
+    assert params["logit_loss.kd_weight"] == 1.0 and params["twi"] is True
+    params, pinned = space.portfolio_trial("rkd")
+    # RKD's CE logit loss is not a choice: pinned, and the loss's other settings with it.
+    assert pinned["logit_loss.name"] == "ce" and pinned["schedule"] == "staged"
+    assert not any(key.startswith("logit_loss.") for key in params)
+    assert params["structure.name"] == "assistant" and params["split.base_share"] == 0.64
+    params, _ = space.portfolio_trial("aekt")
+    assert params["logit_loss.warmup_epochs"] == 1  # 20/240 of 3 epochs, at least 1
