@@ -54,12 +54,16 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
     _tmp, study, ctx = searched
     trials = search_trials(study)
     assert len(trials) == 4
-    assert [t.user_attrs.get("autosplit.baseline") for t in trials[:2]] == [
+    assert [t.user_attrs.get("autosplit.baseline") for t in trials[:3]] == [
         "kd-single",
         "best-published",
+        "fitnets",
     ]
     assert trials[0].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "kd"
     assert trials[1].user_attrs["autosplit.candidate"]["logit_loss"]["name"] == "dkd"
+    fitnets = trials[2].user_attrs["autosplit.candidate"]  # KD-free: CE + hint, one network
+    assert (fitnets["logit_loss"]["name"], fitnets["feature_loss"]["name"]) == ("ce", "hint")
+    assert fitnets["structure"]["name"] == "single"
     for trial in trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         assert "flops_over_budget" in trial.constraints
