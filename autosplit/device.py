@@ -42,6 +42,8 @@ class Runtime:
         module = module.to(self.device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
+            if self.device.type == "cpu":
+                _narrow_strided_pointwise_in_nchw(module)
         return module
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,31 @@ class Runtime:
         if self.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+# torch 2.14's CPU backward of a channels_last 1x1 convolution with stride > 1 and fewer than 7
+# input channels corrupts the heap ("free(): invalid next size", SIGABRT or SIGSEGV): a ResNet
+# downsample of a narrow res-student (5 -> 10 channels) on digits aborts the whole search.
+# 7 and more input channels, other kernels and stride 1 passed; those convolutions run NCHW.
+_NARROW_CHANNELS = 7
+
+
+def _narrow_strided_pointwise_in_nchw(module: nn.Module) -> None:
+    for conv in module.modules():
+        if (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (1, 1)
+            and max(conv.stride) > 1
+            and conv.in_channels < _NARROW_CHANNELS
+        ):
+            # A 1x1 kernel's channels_last strides pass is_contiguous(): copy to plain strides.
+            weight = torch.empty(conv.weight.shape, dtype=conv.weight.dtype, device="cpu")
+            conv.weight.data = weight.copy_(conv.weight.data)
+            conv.register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(_conv: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (args[0].contiguous(), *args[1:])
 
 
 def resolve_runtime(device: str = "auto", *, amp: bool = True) -> Runtime:

@@ -82,3 +82,30 @@ def test_resolve_runtime_on_cpu():
     assert runtime.channels_last  # the faster format on CPU (benchmarks/train_throughput.py)
     assert not runtime.is_cuda
     assert not runtime.grad_scaler().is_enabled()
+
+
+def test_narrow_strided_pointwise_convs_train_on_cpu_without_corrupting_memory():
+    # torch 2.14 aborts (heap corruption) in the CPU backward of a channels_last 1x1 stride-2
+    # convolution with 4-6 input channels, a narrow res-student's downsample: in a child
+    # process, so that a crash fails this test instead of killing the test run.
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from autosplit.device import resolve_runtime
+runtime = resolve_runtime("cpu")
+for channels in (4, 5, 6):
+    model = runtime.prepare(torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1),
+        torch.nn.Conv2d(channels, 2 * channels, 1, stride=2, bias=False),
+    ))
+    assert runtime.channels_last and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(40):
+        model(runtime.images(torch.randn(64, 1, 8, 8))).sum().backward()
+print("trained")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
