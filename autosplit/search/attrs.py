@@ -80,6 +80,9 @@ class TrialAttrs(_Attrs):
     baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial
     member: int | None = None  # final: the search trial this job retrains
     seed: int | None = None  # final: the seed index (it trains at the member's seed + this)
+    # final: "best" (the search's best member) or "baseline" — the comparison, trained for
+    # every seed before any "extra" member — or "extra" (another finalist).
+    role: str | None = None
     retry_of: int | None = None  # the interrupted trial this one re-runs
     sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
     # What it measured, and how it ended.
@@ -105,6 +108,10 @@ class TrialAttrs(_Attrs):
     train_images: int | None = None
     train_flops: float | None = None
     train_cost: float | None = None
+    # final: the job's planned seconds by part (``job_cost.JobEstimate.as_dict``: train,
+    # prepare, cache, total) and what it took (same parts; total = cache build + training).
+    estimate_s: dict[str, Any] | None = None
+    actual_s: dict[str, Any] | None = None
 
     def run_tags(self) -> dict[str, str]:
         """The tags of the trial's MLflow run: what the trial is, under the same keys."""

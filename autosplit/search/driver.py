@@ -33,6 +33,7 @@ from autosplit.search import study as studies
 from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.budget import Budget
 from autosplit.search.front import Cost, search_records
+from autosplit.search.job_cost import JobEstimate, cache_estimate, estimate_job, prepare_rates
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.report import SearchReport, search_note
@@ -75,6 +76,11 @@ class SearchContext:
     final_epochs: int | None = None  # the plan's final-stage epochs (None: the space's)
     caches: dict[tuple[object, ...], CachedTeacher] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=lambda: {"cache_hits": 0, "cache_builds": 0})
+    # The final stage's cost as the search's measurements put it (``final_reserve_measured``),
+    # once a search trial has finished; until then the plan's ``final_reserve``.
+    measured_reserve: float | None = None
+    # Per final member: (teacher taps, stages, prepare passes) of its distiller.
+    shapes: dict[int, tuple[set[str], int, int]] = field(default_factory=dict)
 
     @property
     def eta(self) -> int:
@@ -95,6 +101,8 @@ class SearchContext:
         does, and leave the final stage its share as corrected by the jobs finished so far (on
         a machine slower than measured, the search phase ends earlier)."""
         final = self.final_reserve * self.cost_model.correction("final")
+        if self.measured_reserve is not None:
+            final = self.measured_reserve * self.cost_model.correction("final", fallback=False)
         return self.search_deadline.fits(seconds) and self.deadline.fits(seconds + final)
 
     def rungs(self, candidate: Candidate) -> list[Rung]:
@@ -137,6 +145,7 @@ class SearchContext:
         else:
             # One cache in memory at a time: a final stage's full-data cache is large.
             self.caches.clear()
+            started = time.perf_counter()
             cache = teacher_cache_for(
                 candidate,
                 self.teacher,
@@ -147,6 +156,12 @@ class SearchContext:
                 taps=taps,
             )
             self.cost["cache_hits" if cache.hit else "cache_builds"] += 1
+            if not cache.hit:  # the teacher's forward time here, for later jobs' estimates
+                views = self.space.settings.teacher_views if augment else 1
+                self.cost["cache_seconds"] = self.cost.get("cache_seconds", 0.0) + (
+                    time.perf_counter() - started
+                )
+                self.cost["cache_images"] = self.cost.get("cache_images", 0.0) + key[1] * views
             self.caches[key] = cache
         return self.caches[key]
 
@@ -305,10 +320,11 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
         estimate = ctx.estimate(at, flops.worst_case, kind="trial", n_stages=n_stages)
-        if not ctx.search_fits(estimate):
+        cache_seconds = cache_estimate(ctx, at, taps)[0]  # built before the rung trains
+        if not ctx.search_fits(estimate + cache_seconds):
             stop_reason = "time"
             break
-        outcome = _train(
+        outcome, cache_took = _train(
             ctx,
             trial,
             at,
@@ -327,6 +343,11 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 "val_acc": outcome.val_acc,
                 "seconds": round(outcome.seconds, 2),
                 "expected_flops": outcome.expected_flops,
+                # What the final stage plans this member's jobs from (``job_cost``).
+                "prepare_seconds": round(outcome.prepare_seconds, 2),
+                "prepare_images": outcome.prepare_images,
+                "cache_seconds": round(cache_took, 2),
+                "estimate_s": round(estimate + cache_seconds, 2),
             }
         )
         TrialAttrs(rungs=reached).write(trial)
@@ -373,6 +394,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
             "search/rung": len(reached) - 1,
             "time/wall_s": wall,
             "time/train_s": train_seconds,
+            "time/estimate_s": sum(r["estimate_s"] for r in reached),
+            "time/actual_s": sum(r["seconds"] + r["cache_seconds"] for r in reached),
             **train_cost_metrics(result),
             "optuna/trial_number": trial.number,
             "time/overhead_s": overhead + (time.perf_counter() - record_started),
@@ -390,9 +413,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
 
 def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     """The final stage: one member of the front (or a baseline) trained at the final fidelity
-    with one seed."""
-    from autosplit.distill.candidate import Candidate
-
+    with one seed, if it fits in the time left together with the comparison jobs it must not
+    crowd out (``round_needs``)."""
     started = time.perf_counter()
     TrialAttrs(worker=studies.worker_id()).write(trial)
     job = TrialAttrs.read(trial)
@@ -420,14 +442,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         ctx.max_flops,
         overrides=ctx.space.settings.baselines.get(baseline) if baseline else None,
     )
-    final = ctx.final
-    assert final is not None
-    candidate = Candidate.from_dict(of_member.candidate)
-    if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
-        candidate = candidate.with_values({"structure.exit_threshold": None})
-    candidate = at_fidelity(
-        candidate, Rung(ctx.final_epochs or final.epochs, final.rows)
-    ).with_values({"train.seed": candidate.train.seed + seed_index})
+    candidate = final_candidate(ctx, of_member, seed_index)
     label = of_member.label or ""
     flops = of_member.flops
     TrialAttrs(label=label, flops=flops, baseline=baseline, params=of_member.params).write(trial)
@@ -448,15 +463,39 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     from autosplit.distill.run import build_and_count
 
     distiller, counted = build_and_count(candidate, ctx.teacher.model, ctx.splits)
-    taps, n_stages = set(distiller.teacher_taps), len(distiller.stages())
+    taps = set(distiller.teacher_taps)
+    ctx.shapes[member_number] = (taps, len(distiller.stages()), distiller.prepare_passes)
     del distiller
-    estimate = ctx.estimate(candidate, flops, kind="final", n_stages=n_stages)
-    if not ctx.deadline.fits(estimate):
+    estimate = job_estimate(ctx, {t.number: t for t in others}, member_number, seed_index)
+    if Path(estimate.cache_file).is_file():  # built by an earlier job since it was enqueued
+        estimate = dataclasses.replace(estimate, cache=0.0)
+    correction = ctx.cost_model.correction("final", fallback=False)
+    planned = {**estimate.as_dict(), "correction": round(correction, 3)}
+    planned["total"] = round(estimate.total() * correction, 2)
+    TrialAttrs(estimate_s=planned).write(trial)
+    skipped_round, needs = round_needs(others, trial.number, job.role, seed_index, estimate)
+    needs *= correction
+    if skipped_round or not ctx.deadline.fits(needs):
         TrialAttrs(state="skipped").write(trial)
         ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
+        why = (
+            f"a job of its seed-{seed_index} comparison was skipped (equal seeds or none)"
+            if skipped_round
+            else f"needs ~{needs:.0f} s with the comparison jobs still waiting, "
+            f"{max(0.0, ctx.deadline.remaining()):.0f} s left"
+        )
+        log.info("final job %d/%d (%s) skipped: %s", member_number, seed_index, label, why)
         raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
-    result = _train(ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None)
-    ctx.cost_model.observe("final", estimate, result.seconds)
+    result, cache_took = _train(
+        ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None
+    )
+    took = {
+        "train": round(result.seconds - result.prepare_seconds, 2),
+        "prepare": round(result.prepare_seconds, 2),
+        "cache": round(cache_took, 2),
+        "total": round(result.seconds + cache_took, 2),
+    }
+    ctx.cost_model.observe("final", planned["total"], took["total"], fallback=False)
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
     weights = _save_trial(ctx, trial.number, candidate, result)
@@ -467,6 +506,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         expected_flops=result.expected_flops,
         weights=str(weights),
         train_seconds=result.seconds,
+        actual_s=took,
         **train_cost_attrs(result),
     ).write(trial)
     ctx.tracker.end_trial(
@@ -479,6 +519,11 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
             "params": result.params,
             "time/wall_s": time.perf_counter() - started,
             "time/train_s": result.seconds,
+            # Planned (corrected) and measured seconds, whole and by part.
+            "time/estimate_s": planned["total"],
+            "time/actual_s": took["total"],
+            **{f"time/estimate_{k}_s": planned[k] for k in ("cache", "prepare")},
+            **{f"time/actual_{k}_s": took[k] for k in ("cache", "prepare")},
             **train_cost_metrics(result),
             "optuna/trial_number": trial.number,
         },
@@ -497,7 +542,8 @@ def _train(
     step_offset: int,
     rung: int | None,
 ) -> Any:
-    """Train ``candidate`` through the one code path retrain uses; log each epoch."""
+    """Train ``candidate`` through the one code path retrain uses; log each epoch. Returns
+    the result and the seconds spent getting the teacher cache (built, loaded or held)."""
     from autosplit.distill.run import train_candidate
 
     def on_epoch_end(stats: EpochStats) -> None:
@@ -515,9 +561,11 @@ def _train(
             },
         )
 
+    cache_started = time.perf_counter()
     source = ctx.teacher_source(taps, candidate)
+    cache_seconds = time.perf_counter() - cache_started
     try:
-        return train_candidate(
+        result = train_candidate(
             candidate,
             ctx.splits,
             ctx.teacher.model,
@@ -533,6 +581,7 @@ def _train(
         TrialAttrs(state="failed", error=str(exc)[:500]).write(trial)
         ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
+    return result, cache_seconds
 
 
 def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
@@ -1017,6 +1066,9 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     report = SearchReport(ctx.tracker, ctx.study_name, ctx.max_flops, ctx.front_cost)
 
     def refresh(study: optuna.Study, _trial: Any) -> None:
+        # The final stage's cost from what the search measured: the search phase leaves it
+        # that much (``SearchContext.search_fits``), not the plan's guess.
+        ctx.measured_reserve = final_reserve_measured(study, ctx)
         stats = studies.records(study)
         report.front(search_records(stats))
         ctx.tracker.log_search_cost(
@@ -1103,53 +1155,185 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
     return chosen
 
 
-def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
-    """Enqueue (member, seed) jobs not yet done or waiting; seeds in the outer loop, so a short
-    time limit still gives every member its first seed. Returns the members."""
+def best_finalist(study: optuna.Study, finalists: list[int]) -> int | None:
+    """The search's best member among ``finalists``: the highest rung reached, then the most
+    accurate there (then the earlier trial)."""
+    rungs = {
+        t.number: TrialAttrs.read(t).rungs or []
+        for t in study.get_trials(deepcopy=False)
+        if t.number in finalists
+    }
+    if not rungs:
+        return None
+    return max(
+        rungs, key=lambda n: (len(rungs[n]), rungs[n][-1]["val_acc"] if rungs[n] else 0.0, -n)
+    )
+
+
+def final_plan(study: optuna.Study, ctx: SearchContext) -> list[tuple[int, int, str]]:
+    """The final stage's jobs in the order they run: (member, seed index, role).
+
+    The comparison a user comes for first: for each seed, the search's best member and every
+    finished baseline ("best", "baseline"); then the other finalists ("extra"), seeds in the
+    outer loop. Under a short limit the extras and then the later seeds are what is left out
+    (``round_needs``), never the best member or a baseline at the first seed.
+    """
     final = ctx.final
     if final is None:
         return []
     finalists = choose_finalists(study, ctx, ctx.finalists or final.top_k)
-    trials = study.get_trials(deepcopy=False)
+    best = best_finalist(study, finalists)
     # Only baselines that have finished (and so recorded their candidate): another worker's
     # may still be running; that worker enqueues it when its own search phase ends.
-    attrs_of = {t.number: TrialAttrs.read(t) for t in trials}
-    done = {
-        t.number
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and attrs_of[t.number].candidate is not None
-    }
     baselines = [
         t.number
-        for t in trials
+        for t in study.get_trials(deepcopy=False)
         if _is_search_trial(t)
-        and attrs_of[t.number].baseline
-        and attrs_of[t.number].rungs
-        and t.number in done
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and (a := TrialAttrs.read(t)).baseline
+        and a.rungs
+        and a.candidate is not None
     ]
-    members = finalists + [b for b in baselines if b not in finalists]
+    comparison = ([best] if best is not None else []) + baselines
+    extras = [m for m in finalists if m != best and m not in baselines]
+    seeds = range(ctx.final_seeds or final.seeds)
+    jobs = [(m, s, "best" if m == best else "baseline") for s in seeds for m in comparison]
+    return jobs + [(m, s, "extra") for s in seeds for m in extras]
+
+
+def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
+    """Enqueue the (member, seed) jobs of ``final_plan`` not yet done or waiting, in its
+    order, each with its planned cost. Returns the members."""
+    jobs = final_plan(study, ctx)
+    if ctx.final is None:
+        return []
+    trials = study.get_trials(deepcopy=False)
+    attrs_of = {t.number: TrialAttrs.read(t) for t in trials}
     have = {
         (attrs_of[t.number].member, attrs_of[t.number].seed)
         for t in trials
         if attrs_of[t.number].stage == "final" and t.state != TrialState.FAIL
     }
     by_number = {t.number: t for t in trials}
-    for seed in range(ctx.final_seeds or final.seeds):
-        for member in members:
-            if (member, seed) not in have:
-                job = TrialAttrs(
-                    stage="final",
-                    member=member,
-                    seed=seed,
-                    baseline=attrs_of[member].baseline or None,
-                )
-                study.enqueue_trial(by_number[member].params, user_attrs=job.user_attrs())
+    for member, seed, role in jobs:
+        if (member, seed) not in have:
+            estimate = job_estimate(ctx, by_number, member, seed)
+            job = TrialAttrs(
+                stage="final",
+                member=member,
+                seed=seed,
+                role=role,
+                baseline=attrs_of[member].baseline or None,
+                estimate_s=estimate.as_dict(),
+            )
+            study.enqueue_trial(by_number[member].params, user_attrs=job.user_attrs())
+    members = list(dict.fromkeys(m for m, _s, _r in jobs))
     # A union: a worker that ends its search later may add a finalist the first one missed.
     known = list(StudyAttrs.read(study).final_members or [])
     members = known + [m for m in members if m not in known]
     StudyAttrs(final_members=members).write(study)
     return members
+
+
+def final_candidate(ctx: SearchContext, of_member: TrialAttrs, seed_index: int) -> Candidate:
+    """The member's candidate at the final fidelity, trained at its seed + ``seed_index``."""
+    from autosplit.distill.candidate import Candidate
+
+    final = ctx.final
+    assert final is not None
+    candidate = Candidate.from_dict(of_member.candidate)
+    if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
+        candidate = candidate.with_values({"structure.exit_threshold": None})
+    return at_fidelity(candidate, Rung(ctx.final_epochs or final.epochs, final.rows)).with_values(
+        {"train.seed": candidate.train.seed + seed_index}
+    )
+
+
+def job_estimate(
+    ctx: SearchContext, trials: dict[int, Any], member: int, seed_index: int
+) -> JobEstimate:
+    """The planned cost of final job (``member``, ``seed_index``) from the member's rungs
+    (``job_cost.estimate_job``); ``trials``: the study's, by number."""
+    from autosplit.distill.candidate import Candidate
+    from autosplit.distill.run import build_and_count
+
+    of_member = TrialAttrs.read(trials[member])
+    candidate = final_candidate(ctx, of_member, seed_index)
+    if member not in ctx.shapes:
+        distiller, _ = build_and_count(candidate, ctx.teacher.model, ctx.splits)
+        shape = (set(distiller.teacher_taps), len(distiller.stages()), distiller.prepare_passes)
+        ctx.shapes[member] = shape
+        del distiller
+    taps, n_stages, passes = ctx.shapes[member]
+    trained = Candidate.from_dict(of_member.candidate)
+    return estimate_job(
+        ctx,
+        candidate,
+        taps=taps,
+        n_stages=n_stages,
+        passes=passes,
+        # Each rung as the member trained it.
+        rungs=[
+            (at_fidelity(trained, Rung(int(r["epochs"]), r.get("rows"))), r)
+            for r in of_member.rungs or []
+        ],
+        flops=float(of_member.flops or ctx.max_flops),
+        study_prepare=prepare_rates(TrialAttrs.read(t).rungs or [] for t in trials.values()),
+    )
+
+
+def round_needs(
+    trials: list[Any], number: int, role: str | None, seed: int, estimate: JobEstimate
+) -> tuple[bool, float]:
+    """Whether final job ``number`` (``role``, ``seed``) belongs to a comparison round that
+    lost a job already, and the seconds (uncorrected) it needs to start: its own estimate plus
+    the waiting jobs it must not crowd out — for a comparison job, the rest of its seed's
+    comparison (the best member and the baselines train at equal seeds or that seed not at
+    all); for an extra member, every waiting comparison job. A teacher cache is counted once
+    and only while its file is not on disk."""
+    comparison = role in ("best", "baseline")
+    skipped = False
+    needs = estimate.train + estimate.prepare
+    caches = {estimate.cache_file: estimate.cache} if estimate.cache_file else {}
+    for t in trials:
+        other = TrialAttrs.read(t)
+        if t.number == number or other.stage != "final" or other.role not in ("best", "baseline"):
+            continue
+        if comparison and other.seed != seed:
+            continue
+        if other.state == "skipped":
+            skipped = skipped or comparison
+            continue
+        if t.state != TrialState.WAITING or other.estimate_s is None:
+            continue
+        waiting = JobEstimate.from_dict(other.estimate_s)
+        needs += waiting.train + waiting.prepare
+        if waiting.cache_file and not Path(waiting.cache_file).is_file():
+            caches.setdefault(waiting.cache_file, waiting.cache)
+    return skipped, needs + sum(caches.values())
+
+
+def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> float | None:
+    """The final stage's seconds as the search's measurements put them now: every job of
+    ``final_plan`` from its member's rungs (a cache counted once), and the plan's share for
+    the finalists not found yet. None before any member has measured a rung."""
+    final = ctx.final
+    if final is None or ctx.final_reserve <= 0:
+        return None
+    jobs = final_plan(study, ctx)
+    if not jobs:
+        return None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    seeds = ctx.final_seeds or final.seeds
+    wanted = (ctx.finalists or final.top_k) + len(ctx.space.settings.baselines)
+    members = {m for m, _s, _r in jobs}
+    total, caches = 0.0, {}
+    for member, seed, _role in jobs:
+        estimate = job_estimate(ctx, trials, member, seed)
+        total += estimate.train + estimate.prepare
+        caches.setdefault(estimate.cache_file, estimate.cache)
+    per_job = ctx.final_reserve / max(1, wanted * seeds)
+    return total + sum(caches.values()) + max(0, wanted - len(members)) * seeds * per_job
 
 
 def _waiting_final(study: optuna.Study) -> list[Any]:
@@ -1160,16 +1344,19 @@ def _waiting_final(study: optuna.Study) -> list[Any]:
     ]
 
 
-def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
+def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float | None]]:
     """Kendall tau between each rung's accuracy and the final stage's mean accuracy, over the
-    final members that reached the rung (``n`` of them)."""
+    final members that reached the rung: ``n`` of them, ``tau`` and its two-sided ``p``
+    (None below ``front.MIN_TAU_N`` members, or when the accuracies are all tied)."""
+    import math
+
     from scipy.stats import kendalltau
 
-    from autosplit.search.front import final_members
+    from autosplit.search.front import MIN_TAU_N, final_members
 
     members = final_members(studies.records(study), StudyAttrs.read(study).final_members)
     rungs_of = {t.number: TrialAttrs.read(t).rungs or [] for t in study.get_trials(deepcopy=False)}
-    out: dict[int, dict[str, float]] = {}
+    out: dict[int, dict[str, float | None]] = {}
     top = max((len(rungs_of.get(m.number, [])) for m in members), default=0)
     for rung in range(top):
         pairs = [
@@ -1177,9 +1364,12 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
             for m in members
             if len(rungs_of.get(m.number, [])) > rung
         ]
-        if len(pairs) >= 3:
-            tau = kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-            out[rung] = {"tau": float(tau), "n": float(len(pairs))}
+        tau = p = None
+        if len(pairs) >= MIN_TAU_N:
+            found = kendalltau([a for a, _ in pairs], [b for _, b in pairs])
+            if not math.isnan(found.statistic):
+                tau, p = float(found.statistic), float(found.pvalue)
+        out[rung] = {"tau": tau, "p": p, "n": float(len(pairs))}
     return out
 
 
