@@ -33,7 +33,13 @@ from autosplit.search import study as studies
 from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.budget import Budget
 from autosplit.search.front import Cost, search_records
-from autosplit.search.job_cost import JobEstimate, cache_estimate, estimate_job, prepare_rates
+from autosplit.search.job_cost import (
+    JobEstimate,
+    cache_estimate,
+    estimate_job,
+    job_overhead,
+    prepare_rates,
+)
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.report import SearchReport, search_note
@@ -81,6 +87,21 @@ class SearchContext:
     measured_reserve: float | None = None
     # Per final member: (teacher taps, stages, prepare passes) of its distiller.
     shapes: dict[int, tuple[set[str], int, int]] = field(default_factory=dict)
+    # Seconds each finished job cost beyond training and its cache, by "search" / "final"
+    # (``record_overhead``), and when the last one ended (``time.perf_counter``).
+    overheads: dict[str, list[float]] = field(default_factory=dict)
+    last_job_end: float | None = None
+
+    def record_overhead(self, kind: str, started: float, busy: float) -> float:
+        """A job that started at ``started`` has ended, ``busy`` of it training and building
+        its cache: note the rest, from the previous job's end (the study's ask, tell and
+        callbacks between them are paid too) or its own start. Returns its whole cycle."""
+        now = time.perf_counter()
+        since = self.last_job_end if self.last_job_end is not None else started
+        cycle = now - min(since, started)
+        self.overheads.setdefault(kind, []).append(max(0.0, cycle - busy))
+        self.last_job_end = now
+        return cycle
 
     @property
     def eta(self) -> int:
@@ -370,6 +391,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     wall = time.perf_counter() - started
     train_seconds = sum(r["seconds"] for r in reached)
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
+    ctx.record_overhead("search", started, train_seconds + sum(r["cache_seconds"] for r in reached))
     top = len(reached) == len(rungs)
     state = "complete" if top else "stopped"
     TrialAttrs(
@@ -489,16 +511,19 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     result, cache_took = _train(
         ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None
     )
+    if result.exit is not None:
+        candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
+    weights = _save_trial(ctx, trial.number, candidate, result)
+    # What the deadline pays for this job: from the previous job's end to this one's.
+    cycle = ctx.record_overhead("final", started, result.seconds + cache_took)
     took = {
         "train": round(result.seconds - result.prepare_seconds, 2),
         "prepare": round(result.prepare_seconds, 2),
         "cache": round(cache_took, 2),
-        "total": round(result.seconds + cache_took, 2),
+        "overhead": round(cycle - result.seconds - cache_took, 2),
+        "total": round(cycle, 2),
     }
     ctx.cost_model.observe("final", planned["total"], took["total"], fallback=False)
-    if result.exit is not None:
-        candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
-    weights = _save_trial(ctx, trial.number, candidate, result)
     TrialAttrs(
         state="complete",
         candidate=candidate.to_dict(),
@@ -522,8 +547,8 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
             # Planned (corrected) and measured seconds, whole and by part.
             "time/estimate_s": planned["total"],
             "time/actual_s": took["total"],
-            **{f"time/estimate_{k}_s": planned[k] for k in ("cache", "prepare")},
-            **{f"time/actual_{k}_s": took[k] for k in ("cache", "prepare")},
+            **{f"time/estimate_{k}_s": planned[k] for k in ("cache", "prepare", "overhead")},
+            **{f"time/actual_{k}_s": took[k] for k in ("cache", "prepare", "overhead")},
             **train_cost_metrics(result),
             "optuna/trial_number": trial.number,
         },
@@ -1279,6 +1304,7 @@ def job_estimate(
         ],
         flops=float(of_member.flops or ctx.max_flops),
         study_prepare=prepare_rates(TrialAttrs.read(t).rungs or [] for t in trials.values()),
+        overhead=job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds),
     )
 
 
@@ -1293,7 +1319,7 @@ def round_needs(
     and only while its file is not on disk."""
     comparison = role in ("best", "baseline")
     skipped = False
-    needs = estimate.train + estimate.prepare
+    needs = estimate.train + estimate.prepare + estimate.overhead
     caches = {estimate.cache_file: estimate.cache} if estimate.cache_file else {}
     for t in trials:
         other = TrialAttrs.read(t)
@@ -1307,7 +1333,7 @@ def round_needs(
         if t.state != TrialState.WAITING or other.estimate_s is None:
             continue
         waiting = JobEstimate.from_dict(other.estimate_s)
-        needs += waiting.train + waiting.prepare
+        needs += waiting.train + waiting.prepare + waiting.overhead
         if waiting.cache_file and not Path(waiting.cache_file).is_file():
             caches.setdefault(waiting.cache_file, waiting.cache)
     return skipped, needs + sum(caches.values())
@@ -1330,7 +1356,7 @@ def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> float | N
     total, caches = 0.0, {}
     for member, seed, _role in jobs:
         estimate = job_estimate(ctx, trials, member, seed)
-        total += estimate.train + estimate.prepare
+        total += estimate.train + estimate.prepare + estimate.overhead
         caches.setdefault(estimate.cache_file, estimate.cache)
     per_job = ctx.final_reserve / max(1, wanted * seeds)
     return total + sum(caches.values()) + max(0, wanted - len(members)) * seeds * per_job
@@ -1427,6 +1453,7 @@ def run_search(
             _run_phase(options, ctx, study_name, storage_url, tracker, "search")
         if options.final_stage and ctx.final is not None:
             enqueue_final_stage(study, ctx)
+            ctx.last_job_end = None  # the final stage's first job counts from its own start
             if _waiting_final(study):
                 _run_phase(options, ctx, study_name, storage_url, tracker, "final")
     except KeyboardInterrupt:

@@ -35,15 +35,19 @@ class JobEstimate:
     cache: float = 0.0  # building the teacher cache the job reads
     cache_file: str = ""  # where that cache lives once built ("" when none is needed)
     source: str = "rungs"  # "rungs": from the member's measurements; "model": throughput model
+    # What a job costs around its training (build, FLOPs count, MLflow run, checkpoint, the
+    # study's ask and tell): the median measured over finished jobs (``job_overhead``).
+    overhead: float = 0.0
 
     def total(self, *, cache_ready: bool = False) -> float:
-        return self.train + self.prepare + (0.0 if cache_ready else self.cache)
+        return self.train + self.prepare + self.overhead + (0.0 if cache_ready else self.cache)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "train": round(self.train, 2),
             "prepare": round(self.prepare, 2),
             "cache": round(self.cache, 2),
+            "overhead": round(self.overhead, 2),
             "total": round(self.total(), 2),
             "cache_file": self.cache_file,
             "source": self.source,
@@ -57,6 +61,7 @@ class JobEstimate:
             cache=float(stored.get("cache", 0.0)),
             cache_file=str(stored.get("cache_file", "")),
             source=str(stored.get("source", "rungs")),
+            overhead=float(stored.get("overhead", 0.0)),
         )
 
 
@@ -111,6 +116,7 @@ def estimate_job(
     rungs: Sequence[tuple[Candidate, Mapping[str, Any]]],
     flops: float,
     study_prepare: Sequence[tuple[float, float]] = (),
+    overhead: float = 0.0,
 ) -> JobEstimate:
     """The cost of training ``candidate`` (a member at the final fidelity) here, from the
     member's measured ``rungs``: each as (the candidate it trained, its record in
@@ -141,7 +147,15 @@ def estimate_job(
             rate = train / final_images
         prepare = rate * passes * images_per_epoch(rows, candidate.train.batch_size)
     cache, path = cache_estimate(ctx, candidate, taps)
-    return JobEstimate(train, prepare, cache, path, source)
+    return JobEstimate(train, prepare, cache, path, source, overhead)
+
+
+def job_overhead(overheads: Mapping[str, Sequence[float]], default: float) -> float:
+    """Seconds a final job costs beyond training and its cache: the median measured over the
+    final jobs finished so far, else over the search's trials (whose cycle also holds the
+    front's refresh: an upper bound), else ``default``."""
+    seen = overheads.get("final") or overheads.get("search")
+    return statistics.median(seen) if seen else default
 
 
 def cache_estimate(ctx: SearchContext, candidate: Candidate, taps: set[str]) -> tuple[float, str]:

@@ -146,6 +146,7 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
         # The job took what was planned, in the fake clock's seconds.
         clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
         ctx.cost_model.ratios.clear()
+        ctx.overheads.clear()
 
     done = {
         (a.member, a.seed): a.state
@@ -207,7 +208,13 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
     assert estimate.prepare == pytest.approx(1.5 / coder0 * 30 * images_per_epoch(rows1, 64))
     cache_file = Path(estimate.cache_file)
     assert estimate.cache > 0 and not cache_file.is_file()
-    assert estimate.total() == pytest.approx(estimate.train + estimate.prepare + estimate.cache)
+    # Around the training, a job costs what finished jobs cost beyond theirs: none has yet.
+    assert estimate.overhead == ctx.cost_model.fixed_seconds
+    assert estimate.total() == pytest.approx(
+        estimate.train + estimate.prepare + estimate.cache + estimate.overhead
+    )
+    ctx.overheads["search"] = [0.5, 0.7, 3.0]
+    assert job_estimate(ctx, trials, number, 1).overhead == 0.7  # their median
 
     # The same measurements without an auto-encoder to build: no prepare part.
     single = add_member(
@@ -226,7 +233,7 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
     try:
         again = job_estimate(ctx, trials, number, 1)
         assert again.cache == 0.0
-        assert again.total() == pytest.approx(estimate.train + estimate.prepare)
+        assert again.total() == pytest.approx(estimate.train + estimate.prepare + 0.7)
     finally:
         cache_file.unlink()
     assert dataclasses.asdict(again)["source"] == "rungs"
