@@ -94,10 +94,12 @@ class SearchContext:
 
     def record_overhead(self, kind: str, started: float, busy: float) -> float:
         """A job that started at ``started`` has ended, ``busy`` of it training and building
-        its cache: note the rest, from the previous job's end (the study's ask, tell and
-        callbacks between them are paid too) or its own start. Returns its whole cycle."""
+        its cache: note the rest, for a final job from the previous job's end (the study's
+        ask, tell and gc between them are paid too), for a search trial from its own start
+        (between trials the search also redraws its front, which the final stage does not).
+        Returns the job's whole cycle."""
         now = time.perf_counter()
-        since = self.last_job_end if self.last_job_end is not None else started
+        since = self.last_job_end if self.last_job_end is not None and kind == "final" else started
         cycle = now - min(since, started)
         self.overheads.setdefault(kind, []).append(max(0.0, cycle - busy))
         self.last_job_end = now
@@ -122,8 +124,8 @@ class SearchContext:
         does, and leave the final stage its share as corrected by the jobs finished so far (on
         a machine slower than measured, the search phase ends earlier)."""
         final = self.final_reserve * self.cost_model.correction("final")
-        if self.measured_reserve is not None:
-            final = self.measured_reserve * self.cost_model.correction("final", fallback=False)
+        if self.measured_reserve is not None:  # measured here: no correction factor
+            final = self.measured_reserve
         return self.search_deadline.fits(seconds) and self.deadline.fits(seconds + final)
 
     def rungs(self, candidate: Candidate) -> list[Rung]:
@@ -488,15 +490,12 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     taps = set(distiller.teacher_taps)
     ctx.shapes[member_number] = (taps, len(distiller.stages()), distiller.prepare_passes)
     del distiller
+    # Afresh: a cache an earlier job built costs nothing now, and overheads were measured.
     estimate = job_estimate(ctx, {t.number: t for t in others}, member_number, seed_index)
-    if Path(estimate.cache_file).is_file():  # built by an earlier job since it was enqueued
-        estimate = dataclasses.replace(estimate, cache=0.0)
-    correction = ctx.cost_model.correction("final", fallback=False)
-    planned = {**estimate.as_dict(), "correction": round(correction, 3)}
-    planned["total"] = round(estimate.total() * correction, 2)
+    # No correction factor: the parts are measured here, the overhead by finished final jobs.
+    planned = estimate.as_dict()
     TrialAttrs(estimate_s=planned).write(trial)
     skipped_round, needs = round_needs(others, trial.number, job.role, seed_index, estimate)
-    needs *= correction
     if skipped_round or not ctx.deadline.fits(needs):
         TrialAttrs(state="skipped").write(trial)
         ctx.tracker.end_trial(run_id, state="pruned", metrics={"optuna/trial_number": trial.number})
@@ -523,7 +522,6 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         "overhead": round(cycle - result.seconds - cache_took, 2),
         "total": round(cycle, 2),
     }
-    ctx.cost_model.observe("final", planned["total"], took["total"], fallback=False)
     TrialAttrs(
         state="complete",
         candidate=candidate.to_dict(),
@@ -544,7 +542,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
             "params": result.params,
             "time/wall_s": time.perf_counter() - started,
             "time/train_s": result.seconds,
-            # Planned (corrected) and measured seconds, whole and by part.
+            # Planned and measured seconds, whole and by part.
             "time/estimate_s": planned["total"],
             "time/actual_s": took["total"],
             **{f"time/estimate_{k}_s": planned[k] for k in ("cache", "prepare", "overhead")},

@@ -75,17 +75,13 @@ class CostModel:
         raw = self.fixed_seconds + images / self.images_per_second(flops)
         return raw * self.correction(kind)
 
-    def correction(self, kind: str, *, fallback: bool = True) -> float:
-        """The median real/predicted ratio of finished jobs of ``kind``; with ``fallback``,
-        the trials' while no job of ``kind`` has finished. Estimates made from a member's own
-        measurements (``job_cost``) take no fallback: the trials' ratios correct the
-        throughput model, which those estimates do not use."""
-        seen = self.ratios.get(kind) or (self.ratios.get("trial") if fallback else None) or []
+    def correction(self, kind: str) -> float:
+        seen = self.ratios.get(kind) or self.ratios.get("trial") or []
         return statistics.median(seen) if seen else 1.0
 
-    def observe(self, kind: str, predicted: float, actual: float, *, fallback: bool = True) -> None:
+    def observe(self, kind: str, predicted: float, actual: float) -> None:
         """A finished job: remember how far off the (uncorrected) prediction was."""
-        base = predicted / self.correction(kind, fallback=fallback)
+        base = predicted / self.correction(kind)
         if base > 0 and actual > 0:
             self.ratios.setdefault(kind, []).append(actual / base)
 
