@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,7 +127,13 @@ class SearchContext:
         final = self.final_reserve * self.cost_model.correction("final")
         if self.measured_reserve is not None:  # measured here: no correction factor
             final = self.measured_reserve
-        return self.search_deadline.fits(seconds) and self.deadline.fits(seconds + final)
+        # The trial's work around its training (recording, MLflow, the front's refresh), as
+        # measured on the trials so far: on a loaded machine seconds per trial that the
+        # final stage would otherwise lose.
+        around = statistics.median(self.overheads["search"]) if self.overheads.get("search") else 0
+        return self.search_deadline.fits(seconds + around) and self.deadline.fits(
+            seconds + around + final
+        )
 
     def rungs(self, candidate: Candidate) -> list[Rung]:
         """The rungs a trial climbs: the space's, or the candidate's own training as one."""
@@ -1357,7 +1364,10 @@ def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> float | N
         total += estimate.train + estimate.prepare + estimate.overhead
         caches.setdefault(estimate.cache_file, estimate.cache)
     per_job = ctx.final_reserve / max(1, wanted * seeds)
-    return total + sum(caches.values()) + max(0, wanted - len(members)) * seeds * per_job
+    # Switching to the final stage (planning and enqueueing its jobs) costs about one job's
+    # overhead more.
+    switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
+    return total + sum(caches.values()) + max(0, wanted - len(members)) * seeds * per_job + switch
 
 
 def _waiting_final(study: optuna.Study) -> list[Any]:

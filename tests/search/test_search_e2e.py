@@ -123,6 +123,18 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
         t.user_attrs["autosplit.run_id"] for t in final_trials
     }
     assert "final/best_val_acc_mean" in parents[0].data.metrics
+    # The comparison (best member and the three baselines) over the final seeds, its margin on
+    # the parent, and every final job's planned and measured seconds on its run.
+    parent = client.get_run(parents[0].info.run_id)
+    assert "final/margin_delta" in parent.data.metrics
+    assert "margin of the search's best" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["final/kendall_n_rung0"] >= 1
+    roles = sorted(t.user_attrs["autosplit.role"] for t in final_trials)
+    assert roles.count("baseline") == 3 * len(
+        {t.user_attrs["autosplit.seed"] for t in final_trials}
+    )
+    for run in finals:
+        assert run.data.metrics["time/estimate_s"] > 0 and run.data.metrics["time/actual_s"] > 0
 
 
 def test_export_then_retrain_reproduces_the_trial(searched, capsys):
