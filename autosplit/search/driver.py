@@ -38,8 +38,10 @@ from autosplit.search.job_cost import (
     JobEstimate,
     cache_estimate,
     estimate_job,
+    extrapolate,
     job_overhead,
     prepare_rates,
+    work_images,
 )
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
@@ -350,8 +352,25 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
         estimate = ctx.estimate(at, flops.worst_case, kind="trial", n_stages=n_stages)
+        if reached:  # above the first rung: from this trial's own rungs, as a final job is
+            estimate = (
+                extrapolate(
+                    [(r["work"], r["seconds"] - r["prepare_seconds"]) for r in reached],
+                    _work(ctx, at, n_stages),
+                )
+                or estimate
+            )
         cache_seconds = cache_estimate(ctx, at, taps)[0]  # built before the rung trains
         if not ctx.search_fits(estimate + cache_seconds):
+            log.info(
+                "trial %d stops before rung %d: ~%.1f s would leave the final stage less than "
+                "its %.0f s (%.0f s left)",
+                trial.number,
+                index,
+                estimate + cache_seconds,
+                ctx.measured_reserve if ctx.measured_reserve is not None else ctx.final_reserve,
+                ctx.deadline.remaining(),
+            )
             stop_reason = "time"
             break
         outcome, cache_took = _train(
@@ -378,6 +397,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 "prepare_images": outcome.prepare_images,
                 "cache_seconds": round(cache_took, 2),
                 "estimate_s": round(estimate + cache_seconds, 2),
+                "work": _work(ctx, at, n_stages),
             }
         )
         TrialAttrs(rungs=reached).write(trial)
@@ -612,6 +632,17 @@ def _train(
         ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
         raise
     return result, cache_seconds
+
+
+def _work(ctx: SearchContext, candidate: Candidate, n_stages: int) -> float:
+    """Images ``candidate``'s training works through (``job_cost.work_images``)."""
+    from autosplit.distill.run import stage_epochs
+
+    return work_images(
+        stage_epochs(candidate.train, n_stages),
+        train_rows(candidate, ctx.splits),
+        len(ctx.splits.val),
+    )
 
 
 def _build_or_smallest(candidate: Any, ctx: SearchContext) -> tuple[Any, Any]:
@@ -1110,6 +1141,12 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
                 "infeasible": sum(r.state == "infeasible" for r in stats),
                 "cache_hits": ctx.cost["cache_hits"],
                 "cache_builds": ctx.cost["cache_builds"],
+                # What the search phase leaves the final stage, as measured so far.
+                **(
+                    {"final_reserve_s": ctx.measured_reserve}
+                    if ctx.measured_reserve is not None
+                    else {}
+                ),
             }
         )
 
