@@ -202,7 +202,7 @@ def _cache_args(
     )
 
 
-def teacher_cache_exists(
+def teacher_cache_file(
     candidate: Any,
     teacher_key: str,
     splits: Any,
@@ -210,8 +210,8 @@ def teacher_cache_exists(
     *,
     views: int = 1,
     taps: set[str] | None = None,
-) -> bool:
-    """Whether :func:`teacher_cache_for` would load its outputs from disk (no teacher pass)."""
+) -> Path:
+    """The file :func:`teacher_cache_for` reads, or writes on a miss."""
     args = _cache_args(candidate, teacher_key, splits, views=views, taps=taps or set())
     key = cache_key(
         teacher_key=args["teacher_key"],
@@ -223,7 +223,22 @@ def teacher_cache_exists(
         seed=args["seed"],
         fp16=args["fp16"],
     )
-    return (Path(runs_dir) / "cache" / f"{key}.pt").is_file()
+    return Path(runs_dir) / "cache" / f"{key}.pt"
+
+
+def teacher_cache_exists(
+    candidate: Any,
+    teacher_key: str,
+    splits: Any,
+    runs_dir: str | Path,
+    *,
+    views: int = 1,
+    taps: set[str] | None = None,
+) -> bool:
+    """Whether :func:`teacher_cache_for` would load its outputs from disk (no teacher pass)."""
+    return teacher_cache_file(
+        candidate, teacher_key, splits, runs_dir, views=views, taps=taps
+    ).is_file()
 
 
 def teacher_cache_for(

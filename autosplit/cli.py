@@ -159,7 +159,7 @@ def _space_and_budget(args: argparse.Namespace):
 
 def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.budget import parse_duration
-    from autosplit.search.driver import SearchOptions, proxy_fidelity, run_search
+    from autosplit.search.driver import SearchOptions, run_search
     from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
 
     _check_search_paths(args)
@@ -213,12 +213,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     study, ctx = run_search(options, tracker=tracker)
     print()
     print(_front_text(study, rung=None))
-    tau = proxy_fidelity(study)
-    if tau:
-        print(
-            "proxy fidelity (Kendall tau, rung accuracy vs final accuracy over the finalists): "
-            + ", ".join(f"rung {k}: {v['tau']:+.2f} (n={int(v['n'])})" for k, v in tau.items())
-        )
+    for line in _final_summary(study):
+        print(line)
+    for line in _job_costs(study):
+        print(line)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     print(
@@ -306,9 +304,48 @@ def cmd_front(args: argparse.Namespace) -> int:
         fix = f"run autosplit export --study-name {name} first, or pass --export DIR"
         extra = front_columns(folder, name, fix=fix)
     print(_front_text(study, rung=args.rung, extra=extra))
+    if args.rung is None:
+        for line in _final_summary(study):
+            print(line)
     uri = _study_tracking_uri(args, study)
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
     return 0
+
+
+def _final_summary(study: Any) -> list[str]:
+    """Under the final front: the best member's margin over the best baseline at equal seeds,
+    and each rung's Kendall τ against the final stage (or why there is none)."""
+    from autosplit.search.driver import proxy_fidelity
+    from autosplit.search.front import final_members, margin_line, tau_lines
+    from autosplit.search.study import records, study_info
+
+    members = final_members(records(study), study_info(study).final_members)
+    if not members:
+        return []
+    return [margin_line(members), *tau_lines(proxy_fidelity(study))]
+
+
+def _job_costs(study: Any) -> list[str]:
+    """Each final-stage job's planned seconds against what it took (skipped ones: planned)."""
+    from autosplit.search.attrs import TrialAttrs
+
+    lines = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = TrialAttrs.read(trial)
+        if attrs.stage != "final" or attrs.estimate_s is None or attrs.state == "duplicate":
+            continue
+        planned = float(attrs.estimate_s["total"])
+        if attrs.actual_s is not None:
+            actual = float(attrs.actual_s["total"])
+            off = f" ({100 * (actual - planned) / planned:+.0f} %)" if planned > 0 else ""
+            took = f"took {actual:.1f} s{off}"
+        else:
+            took = attrs.state or "not run"
+        lines.append(
+            f"  final job {trial.number}: member {attrs.member} seed {attrs.seed} "
+            f"({attrs.role or '-'}, {attrs.label}): planned {planned:.1f} s, {took}"
+        )
+    return ["final jobs, planned vs actual:", *lines] if lines else []
 
 
 def _front_text(study: Any, *, rung: int | None, extra: Any = None) -> str:
@@ -464,11 +501,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         mean, sd = config.result["val_acc_mean"], config.result["val_acc_sd"]
         tolerance = max(sd, 0.5)
         verdict = "within" if abs(outcome["val_acc"] - mean) <= tolerance else "OUTSIDE"
-        print(
-            f"final stage measured val {mean:.2f} ± {sd:.2f}% over "
-            f"{len(config.result.get('seeds', []))} seeds; this run is {verdict} "
-            f"{tolerance:.2f} pt of it"
-        )
+        n_seeds = len(config.result.get("seeds", []))
+        spread = f"{mean:.2f}% over 1 seed" if n_seeds == 1 else f"{mean:.2f} ± {sd:.2f}% over "
+        spread += "" if n_seeds == 1 else f"{n_seeds} seeds"
+        print(f"final stage measured val {spread}; this run is {verdict} {tolerance:.2f} pt of it")
     elif "val_acc" in config.result:
         print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
     if args.out:

@@ -300,6 +300,8 @@ class _Entry:
 
 def _pm(result: dict[str, Any], which: str) -> str:
     if f"{which}_acc_mean" in result:
+        if len(result.get(f"{which}_accs") or result.get("seeds") or ()) == 1:
+            return f"{result[f'{which}_acc_mean']:.2f}% (1 seed)"  # no spread, not "± 0.00"
         return f"{result[f'{which}_acc_mean']:.2f} ± {result[f'{which}_acc_sd']:.2f}%"
     return f"{result[f'{which}_acc']:.2f}%"
 

@@ -119,10 +119,18 @@ class Part(nn.Module):
         own = [p for p in self.parameters() if p.requires_grad]
         return {self.home_stage: own} if own else {}
 
+    @property
+    def prepare_passes(self) -> int:
+        """Passes over the training rows ``prepare`` makes when it has work to do (a search
+        plans a job's cost from it: IE-KD's auto-encoder epochs); 0 for none."""
+        return 0
+
     def prepare(
         self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
-    ) -> None:
-        """Work before training (e.g. pre-train a frozen teacher auto-encoder)."""
+    ) -> int:
+        """Work before training (e.g. pre-train a frozen teacher auto-encoder). Returns the
+        images that work trained over (0: none, or reused from earlier in the process)."""
+        return 0
 
 
 @FEATURE_LOSSES.register("none")
@@ -328,11 +336,17 @@ class Distiller(nn.Module):
             taps |= part.teacher_taps
         return taps
 
+    @property
+    def prepare_passes(self) -> int:
+        return sum(part.prepare_passes for part in self.parts.values())
+
     def prepare(
         self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
-    ) -> None:
-        for part in self.parts.values():
-            part.prepare(teacher_source, train_loader, runtime)
+    ) -> int:
+        """Every part's work before training; the images it trained over."""
+        return sum(
+            part.prepare(teacher_source, train_loader, runtime) for part in self.parts.values()
+        )
 
     # -- stages --------------------------------------------------------------------------------
 

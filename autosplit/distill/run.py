@@ -70,6 +70,10 @@ class CandidateResult:
     train_cost: float  # train_images over the images one joint run of train.epochs sees
     exit: ExitChoice | None = None  # res_chain only
     calibration: ExitChoice | None = None  # the gate on the calibration split (None: pinned)
+    # The distiller's work before training (IE-KD's teacher auto-encoder), part of ``seconds``:
+    # a search plans later jobs from it apart from the training's time per image.
+    prepare_seconds: float = 0.0
+    prepare_images: int = 0  # images that work trained over (0: none, or reused)
 
     @property
     def train_flops(self) -> float:
@@ -211,7 +215,9 @@ def train_candidate(
         first_row=held,
     )
     val_loader = eval_loader(splits.val, splits.info, runtime.device)
-    distiller.prepare(teacher_source, train_loader, runtime)
+    prepare_started = time.perf_counter()
+    prepare_images = distiller.prepare(teacher_source, train_loader, runtime)
+    prepare_seconds = time.perf_counter() - prepare_started
 
     stages = distiller.stages()
     epochs = stage_epochs(cfg, len(stages))
@@ -263,6 +269,8 @@ def train_candidate(
         train_cost=sum(epochs) / cfg.epochs,
         exit=choice,
         calibration=calibration,
+        prepare_seconds=prepare_seconds,
+        prepare_images=int(prepare_images),
     )
 
 

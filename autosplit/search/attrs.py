@@ -82,6 +82,9 @@ class TrialAttrs(_Attrs):
     baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial
     member: int | None = None  # final: the search trial this job retrains
     seed: int | None = None  # final: the seed index (it trains at the member's seed + this)
+    # final: "best" (the search's best member) or "baseline" — the comparison, trained for
+    # every seed before any "extra" member — or "extra" (another finalist).
+    role: str | None = None
     retry_of: int | None = None  # the interrupted trial this one re-runs
     sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
     portfolio: str | None = None  # the method recipe ("rkd", …) a warm-start trial trains
@@ -112,6 +115,10 @@ class TrialAttrs(_Attrs):
     train_images: int | None = None
     train_flops: float | None = None
     train_cost: float | None = None
+    # final: the job's planned seconds by part (``job_cost.JobEstimate.as_dict``: train,
+    # prepare, cache, total) and what it took (same parts; total = cache build + training).
+    estimate_s: dict[str, Any] | None = None
+    actual_s: dict[str, Any] | None = None
 
     def run_tags(self) -> dict[str, str]:
         """The tags of the trial's MLflow run: what the trial is, under the same keys."""
@@ -203,6 +210,15 @@ class TrialMetrics:
     train_cost: float | None = None
     trial_number: int | None = None
     overhead_seconds: float | None = None
+    # Planned and measured seconds of the job (whole, and a final job's parts).
+    estimate_seconds: float | None = None
+    actual_seconds: float | None = None
+    estimate_cache_seconds: float | None = None
+    estimate_prepare_seconds: float | None = None
+    estimate_overhead_seconds: float | None = None
+    actual_cache_seconds: float | None = None
+    actual_prepare_seconds: float | None = None
+    actual_overhead_seconds: float | None = None
 
     @staticmethod
     def name(field: str) -> str:
@@ -231,4 +247,12 @@ METRIC_NAMES = {
     "train_cost": "train/cost_x",
     "trial_number": "optuna/trial_number",
     "overhead_seconds": "time/overhead_s",
+    "estimate_seconds": "time/estimate_s",
+    "actual_seconds": "time/actual_s",
+    "estimate_cache_seconds": "time/estimate_cache_s",
+    "estimate_prepare_seconds": "time/estimate_prepare_s",
+    "estimate_overhead_seconds": "time/estimate_overhead_s",
+    "actual_cache_seconds": "time/actual_cache_s",
+    "actual_prepare_seconds": "time/actual_prepare_s",
+    "actual_overhead_seconds": "time/actual_overhead_s",
 }

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,15 @@ from autosplit.search import study as studies
 from autosplit.search.attrs import PRECISION_PARAM, StudyAttrs, TrialAttrs, TrialMetrics
 from autosplit.search.budget import Budget
 from autosplit.search.front import Cost, search_records
+from autosplit.search.job_cost import (
+    JobEstimate,
+    cache_estimate,
+    estimate_job,
+    extrapolate,
+    job_overhead,
+    prepare_rates,
+    work_images,
+)
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.report import SearchReport, search_note
@@ -87,6 +97,29 @@ class SearchContext:
 
         return sha256_file(self.teacher.path)
 
+    # The final stage's cost as the search's measurements put it (``final_reserve_measured``),
+    # once a search trial has finished; until then the plan's ``final_reserve``.
+    measured_reserve: float | None = None
+    # Per final member: (teacher taps, stages, prepare passes) of its distiller.
+    shapes: dict[int, tuple[set[str], int, int]] = field(default_factory=dict)
+    # Seconds each finished job cost beyond training and its cache, by "search" / "final"
+    # (``record_overhead``), and when the last one ended (``time.perf_counter``).
+    overheads: dict[str, list[float]] = field(default_factory=dict)
+    last_job_end: float | None = None
+
+    def record_overhead(self, kind: str, started: float, busy: float) -> float:
+        """A job that started at ``started`` has ended, ``busy`` of it training and building
+        its cache: note the rest, for a final job from the previous job's end (the study's
+        ask, tell and gc between them are paid too), for a search trial from its own start
+        (between trials the search also redraws its front, which the final stage does not).
+        Returns the job's whole cycle."""
+        now = time.perf_counter()
+        since = self.last_job_end if self.last_job_end is not None and kind == "final" else started
+        cycle = now - min(since, started)
+        self.overheads.setdefault(kind, []).append(max(0.0, cycle - busy))
+        self.last_job_end = now
+        return cycle
+
     @property
     def eta(self) -> int:
         return self.space.settings.fidelity.eta
@@ -106,7 +139,15 @@ class SearchContext:
         does, and leave the final stage its share as corrected by the jobs finished so far (on
         a machine slower than measured, the search phase ends earlier)."""
         final = self.final_reserve * self.cost_model.correction("final")
-        return self.search_deadline.fits(seconds) and self.deadline.fits(seconds + final)
+        if self.measured_reserve is not None:  # measured here: no correction factor
+            final = self.measured_reserve
+        # The trial's work around its training (recording, MLflow, the front's refresh), as
+        # measured on the trials so far: on a loaded machine seconds per trial that the
+        # final stage would otherwise lose.
+        around = statistics.median(self.overheads["search"]) if self.overheads.get("search") else 0
+        return self.search_deadline.fits(seconds + around) and self.deadline.fits(
+            seconds + around + final
+        )
 
     def rungs(self, candidate: Candidate) -> list[Rung]:
         """The rungs a trial climbs: the space's, or the candidate's own training as one."""
@@ -148,6 +189,7 @@ class SearchContext:
         else:
             # One cache in memory at a time: a final stage's full-data cache is large.
             self.caches.clear()
+            started = time.perf_counter()
             cache = teacher_cache_for(
                 candidate,
                 self.teacher,
@@ -158,6 +200,12 @@ class SearchContext:
                 taps=taps,
             )
             self.cost["cache_hits" if cache.hit else "cache_builds"] += 1
+            if not cache.hit:  # the teacher's forward time here, for later jobs' estimates
+                views = self.space.settings.teacher_views if augment else 1
+                self.cost["cache_seconds"] = self.cost.get("cache_seconds", 0.0) + (
+                    time.perf_counter() - started
+                )
+                self.cost["cache_images"] = self.cost.get("cache_images", 0.0) + key[1] * views
             self.caches[key] = cache
         return self.caches[key]
 
@@ -324,10 +372,28 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
         estimate = ctx.estimate(at, flops.worst_case, kind="trial", n_stages=n_stages)
-        if not ctx.search_fits(estimate):
+        if reached:  # above the first rung: from this trial's own rungs, as a final job is
+            estimate = (
+                extrapolate(
+                    [(r["work"], r["seconds"] - r["prepare_seconds"]) for r in reached],
+                    _work(ctx, at, n_stages),
+                )
+                or estimate
+            )
+        cache_seconds = cache_estimate(ctx, at, taps)[0]  # built before the rung trains
+        if not ctx.search_fits(estimate + cache_seconds):
+            log.info(
+                "trial %d stops before rung %d: ~%.1f s would leave the final stage less than "
+                "its %.0f s (%.0f s left)",
+                trial.number,
+                index,
+                estimate + cache_seconds,
+                ctx.measured_reserve if ctx.measured_reserve is not None else ctx.final_reserve,
+                ctx.deadline.remaining(),
+            )
             stop_reason = "time"
             break
-        outcome = _train(
+        outcome, cache_took = _train(
             ctx,
             trial,
             at,
@@ -346,6 +412,12 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 "val_acc": outcome.val_acc,
                 "seconds": round(outcome.seconds, 2),
                 "expected_flops": outcome.expected_flops,
+                # What the final stage plans this member's jobs from (``job_cost``).
+                "prepare_seconds": round(outcome.prepare_seconds, 2),
+                "prepare_images": outcome.prepare_images,
+                "cache_seconds": round(cache_took, 2),
+                "estimate_s": round(estimate + cache_seconds, 2),
+                "work": _work(ctx, at, n_stages),
             }
         )
         TrialAttrs(rungs=reached).write(trial)
@@ -370,6 +442,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     wall = time.perf_counter() - started
     train_seconds = sum(r["seconds"] for r in reached)
     ctx.cost["train_seconds"] = ctx.cost.get("train_seconds", 0.0) + train_seconds
+    ctx.record_overhead("search", started, train_seconds + sum(r["cache_seconds"] for r in reached))
     top = len(reached) == len(rungs)
     state = "complete" if top else "stopped"
     TrialAttrs(
@@ -395,6 +468,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
             wall_seconds=wall,
             train_seconds=train_seconds,
             **train_cost_attrs(result),
+            estimate_seconds=sum(r["estimate_s"] for r in reached),
+            actual_seconds=sum(r["seconds"] + r["cache_seconds"] for r in reached),
             trial_number=trial.number,
             overhead_seconds=overhead + (time.perf_counter() - record_started),
         ).logged(),
@@ -411,9 +486,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
 
 def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     """The final stage: one member of the front (or a baseline) trained at the final fidelity
-    with one seed."""
-    from autosplit.distill.candidate import Candidate
-
+    with one seed, if it fits in the time left together with the comparison jobs it must not
+    crowd out (``round_needs``)."""
     started = time.perf_counter()
     TrialAttrs(
         worker=studies.worker_id(),
@@ -446,14 +520,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         ctx.max_flops,
         overrides=ctx.space.overrides(baseline=baseline, portfolio=of_member.portfolio),
     )
-    final = ctx.final
-    assert final is not None
-    candidate = Candidate.from_dict(of_member.candidate)
-    if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
-        candidate = candidate.with_values({"structure.exit_threshold": None})
-    candidate = at_fidelity(
-        candidate, Rung(ctx.final_epochs or final.epochs, final.rows)
-    ).with_values({"train.seed": candidate.train.seed + seed_index})
+    candidate = final_candidate(ctx, of_member, seed_index)
     label = of_member.label or ""
     flops = of_member.flops
     TrialAttrs(label=label, flops=flops, baseline=baseline, params=of_member.params).write(trial)
@@ -474,20 +541,43 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     from autosplit.distill.run import build_and_count
 
     distiller, counted = build_and_count(candidate, ctx.teacher.model, ctx.splits)
-    taps, n_stages = set(distiller.teacher_taps), len(distiller.stages())
+    taps = set(distiller.teacher_taps)
+    ctx.shapes[member_number] = (taps, len(distiller.stages()), distiller.prepare_passes)
     del distiller
-    estimate = ctx.estimate(candidate, flops, kind="final", n_stages=n_stages)
-    if not ctx.deadline.fits(estimate):
+    # Afresh: a cache an earlier job built costs nothing now, and overheads were measured.
+    estimate = job_estimate(ctx, {t.number: t for t in others}, member_number, seed_index)
+    # No correction factor: the parts are measured here, the overhead by finished final jobs.
+    planned = estimate.as_dict()
+    TrialAttrs(estimate_s=planned).write(trial)
+    skipped_round, needs = round_needs(others, trial.number, job.role, seed_index, estimate)
+    if skipped_round or not ctx.deadline.fits(needs):
         TrialAttrs(state="skipped").write(trial)
         ctx.tracker.end_trial(
             run_id, state="pruned", metrics=TrialMetrics(trial_number=trial.number).logged()
         )
+        why = (
+            f"a job of its seed-{seed_index} comparison was skipped (equal seeds or none)"
+            if skipped_round
+            else f"needs ~{needs:.0f} s with the comparison jobs still waiting, "
+            f"{max(0.0, ctx.deadline.remaining()):.0f} s left"
+        )
+        log.info("final job %d/%d (%s) skipped: %s", member_number, seed_index, label, why)
         raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
-    result = _train(ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None)
-    ctx.cost_model.observe("final", estimate, result.seconds)
+    result, cache_took = _train(
+        ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None
+    )
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
     weights = _save_trial(ctx, trial, candidate, result, run_id)
+    # What the deadline pays for this job: from the previous job's end to this one's.
+    cycle = ctx.record_overhead("final", started, result.seconds + cache_took)
+    took = {
+        "train": round(result.seconds - result.prepare_seconds, 2),
+        "prepare": round(result.prepare_seconds, 2),
+        "cache": round(cache_took, 2),
+        "overhead": round(cycle - result.seconds - cache_took, 2),
+        "total": round(cycle, 2),
+    }
     TrialAttrs(
         state="complete",
         candidate=candidate.to_dict(),
@@ -495,6 +585,7 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         expected_flops=result.expected_flops,
         weights=str(weights),
         train_seconds=result.seconds,
+        actual_s=took,
         **train_cost_attrs(result),
     ).write(trial)
     ctx.tracker.end_trial(
@@ -508,6 +599,14 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
             wall_seconds=time.perf_counter() - started,
             train_seconds=result.seconds,
             **train_cost_attrs(result),
+            estimate_seconds=planned["total"],
+            actual_seconds=took["total"],
+            estimate_cache_seconds=planned["cache"],
+            estimate_prepare_seconds=planned["prepare"],
+            estimate_overhead_seconds=planned["overhead"],
+            actual_cache_seconds=took["cache"],
+            actual_prepare_seconds=took["prepare"],
+            actual_overhead_seconds=took["overhead"],
             trial_number=trial.number,
         ).logged(),
     )
@@ -525,7 +624,8 @@ def _train(
     step_offset: int,
     rung: int | None,
 ) -> Any:
-    """Train ``candidate`` through the one code path retrain uses; log each epoch."""
+    """Train ``candidate`` through the one code path retrain uses; log each epoch. Returns
+    the result and the seconds spent getting the teacher cache (built, loaded or held)."""
     from autosplit.distill.run import train_candidate
 
     def on_epoch_end(stats: EpochStats) -> None:
@@ -543,9 +643,11 @@ def _train(
             },
         )
 
+    cache_started = time.perf_counter()
     try:
         source = ctx.teacher_source(taps, candidate)
-        return train_candidate(
+        cache_seconds = time.perf_counter() - cache_started
+        result = train_candidate(
             candidate,
             ctx.splits,
             ctx.teacher.model,
@@ -566,7 +668,9 @@ def _train(
             f"on {ctx.runtime.where}"
         )
         TrialAttrs(state=OUT_OF_MEMORY, error=line).write(trial)
-        ctx.tracker.end_trial(run_id, state="failed", metrics={"optuna/trial_number": trial.number})
+        ctx.tracker.end_trial(
+            run_id, state="failed", metrics=TrialMetrics(trial_number=trial.number).logged()
+        )
         print(f"autosplit: trial {trial.number}: {line}; the search goes on", file=sys.stderr)
         raise TrialOutOfMemory(line) from None
     except Exception as exc:
@@ -575,6 +679,18 @@ def _train(
             run_id, state="failed", metrics=TrialMetrics(trial_number=trial.number).logged()
         )
         raise
+    return result, cache_seconds
+
+
+def _work(ctx: SearchContext, candidate: Candidate, n_stages: int) -> float:
+    """Images ``candidate``'s training works through (``job_cost.work_images``)."""
+    from autosplit.distill.run import stage_epochs
+
+    return work_images(
+        stage_epochs(candidate.train, n_stages),
+        train_rows(candidate, ctx.splits),
+        len(ctx.splits.val),
+    )
 
 
 OUT_OF_MEMORY = "out_of_memory"  # ``TrialAttrs.state`` of a trial its device could not hold
@@ -1117,6 +1233,9 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
     report = SearchReport(ctx.tracker, ctx.study_name, ctx.max_flops, ctx.front_cost)
 
     def refresh(study: optuna.Study, _trial: Any) -> None:
+        # The final stage's cost from what the search measured: the search phase leaves it
+        # that much (``SearchContext.search_fits``), not the plan's guess.
+        ctx.measured_reserve = final_reserve_measured(study, ctx)
         stats = studies.records(study)
         report.front(search_records(stats))
         ctx.tracker.log_search_cost(
@@ -1128,6 +1247,12 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
                 "infeasible": sum(r.state == "infeasible" for r in stats),
                 "cache_hits": ctx.cost["cache_hits"],
                 "cache_builds": ctx.cost["cache_builds"],
+                # What the search phase leaves the final stage, as measured so far.
+                **(
+                    {"final_reserve_s": ctx.measured_reserve}
+                    if ctx.measured_reserve is not None
+                    else {}
+                ),
             }
         )
 
@@ -1203,53 +1328,189 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
     return chosen
 
 
-def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
-    """Enqueue (member, seed) jobs not yet done or waiting; seeds in the outer loop, so a short
-    time limit still gives every member its first seed. Returns the members."""
+def best_finalist(study: optuna.Study, finalists: list[int]) -> int | None:
+    """The search's best member among ``finalists``: the highest rung reached, then the most
+    accurate there (then the earlier trial)."""
+    rungs = {
+        t.number: TrialAttrs.read(t).rungs or []
+        for t in study.get_trials(deepcopy=False)
+        if t.number in finalists
+    }
+    if not rungs:
+        return None
+    return max(
+        rungs, key=lambda n: (len(rungs[n]), rungs[n][-1]["val_acc"] if rungs[n] else 0.0, -n)
+    )
+
+
+def final_plan(study: optuna.Study, ctx: SearchContext) -> list[tuple[int, int, str]]:
+    """The final stage's jobs in the order they run: (member, seed index, role).
+
+    The comparison a user comes for first: for each seed, the search's best member and every
+    finished baseline ("best", "baseline"); then the other finalists ("extra"), seeds in the
+    outer loop. Under a short limit the extras and then the later seeds are what is left out
+    (``round_needs``), never the best member or a baseline at the first seed.
+    """
     final = ctx.final
     if final is None:
         return []
     finalists = choose_finalists(study, ctx, ctx.finalists or final.top_k)
-    trials = study.get_trials(deepcopy=False)
+    best = best_finalist(study, finalists)
     # Only baselines that have finished (and so recorded their candidate): another worker's
     # may still be running; that worker enqueues it when its own search phase ends.
-    attrs_of = {t.number: TrialAttrs.read(t) for t in trials}
-    done = {
-        t.number
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and attrs_of[t.number].candidate is not None
-    }
     baselines = [
         t.number
-        for t in trials
+        for t in study.get_trials(deepcopy=False)
         if _is_search_trial(t)
-        and attrs_of[t.number].baseline
-        and attrs_of[t.number].rungs
-        and t.number in done
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and (a := TrialAttrs.read(t)).baseline
+        and a.rungs
+        and a.candidate is not None
     ]
-    members = finalists + [b for b in baselines if b not in finalists]
+    comparison = ([best] if best is not None else []) + baselines
+    extras = [m for m in finalists if m != best and m not in baselines]
+    seeds = range(ctx.final_seeds or final.seeds)
+    jobs = [(m, s, "best" if m == best else "baseline") for s in seeds for m in comparison]
+    return jobs + [(m, s, "extra") for s in seeds for m in extras]
+
+
+def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
+    """Enqueue the (member, seed) jobs of ``final_plan`` not yet done or waiting, in its
+    order, each with its planned cost. Returns the members."""
+    jobs = final_plan(study, ctx)
+    if ctx.final is None:
+        return []
+    trials = study.get_trials(deepcopy=False)
+    attrs_of = {t.number: TrialAttrs.read(t) for t in trials}
     have = {
         (attrs_of[t.number].member, attrs_of[t.number].seed)
         for t in trials
         if attrs_of[t.number].stage == "final" and t.state != TrialState.FAIL
     }
     by_number = {t.number: t for t in trials}
-    for seed in range(ctx.final_seeds or final.seeds):
-        for member in members:
-            if (member, seed) not in have:
-                job = TrialAttrs(
-                    stage="final",
-                    member=member,
-                    seed=seed,
-                    baseline=attrs_of[member].baseline or None,
-                )
-                study.enqueue_trial(by_number[member].params, user_attrs=job.user_attrs())
+    for member, seed, role in jobs:
+        if (member, seed) not in have:
+            estimate = job_estimate(ctx, by_number, member, seed)
+            job = TrialAttrs(
+                stage="final",
+                member=member,
+                seed=seed,
+                role=role,
+                baseline=attrs_of[member].baseline or None,
+                estimate_s=estimate.as_dict(),
+            )
+            study.enqueue_trial(by_number[member].params, user_attrs=job.user_attrs())
+    members = list(dict.fromkeys(m for m, _s, _r in jobs))
     # A union: a worker that ends its search later may add a finalist the first one missed.
     known = list(StudyAttrs.read(study).final_members or [])
     members = known + [m for m in members if m not in known]
     StudyAttrs(final_members=members).write(study)
     return members
+
+
+def final_candidate(ctx: SearchContext, of_member: TrialAttrs, seed_index: int) -> Candidate:
+    """The member's candidate at the final fidelity, trained at its seed + ``seed_index``."""
+    from autosplit.distill.candidate import Candidate
+
+    final = ctx.final
+    assert final is not None
+    candidate = Candidate.from_dict(of_member.candidate)
+    if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
+        candidate = candidate.with_values({"structure.exit_threshold": None})
+    return at_fidelity(candidate, Rung(ctx.final_epochs or final.epochs, final.rows)).with_values(
+        {"train.seed": candidate.train.seed + seed_index}
+    )
+
+
+def job_estimate(
+    ctx: SearchContext, trials: dict[int, Any], member: int, seed_index: int
+) -> JobEstimate:
+    """The planned cost of final job (``member``, ``seed_index``) from the member's rungs
+    (``job_cost.estimate_job``); ``trials``: the study's, by number."""
+    from autosplit.distill.candidate import Candidate
+    from autosplit.distill.run import build_and_count
+
+    of_member = TrialAttrs.read(trials[member])
+    candidate = final_candidate(ctx, of_member, seed_index)
+    if member not in ctx.shapes:
+        distiller, _ = build_and_count(candidate, ctx.teacher.model, ctx.splits)
+        shape = (set(distiller.teacher_taps), len(distiller.stages()), distiller.prepare_passes)
+        ctx.shapes[member] = shape
+        del distiller
+    taps, n_stages, passes = ctx.shapes[member]
+    trained = Candidate.from_dict(of_member.candidate)
+    return estimate_job(
+        ctx,
+        candidate,
+        taps=taps,
+        n_stages=n_stages,
+        passes=passes,
+        # Each rung as the member trained it.
+        rungs=[
+            (at_fidelity(trained, Rung(int(r["epochs"]), r.get("rows"))), r)
+            for r in of_member.rungs or []
+        ],
+        flops=float(of_member.flops or ctx.max_flops),
+        study_prepare=prepare_rates(TrialAttrs.read(t).rungs or [] for t in trials.values()),
+        overhead=job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds),
+    )
+
+
+def round_needs(
+    trials: list[Any], number: int, role: str | None, seed: int, estimate: JobEstimate
+) -> tuple[bool, float]:
+    """Whether final job ``number`` (``role``, ``seed``) belongs to a comparison round that
+    lost a job already, and the seconds (uncorrected) it needs to start: its own estimate plus
+    the waiting jobs it must not crowd out — for a comparison job, the rest of its seed's
+    comparison (the best member and the baselines train at equal seeds or that seed not at
+    all); for an extra member, every waiting comparison job. A teacher cache is counted once
+    and only while its file is not on disk."""
+    comparison = role in ("best", "baseline")
+    skipped = False
+    needs = estimate.train + estimate.prepare + estimate.overhead
+    caches = {estimate.cache_file: estimate.cache} if estimate.cache_file else {}
+    for t in trials:
+        other = TrialAttrs.read(t)
+        if t.number == number or other.stage != "final" or other.role not in ("best", "baseline"):
+            continue
+        if comparison and other.seed != seed:
+            continue
+        if other.state == "skipped":
+            skipped = skipped or comparison
+            continue
+        if t.state != TrialState.WAITING or other.estimate_s is None:
+            continue
+        waiting = JobEstimate.from_dict(other.estimate_s)
+        needs += waiting.train + waiting.prepare + waiting.overhead
+        if waiting.cache_file and not Path(waiting.cache_file).is_file():
+            caches.setdefault(waiting.cache_file, waiting.cache)
+    return skipped, needs + sum(caches.values())
+
+
+def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> float | None:
+    """The final stage's seconds as the search's measurements put them now: every job of
+    ``final_plan`` from its member's rungs (a cache counted once), and the plan's share for
+    the finalists not found yet. None before any member has measured a rung."""
+    final = ctx.final
+    if final is None or ctx.final_reserve <= 0:
+        return None
+    jobs = final_plan(study, ctx)
+    if not jobs:
+        return None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    seeds = ctx.final_seeds or final.seeds
+    wanted = (ctx.finalists or final.top_k) + len(ctx.space.settings.baselines)
+    members = {m for m, _s, _r in jobs}
+    total, caches = 0.0, {}
+    for member, seed, _role in jobs:
+        estimate = job_estimate(ctx, trials, member, seed)
+        total += estimate.train + estimate.prepare + estimate.overhead
+        caches.setdefault(estimate.cache_file, estimate.cache)
+    per_job = ctx.final_reserve / max(1, wanted * seeds)
+    # Switching to the final stage (planning and enqueueing its jobs) costs about one job's
+    # overhead more.
+    switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
+    return total + sum(caches.values()) + max(0, wanted - len(members)) * seeds * per_job + switch
 
 
 def _waiting_final(study: optuna.Study) -> list[Any]:
@@ -1260,16 +1521,19 @@ def _waiting_final(study: optuna.Study) -> list[Any]:
     ]
 
 
-def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
+def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float | None]]:
     """Kendall tau between each rung's accuracy and the final stage's mean accuracy, over the
-    final members that reached the rung (``n`` of them)."""
+    final members that reached the rung: ``n`` of them, ``tau`` and its two-sided ``p``
+    (None below ``front.MIN_TAU_N`` members, or when the accuracies are all tied)."""
+    import math
+
     from scipy.stats import kendalltau
 
-    from autosplit.search.front import final_members
+    from autosplit.search.front import MIN_TAU_N, final_members
 
     members = final_members(studies.records(study), StudyAttrs.read(study).final_members)
     rungs_of = {t.number: TrialAttrs.read(t).rungs or [] for t in study.get_trials(deepcopy=False)}
-    out: dict[int, dict[str, float]] = {}
+    out: dict[int, dict[str, float | None]] = {}
     top = max((len(rungs_of.get(m.number, [])) for m in members), default=0)
     for rung in range(top):
         pairs = [
@@ -1277,9 +1541,12 @@ def proxy_fidelity(study: optuna.Study) -> dict[int, dict[str, float]]:
             for m in members
             if len(rungs_of.get(m.number, [])) > rung
         ]
-        if len(pairs) >= 3:
-            tau = kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-            out[rung] = {"tau": float(tau), "n": float(len(pairs))}
+        tau = p = None
+        if len(pairs) >= MIN_TAU_N:
+            found = kendalltau([a for a, _ in pairs], [b for _, b in pairs])
+            if not math.isnan(found.statistic):
+                tau, p = float(found.statistic), float(found.pvalue)
+        out[rung] = {"tau": tau, "p": p, "n": float(len(pairs))}
     return out
 
 
@@ -1361,6 +1628,7 @@ def run_search(
             _run_phase(options, ctx, study_name, storage_url, tracker, "search")
         if options.final_stage and ctx.final is not None:
             enqueue_final_stage(study, ctx)
+            ctx.last_job_end = None  # the final stage's first job counts from its own start
             if _waiting_final(study):
                 _run_phase(options, ctx, study_name, storage_url, tracker, "final")
     except KeyboardInterrupt:

@@ -105,6 +105,7 @@ class FinalMember:
     seeds: tuple[int, ...]
     trials: tuple[int, ...]  # the final-stage trials, one per seed
     train_cost: float | None = None  # of one seed's training (``TrialRecord.train_cost``)
+    by_seed: tuple[tuple[int, float], ...] = ()  # (seed index, val acc), for equal-seed margins
 
     @property
     def val_mean(self) -> float:
@@ -169,6 +170,7 @@ def final_members(
                 seeds=tuple(sorted(by_seed)),
                 trials=tuple(r.number for r in runs),
                 train_cost=runs[0].train_cost,
+                by_seed=tuple(sorted((s, float(r.val_acc)) for s, r in by_seed.items())),
             )
         )
     return out
@@ -411,6 +413,125 @@ def _row(
     )
 
 
+def mean_sd(accs: Sequence[float]) -> str:
+    """ "mean ± sd", or "mean (1 seed)": one seed has no spread to show, and "± 0.00" would
+    claim one; an sd below the last digit shows as "± <0.01"."""
+    mean = sum(accs) / len(accs)
+    if len(accs) < 2:
+        return f"{mean:.2f} (1 seed)"
+    sd = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+    return f"{mean:.2f} ± {sd:.2f}" if round(sd, 2) > 0 else f"{mean:.2f} ± <0.01"
+
+
+@dataclass(frozen=True)
+class Margin:
+    """The search's best member against the best baseline over the seeds both trained."""
+
+    member: FinalMember
+    baseline: FinalMember
+    seeds: tuple[int, ...]
+    member_accs: tuple[float, ...]
+    baseline_accs: tuple[float, ...]
+
+    @property
+    def delta(self) -> float:
+        """Difference of the means (points of val accuracy), member minus baseline."""
+        return _mean(self.member_accs) - _mean(self.baseline_accs)
+
+    @property
+    def pooled_sd(self) -> float | None:
+        """Pooled sample sd of the two (None with one seed: no spread measured)."""
+        n = len(self.seeds)
+        if n < 2:
+            return None
+        var = (_var(self.member_accs) + _var(self.baseline_accs)) / 2  # equal n: plain mean
+        return var**0.5
+
+    def line(self) -> str:
+        n = len(self.seeds)
+        head = (
+            f"margin of the search's best (trial {self.member.number}, {self.member.label}) "
+            f"over the best baseline ({self.baseline.baseline}, trial {self.baseline.number}) "
+            f"at equal seeds: {_mean(self.member_accs):.2f} vs {_mean(self.baseline_accs):.2f}, "
+            f"Δ {self.delta:+.2f} pt"
+        )
+        sd = self.pooled_sd
+        if sd is None:
+            return f"{head} over 1 seed (no sd: one seed cannot say whether it exceeds noise)"
+        verdict = "exceeds" if abs(self.delta) > sd else "does not exceed"
+        return f"{head} over {n} seeds; pooled sd {sd:.2f}: the difference {verdict} it"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _var(values: Sequence[float]) -> float:
+    mean = _mean(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def margin(members: Sequence[FinalMember]) -> Margin | None:
+    """The most accurate non-baseline member against the most accurate baseline, both over the
+    seeds they share (None when either is missing or they share no seed)."""
+    searched = [m for m in members if not m.baseline and m.by_seed]
+    baselines = [m for m in members if m.baseline and m.by_seed]
+    if not searched or not baselines:
+        return None
+    best = max(searched, key=lambda m: (m.val_mean, -m.number))
+    mine = dict(best.by_seed)
+
+    def shared(other: FinalMember) -> list[int]:
+        return sorted(set(mine) & {s for s, _ in other.by_seed})
+
+    rivals = [b for b in baselines if shared(b)]
+    if not rivals:
+        return None
+    top = max(rivals, key=lambda b: (_mean([dict(b.by_seed)[s] for s in shared(b)]), -b.number))
+    seeds = shared(top)
+    theirs = dict(top.by_seed)
+    return Margin(
+        best,
+        top,
+        tuple(seeds),
+        tuple(mine[s] for s in seeds),
+        tuple(theirs[s] for s in seeds),
+    )
+
+
+def margin_line(members: Sequence[FinalMember]) -> str:
+    """One line for the user: the margin, or why there is none."""
+    found = margin(members)
+    if found is not None:
+        return found.line()
+    if not any(m.baseline for m in members):
+        return "margin: no baseline finished the final stage, nothing to compare with"
+    if not any(not m.baseline for m in members):
+        return "margin: no searched member finished the final stage, only baselines"
+    return "margin: the best member and the baselines share no seed"
+
+
+def tau_lines(proxy: Mapping[int, Mapping[str, float | None]]) -> list[str]:
+    """One line per rung: Kendall τ against the final stage with n and p, or why none."""
+    lines = []
+    for rung, figure in sorted(proxy.items()):
+        n = int(figure["n"] or 0)
+        tau, p = figure.get("tau"), figure.get("p")
+        if n < MIN_TAU_N:
+            lines.append(
+                f"τ rung {rung} vs final: no figure, {n} member{'s' if n != 1 else ''} trained "
+                f"at both (need ≥ {MIN_TAU_N})"
+            )
+        elif tau is None:
+            lines.append(f"τ rung {rung} vs final: no figure, accuracies tied (n = {n})")
+        else:
+            lines.append(f"τ rung {rung} vs final: {tau:+.2f} (n = {n}, p = {p:.2g})")
+    return lines
+
+
+MIN_TAU_N = 5  # below this Kendall's τ says little (n = 4: p >= 0.08 even for a perfect order)
+
+
 def final_table(
     members: Sequence[FinalMember],
     budget_flops: int,
@@ -527,7 +648,7 @@ def _final_row(
     return (
         rank,
         str(member.number),
-        f"{member.val_mean:.2f} ± {member.val_sd:.2f}",
+        mean_sd(member.val_accs),
         str(len(member.val_accs)),
         _fmt_flops(member.flops),
         _percent(member.flops, budget_flops),

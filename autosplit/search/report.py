@@ -19,7 +19,10 @@ from autosplit.search.front import (
     TrialRecord,
     final_front,
     hypervolume_history,
+    margin,
+    margin_line,
     pareto_front,
+    tau_lines,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ class SearchReport:
         self.tracker, self.study_name, self.budget_flops = tracker, study_name, budget_flops
         self.cost = cost  # the FLOPs figure the search optimises: fronts and plots use it too
         self._hypervolume_step = -1  # finished-trial count of the last hypervolume point
+        self._note: str | None = None  # the last description ``front`` wrote
 
     def front(self, records: list[TrialRecord]) -> None:
         """Rewrite front.csv/.png/.html and hypervolume.csv on the parent run; log the metric.
@@ -61,6 +65,7 @@ class SearchReport:
         if finished > self._hypervolume_step:
             self._hypervolume_step = finished
             metrics["search/hypervolume"] = history[-1][1] if history else 0.0
+        self._note = search_note(self.study_name, {}, budget, front, cost=cost)
         with tempfile.TemporaryDirectory(prefix="autosplit-front-") as tmp:
             folder = Path(tmp)
             front_plots.write_csv(folder / "front.csv", front)
@@ -75,14 +80,14 @@ class SearchReport:
                 ],
                 metrics=metrics,
                 step=finished,
-                note=search_note(self.study_name, {}, budget, front, cost=cost),
+                note=self._note,
             )
 
     def final_stage(
         self,
         members: list[FinalMember],
         rungs: dict[int, list[TrialRecord]],
-        proxy: dict[int, dict[str, float]],
+        proxy: Mapping[int, Mapping[str, float | None]],
     ) -> None:
         """The final front (with ±1 sd error bars), each rung's front, and the proxy's Kendall
         tau against the final stage, on the parent run."""
@@ -105,9 +110,19 @@ class SearchReport:
                 front_plots.write_png(
                     paths[-1], records, rung_front, budget, f"{name} — rung {rung}", cost
                 )
-            metrics: dict[str, float] = {
-                f"final/kendall_tau_rung{k}": v["tau"] for k, v in proxy.items()
-            }
+            metrics: dict[str, float] = {}
+            for k, v in proxy.items():  # n always; tau and p where there is a figure
+                metrics[f"final/kendall_n_rung{k}"] = float(v["n"] or 0)
+                if v.get("tau") is not None:
+                    metrics[f"final/kendall_tau_rung{k}"] = float(v["tau"])
+                    metrics[f"final/kendall_p_rung{k}"] = float(v["p"])
+            found = margin(members)
+            if found is not None:
+                metrics["final/margin_delta"] = found.delta
+                metrics["final/margin_seeds"] = float(len(found.seeds))
+                if found.pooled_sd is not None:
+                    metrics["final/margin_pooled_sd"] = found.pooled_sd
+                    metrics["final/margin_exceeds_sd"] = float(abs(found.delta) > found.pooled_sd)
             if front:
                 best = max(front, key=lambda m: m.val_mean)
                 metrics.update(
@@ -117,7 +132,14 @@ class SearchReport:
                         "final/front_size": float(len(front)),
                     }
                 )
-            self.tracker.log_parent("log the final stage", artifacts=paths, metrics=metrics)
+            # The parent's description ends with what a user comes for: the margin, and how far
+            # the cheap rungs predicted the final stage.
+            note = "\n\n".join(
+                [self._note or "", "**" + margin_line(members) + "**", *tau_lines(proxy)]
+            )
+            self.tracker.log_parent(
+                "log the final stage", artifacts=paths, metrics=metrics, note=note.strip()
+            )
 
 
 def search_note(
@@ -153,7 +175,7 @@ def search_note(
         "How to read: open the **Artifacts** tab — `front.html` (interactive, hover for trial "
         "and recipe) or `front.png`: grey = every trial, coloured line = the Pareto front (no "
         "feasible trial is both more accurate and cheaper), dashed line = budget, stars = "
-        "baselines (equal-budget KD student, best published recipe). `front.csv` lists the "
+        "baselines (equal-budget KD, DKD and FitNets students). `front.csv` lists the "
         "front with run ids. Metric `search/hypervolume` (0-1, higher is better) tracks the "
         "front's progress; the child runs hold one trial each (params = the candidate).",
     ]

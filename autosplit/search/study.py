@@ -34,7 +34,7 @@ MAX_RETRY = 2
 WORKER_ATTR = TrialAttrs.key("worker")  # the stored key, for code that writes the storage
 # What a re-run of a dead worker's trial keeps: what the trial *is* (a baseline, a final-stage
 # job for a member and seed), not what it had measured.
-RETRY_FIELDS = ("baseline", "portfolio", "stage", "member", "seed")
+RETRY_FIELDS = ("baseline", "portfolio", "stage", "member", "seed", "role")
 # The objectives, in order, and the names optuna-dashboard and ``trials_dataframe`` show them
 # under: validation accuracy (percent) and FLOPs (worst case or expected, as the study's
 # ``objective_flops`` attr says).

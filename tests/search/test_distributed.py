@@ -46,7 +46,11 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
     assert trained and len(trained) == len(set(trained))
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     baselines = [t.user_attrs.get(TrialAttrs.key("baseline")) for t in search]
-    assert sorted(b for b in baselines if b) == ["best-published", "kd-single"]  # enqueued once
+    assert sorted(b for b in baselines if b) == [
+        "best-published",
+        "fitnets",
+        "kd-single",
+    ]  # enqueued once
     workers = {t.user_attrs[TrialAttrs.key("worker")] for t in trials}
     assert len(workers) == 2  # both processes ran trials
 

@@ -55,12 +55,16 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
     _tmp, study, ctx = searched
     trials = search_trials(study)
     assert len(trials) == 4
-    assert [t.user_attrs.get(TrialAttrs.key("baseline")) for t in trials[:2]] == [
+    assert [t.user_attrs.get(TrialAttrs.key("baseline")) for t in trials[:3]] == [
         "kd-single",
         "best-published",
+        "fitnets",
     ]
     assert trials[0].user_attrs[TrialAttrs.key("candidate")]["logit_loss"]["name"] == "kd"
     assert trials[1].user_attrs[TrialAttrs.key("candidate")]["logit_loss"]["name"] == "dkd"
+    fitnets = trials[2].user_attrs[TrialAttrs.key("candidate")]  # KD-free: CE + hint
+    assert (fitnets["logit_loss"]["name"], fitnets["feature_loss"]["name"]) == ("ce", "hint")
+    assert fitnets["structure"]["name"] == "single"
     for trial in trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         assert "flops_over_budget" in trial.constraints
@@ -131,6 +135,18 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
         t.user_attrs[TrialAttrs.key("run_id")] for t in final_trials
     }
     assert "final/best_val_acc_mean" in parents[0].data.metrics
+    # The comparison (best member and the three baselines) over the final seeds, its margin on
+    # the parent, and every final job's planned and measured seconds on its run.
+    parent = client.get_run(parents[0].info.run_id)
+    assert "final/margin_delta" in parent.data.metrics
+    assert "margin of the search's best" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["final/kendall_n_rung0"] >= 1
+    roles = sorted(t.user_attrs["autosplit.role"] for t in final_trials)
+    assert roles.count("baseline") == 3 * len(
+        {t.user_attrs["autosplit.seed"] for t in final_trials}
+    )
+    for run in finals:
+        assert run.data.metrics["time/estimate_s"] > 0 and run.data.metrics["time/actual_s"] > 0
 
 
 def test_export_then_retrain_reproduces_the_trial(searched, capsys):
@@ -306,7 +322,8 @@ def test_a_diverging_candidate_fails_its_trial_not_the_search(tmp_path):
         space=SearchSpace.from_yaml(space_file),
     )
     study, _ctx = run_search(opts, say=lambda _m: None)
-    trials = study.get_trials()
+    # The third baseline (fitnets) stays enqueued: the study's total is 2 trials.
+    trials = [t for t in study.get_trials() if t.state != TrialState.WAITING]
     assert len(trials) == 2  # both attempts ran; the search itself returned normally
     assert all(t.state == TrialState.FAIL for t in trials)
     assert all(t.user_attrs[TrialAttrs.key("state")] == "failed" for t in trials)

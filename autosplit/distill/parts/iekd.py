@@ -153,16 +153,21 @@ class IEKD(Part):
     def term_stages(self) -> dict[str, int]:
         return {"loss_iekd_inherit": 0, "loss_iekd_explore": 0}
 
+    @property
+    def prepare_passes(self) -> int:
+        return self.params.ae_epochs
+
     def prepare(
         self, teacher_source: TeacherSource, train_loader: Iterable[Any], runtime: Runtime
-    ) -> None:
+    ) -> int:
         """Pre-train the teacher auto-encoder with L1 reconstruction, then freeze it.
 
         ``ae_epochs`` passes over ``train_loader``; the teacher's maps come from
         ``teacher_source`` (the teacher cache when there is one: no teacher forward, cheap).
+        Returns the images it trained over (0 when reused).
         """
         if bool(self.prepared):
-            return
+            return 0
         coders = nn.Sequential(self.teacher_encoder, self.teacher_decoder)
         key = self._memo_key(teacher_source, train_loader)
         if key is not None and key in _TRAINED:
@@ -170,7 +175,7 @@ class IEKD(Part):
             coders.eval()
             self.prepared.fill_(True)
             log.info("iekd: teacher auto-encoder reused (trained earlier in this process)")
-            return
+            return 0
         seed = getattr(train_loader, "seed", 0)
         # Its own seed, whatever was built before it: reused or trained afresh, it is the same.
         with torch.random.fork_rng(devices=[]):
@@ -182,12 +187,14 @@ class IEKD(Part):
         optimizer = autoencoder_optimizer(params, self.params.ae_lr)
         coders.train()
         loss = torch.zeros(())
+        images = 0
         try:
             for epoch in range(self.params.ae_epochs):
                 if hasattr(train_loader, "set_epoch"):
                     train_loader.set_epoch(epoch)
                 for batch in train_loader:
                     feat_teacher = teacher_source.outputs(batch)[self.teacher_tap].float()
+                    images += feat_teacher.shape[0]
                     loss = F.l1_loss(coders(feat_teacher), feat_teacher)  # mean |x - x_hat|
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -206,6 +213,7 @@ class IEKD(Part):
             self.params.ae_epochs,
             float(loss.detach()),
         )
+        return images
 
     def _memo_key(self, teacher_source: Any, train_loader: Any) -> tuple[Any, ...] | None:
         """What the trained auto-encoder depends on; None (train it every time) for a teacher

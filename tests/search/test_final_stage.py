@@ -1,0 +1,239 @@
+"""The final stage: the comparison (the search's best member and every baseline, at equal seeds)
+runs before any other member and is never what a tight limit drops; each job is planned from
+what its member measured at its rungs, plus the auto-encoder, cache and stages it builds first.
+
+Search trials are written by hand (their rungs' measured seconds are the test's data); the final
+jobs train for real on digits, under a fake clock the driver's deadline reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autosplit.cache import train_rows
+from autosplit.distill.run import build_and_count, images_per_epoch
+from autosplit.search.attrs import TrialAttrs
+from autosplit.search.budget import parse_budget
+from autosplit.search.driver import (
+    SearchOptions,
+    enqueue_final_stage,
+    job_estimate,
+    objective,
+    prepare,
+)
+from autosplit.search.job_cost import work_images
+from autosplit.search.plan import CostModel, Deadline
+from autosplit.search.space import SearchSpace
+
+SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "digits_tiny.yaml"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ctx(digits_runs):
+    options = SearchOptions(
+        space=SearchSpace.from_yaml(SPACE),
+        budget=parse_budget("0.5x"),
+        trials=1,
+        device="cpu",
+        runs_dir=digits_runs,
+        progress=False,
+    )
+    ctx = prepare(options, log_teacher=lambda _m: None)
+    ctx.study_name = "final-order"
+    # A teacher forward costs next to nothing here: the jobs' estimates are their rungs'.
+    ctx.cost_model = CostModel({float(ctx.teacher_flops): 1e12})
+    return ctx
+
+
+def add_member(study, ctx, values: dict, seconds: list[float], accs: list[float], **attrs):
+    """A search trial that measured ``seconds`` at the two rungs of the digits space."""
+    base = ctx.space.base_candidate(ctx.max_flops)
+    candidate = base.with_values(values)
+    distiller, flops = build_and_count(candidate, ctx.teacher.model, ctx.splits)
+    student = distiller.student
+    candidate = candidate.with_values(
+        {"split.base_width": student.base_width, "split.part_width": student.part_width}
+    )
+    rungs = [
+        {
+            "epochs": rung.epochs,
+            "rows": train_rows(
+                candidate.with_values({"train.max_train_samples": rung.rows}), ctx.splits
+            ),
+            "val_acc": acc,
+            "seconds": s,
+            **attrs.pop(f"rung{i}", {}),
+        }
+        for i, (rung, s, acc) in enumerate(
+            zip(ctx.space.settings.fidelity.rungs, seconds, accs, strict=True)
+        )
+    ]
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE,
+            values=[accs[-1], float(flops.worst_case)],
+            user_attrs=TrialAttrs(
+                stage="search",
+                state="complete",
+                label=values.get("structure.name", "single"),
+                flops=int(flops.worst_case),
+                candidate=candidate.to_dict(),
+                rungs=rungs,
+                rung=len(rungs) - 1,
+                val_acc=accs[-1],
+                **attrs,
+            ).user_attrs(),
+        )
+    )
+    return study.get_trials(deepcopy=False)[-1].number
+
+
+def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seeds(ctx):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    baselines = {
+        name: add_member(study, ctx, overrides, [0.5, 1.0], [60.0, 80.0], baseline=name)
+        for name, overrides in ctx.space.settings.baselines.items()
+    }
+    chain = {
+        "structure.name": "res_chain",
+        "structure.n_parts": 1,
+        "split.base_share": 0.7,
+        "logit_loss.name": "dkd",
+    }
+    best = add_member(study, ctx, chain, [1.0, 2.0], [70.0, 90.0])
+    hint = {"structure.name": "single", "logit_loss.name": "kd", "feature_loss.name": "hint"}
+    extra = add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
+    ctx.finalists, ctx.final_seeds = 2, 2
+    enqueue_final_stage(study, ctx)
+
+    jobs = [TrialAttrs.read(t) for t in study.get_trials() if t.state == TrialState.WAITING]
+    order = [(j.member, j.seed, j.role) for j in jobs]
+    comparison = [best, *baselines.values()]
+    assert order == [
+        *[(m, 0, "best" if m == best else "baseline") for m in comparison],
+        *[(m, 1, "best" if m == best else "baseline") for m in comparison],
+        (extra, 0, "extra"),
+        (extra, 1, "extra"),
+    ]
+    planned = {(j.member, j.seed): j.estimate_s["total"] for j in jobs}
+    assert all(v > 0 for v in planned.values())
+    # Time for the first seed's comparison and half of the cheapest job after it: extra members
+    # and the second seed must give way, never a baseline or the best member.
+    first_round = sum(planned[(m, 0)] for m in comparison)
+    later = min(planned[(best, 1)], planned[(extra, 0)], planned[(extra, 1)])
+    clock = FakeClock()
+    ctx.deadline = Deadline(first_round + 0.5 * later, clock=clock)
+
+    while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        trial = study.ask()
+        try:
+            study.tell(trial, list(objective(ctx, trial, "final")))
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        # The job took what was planned, in the fake clock's seconds.
+        clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
+        ctx.cost_model.ratios.clear()
+        ctx.overheads.clear()
+
+    done = {
+        (a.member, a.seed): a.state
+        for a in (TrialAttrs.read(t) for t in study.get_trials())
+        if a.stage == "final"
+    }
+    assert {k for k, v in done.items() if v == "complete"} == {(m, 0) for m in comparison}
+    assert {k for k, v in done.items() if v == "skipped"} == {
+        *((m, 1) for m in comparison),
+        (extra, 0),
+        (extra, 1),
+    }
+    for trial in study.get_trials():
+        attrs = TrialAttrs.read(trial)
+        if attrs.state == "complete" and attrs.stage == "final":
+            assert attrs.actual_s["total"] > 0 and attrs.estimate_s["total"] > 0
+
+
+def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_cache(ctx):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rows0 = 600
+    coder0 = 30 * images_per_epoch(rows0, 64)
+    values = {
+        "structure.name": "res_chain",
+        "structure.n_parts": 1,
+        "split.base_share": 0.7,
+        "schedule": "staged",
+        "logit_loss.name": "kd",
+        "feature_loss.name": "iekd",
+    }
+    # Rung 0 trained its auto-encoder (1.5 s of its 4 s); rung 1 reused one.
+    number = add_member(
+        study,
+        ctx,
+        values,
+        [4.0, 8.0],
+        [50.0, 70.0],
+        rung0={"prepare_seconds": 1.5, "prepare_images": coder0},
+        rung1={"prepare_seconds": 0.0, "prepare_images": 0},
+    )
+    ctx.final_epochs = 4  # beyond the top rung's 2: the estimate extrapolates
+    trials = {t.number: t for t in study.get_trials()}
+    estimate = job_estimate(ctx, trials, number, 1)
+
+    taps, n_stages, passes = ctx.shapes[number]
+    assert (n_stages, passes) == (2, 30)  # base then the res-student; 30 auto-encoder epochs
+    val = len(ctx.splits.val)
+    rows1 = len(ctx.splits.train)
+    # Work images: every stage trains every epoch ("full"), each epoch validates at 1/3.
+    w0 = work_images([1, 1], rows0, val)
+    w1 = work_images([2, 2], rows1, val)
+    w_final = work_images([4, 4], rows1, val)
+    assert w_final == 8 * (rows1 + val / 3)
+    per_image = (8.0 - (4.0 - 1.5)) / (w1 - w0)
+    fixed = 8.0 - per_image * w1
+    assert fixed > 0  # set-up, calibration: what a rung costs whatever its images
+    assert estimate.train == pytest.approx(fixed + per_image * w_final)
+    # The final job trains its own auto-encoder (its seed differs) over all rows.
+    assert estimate.prepare == pytest.approx(1.5 / coder0 * 30 * images_per_epoch(rows1, 64))
+    cache_file = Path(estimate.cache_file)
+    assert estimate.cache > 0 and not cache_file.is_file()
+    # Around the training, a job costs what finished jobs cost beyond theirs: none has yet.
+    assert estimate.overhead == ctx.cost_model.fixed_seconds
+    assert estimate.total() == pytest.approx(
+        estimate.train + estimate.prepare + estimate.cache + estimate.overhead
+    )
+    ctx.overheads["search"] = [0.5, 0.7, 3.0]
+    assert job_estimate(ctx, trials, number, 1).overhead == 0.7  # their median
+
+    # The same measurements without an auto-encoder to build: no prepare part.
+    single = add_member(
+        study,
+        ctx,
+        {"structure.name": "single", "logit_loss.name": "kd", "feature_loss.name": "none"},
+        [4.0 - 1.5, 8.0],
+        [50.0, 70.0],
+    )
+    plain = job_estimate(ctx, {t.number: t for t in study.get_trials()}, single, 1)
+    assert plain.prepare == 0.0 and plain.total() < estimate.total()
+
+    # Once the cache is on disk, the job no longer pays for it.
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_bytes(b"")
+    try:
+        again = job_estimate(ctx, trials, number, 1)
+        assert again.cache == 0.0
+        assert again.total() == pytest.approx(estimate.train + estimate.prepare + 0.7)
+    finally:
+        cache_file.unlink()
+    assert dataclasses.asdict(again)["source"] == "rungs"
