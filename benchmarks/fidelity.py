@@ -80,24 +80,33 @@ def mean_sd(values: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def part_a(ctx: SearchContext, n: int, seed: int) -> None:
-    fidelity = ctx.space.settings.fidelity
-    final = Rung(fidelity.final.epochs, fidelity.final.rows)
+def random_feasible(ctx: SearchContext, n: int, seed: int):
+    """The first ``n`` candidates a seeded random sampler draws from the space within the
+    budget, with their FLOPs: the same ones, in the same order, on every call."""
     study = optuna.create_study(
         directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed)
     )
-    rows = []
-    started = time.perf_counter()
-    while len(rows) < n:
+    drawn = 0
+    while drawn < n:
         trial = study.ask()
         candidate = ctx.space.suggest(trial, ctx.max_flops)
         _, flops = _build_or_smallest(candidate, ctx)
         if flops.worst_case > ctx.max_flops:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        drawn += 1
+        yield candidate, flops
+
+
+def part_a(ctx: SearchContext, n: int, seed: int) -> None:
+    fidelity = ctx.space.settings.fidelity
+    final = Rung(fidelity.final.epochs, fidelity.final.rows)
+    rows = []
+    started = time.perf_counter()
+    for candidate, flops in random_feasible(ctx, n, seed):
         accs = [train_at(ctx, candidate, rung)[1].val_acc for rung in fidelity.rungs]
         final_acc = train_at(ctx, candidate, final)[1].val_acc
-        study.tell(trial, [final_acc, float(flops.worst_case)])
         rows.append((label_of(candidate), flops.worst_case, accs, final_acc))
         print(
             f"  (a) {len(rows)}/{n} {label_of(candidate)}: rungs "

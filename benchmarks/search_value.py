@@ -34,11 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 from scipy.stats import kendalltau
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import mean_sd, train_at  # noqa: E402  (the search's own training path)
+from fidelity import mean_sd, random_feasible, train_at  # noqa: E402  (the search's own training path)
 
 from autosplit.config import load_yaml  # noqa: E402
 from autosplit.distill._base import warmup_epochs_for  # noqa: E402
@@ -49,7 +48,6 @@ from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
 from autosplit.search.driver import (  # noqa: E402
     SearchContext,
     SearchOptions,
-    _build_or_smallest,
     label_of,
     prepare,
     run_search,
@@ -102,20 +100,8 @@ def part_tau(ctx: SearchContext, budget: str, n: int, seed: int, results: Result
     """Random candidates at every rung and at the final fidelity. The draws are the same on
     every run (a seeded sampler, asked in the same order), so finished ones are skipped."""
     rungs, final = ctx.space.settings.fidelity.rungs, final_rung(ctx)
-    study = optuna.create_study(
-        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed)
-    )
-    drawn = 0
-    while drawn < n:
-        trial = study.ask()
-        candidate = ctx.space.suggest(trial, ctx.max_flops)
-        _, flops = _build_or_smallest(candidate, ctx)
-        if flops.worst_case > ctx.max_flops:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        key = f"tau/{budget}/{seed}/{drawn}"
-        drawn += 1
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    for drawn, (candidate, flops) in enumerate(random_feasible(ctx, n, seed), start=1):
+        key = f"tau/{budget}/{seed}/{drawn - 1}"
         if key in results:
             continue
         started = time.perf_counter()

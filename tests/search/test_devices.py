@@ -16,6 +16,7 @@ from searchproc import single_space, verbose_worker
 from autosplit.device import FAKE_GPUS_ENV, resolve_devices, resolve_runtime
 from autosplit.errors import UserError
 from autosplit.search import study as studies
+from autosplit.search.attrs import TrialAttrs
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import OUT_OF_MEMORY, SearchOptions, run_search
 from autosplit.search.space import SearchSpace
@@ -64,8 +65,8 @@ def test_two_workers_spread_over_two_gpus_each_measuring_its_own(digits_runs, tm
     assert len(done) >= 4
     by_worker = {}
     for t in done:
-        by_worker.setdefault(t.user_attrs["autosplit.worker"], set()).add(
-            t.user_attrs["autosplit.device"]
+        by_worker.setdefault(t.user_attrs[TrialAttrs.key("worker")], set()).add(
+            t.user_attrs[TrialAttrs.key("device")]
         )
     # Two worker processes, each on one GPU, the two on different GPUs.
     assert len(by_worker) == 2 and all(len(d) == 1 for d in by_worker.values())
@@ -106,10 +107,10 @@ def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_is_not_rerun(
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 1
     oom = failed[0]
-    label = oom.user_attrs["autosplit.label"]
+    label = oom.user_attrs[TrialAttrs.key("label")]
     line = f"out of GPU memory: {label} at batch 64 on cuda:1"
-    assert oom.user_attrs["autosplit.state"] == OUT_OF_MEMORY
-    assert oom.user_attrs["autosplit.error"] == line
+    assert oom.user_attrs[TrialAttrs.key("state")] == OUT_OF_MEMORY
+    assert oom.user_attrs[TrialAttrs.key("error")] == line
     err = capsys.readouterr().err
     assert f"autosplit: trial {oom.number}: {line}; the search goes on" in err
     assert "Traceback" not in err and "OutOfMemoryError" not in err

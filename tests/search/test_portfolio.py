@@ -10,6 +10,7 @@ import yaml
 
 from autosplit import device
 from autosplit.distill.recipes import scaled_recipe
+from autosplit.search.attrs import TrialAttrs
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
 from autosplit.search.space import SearchSpace
@@ -21,11 +22,12 @@ RECIPES = ["rkd", "reskd", "era", "iekd", "aekt"]
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, digits_runs):
-    """digits_tiny at one cheap rung, no final stage; 8 trials: 2 baselines, the 5 recipes
+    """digits_tiny at one cheap rung, no final stage; 9 trials: 3 baselines, the 5 recipes
     and one the sampler draws. The CPU is made to read as one with native bf16."""
     tmp = tmp_path_factory.mktemp("portfolio")
     raw = yaml.safe_load((ROOT / "search_spaces" / "digits_tiny.yaml").read_text())
     raw["search"]["fidelity"] = {"rungs": [{"epochs": 1, "rows": 300}]}
+    raw["search"]["portfolio"] = list(RECIPES)  # off in the shipped digits space
     path = tmp / "digits_tiny.yaml"  # the same name: the cached teacher's space
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     space = SearchSpace.from_yaml(path)
@@ -38,7 +40,7 @@ def searched(tmp_path_factory, digits_runs):
             SearchOptions(
                 space=space,
                 budget=parse_budget("0.5x"),
-                trials=8,
+                trials=9,
                 study_name="portfolio",
                 storage=f"sqlite:///{tmp}/optuna.db",
                 seed=0,
@@ -58,25 +60,29 @@ def searched(tmp_path_factory, digits_runs):
 def test_baselines_then_the_portfolio_in_order_then_sampled(searched):
     _tmp, study, ctx, space, _lines = searched
     trials = study.get_trials()
-    assert len(trials) == 8
+    assert len(trials) == 9
     attrs = [
-        (t.user_attrs.get("autosplit.baseline"), t.user_attrs.get("autosplit.portfolio"))
+        (
+            t.user_attrs.get(TrialAttrs.key("baseline")),
+            t.user_attrs.get(TrialAttrs.key("portfolio")),
+        )
         for t in trials
     ]
     assert attrs == [
         ("kd-single", None),
         ("best-published", None),
+        ("fitnets", None),
         *[(None, name) for name in RECIPES],
-        (None, None),  # drawn by TPE, which has the seven above as finished trials
+        (None, None),  # drawn by TPE, which has the eight above as finished trials
     ]
     base = space.base_candidate(ctx.max_flops)
-    for trial, name in zip(trials[2:7], RECIPES, strict=True):
+    for trial, name in zip(trials[3:8], RECIPES, strict=True):
         params, _pinned = space.portfolio_trial(name)
         assert trial.params == params  # in the space's distributions: TPE learns from them
         assert set(trial.distributions) == set(params)
-        assert trial.user_attrs["autosplit.state"] in ("complete", "stopped"), name
+        assert trial.user_attrs[TrialAttrs.key("state")] in ("complete", "stopped"), name
         recipe = scaled_recipe(name, base)
-        trained = trial.user_attrs["autosplit.candidate"]
+        trained = trial.user_attrs[TrialAttrs.key("candidate")]
         assert trained["structure"]["name"] == recipe.structure.name, name
         assert trained["logit_loss"] == {
             "name": recipe.logit_loss.name,
@@ -84,7 +90,7 @@ def test_baselines_then_the_portfolio_in_order_then_sampled(searched):
         }, name
         assert trained["feature_loss"]["name"] == recipe.feature_loss.name, name
         assert trained["schedule"] == recipe.schedule and trained["twi"] == recipe.twi, name
-    era = trials[4].user_attrs["autosplit.candidate"]["structure"]
+    era = trials[5].user_attrs[TrialAttrs.key("candidate")]["structure"]
     assert era["n_parts"] == 4  # pinned: the space draws 1-2 branches
 
 
@@ -92,7 +98,7 @@ def test_every_trial_records_the_precision_it_ran_in(searched):
     tmp, study, _ctx, _space, lines = searched
     from mlflow.tracking import MlflowClient
 
-    assert {t.user_attrs["autosplit.precision"] for t in study.get_trials()} == {"bf16"}
+    assert {t.user_attrs[TrialAttrs.key("precision")] for t in study.get_trials()} == {"bf16"}
     assert any("trials in cpu bf16 (auto: native bf16: avx512_bf16" in line for line in lines)
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     experiment = client.get_experiment_by_name("portfolio")

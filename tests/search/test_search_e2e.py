@@ -68,7 +68,7 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
     for trial in trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         assert "flops_over_budget" in trial.constraints
-        flops = trial.user_attrs["autosplit.flops"]
+        flops = trial.user_attrs[TrialAttrs.key("flops")]
         assert trial.constraints["flops_over_budget"] == pytest.approx(
             (flops - ctx.max_flops) / ctx.max_flops
         )
@@ -141,9 +141,9 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     assert "final/margin_delta" in parent.data.metrics
     assert "margin of the search's best" in parent.data.tags["mlflow.note.content"]
     assert parent.data.metrics["final/kendall_n_rung0"] >= 1
-    roles = sorted(t.user_attrs["autosplit.role"] for t in final_trials)
+    roles = sorted(t.user_attrs[TrialAttrs.key("role")] for t in final_trials)
     assert roles.count("baseline") == 3 * len(
-        {t.user_attrs["autosplit.seed"] for t in final_trials}
+        {t.user_attrs[TrialAttrs.key("seed")] for t in final_trials}
     )
     for run in finals:
         assert run.data.metrics["time/estimate_s"] > 0 and run.data.metrics["time/actual_s"] > 0

@@ -14,6 +14,7 @@ import yaml
 from searchproc import _cmd, finish, single_space, worker
 
 from autosplit.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.study import HOST_ENV
 
 STUDY = "pg-one-teacher"
@@ -50,16 +51,16 @@ def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
 
     first = host("host-a", 4)
     deadline = time.monotonic() + 300
-    while "autosplit.teacher_claim" not in _attrs(postgres_url):
+    while StudyAttrs.key("teacher_claim") not in _attrs(postgres_url):
         assert first.poll() is None and time.monotonic() < deadline, "host-a never claimed"
         time.sleep(0.2)
     second = host("host-b", 8)  # a larger total: host-b runs trials once it has the teacher
     out_a, out_b = finish(first), finish(second)
 
     attrs = _attrs(postgres_url)
-    assert attrs["autosplit.teacher_claim"].startswith("host-a:")
-    sha = attrs["autosplit.teacher_sha256"]
-    assert attrs["autosplit.teacher_uri"].startswith("runs:/")  # the parent run's artifacts
+    assert attrs[StudyAttrs.key("teacher_claim")].startswith("host-a:")
+    sha = attrs[StudyAttrs.key("teacher_sha256")]
+    assert attrs[StudyAttrs.key("teacher_uri")].startswith("runs:/")  # the parent run's artifacts
     # One teacher trained, by host-a; host-b fetched that file into its own cache.
     assert "(trained in" in out_a and "(trained in" not in out_b
     assert "fetched from runs:/" in out_b
@@ -68,15 +69,15 @@ def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
     assert not list((runs["host-b"] / "teachers").glob("*/fit-state.pt"))
 
     trials = optuna.load_study(study_name=STUDY, storage=postgres_url).get_trials()
-    ran = [t for t in trials if "autosplit.teacher_sha256" in t.user_attrs]
-    hosts = {t.user_attrs["autosplit.worker"].split(":")[0] for t in ran}
+    ran = [t for t in trials if TrialAttrs.key("teacher_sha256") in t.user_attrs]
+    hosts = {t.user_attrs[TrialAttrs.key("worker")].split(":")[0] for t in ran}
     assert hosts == {"host-a", "host-b"}
-    assert {t.user_attrs["autosplit.teacher_sha256"] for t in ran} == {sha}
+    assert {t.user_attrs[TrialAttrs.key("teacher_sha256")] for t in ran} == {sha}
     finals = [
-        (t.user_attrs["autosplit.member"], t.user_attrs["autosplit.seed"])
+        (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
         for t in trials
-        if t.user_attrs.get("autosplit.stage") == "final"
-        and t.user_attrs.get("autosplit.state") == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
+        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
     ]
     assert finals and len(finals) == len(set(finals))  # each (member, seed) once across hosts
 
