@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 from scipy.stats import kendalltau
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +43,7 @@ from fidelity import mean_sd, random_feasible, train_at  # noqa: E402  (the sear
 from autosplit.config import load_yaml  # noqa: E402
 from autosplit.distill._base import warmup_epochs_for  # noqa: E402
 from autosplit.distill.recipes import recipe_candidate  # noqa: E402
+from autosplit.errors import UserError  # noqa: E402
 from autosplit.export import export_study, test_loader  # noqa: E402
 from autosplit.search.attrs import TrialAttrs  # noqa: E402
 from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
@@ -133,8 +135,10 @@ def search_job(
         return
     # A job cut short left a study behind: start a fresh one (a resumed search would get a
     # second time limit).
-    attempt = sum(1 for p in out.glob(f"export-{budget}-{SEARCH_ARMS[arm]}-s{seed}-*"))
-    name = f"sv-{budget}-{SEARCH_ARMS[arm]}-s{seed}-{attempt}"
+    prefix = f"sv-{budget}-{SEARCH_ARMS[arm]}-s{seed}-"
+    taken = optuna.get_all_study_names(base.storage) if (out / "optuna.db").is_file() else []
+    attempt = sum(1 for study_name in taken if study_name.startswith(prefix))
+    name = f"{prefix}{attempt}"
     options = dataclasses.replace(base, sampler=SEARCH_ARMS[arm], seed=seed, study_name=name)
     started = time.perf_counter()
     study, ctx = run_search(
@@ -142,17 +146,35 @@ def search_job(
     )
     wall = time.perf_counter() - started
     export_dir = out / f"export-{budget}-{SEARCH_ARMS[arm]}-s{seed}-{attempt}"
-    export_study(
-        study,
-        export_dir,
-        storage_url=base.storage,
-        runtime=ctx.runtime,
-        runs_dir=base.runs_dir,
-        say=lambda _m: None,
-    )
+    search_trials = sum(1 for t in study.get_trials() if TrialAttrs.read(t).stage != "final")
+    try:
+        export_study(
+            study,
+            export_dir,
+            storage_url=base.storage,
+            runtime=ctx.runtime,
+            runs_dir=base.runs_dir,
+            say=lambda _m: None,
+        )
+    except UserError as exc:  # nothing finished within the limit: that is the arm's result
+        results.add(
+            {
+                "key": key,
+                "study": name,
+                "test": None,
+                "val": None,
+                "flops": None,
+                "label": "-",
+                "trials": search_trials,
+                "wall": wall,
+                "limit": base.time_limit,
+                "note": str(exc),
+            }
+        )
+        print(f"  value {budget} {arm} seed {seed}: {wall:.0f}s, {exc}")
+        return
     best = load_yaml(export_dir / "best.yaml")
     result, provenance = best["result"], best["provenance"]
-    search_trials = sum(1 for t in study.get_trials() if TrialAttrs.read(t).stage != "final")
     results.add(
         {
             "key": key,
@@ -237,19 +259,25 @@ def tau_table(results: Results, budget: str, ctx: SearchContext) -> None:
 def value_table(results: Results, budget: str, ctx: SearchContext, limit: float) -> None:
     print(
         f"\n(value) budget {budget}x ({ctx.max_flops:,} FLOPs, {FLOPS_CONVENTION}), "
-        f"{limit / 60:.0f} min of wall time per job; test accuracy %, mean ± sd over seeds"
+        f"{limit:.0f} s of wall time per job; test accuracy %, mean ± sd over seeds"
     )
     print("| arm | seeds done | test % | val % | FLOPs | wall s | what it trained |")
     print("|---|---|---|---|---|---|---|")
     means: dict[str, list[float]] = {}
+    val_means: dict[str, float] = {}
     for arm in (*SEARCH_ARMS, *RECIPES):
         rows = results.where(f"value/{budget}/{arm}/")
         if not rows:
             print(f"| {arm} | 0 | not run yet | | | | |")
             continue
-        tests = [r["test"] for r in rows]
+        done = [r for r in rows if r["test"] is not None]
+        if not done:
+            print(f"| {arm} | {len(rows)} | no member finished within the limit | | | | |")
+            continue
+        tests = [r["test"] for r in done]
         means[arm] = tests
-        vals = [r["val"] for r in rows]
+        vals = [r["val"] for r in done]
+        val_means[arm] = statistics.fmean(vals)
         walls = ", ".join(f"{r['wall']:.0f}" for r in rows)
         what = (
             "; ".join(f"{r['trials']} trials, best {r['label']}" for r in rows)
@@ -257,18 +285,18 @@ def value_table(results: Results, budget: str, ctx: SearchContext, limit: float)
             else f"{rows[0]['epochs']} epochs on all rows"
         )
         print(
-            f"| {arm} | {len(rows)} | {spread(tests)} | {spread(vals)} | "
-            f"{statistics.fmean(float(r['flops'] or 0) for r in rows):,.0f} | "
+            f"| {arm} | {len(done)} of {len(rows)} | {spread(tests)} | {spread(vals)} | "
+            f"{statistics.fmean(float(r['flops']) for r in done):,.0f} | "
             f"{walls} | {what} |"
         )
     hand = [r for r in RECIPES if r in means]
     if "autosplit (TPE)" in means and hand:
-        best = max(hand, key=lambda r: statistics.fmean(means[r]))
+        best = max(hand, key=lambda r: val_means[r])  # chosen on val, as a user would
         ours, theirs = means["autosplit (TPE)"], means[best]
         sd = statistics.stdev(theirs) if len(theirs) > 1 else None
         gap = statistics.fmean(ours) - statistics.fmean(theirs)
         print(
-            f"autosplit - best hand-picked recipe ({best}), test: {gap:+.2f} pt"
+            f"autosplit - the hand-picked recipe best on val ({best}), test: {gap:+.2f} pt"
             + (
                 f" ({best} sd {sd:.2f}; {'>' if gap > 2 * sd else '<='} 2 sd)"
                 if sd
