@@ -1100,69 +1100,6 @@ def _plan(ctx: SearchContext, options: SearchOptions, *, cached: bool) -> Any:
         raise UserError(str(exc)) from None
 
 
-def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:
-    """Store what front/export need on the study, refusing to mix budgets or teachers."""
-    wanted = StudyAttrs(
-        budget_flops=ctx.max_flops,
-        teacher_key=ctx.teacher.key,
-        data_fingerprint=ctx.splits.fingerprint,
-    )
-    stored = StudyAttrs.read(study)
-    for name, value in wanted.as_dict().items():
-        have = getattr(stored, name)
-        if have is not None and have != value:
-            raise UserError(
-                f"--study-name {study.study_name}: this study was run with "
-                f"{name}={have}, not {value}; use another --study-name"
-            )
-    dataclasses.replace(
-        wanted,
-        budget=options.budget.text,
-        teacher_flops=ctx.teacher_flops,
-        teacher_test_acc=ctx.teacher.test_acc,
-        teacher_val_acc=ctx.teacher.val_acc,
-        space=str(options.space.path.resolve()),
-        space_yaml=options.space.path.read_text(),
-        teacher_path=str(ctx.teacher.path),
-        objective_flops=options.space.settings.objective_flops,
-        # The first search's store stays the study's: a host logging elsewhere was warned.
-        tracking_uri=stored.tracking_uri or options.tracking_uri,
-    ).write(study)  # what differs from the stored values
-
-
-def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
-    """The baselines run first (once per study), so the front always shows what was beaten;
-    then the portfolio, the methods' own recipes, so the sampler starts from them."""
-    if StudyAttrs.read(study).baselines_enqueued:
-        return
-    for name in space.settings.baselines:
-        # No parameters: a baseline's pinned values are not drawn (``SearchSpace.suggest``).
-        study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
-    for name in space.settings.portfolio:
-        # The recipe's in-range values as the trial's parameters: TPE counts the finished
-        # trial like a drawn one. The rest is pinned when it runs (``SearchSpace.overrides``).
-        params, _pinned = space.portfolio_trial(name)
-        study.enqueue_trial(params, user_attrs=TrialAttrs(portfolio=name).user_attrs())
-    StudyAttrs(baselines_enqueued=True).write(study)
-
-
-def _is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
-    return TrialAttrs.read(t).stage != "final"
-
-
-def remaining_trials(study: optuna.Study, total: int) -> int:
-    """Search trials still to run: the total less those finished, stopped or running (a trial
-    skipped for lack of time does not count)."""
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if _is_search_trial(t)
-        and TrialAttrs.read(t).state != "skipped"
-        and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    ]
-    return max(0, total - len(done))
-
-
 def run_worker(
     options: SearchOptions,
     ctx: SearchContext,
@@ -1191,7 +1128,7 @@ def run_worker(
         n = len(_waiting_final(study))
         callbacks: list[Any] = [_StopWhenNoFinalJobWaits()]
     else:
-        n = remaining_trials(study, options.trials)
+        n = studies.remaining_trials(study, options.trials)
         callbacks = [_StopAtTotal(options.trials), _front_callback(ctx)]
         if options.progress and worker_index == 0:
             callbacks.append(_ProgressCallback(options.trials, study))
@@ -1217,7 +1154,7 @@ class _StopAtTotal:
         self.total = total
 
     def __call__(self, study: optuna.Study, _trial: Any) -> None:
-        if remaining_trials(study, self.total) == 0:
+        if studies.remaining_trials(study, self.total) == 0:
             study.stop()
 
 
@@ -1314,7 +1251,8 @@ def choose_finalists(study: optuna.Study, ctx: SearchContext, k: int) -> list[in
         or TrialAttrs.read(t).candidate is None
     }
     top = max(
-        (len(TrialAttrs.read(t).rungs or []) for t in trials if _is_search_trial(t)), default=0
+        (len(TrialAttrs.read(t).rungs or []) for t in trials if studies.is_search_trial(t)),
+        default=0,
     )
     for rung in range(top - 1, -1, -1):
         pool = [
@@ -1361,7 +1299,7 @@ def final_plan(study: optuna.Study, ctx: SearchContext) -> list[tuple[int, int, 
     baselines = [
         t.number
         for t in study.get_trials(deepcopy=False)
-        if _is_search_trial(t)
+        if studies.is_search_trial(t)
         and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
         and (a := TrialAttrs.read(t)).baseline
         and a.rungs
@@ -1587,15 +1525,15 @@ def run_search(
     )
     ctx = prepare(options, log_teacher=say, study_teacher=study_teacher)
     study, created = opened[-1]
-    describe_study(study, ctx, options)
+    studies.describe_study(study, ctx, options)
     # A worker of this host that died (kill -9, power loss) left its trial RUNNING: fail it
     # now rather than count it as done; it and any interrupted trial are re-queued with their
     # parameters. RDB storages also have Optuna's heartbeat, which covers workers on other
     # machines after its grace period.
     studies.fail_dead_local_trials(study)
     if created:  # only the worker that made the study: never twice when started together
-        enqueue_baselines(study, options.space)
-    todo = remaining_trials(study, options.trials)
+        studies.enqueue_baselines(study, options.space)
+    todo = studies.remaining_trials(study, options.trials)
     say(
         f"study {study_name} on {redact_url(storage_url)}: "
         f"{options.trials - todo} of {options.trials} trials already done"

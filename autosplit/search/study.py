@@ -9,13 +9,14 @@ there carry their worker's host and pid and dead local workers' trials are faile
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -23,6 +24,10 @@ from optuna.trial import FrozenTrial, TrialState
 from autosplit.errors import UserError, redact_url
 from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.front import TrialRecord
+
+if TYPE_CHECKING:
+    from autosplit.search.driver import SearchContext, SearchOptions
+    from autosplit.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -409,3 +414,66 @@ def final_fidelity(study: optuna.Study) -> str:
             epochs = train["epochs"]
             return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"
     return ""
+
+
+def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:
+    """Store what front/export need on the study, refusing to mix budgets or teachers."""
+    wanted = StudyAttrs(
+        budget_flops=ctx.max_flops,
+        teacher_key=ctx.teacher.key,
+        data_fingerprint=ctx.splits.fingerprint,
+    )
+    stored = StudyAttrs.read(study)
+    for name, value in wanted.as_dict().items():
+        have = getattr(stored, name)
+        if have is not None and have != value:
+            raise UserError(
+                f"--study-name {study.study_name}: this study was run with "
+                f"{name}={have}, not {value}; use another --study-name"
+            )
+    dataclasses.replace(
+        wanted,
+        budget=options.budget.text,
+        teacher_flops=ctx.teacher_flops,
+        teacher_test_acc=ctx.teacher.test_acc,
+        teacher_val_acc=ctx.teacher.val_acc,
+        space=str(options.space.path.resolve()),
+        space_yaml=options.space.path.read_text(),
+        teacher_path=str(ctx.teacher.path),
+        objective_flops=options.space.settings.objective_flops,
+        # The first search's store stays the study's: a host logging elsewhere was warned.
+        tracking_uri=stored.tracking_uri or options.tracking_uri,
+    ).write(study)  # what differs from the stored values
+
+
+def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
+    """The baselines run first (once per study), so the front always shows what was beaten;
+    then the portfolio, the methods' own recipes, so the sampler starts from them."""
+    if StudyAttrs.read(study).baselines_enqueued:
+        return
+    for name in space.settings.baselines:
+        # No parameters: a baseline's pinned values are not drawn (``SearchSpace.suggest``).
+        study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
+    for name in space.settings.portfolio:
+        # The recipe's in-range values as the trial's parameters: TPE counts the finished
+        # trial like a drawn one. The rest is pinned when it runs (``SearchSpace.overrides``).
+        params, _pinned = space.portfolio_trial(name)
+        study.enqueue_trial(params, user_attrs=TrialAttrs(portfolio=name).user_attrs())
+    StudyAttrs(baselines_enqueued=True).write(study)
+
+
+def is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
+    return TrialAttrs.read(t).stage != "final"
+
+
+def remaining_trials(study: optuna.Study, total: int) -> int:
+    """Search trials still to run: the total less those finished, stopped or running (a trial
+    skipped for lack of time does not count)."""
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if is_search_trial(t)
+        and TrialAttrs.read(t).state != "skipped"
+        and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    ]
+    return max(0, total - len(done))
