@@ -462,18 +462,16 @@ def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
     StudyAttrs(baselines_enqueued=True).write(study)
 
 
-def is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
+def is_search_trial(t: FrozenTrial) -> bool:
     return TrialAttrs.read(t).stage != "final"
 
 
 def remaining_trials(study: optuna.Study, total: int) -> int:
     """Search trials still to run: the total less those finished, stopped or running (a trial
     skipped for lack of time does not count)."""
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if is_search_trial(t)
-        and TrialAttrs.read(t).state != "skipped"
-        and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    ]
-    return max(0, total - len(done))
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    done = 0
+    for t in study.get_trials(deepcopy=False):
+        attrs = TrialAttrs.read(t)
+        done += attrs.stage != "final" and attrs.state != "skipped" and t.state in counted
+    return max(0, total - done)
