@@ -249,7 +249,7 @@ def _copy_onnx(
 def _student_model(
     stem: str, student: Any, document: dict[str, Any], context: _EvalContext, is_best: bool
 ) -> Any:
-    from autosplit.tracking import StudentModel
+    from autosplit.tracking_models import StudentModel
 
     result, provenance = document["result"], document["provenance"]
     return StudentModel(
