@@ -439,7 +439,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from autosplit.checkpoint import save_or_rescue
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
-    from autosplit.export import read_config, retrain
+    from autosplit.evaluation import retrain
+    from autosplit.export_document import read_config
     from autosplit.flops import format_flops
     from autosplit.paths import check_output_dir, check_output_file
     from autosplit.search.budget import within_budget
