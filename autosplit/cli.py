@@ -158,8 +158,10 @@ def _space_and_budget(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from autosplit.search.attrs import TrialAttrs
     from autosplit.search.budget import parse_duration
     from autosplit.search.driver import SearchOptions, run_search
+    from autosplit.search.front_text import final_jobs_lines
     from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
 
     _check_search_paths(args)
@@ -215,7 +217,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(_front_text(study, rung=None))
     for line in _final_summary(study):
         print(line)
-    for line in _job_costs(study):
+    for line in final_jobs_lines(
+        (t.number, TrialAttrs.read(t)) for t in study.get_trials(deepcopy=False)
+    ):
         print(line)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
@@ -316,7 +320,8 @@ def _final_summary(study: Any) -> list[str]:
     """Under the final front: the best member's margin over the best baseline at equal seeds,
     and each rung's Kendall τ against the final stage (or why there is none)."""
     from autosplit.search.driver import proxy_fidelity
-    from autosplit.search.front import final_members, margin_line, tau_lines
+    from autosplit.search.front import final_members
+    from autosplit.search.front_text import margin_line, tau_lines
     from autosplit.search.study import records, study_info
 
     members = final_members(records(study), study_info(study).final_members)
@@ -325,31 +330,8 @@ def _final_summary(study: Any) -> list[str]:
     return [margin_line(members), *tau_lines(proxy_fidelity(study))]
 
 
-def _job_costs(study: Any) -> list[str]:
-    """Each final-stage job's planned seconds against what it took (skipped ones: planned)."""
-    from autosplit.search.attrs import TrialAttrs
-
-    lines = []
-    for trial in study.get_trials(deepcopy=False):
-        attrs = TrialAttrs.read(trial)
-        if attrs.stage != "final" or attrs.estimate_s is None or attrs.state == "duplicate":
-            continue
-        planned = float(attrs.estimate_s["total"])
-        if attrs.actual_s is not None:
-            actual = float(attrs.actual_s["total"])
-            off = f" ({100 * (actual - planned) / planned:+.0f} %)" if planned > 0 else ""
-            took = f"took {actual:.1f} s{off}"
-        else:
-            took = attrs.state or "not run"
-        lines.append(
-            f"  final job {trial.number}: member {attrs.member} seed {attrs.seed} "
-            f"({attrs.role or '-'}, {attrs.label}): planned {planned:.1f} s, {took}"
-        )
-    return ["final jobs, planned vs actual:", *lines] if lines else []
-
-
 def _front_text(study: Any, *, rung: int | None, extra: Any = None) -> str:
-    from autosplit.search.front import front_text
+    from autosplit.search.front_text import front_text
     from autosplit.search.study import final_fidelity, records, study_info
 
     info = study_info(study)
