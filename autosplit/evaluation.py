@@ -79,7 +79,7 @@ class EvalContext:
     def example(self, n: int) -> Any:
         """The first ``n`` test images as the student takes them: float32 (n, C, H, W),
         normalised, on the CPU."""
-        from autosplit.data import normalize
+        from autosplit.loader import normalize
 
         return normalize(self.splits.test.images[:n], self.splits.info)
 
@@ -188,7 +188,7 @@ def load_trained_student(
 
 
 def test_loader(splits: Any, runtime: Any) -> Any:
-    from autosplit.data import eval_loader
+    from autosplit.loader import eval_loader
 
     return eval_loader(splits.test, splits.info, runtime.device)
 
