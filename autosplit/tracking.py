@@ -66,6 +66,20 @@ def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
     return f"sqlite:///{(Path(runs_dir).resolve() / 'mlflow.db').as_posix()}"
 
 
+def chosen_tracking_uri(given: str | None, recorded: str | None, default: str) -> str:
+    """``given`` (``--tracking-uri``), else the store the study's search recorded (one MLflow
+    store per study, whichever host asks), else ``default``. A given URI other than the
+    recorded one is used, with one warning: its runs will not be beside the study's others."""
+    if given is None:
+        return recorded or default
+    if recorded is not None and given != recorded:
+        _print_warning(
+            f"--tracking-uri {redact_url(given)} differs from the study's MLflow store "
+            f"{redact_url(recorded)}; drop --tracking-uri to use the study's"
+        )
+    return given
+
+
 @dataclass(frozen=True)
 class LoggedStudents:
     """The ``export-…`` run and the registered model."""
