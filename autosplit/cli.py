@@ -127,12 +127,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.budget import parse_duration
     from autosplit.search.driver import SearchOptions, run_search
     from autosplit.search.front_text import final_jobs_lines
-    from autosplit.tracking import (
-        NullTracker,
-        check_tracking,
-        chosen_tracking_uri,
-        default_tracking_uri,
-    )
+    from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
+    from autosplit.tracking_store import chosen_tracking_uri
 
     _check_search_paths(args)
     from autosplit.device import resolve_devices
@@ -222,7 +218,8 @@ def _check_search_paths(args: argparse.Namespace) -> None:
 
 def _study_tracking_uri(args: argparse.Namespace, study: Any) -> str:
     from autosplit.search.attrs import StudyAttrs
-    from autosplit.tracking import chosen_tracking_uri, default_tracking_uri
+    from autosplit.tracking import default_tracking_uri
+    from autosplit.tracking_store import chosen_tracking_uri
 
     recorded = StudyAttrs.read(study).tracking_uri
     return chosen_tracking_uri(args.tracking_uri, recorded, default_tracking_uri(args.runs_dir))

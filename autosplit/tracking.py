@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
 import threading
 import time
@@ -32,10 +31,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from autosplit.errors import UserError, redact_url
 from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG
 from autosplit.tracking_store import (
+    experiment_id,
     failure_cause,
     is_http,
     probe_server,
     quiet_store,
+    search_all,
     sqlite_init_lock,
     store_error,
     store_failures,
@@ -64,20 +65,6 @@ _FAILED_PARENTS: set[str] = set()
 def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
     """``sqlite:///<abs>/runs/mlflow.db``: an embedded store that needs no server."""
     return f"sqlite:///{(Path(runs_dir).resolve() / 'mlflow.db').as_posix()}"
-
-
-def chosen_tracking_uri(given: str | None, recorded: str | None, default: str) -> str:
-    """``given`` (``--tracking-uri``), else the store the study's search recorded (one MLflow
-    store per study, whichever host asks), else ``default``. A given URI other than the
-    recorded one is used, with one warning: its runs will not be beside the study's others."""
-    if given is None:
-        return recorded or default
-    if recorded is not None and given != recorded:
-        _print_warning(
-            f"--tracking-uri {redact_url(given)} differs from the study's MLflow store "
-            f"{redact_url(recorded)}; drop --tracking-uri to use the study's"
-        )
-    return given
 
 
 @dataclass(frozen=True)
@@ -303,39 +290,6 @@ class MlflowTracker:
             raise RuntimeError("start_search() must be called first")
         return self._parent_run_id
 
-    def _artifact_location(self, study_name: str) -> str | None:
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None  # a server decides where its artifacts live
-        db_path = Path(self.tracking_uri.removeprefix("sqlite:///"))
-        if not db_path.is_absolute():  # "sqlite:///rel.db" is relative; four slashes are absolute
-            db_path = db_path.resolve()
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name)
-        return (db_path.parent / "mlartifacts" / safe).as_uri()
-
-    def _experiment(self, study_name: str) -> str:
-        """Get or create the study's experiment; another worker may be creating it right now."""
-        client = self.client
-        experiment = client.get_experiment_by_name(study_name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":  # runs cannot be created in it otherwise
-                log.warning("restoring deleted MLflow experiment %r", study_name)
-                client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(
-                study_name,
-                artifact_location=self._artifact_location(study_name),
-                tags={
-                    "mlflow.note.content": f"autosplit study `{study_name}`: one parent run per "
-                    "`autosplit search` invocation, one child run per trial."
-                },
-            )
-        except Exception:
-            experiment = client.get_experiment_by_name(study_name)  # lost the race: fine
-            if experiment is None:
-                raise
-            return experiment.experiment_id
-
     @property
     def client(self) -> MlflowClient:
         assert self._client is not None, "the store is not open"
@@ -351,7 +305,7 @@ class MlflowTracker:
         self._study_name = study_name
         if not self.off:
             with self._talking(f"start the search run of study {study_name!r}"):
-                self._experiment_id = self._experiment(study_name)
+                self._experiment_id = experiment_id(self.client, self.tracking_uri, study_name)
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 run = self.client.create_run(
                     self._experiment_id,
@@ -384,8 +338,8 @@ class MlflowTracker:
             experiment = self.client.get_experiment_by_name(study_name)
             if experiment is None:
                 return 0
-            for run in self._search_all(
-                [experiment.experiment_id], "attributes.status = 'RUNNING'"
+            for run in search_all(
+                self.client, [experiment.experiment_id], "attributes.status = 'RUNNING'"
             ):
                 if dead_here(run.data.tags.get(WORKER_TAG, "")):
                     self.client.set_terminated(run.info.run_id, status="KILLED")
@@ -399,8 +353,8 @@ class MlflowTracker:
         trial runs, and the parent runs oldest first (``autosplit sync`` reads both)."""
         with self._talking(f"read the runs of study {study_name!r}", strict=True):
             self._study_name = study_name
-            self._experiment_id = self._experiment(study_name)
-            runs = self._search_all([self._experiment_id], "")
+            self._experiment_id = experiment_id(self.client, self.tracking_uri, study_name)
+            runs = search_all(self.client, [self._experiment_id], "")
         trials: dict[int, tuple[str, bool]] = {}
         for run in runs:
             number = run.data.tags.get(TRIAL_TAG, "")
@@ -441,19 +395,6 @@ class MlflowTracker:
                 )
         self.end_trial(run_id, state=state, metrics=metrics)
         return run_id
-
-    def _search_all(self, experiment_ids: list[str], filter_string: str) -> list[Any]:
-        """Every run matching ``filter_string``, page by page."""
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                experiment_ids, filter_string, max_results=1000, page_token=token
-            )
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
 
     def attach(self, *, study_name: str, parent_run_id: str, revive: bool = False) -> None:
         """Log under a parent run another process started (``--workers N``: one parent run
@@ -554,7 +495,8 @@ class MlflowTracker:
         if self.off:
             return
         with self._talking("end the search run"):
-            orphans = self._search_all(
+            orphans = search_all(
+                self.client,
                 [self._experiment_id or self.client.get_run(self.parent_run_id).info.experiment_id],
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
                 "and attributes.status = 'RUNNING'",
@@ -577,9 +519,9 @@ class MlflowTracker:
             self._log_batch(run_id, metrics=_metrics(metrics, 0))
 
         with self._talking(f"log the exported models of study {study_name!r}", strict=True):
-            experiment_id = self._experiment(study_name)
+            experiment = experiment_id(self.client, self.tracking_uri, study_name)
             run = self.client.create_run(
-                experiment_id,
+                experiment,
                 run_name=f"export-{time.strftime('%Y%m%d-%H%M%S')}",
                 tags={ROLE_TAG: "export", STUDY_TAG: study_name, WORKER_TAG: _worker_id()},
             )

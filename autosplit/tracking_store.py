@@ -1,4 +1,5 @@
-"""The MLflow store as something that can fail: opening it, and telling its failures apart.
+"""The MLflow store: which one (``chosen_tracking_uri``), opening it, the study's experiment in
+it, and telling its failures apart.
 
 ``tracking.py``'s tracker decides what a failure does (stop the command, or warn once and go
 on); this module says what a failure is: a store that cannot be reached or read, in one line
@@ -12,10 +13,18 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autosplit.errors import UserError, redact_url
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("autosplit.tracking")  # one logger for tracking, whichever module
 
 # Errors of the machine, not of the store: a full disk must be reported as such.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -35,6 +44,22 @@ _NETWORK_CAUSES = (
     ("Failed to resolve", "unknown host"),
     ("Temporary failure in name resolution", "unknown host"),
 )
+
+
+def chosen_tracking_uri(given: str | None, recorded: str | None, default: str) -> str:
+    """``given`` (``--tracking-uri``), else the store the study's search recorded (one MLflow
+    store per study, whichever host asks), else ``default``. A given URI other than the
+    recorded one is used, with one warning: its runs will not be beside the study's others."""
+    if given is None:
+        return recorded or default
+    if recorded is not None and given != recorded:
+        print(
+            f"autosplit: warning: --tracking-uri {redact_url(given)} differs from the study's "
+            f"MLflow store {redact_url(recorded)}; drop --tracking-uri to use the study's",
+            file=sys.stderr,
+            flush=True,
+        )
+    return given
 
 
 def is_http(uri: str) -> bool:
@@ -90,6 +115,54 @@ def sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(db_path.with_name(db_path.name + ".lock")):  # waits as long as it takes
         yield
+
+
+def experiment_id(client: MlflowClient, tracking_uri: str, study_name: str) -> str:
+    """Get or create the study's experiment; another worker may be creating it right now."""
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":  # runs cannot be created in it otherwise
+            log.warning("restoring deleted MLflow experiment %r", study_name)
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            study_name,
+            artifact_location=_artifact_location(tracking_uri, study_name),
+            tags={
+                "mlflow.note.content": f"autosplit study `{study_name}`: one parent run per "
+                "`autosplit search` invocation, one child run per trial."
+            },
+        )
+    except Exception:
+        experiment = client.get_experiment_by_name(study_name)  # lost the race: fine
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _artifact_location(tracking_uri: str, study_name: str) -> str | None:
+    """For a SQLite store, beside the database (``<runs>/mlartifacts/<study>``), not MLflow's
+    default ``./mlruns`` in whatever directory the user happened to be in."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a server decides where its artifacts live
+    db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not db_path.is_absolute():  # "sqlite:///rel.db" is relative; four slashes are absolute
+        db_path = db_path.resolve()
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name)
+    return (db_path.parent / "mlartifacts" / safe).as_uri()
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    """Every run matching ``filter_string``, page by page."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 @contextlib.contextmanager
