@@ -16,6 +16,8 @@ from autosplit.paths import naming
 def write_onnx(
     student: Any, input_shape: Any, staging: Path, out_dir: Path, stem: str
 ) -> list[str]:
+    """``student`` as ONNX under ``staging/front/<stem>``; the names of the files written. A
+    failed write names the file it would have become, not the staging copy."""
     from autosplit.deploy import export_onnx
 
     with naming(out_dir / "front" / f"{stem}.onnx", always=True):
@@ -42,6 +44,8 @@ def copy_onnx(
 
 
 def staging_parent(out_dir: Path) -> Path:
+    """Where the export is staged: ``out_dir``'s parent (made if missing), so that the swap is a
+    rename on one file system; refused in one line when it cannot be written."""
     parent = out_dir.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
