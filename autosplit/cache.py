@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from autosplit.config import atomic_write_bytes, config_hash
-from autosplit.data import Batch, DatasetInfo, Split, TensorLoader
+from autosplit.data import DatasetInfo, Split
 from autosplit.device import Runtime
+from autosplit.loader import Batch, TensorLoader
 from autosplit.modules import freeze
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autosplit.commands.train import cmd_train
 from autosplit.errors import UserError
 
 # --time-limit counts from here: the imports that follow (torch, optuna, MLflow) take seconds.
 STARTED = time.monotonic()
 
-DEFAULT_SPACE = "fashion_mnist.yaml"
 # autosplit.device.PRECISIONS, spelt here: the parser must not import torch.
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = (
@@ -24,48 +24,13 @@ PRECISION_HELP = (
 )
 
 
-def find_space(name: str | None) -> Path:
-    """``--space`` as given, else the default space from ./search_spaces or the source tree."""
-    if name is not None:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"--space {name}: file not found; see search_spaces/ for examples")
-        return path
-    for folder in (
-        Path.cwd() / "search_spaces",
-        Path(__file__).resolve().parent.parent / "search_spaces",
-    ):
-        if (folder / DEFAULT_SPACE).is_file():
-            return folder / DEFAULT_SPACE
-    raise UserError(
-        f"no --space given and search_spaces/{DEFAULT_SPACE} not found; pass --space FILE"
-    )
-
-
-def load_space_sections(path: Path) -> tuple[Any, Any]:
-    """The ``data`` and ``teacher`` sections of a search-space file, strictly validated."""
-    from autosplit.config import DataConfig, TeacherConfig, from_dict, load_yaml
-
-    raw = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    for section in ("data", "teacher"):
-        if section not in raw:
-            raise UserError(f"{path}: missing section {section!r}")
-    try:
-        data = from_dict(DataConfig, raw["data"], "data")
-        teacher = from_dict(TeacherConfig, raw["teacher"], "teacher")
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-    return data, teacher
-
-
 def cmd_teacher(args: argparse.Namespace) -> int:
     import dataclasses
 
     from autosplit.data import load_splits
     from autosplit.device import resolve_runtime
     from autosplit.paths import check_output_dir
+    from autosplit.search.space import find_space, load_space_sections
     from autosplit.teacher import PRETRAINED_DIR, get_teacher
 
     space = find_space(args.space)
@@ -104,11 +69,11 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
-    from autosplit.flops import count_flops_report, format_flops
+    from autosplit.flops import count_flops_report, format_flops, parse_input_shape
     from autosplit.models import create_model
     from autosplit.search.front import FLOPS_CONVENTION
 
-    shape = _parse_shape(args.input)
+    shape = parse_input_shape(args.input)
     try:
         model = create_model(
             args.model,
@@ -141,7 +106,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def _space_and_budget(args: argparse.Namespace):
     from autosplit.search.budget import parse_budget
-    from autosplit.search.space import SearchSpace
+    from autosplit.search.space import SearchSpace, find_space
 
     space = SearchSpace.from_yaml(find_space(args.space))
     if args.data_dir:
@@ -158,9 +123,12 @@ def _space_and_budget(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from autosplit.search.attrs import TrialAttrs
     from autosplit.search.budget import parse_duration
     from autosplit.search.driver import SearchOptions, run_search
+    from autosplit.search.front_text import final_jobs_lines
     from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
+    from autosplit.tracking_store import chosen_tracking_uri
 
     _check_search_paths(args)
     from autosplit.device import resolve_devices
@@ -200,13 +168,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         teacher_wait=_teacher_wait(args.teacher_wait),
     )
     from autosplit.search.driver import default_study_name
-    from autosplit.search.study import default_storage
+    from autosplit.search.study import default_storage, recorded_tracking_uri
 
     storage_url = args.storage or default_storage(args.runs_dir, workers)
-    recorded = _recorded_tracking_uri(
+    recorded = recorded_tracking_uri(
         storage_url, args.study_name or default_study_name(space, budget)
     )
-    uri = _tracking_uri(args, recorded, default_tracking_uri(args.runs_dir))
+    uri = chosen_tracking_uri(args.tracking_uri, recorded, default_tracking_uri(args.runs_dir))
     options.tracking_uri = None if args.no_tracking else uri
     # An unreachable store fails now: before the teacher trains, before the study is touched.
     tracker = NullTracker() if args.no_tracking else check_tracking(uri)
@@ -215,7 +183,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(_front_text(study, rung=None))
     for line in _final_summary(study):
         print(line)
-    for line in _job_costs(study):
+    for line in final_jobs_lines(
+        (t.number, TrialAttrs.read(t)) for t in study.get_trials(deepcopy=False)
+    ):
         print(line)
     print()
     print(f"review: mlflow ui --backend-store-uri {uri}   (experiment {study.study_name!r})")
@@ -231,44 +201,6 @@ def _teacher_wait(text: str) -> float:
 
     seconds = parse_duration(text, "--teacher-wait")
     return float("inf") if seconds is None else seconds  # off: wait as long as it takes
-
-
-def _recorded_tracking_uri(storage_url: str, study_name: str) -> str | None:
-    """The tracking URI an earlier search of the study recorded; None for a new study (a
-    storage file not made yet is not created here)."""
-    from autosplit.search import study as studies
-    from autosplit.search.attrs import StudyAttrs
-
-    path = storage_url.removeprefix("journal:").removeprefix("sqlite:///")
-    if path != storage_url and not Path(path).is_file():
-        return None
-    if storage_url.endswith(".log") and not Path(storage_url).is_file():
-        return None
-    try:
-        study = studies.open_study(
-            study_name, studies.open_storage(storage_url, write=False), create=False
-        )
-    except UserError:
-        return None  # no such study yet; an unreachable storage is reported by the search
-    return StudyAttrs.read(study).tracking_uri
-
-
-def _tracking_uri(args: argparse.Namespace, recorded: str | None, default: str) -> str:
-    """``--tracking-uri``, else the store the study's search recorded (one MLflow store per
-    study, whichever host asks), else ``default``. A given URI other than the recorded one is
-    used, with one warning: its runs will not be beside the study's others."""
-    from autosplit.errors import redact_url
-
-    if args.tracking_uri is None:
-        return recorded or default
-    if recorded is not None and args.tracking_uri != recorded:
-        print(
-            f"autosplit: warning: --tracking-uri {redact_url(args.tracking_uri)} differs from "
-            f"the study's MLflow store {redact_url(recorded)}; drop --tracking-uri to use the "
-            "study's",
-            file=sys.stderr,
-        )
-    return args.tracking_uri
 
 
 def _check_search_paths(args: argparse.Namespace) -> None:
@@ -287,9 +219,10 @@ def _check_search_paths(args: argparse.Namespace) -> None:
 def _study_tracking_uri(args: argparse.Namespace, study: Any) -> str:
     from autosplit.search.attrs import StudyAttrs
     from autosplit.tracking import default_tracking_uri
+    from autosplit.tracking_store import chosen_tracking_uri
 
     recorded = StudyAttrs.read(study).tracking_uri
-    return _tracking_uri(args, recorded, default_tracking_uri(args.runs_dir))
+    return chosen_tracking_uri(args.tracking_uri, recorded, default_tracking_uri(args.runs_dir))
 
 
 def cmd_front(args: argparse.Namespace) -> int:
@@ -316,7 +249,8 @@ def _final_summary(study: Any) -> list[str]:
     """Under the final front: the best member's margin over the best baseline at equal seeds,
     and each rung's Kendall τ against the final stage (or why there is none)."""
     from autosplit.search.driver import proxy_fidelity
-    from autosplit.search.front import final_members, margin_line, tau_lines
+    from autosplit.search.front import final_members
+    from autosplit.search.front_text import margin_line, tau_lines
     from autosplit.search.study import records, study_info
 
     members = final_members(records(study), study_info(study).final_members)
@@ -325,31 +259,8 @@ def _final_summary(study: Any) -> list[str]:
     return [margin_line(members), *tau_lines(proxy_fidelity(study))]
 
 
-def _job_costs(study: Any) -> list[str]:
-    """Each final-stage job's planned seconds against what it took (skipped ones: planned)."""
-    from autosplit.search.attrs import TrialAttrs
-
-    lines = []
-    for trial in study.get_trials(deepcopy=False):
-        attrs = TrialAttrs.read(trial)
-        if attrs.stage != "final" or attrs.estimate_s is None or attrs.state == "duplicate":
-            continue
-        planned = float(attrs.estimate_s["total"])
-        if attrs.actual_s is not None:
-            actual = float(attrs.actual_s["total"])
-            off = f" ({100 * (actual - planned) / planned:+.0f} %)" if planned > 0 else ""
-            took = f"took {actual:.1f} s{off}"
-        else:
-            took = attrs.state or "not run"
-        lines.append(
-            f"  final job {trial.number}: member {attrs.member} seed {attrs.seed} "
-            f"({attrs.role or '-'}, {attrs.label}): planned {planned:.1f} s, {took}"
-        )
-    return ["final jobs, planned vs actual:", *lines] if lines else []
-
-
 def _front_text(study: Any, *, rung: int | None, extra: Any = None) -> str:
-    from autosplit.search.front import front_text
+    from autosplit.search.front_text import front_text
     from autosplit.search.study import final_fidelity, records, study_info
 
     info = study_info(study)
@@ -431,113 +342,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
         f"there ({uri})"
     )
     return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from autosplit.checkpoint import save_or_rescue
-    from autosplit.data import load_splits
-    from autosplit.device import resolve_runtime
-    from autosplit.export import read_config, retrain
-    from autosplit.flops import format_flops
-    from autosplit.paths import check_output_dir, check_output_file
-    from autosplit.search.budget import within_budget
-    from autosplit.search.front import FLOPS_CONVENTION
-    from autosplit.teacher import build_teacher_model, get_teacher
-
-    config = read_config(args.config)
-    # Every place this run writes is checked now, not after training with the weights lost.
-    if args.out:
-        check_output_file(args.out, "--out")
-    check_output_dir(args.runs_dir, "--runs-dir")
-    candidate = config.candidate
-    if args.epochs is not None:
-        candidate = candidate.with_values({"train.epochs": args.epochs})
-    if args.seed is not None:
-        candidate = candidate.with_values({"train.seed": args.seed})
-    if args.data_dir:
-        candidate = dataclasses.replace(
-            candidate, data=dataclasses.replace(candidate.data, data_dir=args.data_dir)
-        )
-    runtime = resolve_runtime(args.device, precision=args.precision)
-    splits = load_splits(candidate.data)
-
-    def over(worst_case: int) -> str:
-        return (
-            f"{args.config}: the student's widths give {format_flops(worst_case)} "
-            f"FLOPs ({worst_case:,}), over its max_flops "
-            f"{format_flops(candidate.max_flops)} ({candidate.max_flops:,}); lower "
-            "split.base_width / split.part_width or raise max_flops"
-        )
-
-    # Refused before any training: an edited config whose widths exceed its max_flops.
-    teacher_shape = build_teacher_model(candidate.teacher, splits)
-    within_budget(candidate, teacher_shape, splits, max_flops=candidate.max_flops, over=over)
-    teacher = get_teacher(
-        candidate.teacher,
-        candidate.data,
-        splits,
-        runtime,
-        runs_dir=args.runs_dir,
-        progress=not args.quiet,
-    )
-    outcome = retrain(
-        candidate,
-        splits,
-        teacher,
-        runtime,
-        Path(args.runs_dir),
-        teacher_views=config.teacher_views,
-        progress=not args.quiet,
-    )
-    result = outcome["result"]
-    print(
-        f"{args.config}: val {outcome['val_acc']:.2f}%  test {outcome['test_acc']:.2f}%  "
-        f"FLOPs {format_flops(result.worst_case_flops)} worst case, "
-        f"{format_flops(int(result.expected_flops))} expected ({FLOPS_CONVENTION})"
-    )
-    if "val_acc_mean" in config.result:
-        mean, sd = config.result["val_acc_mean"], config.result["val_acc_sd"]
-        tolerance = max(sd, 0.5)
-        verdict = "within" if abs(outcome["val_acc"] - mean) <= tolerance else "OUTSIDE"
-        n_seeds = len(config.result.get("seeds", []))
-        spread = f"{mean:.2f}% over 1 seed" if n_seeds == 1 else f"{mean:.2f} ± {sd:.2f}% over "
-        spread += "" if n_seeds == 1 else f"{n_seeds} seeds"
-        print(f"final stage measured val {spread}; this run is {verdict} {tolerance:.2f} pt of it")
-    elif "val_acc" in config.result:
-        print(f"search measured val {config.result['val_acc']:.2f}% for this candidate")
-    if args.out:
-        save_or_rescue(
-            args.out,
-            args.runs_dir,
-            kind="student",
-            config=candidate.to_dict(),
-            state_dict={k: v.cpu() for k, v in result.student.state_dict().items()},
-            extra={"val_acc": outcome["val_acc"], "test_acc": outcome["test_acc"]},
-        )
-        print(f"weights: {args.out}")
-    return 0
-
-
-# The largest image `flops` builds activations for (C*H*W): 3x2048x2048 fits, with room.
-MAX_INPUT_VALUES = 2**24
-
-
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        c, h, w = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--input {text!r}: expected CxHxW, e.g. 3x32x32") from None
-    if min(c, h, w) < 1:
-        raise UserError(f"--input {text!r}: every size must be >= 1, e.g. 3x32x32")
-    if c * h * w > MAX_INPUT_VALUES:
-        raise UserError(
-            f"--input {text}: {c * h * w:,} values per image, more than the "
-            f"{MAX_INPUT_VALUES:,} autosplit counts on; use a smaller input, e.g. "
-            "3x224x224"
-        )
-    return c, h, w
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -233,3 +233,25 @@ def format_flops(n: float) -> str:
                 return f"{text}{suffix}"
             # else 999.96M printed as 1000.0M: say 1.00G instead
     raise AssertionError("unreachable")
+
+
+# The largest image `flops` builds activations for (C*H*W): 3x2048x2048 fits, with room.
+MAX_INPUT_VALUES = 2**24
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """``autosplit flops --input``: "CxHxW" as (C, H, W), refused in one line when malformed or
+    larger than ``MAX_INPUT_VALUES``."""
+    try:
+        c, h, w = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--input {text!r}: expected CxHxW, e.g. 3x32x32") from None
+    if min(c, h, w) < 1:
+        raise UserError(f"--input {text!r}: every size must be >= 1, e.g. 3x32x32")
+    if c * h * w > MAX_INPUT_VALUES:
+        raise UserError(
+            f"--input {text}: {c * h * w:,} values per image, more than the "
+            f"{MAX_INPUT_VALUES:,} autosplit counts on; use a smaller input, e.g. "
+            "3x224x224"
+        )
+    return c, h, w

@@ -164,8 +164,8 @@ def read_export_latency(folder: Path, study_name: str, *, fix: str) -> ExportLat
 def front_columns(folder: Path, study_name: str, *, fix: str) -> Any:
     """``front --latency``: each member's latency as a share of the teacher's, read from what
     ``autosplit export`` measured at ``folder`` (in one process, so the shares compare on a
-    noisy machine; front itself measures nothing), as ``front.ExtraColumns``."""
-    from autosplit.search.front import ExtraColumns
+    noisy machine; front itself measures nothing), as ``front_text.ExtraColumns``."""
+    from autosplit.search.front_text import ExtraColumns
 
     latency = read_export_latency(folder, study_name, fix=fix)
     keys = [

@@ -28,9 +28,10 @@ from autosplit.checkpoint import (
     sha256_file,
 )
 from autosplit.config import DataConfig, TeacherConfig, config_hash, from_dict, to_dict
-from autosplit.data import Splits, TensorLoader, eval_loader
+from autosplit.data import Splits
 from autosplit.device import Runtime
 from autosplit.errors import UserError
+from autosplit.loader import TensorLoader, eval_loader
 from autosplit.models import ZooModel, create_model
 from autosplit.modules import freeze
 from autosplit.train import Classifier, evaluate, fit, seed_everything

@@ -1,35 +1,51 @@
-"""Experiment tracking — the only module of autosplit that imports MLflow, and only lazily.
+"""Experiment tracking, with ``tracking_store.py`` and ``tracking_models.py``: the modules that
+write to MLflow, all importing it lazily.
 
 The search talks to a ``Tracker``: ``MlflowTracker`` writes one experiment per study, a parent
 run per ``autosplit search`` invocation (the Pareto front plots, hypervolume, the search's own
 cost) and a nested child run per trial; ``NullTracker`` does nothing, for tests and
 ``--no-tracking``. ``autosplit export`` logs the exported students as MLflow models in an
-``export-…`` run of the same experiment (``MlflowTracker.log_students``). A leaf: the search computes what the parent run shows (``search.report``)
-and hands it over; nothing here knows what a front is. It uses ``MlflowClient`` with explicit
-run ids rather than ``mlflow.start_run`` so that no global active-run state is shared: several
-workers (processes or threads) may each hold a tracker on the same store. optuna-integration's MLflow callback is deprecated and not used.
+``export-…`` run of the same experiment (``MlflowTracker.log_students``, the models logged by
+``tracking_models``). What a failure of the store is, and how it is told, is
+``tracking_store``'s; what it does (stop the command, or warn once and go on) is decided here.
+
+A leaf: the search computes what the parent run shows (``search.report``) and hands it over;
+nothing here knows what a front is. It uses ``MlflowClient`` with explicit run ids rather than
+``mlflow.start_run`` so that no global active-run state is shared: several workers (processes
+or threads) may each hold a tracker on the same store. optuna-integration's MLflow callback is
+deprecated and not used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
-import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from autosplit.errors import UserError, redact_url
 from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG
+from autosplit.tracking_store import (
+    experiment_id,
+    failure_cause,
+    is_http,
+    probe_server,
+    quiet_store,
+    search_all,
+    sqlite_init_lock,
+    store_error,
+    store_failures,
+)
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+    from autosplit.tracking_models import StudentModel
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +56,10 @@ _RUN_STATUS = {
     "failed": "FAILED",
     "killed": "KILLED",
 }
-# Errors of the machine, not of the store: a full disk must be reported as such.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CHECK_SECONDS = 5.0  # how long check_tracking waits for an http(s) store
-# HTTP stores: MLflow's default (7 retries with backoff, 120 s timeout) spends minutes on a
-# dead server. Bounded here unless the user set them; see MLflow's environment_variables.py.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
 # Parent run ids whose tracking failed in this process: every tracker logging under such a
 # parent stays silent, so one search warns once however many trackers its phases open.
 _FAILED_PARENTS: set[str] = set()
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
 
 
 def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
@@ -65,22 +68,10 @@ def default_tracking_uri(runs_dir: str | Path = "runs") -> str:
 
 
 @dataclass(frozen=True)
-class StudentModel:
-    """One exported student to log as an MLflow model: ``module`` in eval mode on the CPU,
-    ``example`` a float32 batch (1, C, H, W) of normalised images it takes."""
-
-    name: str  # the logged model's name, e.g. "trial-0003"
-    module: Any  # torch.nn.Module
-    example: Any  # numpy.ndarray
-    tags: dict[str, str]
-    metrics: dict[str, float]
-    register: bool = False  # a new version of the registered model named after the study
-
-
-@dataclass(frozen=True)
 class LoggedStudents:
+    """The ``export-…`` run and the registered model."""
+
     run_id: str
-    model_uris: dict[str, str]  # name -> models:/m-… URI
     registered: str | None  # models:/<name>/<version> of the registered one
 
 
@@ -170,25 +161,6 @@ def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, 
     return flat
 
 
-@contextlib.contextmanager
-def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
-    """Serialise opening a SQLite store across local processes.
-
-    MLflow creates and migrates the schema on first open; two workers doing that at once on a
-    fresh file break each other's migrations (seen here with --workers 2). A file lock beside
-    the database makes the second wait for the first. Servers need no lock.
-    """
-    if not tracking_uri.startswith("sqlite:///"):
-        yield
-        return
-    from filelock import FileLock
-
-    db_path = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(db_path.with_name(db_path.name + ".lock")):  # waits as long as it takes
-        yield
-
-
 def check_tracking(
     uri: str, *, timeout: float = CHECK_SECONDS, warn: Callable[[str], None] | None = None
 ) -> MlflowTracker:
@@ -199,23 +171,8 @@ def check_tracking(
     minutes); any other store (SQLite) is opened, which creates its schema on first use.
     ``warn``: as for ``MlflowTracker``.
     """
-    if _is_http(uri):
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-        endpoint = "/api/2.0/mlflow/experiments/search"
-        try:
-            response = http_request(
-                get_default_host_creds(uri),
-                endpoint,
-                "POST",
-                json={"max_results": 1},
-                max_retries=0,
-                timeout=timeout,
-            )
-            verify_rest_response(response, endpoint)
-        except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types
-            raise _store_error(uri, "reach the server", exc) from None
+    if is_http(uri):
+        probe_server(uri, timeout)
     return MlflowTracker(uri, warn=warn)
 
 
@@ -246,20 +203,14 @@ class MlflowTracker:
         self._parent_run_id: str | None = None
         self._study_name = ""
         self._failed: str | None = None  # the cause, once the store failed mid-search
-        if _is_http(tracking_uri):
-            for name, value in HTTP_DEFAULTS.items():
-                os.environ.setdefault(name, value)
-        # A failing store is reported once, by us: not by urllib3's line per retry nor by
-        # MLflow's traceback of each SQLAlchemy error.
-        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        quiet_store(tracking_uri)
         if connect:
             self._connect()
 
     def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        with self._talking("connect", strict=True), _sqlite_init_lock(self.tracking_uri):
+        with self._talking("connect", strict=True), sqlite_init_lock(self.tracking_uri):
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
             self.client.search_experiments(max_results=1)  # fail now, not after a trial
 
@@ -301,36 +252,18 @@ class MlflowTracker:
     def enabled(self) -> bool:
         return not self.off
 
-    @contextlib.contextmanager
-    def _talking(self, what: str, *, strict: bool = False) -> Iterator[None]:
+    def _talking(
+        self, what: str, *, strict: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
         """Turn the store's failures into one line that names the URI (no traceback).
 
         ``strict``: raise it as ``UserError`` (opening the store); otherwise warn once and
         turn the tracker off (mid-search). Disk-full errors propagate unchanged either way.
         """
-        from mlflow.exceptions import MlflowException
-
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno in DISK_ERRNOS:
-                raise
-            self._store_failed(what, exc, strict)
-        except MlflowException as exc:
-            full = _disk_full(exc)
-            if full is not None:
-                raise full from exc
-            self._store_failed(what, exc, strict)
-        except Exception as exc:  # SQLAlchemy / requests errors not wrapped by MLflow
-            if type(exc).__module__.split(".")[0] not in ("sqlalchemy", "requests", "urllib3"):
-                raise
-            full = _disk_full(exc)
-            if full is not None:
-                raise full from exc
-            self._store_failed(what, exc, strict)
+        return store_failures(lambda exc: self._store_failed(what, exc, strict))
 
     def _store_failed(self, what: str, exc: BaseException, strict: bool) -> None:
-        error = _store_error(self.tracking_uri, what, exc)
+        error = store_error(self.tracking_uri, what, exc)
         if strict:
             raise error from exc
         log.debug("MLflow tracking failed", exc_info=exc)
@@ -340,7 +273,7 @@ class MlflowTracker:
         """Turn tracking off for this search, warning once (the first tracker to fail)."""
         if self.off:
             return
-        cause = str(error).split(": could not ", 1)[-1].removesuffix(_ADVICE)
+        cause = failure_cause(error)
         self._failed = cause
         if self._parent_run_id is not None:
             _FAILED_PARENTS.add(self._parent_run_id)
@@ -357,39 +290,6 @@ class MlflowTracker:
             raise RuntimeError("start_search() must be called first")
         return self._parent_run_id
 
-    def _artifact_location(self, study_name: str) -> str | None:
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None  # a server decides where its artifacts live
-        db_path = Path(self.tracking_uri.removeprefix("sqlite:///"))
-        if not db_path.is_absolute():  # "sqlite:///rel.db" is relative; four slashes are absolute
-            db_path = db_path.resolve()
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study_name)
-        return (db_path.parent / "mlartifacts" / safe).as_uri()
-
-    def _experiment(self, study_name: str) -> str:
-        """Get or create the study's experiment; another worker may be creating it right now."""
-        client = self.client
-        experiment = client.get_experiment_by_name(study_name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":  # runs cannot be created in it otherwise
-                log.warning("restoring deleted MLflow experiment %r", study_name)
-                client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(
-                study_name,
-                artifact_location=self._artifact_location(study_name),
-                tags={
-                    "mlflow.note.content": f"autosplit study `{study_name}`: one parent run per "
-                    "`autosplit search` invocation, one child run per trial."
-                },
-            )
-        except Exception:
-            experiment = client.get_experiment_by_name(study_name)  # lost the race: fine
-            if experiment is None:
-                raise
-            return experiment.experiment_id
-
     @property
     def client(self) -> MlflowClient:
         assert self._client is not None, "the store is not open"
@@ -405,7 +305,7 @@ class MlflowTracker:
         self._study_name = study_name
         if not self.off:
             with self._talking(f"start the search run of study {study_name!r}"):
-                self._experiment_id = self._experiment(study_name)
+                self._experiment_id = experiment_id(self.client, self.tracking_uri, study_name)
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 run = self.client.create_run(
                     self._experiment_id,
@@ -438,8 +338,8 @@ class MlflowTracker:
             experiment = self.client.get_experiment_by_name(study_name)
             if experiment is None:
                 return 0
-            for run in self._search_all(
-                [experiment.experiment_id], "attributes.status = 'RUNNING'"
+            for run in search_all(
+                self.client, [experiment.experiment_id], "attributes.status = 'RUNNING'"
             ):
                 if dead_here(run.data.tags.get(WORKER_TAG, "")):
                     self.client.set_terminated(run.info.run_id, status="KILLED")
@@ -453,8 +353,8 @@ class MlflowTracker:
         trial runs, and the parent runs oldest first (``autosplit sync`` reads both)."""
         with self._talking(f"read the runs of study {study_name!r}", strict=True):
             self._study_name = study_name
-            self._experiment_id = self._experiment(study_name)
-            runs = self._search_all([self._experiment_id], "")
+            self._experiment_id = experiment_id(self.client, self.tracking_uri, study_name)
+            runs = search_all(self.client, [self._experiment_id], "")
         trials: dict[int, tuple[str, bool]] = {}
         for run in runs:
             number = run.data.tags.get(TRIAL_TAG, "")
@@ -495,19 +395,6 @@ class MlflowTracker:
                 )
         self.end_trial(run_id, state=state, metrics=metrics)
         return run_id
-
-    def _search_all(self, experiment_ids: list[str], filter_string: str) -> list[Any]:
-        """Every run matching ``filter_string``, page by page."""
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                experiment_ids, filter_string, max_results=1000, page_token=token
-            )
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
 
     def attach(self, *, study_name: str, parent_run_id: str, revive: bool = False) -> None:
         """Log under a parent run another process started (``--workers N``: one parent run
@@ -608,7 +495,8 @@ class MlflowTracker:
         if self.off:
             return
         with self._talking("end the search run"):
-            orphans = self._search_all(
+            orphans = search_all(
+                self.client,
                 [self._experiment_id or self.client.get_run(self.parent_run_id).info.experiment_id],
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
                 "and attributes.status = 'RUNNING'",
@@ -620,65 +508,32 @@ class MlflowTracker:
             self.client.set_terminated(self.parent_run_id, status=status)
 
     def log_students(self, study_name: str, students: Sequence[StudentModel]) -> LoggedStudents:
-        """Log each student with ``mlflow.pytorch.log_model`` (signature and input example) in
-        a new ``export-…`` run of the study's experiment, registering the one marked
-        ``register`` as a new version of the model named ``study_name``. A failing store raises
-        ``UserError`` (one line).
+        """Log each student as an MLflow model (``tracking_models.log_models``) in a new
+        ``export-…`` run of the study's experiment, registering the one marked ``register`` as
+        a new version of the model named ``study_name``. A failing store raises ``UserError``
+        (one line)."""
+        from autosplit.tracking_models import log_models
 
-        Pickled, not MLflow's default "pt2" graph: ``torch.export`` traces one path through
-        the code, and ResKD's exit gate is data-dependent control flow; a pickled module keeps
-        its own ``forward``, gate and threshold (loading it needs autosplit importable).
-        """
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
+        def logged(student: StudentModel) -> None:
+            metrics = {f"{student.name}/{k}": v for k, v in student.metrics.items()}
+            self._log_batch(run_id, metrics=_metrics(metrics, 0))
 
-        from autosplit import __version__
-
-        requirements = [f"autosplit=={__version__}", f"torch=={torch.__version__.split('+')[0]}"]
-        quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning, once per model
-        level = quiet.level
-        uris: dict[str, str] = {}
-        registered = None
         with self._talking(f"log the exported models of study {study_name!r}", strict=True):
-            experiment_id = self._experiment(study_name)
+            experiment = experiment_id(self.client, self.tracking_uri, study_name)
             run = self.client.create_run(
-                experiment_id,
+                experiment,
                 run_name=f"export-{time.strftime('%Y%m%d-%H%M%S')}",
                 tags={ROLE_TAG: "export", STUDY_TAG: study_name, WORKER_TAG: _worker_id()},
             )
             run_id, status = run.info.run_id, "FAILED"
-            quiet.setLevel(logging.ERROR)
             try:
-                with _fluent_uris(self.tracking_uri), mlflow.start_run(run_id=run_id):
-                    for student in students:
-                        with torch.no_grad():
-                            logits = student.module(torch.from_numpy(student.example)).numpy()
-                        info = mlflow.pytorch.log_model(
-                            student.module,
-                            name=student.name,
-                            signature=infer_signature(student.example, logits),  # (-1, C, H, W)
-                            input_example=student.example,
-                            registered_model_name=study_name if student.register else None,
-                            serialization_format="pickle",
-                            pip_requirements=requirements,  # no inference subprocess
-                            tags=student.tags,
-                        )
-                        uris[student.name] = info.model_uri
-                        if student.register:
-                            registered = f"models:/{study_name}/{info.registered_model_version}"
-                        self._log_batch(
-                            run_id,
-                            metrics=_metrics(
-                                {f"{student.name}/{k}": v for k, v in student.metrics.items()}, 0
-                            ),
-                        )
+                registered = log_models(
+                    self.tracking_uri, run_id, study_name, students, logged=logged
+                )
                 status = "FINISHED"
             finally:
-                quiet.setLevel(level)
                 self.client.set_terminated(run_id, status=status)
-        return LoggedStudents(run_id, uris, registered)
+        return LoggedStudents(run_id, registered)
 
     def _log_batch(
         self,
@@ -692,30 +547,6 @@ class MlflowTracker:
         self.client.log_batch(
             run_id, metrics=metrics or [], params=params or [], tags=tags or [], synchronous=True
         )
-
-
-@contextlib.contextmanager
-def _fluent_uris(uri: str) -> Iterator[None]:
-    """``mlflow.pytorch.log_model`` logs through MLflow's process-wide tracking and registry
-    URIs (and their environment variables): point them at ``uri`` for the block, then put back
-    exactly what was there, so that no later client in this process follows them."""
-    from mlflow.tracking import _model_registry, _tracking_service
-
-    tracking, registry = _tracking_service.utils, _model_registry.utils
-    saved = tracking._tracking_uri, registry._registry_uri
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    tracking.set_tracking_uri(uri)
-    registry.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking.set_tracking_uri(saved[0])
-        registry._registry_uri = saved[1]
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _metrics(values: Mapping[str, float | int | None], step: int) -> list[Any]:
@@ -733,7 +564,6 @@ def _clip(text: str) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param value limit
 
 
-_ADVICE = " (check --tracking-uri, or pass --no-tracking)"
 _UNLOGGED = "unlogged-"  # the prefix of a parent run id the store never received
 
 
@@ -747,35 +577,3 @@ def _worker_id() -> str:
     from autosplit.search.study import worker_id
 
     return worker_id()
-
-
-# What requests/urllib3 bury in a long "Max retries exceeded ..." text, said in a few words.
-_NETWORK_CAUSES = (
-    ("Connection refused", "connection refused: is the server running?"),
-    ("timed out", "no answer in time"),
-    ("Name or service not known", "unknown host"),
-    ("Failed to resolve", "unknown host"),
-    ("Temporary failure in name resolution", "unknown host"),
-)
-
-
-def _store_error(uri: str, what: str, exc: BaseException) -> UserError:
-    shown = redact_url(uri)
-    text = str(exc)
-    first = next((short for needle, short in _NETWORK_CAUSES if needle in text), None)
-    if first is None:
-        first = (text.strip().splitlines() or [type(exc).__name__])[0].replace(uri, shown)
-    return UserError(f"MLflow tracking at {shown}: could not {what}: {first[:300]}{_ADVICE}")
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """SQLite reports a full disk as its own error ("database or disk is full"), which MLflow
-    wraps; give it back as the OSError it is, so that it is not blamed on the store."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
-            return seen
-        if "database or disk is full" in str(seen):
-            return OSError(errno.ENOSPC, f"disk full while writing the MLflow store ({seen})")
-        seen = seen.__cause__ or seen.__context__
-    return None

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from autosplit.config import DataConfig
-from autosplit.data import DatasetInfo, Split, TensorLoader, load_splits
+from autosplit.data import DatasetInfo, Split, load_splits
+from autosplit.loader import TensorLoader
 
 
 class PerItemDataset(Dataset):

@@ -276,7 +276,7 @@ def part_b(
 
 def part_c(ctx: SearchContext, study: optuna.Study, seeds: int) -> None:
     from autosplit.distill.candidate import Candidate
-    from autosplit.export import test_loader
+    from autosplit.evaluation import test_loader
     from autosplit.train import evaluate
 
     fidelity = ctx.space.settings.fidelity.final

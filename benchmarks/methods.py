@@ -25,7 +25,7 @@ from autosplit.cache import teacher_cache_for
 from autosplit.distill import METHODS
 from autosplit.distill._base import warmup_epochs_for
 from autosplit.distill.recipes import recipe_candidate, scaled_warmup
-from autosplit.export import test_loader
+from autosplit.evaluation import test_loader
 from autosplit.flops import count_flops, format_flops
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, prepare

@@ -36,9 +36,10 @@ from torch import nn
 from train_throughput import fit_epoch, head, in_rounds, ratio
 
 from autosplit.config import DataConfig, TrainConfig
-from autosplit.data import DatasetInfo, Split, TensorLoader, load_splits
+from autosplit.data import DatasetInfo, Split, load_splits
 from autosplit.device import Runtime, cpu_bf16_support, resolve_runtime
 from autosplit.flops import count_flops, format_flops, solve_width
+from autosplit.loader import TensorLoader
 from autosplit.models import create_model
 from autosplit.search.space import SearchSpace
 from autosplit.train import Classifier, fit, seed_everything

@@ -44,7 +44,8 @@ from autosplit.config import load_yaml  # noqa: E402
 from autosplit.distill._base import warmup_epochs_for  # noqa: E402
 from autosplit.distill.recipes import recipe_candidate  # noqa: E402
 from autosplit.errors import UserError  # noqa: E402
-from autosplit.export import export_study, test_loader  # noqa: E402
+from autosplit.evaluation import test_loader  # noqa: E402
+from autosplit.export import export_study  # noqa: E402
 from autosplit.search.attrs import TrialAttrs  # noqa: E402
 from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
 from autosplit.search.driver import (  # noqa: E402

@@ -37,10 +37,11 @@ from torch import nn
 
 from autosplit.cache import LiveTeacher, teacher_outputs
 from autosplit.config import DataConfig, TrainConfig
-from autosplit.data import DatasetInfo, Split, TensorLoader, dataset_info, load_splits
+from autosplit.data import DatasetInfo, Split, dataset_info, load_splits
 from autosplit.device import Runtime, resolve_runtime
 from autosplit.distill.losses import kd_loss
 from autosplit.flops import count_flops, format_flops, solve_width
+from autosplit.loader import TensorLoader
 from autosplit.models import create_model
 from autosplit.search.budget import parse_budget
 from autosplit.search.space import SearchSpace

@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from autosplit.checkpoint import load_checkpoint, sha256_file  # noqa: E402
-from autosplit.cli import find_space, load_space_sections  # noqa: E402
 from autosplit.config import atomic_write_text  # noqa: E402
 from autosplit.data import load_splits  # noqa: E402
 from autosplit.flops import count_flops  # noqa: E402
+from autosplit.search.space import find_space, load_space_sections  # noqa: E402
 from autosplit.teacher import PRETRAINED_DIR, load_teacher, teacher_key  # noqa: E402
 
 

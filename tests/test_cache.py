@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from autosplit.cache import LiveTeacher, teacher_outputs
-from autosplit.data import TensorLoader
+from autosplit.loader import TensorLoader
 from autosplit.models import create_model
 
 

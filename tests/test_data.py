@@ -16,16 +16,9 @@ from PIL import Image
 
 from autosplit import data
 from autosplit.config import DataConfig
-from autosplit.data import (
-    DATASETS,
-    Split,
-    TensorLoader,
-    augment,
-    dataset_info,
-    load_splits,
-    normalize,
-)
+from autosplit.data import DATASETS, Split, dataset_info, load_splits
 from autosplit.errors import UserError
+from autosplit.loader import TensorLoader, augment, normalize
 
 
 def _unique_images(n: int, channels: int, size: int) -> np.ndarray:

@@ -11,9 +11,10 @@ import torch
 from autosplit import device
 from autosplit.cache import LiveTeacher
 from autosplit.config import TrainConfig
-from autosplit.data import Split, TensorLoader, dataset_info
+from autosplit.data import Split, dataset_info
 from autosplit.device import Runtime, resolve_runtime
 from autosplit.errors import UserError
+from autosplit.loader import TensorLoader
 from autosplit.models import create_model
 from autosplit.train import Classifier, fit, seed_everything
 

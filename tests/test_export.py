@@ -84,10 +84,10 @@ def deployer(exported, monkeypatch) -> str:
 def _context(tmp: Path, out: Path):
     """The export's own loading code: data, teacher, and each exported student."""
     from autosplit.device import resolve_runtime
-    from autosplit.export import _EvalContext
+    from autosplit.evaluation import EvalContext
 
     best = yaml.safe_load((out / "best.yaml").read_text())
-    return _EvalContext(best["candidate"], resolve_runtime("cpu"), tmp / "runs"), best
+    return EvalContext(best["candidate"], resolve_runtime("cpu"), tmp / "runs"), best
 
 
 def test_the_best_student_is_a_registered_mlflow_model_with_the_exported_gate(exported, deployer):

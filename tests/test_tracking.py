@@ -314,7 +314,8 @@ def test_flatten_params_and_default_uri(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_import_does_not_import_mlflow() -> None:
     code = (
-        "import sys, autosplit.tracking, autosplit.search.front, autosplit.search.front_plots;"
+        "import sys, autosplit.tracking, autosplit.tracking_store, autosplit.tracking_models,"
+        " autosplit.search.front, autosplit.search.front_text, autosplit.search.front_plots;"
         "heavy = [m for m in ('mlflow', 'plotly', 'matplotlib') if m in sys.modules];"
         "assert not heavy, heavy"
     )

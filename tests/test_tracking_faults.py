@@ -21,7 +21,8 @@ from autosplit.errors import UserError
 from autosplit.search.attrs import ROLE_TAG, STATE_TAG, WORKER_TAG, TrialAttrs
 from autosplit.search.front import TrialRecord
 from autosplit.search.report import SearchReport
-from autosplit.tracking import HTTP_DEFAULTS, MlflowTracker, check_tracking
+from autosplit.tracking import MlflowTracker, check_tracking
+from autosplit.tracking_store import HTTP_DEFAULTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autosplit.config import TrainConfig
-from autosplit.data import TensorLoader
 from autosplit.device import Runtime
 from autosplit.errors import UserError
+from autosplit.loader import TensorLoader
 from autosplit.models import create_model
 from autosplit.train import (
     Classifier,

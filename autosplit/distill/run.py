@@ -32,14 +32,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from autosplit.data import (
-    Split,
-    Splits,
-    TensorLoader,
-    eval_loader,
-    warn_if_prefix_misses_classes,
-)
+from autosplit.data import Split, Splits, warn_if_prefix_misses_classes
 from autosplit.errors import UserError
+from autosplit.loader import TensorLoader, eval_loader
 from autosplit.train import EpochStats, TeacherSource, evaluate, fit, seed_everything
 
 if TYPE_CHECKING:

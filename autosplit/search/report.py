@@ -20,10 +20,9 @@ from autosplit.search.front import (
     final_front,
     hypervolume_history,
     margin,
-    margin_line,
     pareto_front,
-    tau_lines,
 )
+from autosplit.search.front_text import margin_line, tau_lines
 
 if TYPE_CHECKING:
     from autosplit.tracking import Tracker

@@ -377,3 +377,41 @@ def _parse_param(name: str, spec: Any) -> ParamSpec:
         if param.log and param.low <= 0:
             raise UserError(f"{where}.low: a log-scale parameter needs low > 0")
     return param
+
+
+DEFAULT_SPACE = "fashion_mnist.yaml"
+
+
+def find_space(name: str | None) -> Path:
+    """``--space`` as given, else the default space from ./search_spaces or the source tree."""
+    if name is not None:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--space {name}: file not found; see search_spaces/ for examples")
+        return path
+    for folder in (
+        Path.cwd() / "search_spaces",
+        Path(__file__).resolve().parents[2] / "search_spaces",  # the source tree's
+    ):
+        if (folder / DEFAULT_SPACE).is_file():
+            return folder / DEFAULT_SPACE
+    raise UserError(
+        f"no --space given and search_spaces/{DEFAULT_SPACE} not found; pass --space FILE"
+    )
+
+
+def load_space_sections(path: Path) -> tuple[DataConfig, TeacherConfig]:
+    """The ``data`` and ``teacher`` sections of a search-space file, strictly validated (what
+    ``autosplit teacher`` needs, without the searchable part)."""
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    for section in ("data", "teacher"):
+        if section not in raw:
+            raise UserError(f"{path}: missing section {section!r}")
+    try:
+        data = from_dict(DataConfig, raw["data"], "data")
+        teacher = from_dict(TeacherConfig, raw["teacher"], "teacher")
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return data, teacher

@@ -403,6 +403,21 @@ def open_existing(
     return open_study(study_name, open_storage(url, write=False), create=False), url
 
 
+def recorded_tracking_uri(storage_url: str, study_name: str) -> str | None:
+    """The tracking URI an earlier search of the study recorded; None for a new study (a
+    storage file not made yet is not created here)."""
+    path = storage_url.removeprefix("journal:").removeprefix("sqlite:///")
+    if path != storage_url and not Path(path).is_file():
+        return None
+    if storage_url.endswith(".log") and not Path(storage_url).is_file():
+        return None
+    try:
+        study = open_study(study_name, open_storage(storage_url, write=False), create=False)
+    except UserError:
+        return None  # no such study yet; an unreachable storage is reported by the search
+    return StudyAttrs.read(study).tracking_uri
+
+
 def final_fidelity(study: optuna.Study) -> str:
     """The final stage's fidelity as the front's heading says it ("4 epochs x all rows"), from
     its first final job; "" when the study has none."""

@@ -14,7 +14,7 @@ from distill_cases import CLASSES, INPUT_SHAPE, batch, make_candidate
 
 from autosplit.cache import LiveTeacher
 from autosplit.config import TrainConfig
-from autosplit.data import Split, Splits, TensorLoader, eval_loader
+from autosplit.data import Split, Splits
 from autosplit.device import Runtime
 from autosplit.distill import (
     METHODS,
@@ -27,6 +27,7 @@ from autosplit.distill.exit import candidate_thresholds, exit_profile, measure_e
 from autosplit.distill.losses import factor_distance, kd_loss, reskd_residual_mse, tckd_nckd
 from autosplit.distill.run import split_epochs, stage_config
 from autosplit.errors import UserError
+from autosplit.loader import TensorLoader, eval_loader
 from autosplit.models import ZooModel, create_model
 from autosplit.search.space import SearchSpace
 from autosplit.train import Classifier, fit, make_optimizer

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from autosplit.config import DataConfig, TeacherConfig
-from autosplit.data import Batch
 from autosplit.device import resolve_runtime
 from autosplit.distill.candidate import Candidate, PartSpec, SplitSpec, StudentSpec
 from autosplit.distill.exit import (
@@ -27,6 +26,7 @@ from autosplit.distill.student import (
 )
 from autosplit.errors import UserError
 from autosplit.flops import count_flops
+from autosplit.loader import Batch
 from autosplit.models import create_model
 from autosplit.modules import resize
 

@@ -8,11 +8,11 @@ import pytest
 
 from autosplit.search.front import (
     TrialRecord,
-    front_table,
     hypervolume,
     hypervolume_history,
     pareto_front,
 )
+from autosplit.search.front_text import front_table
 
 BUDGET = 100
 

@@ -11,7 +11,8 @@ from scipy.stats import kendalltau
 
 from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.driver import proxy_fidelity
-from autosplit.search.front import FinalMember, final_table, margin, margin_line, tau_lines
+from autosplit.search.front import FinalMember, margin
+from autosplit.search.front_text import final_table, margin_line, tau_lines
 
 
 def member(number: int, accs: dict[int, float], baseline: str | None = None) -> FinalMember:

@@ -206,7 +206,8 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
     assert result["val_acc"] == closest
     assert best["candidate"]["train"]["seed"] == result["seed_shipped"] in result["seeds"]
 
-    from autosplit.export import read_config, retrain
+    from autosplit.evaluation import retrain
+    from autosplit.export_document import read_config
 
     # --confirm-seeds retrains the top front members with more seeds: mean ± sd.
     confirmed = tmp / "confirmed"

@@ -18,7 +18,7 @@ def test_the_default_space_is_found_from_any_directory(tmp_path, monkeypatch):
     space the README names is shipped."""
     import re
 
-    from autosplit.cli import DEFAULT_SPACE, find_space
+    from autosplit.search.space import DEFAULT_SPACE, find_space
 
     monkeypatch.chdir(tmp_path)
     assert find_space(None) == ROOT / "search_spaces" / DEFAULT_SPACE
