@@ -10,6 +10,10 @@ raises TypeError and ``attrs.stgae`` raises AttributeError.
 Writing stores the fields that are set (not ``None``) and leaves the others as they are, so
 ``TrialAttrs(state="skipped").write(trial)`` sets one field of a live trial.
 
+The values a trial's state, stage and role take, and an MLflow run's role, are the enums
+``State``, ``Stage``, ``Role`` and ``RunRole``: ``StrEnum`` members equal the strings stored,
+and are stored as those plain strings, so the stored format is the one earlier versions wrote.
+
 Pure: no Optuna import, so ``autosplit.tracking`` may take the tag names from here.
 """
 
@@ -18,9 +22,55 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol, Self
 
 PREFIX = "autosplit."
+
+
+class State(StrEnum):
+    """How a trial ended: ``TrialAttrs.state``, the state tag (``STATE_TAG``) of its MLflow run
+    and a ``TrialRecord``'s state. Named ``State``, not ``TrialState``, beside Optuna's."""
+
+    # Stored on trials (``TrialAttrs.state``).
+    COMPLETE = "complete"  # search: reached the top rung; final: trained
+    STOPPED = "stopped"  # search: successive halving stopped it below the top rung
+    INFEASIBLE = "infeasible"  # over the FLOPs budget: never trained
+    SKIPPED = "skipped"  # not run: no time left for it (or no final job left for a worker)
+    FAILED = "failed"  # its own training raised (e.g. diverged): not re-run
+    OUT_OF_MEMORY = "out_of_memory"  # its device could not hold it: not re-run
+    DUPLICATE = "duplicate"  # a final job another worker already ran
+    INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM or its environment (a full disk): re-run
+    # Never stored on a trial: end states of a trial's MLflow run (``Tracker.end_trial``: also
+    # COMPLETE, INFEASIBLE, FAILED), and what a record says of a trial that stored no state,
+    # from its Optuna state (also COMPLETE, FAILED).
+    PRUNED = "pruned"  # run: stopped below the top rung, or skipped; record: Optuna's PRUNED
+    KILLED = "killed"  # run: its process was stopped mid-trial
+    RUNNING = "running"
+    WAITING = "waiting"
+
+
+class Stage(StrEnum):
+    """What a trial is part of (``TrialAttrs.stage``; a trial that stored none is ``SEARCH``)."""
+
+    SEARCH = "search"  # a search trial, climbing the rungs
+    FINAL = "final"  # a final-stage job: one member retrained at the final fidelity, one seed
+
+
+class Role(StrEnum):
+    """What a final-stage job is for (``TrialAttrs.role``)."""
+
+    BEST = "best"  # the search's best member
+    BASELINE = "baseline"  # a baseline: with BEST, the comparison trained at every seed first
+    EXTRA = "extra"  # another finalist
+
+
+class RunRole(StrEnum):
+    """What an MLflow run autosplit starts is (its ``ROLE_TAG``)."""
+
+    SEARCH = "search"  # a search's parent run
+    TRIAL = "trial"  # a trial's run, under the parent
+    EXPORT = "export"  # an ``autosplit export``'s run (its students' models)
 
 
 class _Holder(Protocol):
@@ -53,8 +103,9 @@ class _Attrs:
         return {n: v for n in _names(type(self)) if (v := getattr(self, n)) is not None}
 
     def user_attrs(self) -> dict[str, Any]:
-        """The set fields as stored, by key (for ``study.enqueue_trial(user_attrs=…)``)."""
-        return {PREFIX + n: v for n, v in self.as_dict().items()}
+        """The set fields as stored, by key (for ``study.enqueue_trial(user_attrs=…)``); an
+        enum's value as its plain string, as every storage (in-memory too) then holds it."""
+        return {PREFIX + n: _plain(v) for n, v in self.as_dict().items()}
 
     def write(self, target: _Holder) -> None:
         """Store the set fields on ``target``; the others keep what it holds."""
@@ -70,6 +121,10 @@ def _names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, StrEnum) else value
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class TrialAttrs(_Attrs):
     """What one trial stores. Fields are written in this order by one ``write``."""
@@ -78,19 +133,20 @@ class TrialAttrs(_Attrs):
     device: str | None = None  # the device it trained on: cpu, cuda:1
     teacher_sha256: str | None = None  # the checkpoint of the teacher it was distilled from
     # What the trial is; a re-run of an interrupted trial keeps these (``study.RETRY_FIELDS``).
-    stage: str | None = None  # "search", or "final" for a final-stage job
+    stage: str | None = None  # a ``Stage``: "search", or "final" for a final-stage job
     baseline: str | None = None  # the baseline's name ("kd-single", …) for a baseline trial
     member: int | None = None  # final: the search trial this job retrains
     seed: int | None = None  # final: the seed index (it trains at the member's seed + this)
-    # final: "best" (the search's best member) or "baseline" — the comparison, trained for
-    # every seed before any "extra" member — or "extra" (another finalist).
+    # final: a ``Role``: "best" (the search's best member) or "baseline" — the comparison,
+    # trained for every seed before any "extra" member — or "extra" (another finalist).
     role: str | None = None
     retry_of: int | None = None  # the interrupted trial this one re-runs
     sampler_seed: int | None = None  # the sampler's seed for this trial (``--seed`` given)
     portfolio: str | None = None  # the method recipe ("rkd", …) a warm-start trial trains
     precision: str | None = None  # what it trained in: fp32, bf16 or fp16 (``Runtime``)
     # What it measured, and how it ended.
-    # complete, stopped, infeasible, skipped, failed, out_of_memory, duplicate, …
+    # a ``State``: complete, stopped, infeasible, skipped, failed, out_of_memory, duplicate,
+    # interrupted
     state: str | None = None
     error: str | None = None  # the first 500 characters of what stopped it
     label: str | None = None  # short description, e.g. "res_chain K=2 + dkd"
@@ -125,7 +181,7 @@ class TrialAttrs(_Attrs):
         tags = {
             self.key("label"): self.label or "",
             self.key("baseline"): self.baseline or "",
-            self.key("stage"): self.stage or "search",
+            self.key("stage"): str(self.stage or Stage.SEARCH),
         }
         for name in ("member", "seed"):
             if (value := getattr(self, name)) is not None:
@@ -179,11 +235,12 @@ class StudyAttrs(_Attrs):
 PRECISION_PARAM = "runtime.precision"
 
 # The tags of MLflow runs besides ``TrialAttrs.run_tags``.
-ROLE_TAG = PREFIX + "role"  # "search" (a parent run) or "trial"
+ROLE_TAG = PREFIX + "role"  # a ``RunRole``: "search" (a parent run), "trial" or "export"
 STUDY_TAG = PREFIX + "study"  # a parent run's study
 SYNCED_TAG = PREFIX + "synced"  # "true" on a run ``autosplit sync`` logged
 WORKER_TAG = TrialAttrs.key("worker")  # host:pid of the process that started the run
-STATE_TAG = TrialAttrs.key("state")  # set by end_trial: a run without it never finished logging
+# A ``State``, set by end_trial: a run without it never finished logging.
+STATE_TAG = TrialAttrs.key("state")
 # The search trial's number, on the trial's run (what ``autosplit sync`` matches runs on) and on
 # an exported student's MLflow model. Not under PREFIX: every trial run of every earlier version
 # carries this key, and sync reads it back.

@@ -15,7 +15,16 @@ import pytest
 from optuna.trial import TrialState
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import TRIAL_TAG, StudyAttrs, TrialAttrs, TrialMetrics
+from autosplit.search.attrs import (
+    TRIAL_TAG,
+    Role,
+    RunRole,
+    Stage,
+    State,
+    StudyAttrs,
+    TrialAttrs,
+    TrialMetrics,
+)
 from autosplit.search.front import TrialRecord
 
 # A search trial at its top rung, keys and values as the driver has always stored them.
@@ -79,6 +88,59 @@ def test_trial_and_study_attrs_round_trip_through_a_sqlite_study(tmp_path):
     assert TrialAttrs.read(waiting) == job and waiting.state == TrialState.WAITING
     assert StudyAttrs.read(reopened) == StudyAttrs.read(OLD_STUDY)
     assert reopened.user_attrs == OLD_STUDY
+
+
+def test_each_state_stage_and_role_stores_the_string_earlier_versions_stored():
+    """Renaming a value would leave every existing study (and MLflow store) reading otherwise."""
+    assert {m.name: m.value for m in State} == {
+        "COMPLETE": "complete",
+        "STOPPED": "stopped",
+        "INFEASIBLE": "infeasible",
+        "SKIPPED": "skipped",
+        "FAILED": "failed",
+        "OUT_OF_MEMORY": "out_of_memory",
+        "DUPLICATE": "duplicate",
+        "INTERRUPTED": "interrupted",
+        "PRUNED": "pruned",
+        "KILLED": "killed",
+        "RUNNING": "running",
+        "WAITING": "waiting",
+    }
+    assert {m.name: m.value for m in Stage} == {"SEARCH": "search", "FINAL": "final"}
+    assert {m.name: m.value for m in Role} == {
+        "BEST": "best",
+        "BASELINE": "baseline",
+        "EXTRA": "extra",
+    }
+    assert {m.name: m.value for m in RunRole} == {
+        "SEARCH": "search",
+        "TRIAL": "trial",
+        "EXPORT": "export",
+    }
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "memory"])
+def test_an_enum_is_stored_as_its_plain_string(tmp_path, storage):
+    url = f"sqlite:///{tmp_path / 'o.db'}" if storage == "sqlite" else None
+    study = optuna.create_study(storage=url, directions=["maximize"] * 2)
+    trial = study.ask()
+    TrialAttrs(stage=Stage.FINAL, role=Role.BEST, state=State.COMPLETE).write(trial)
+    study.tell(trial, [40.0, 1000.0])
+    job = TrialAttrs(stage=Stage.FINAL, role=Role.EXTRA)
+    study.enqueue_trial({}, user_attrs=job.user_attrs())
+    if url is not None:  # a fresh connection
+        study = optuna.load_study(study_name=study.study_name, storage=url)
+    done, waiting = study.get_trials()
+    stored = {**done.user_attrs, **{k + "/waiting": v for k, v in waiting.user_attrs.items()}}
+    assert stored == {
+        "autosplit.stage": "final",
+        "autosplit.role": "best",
+        "autosplit.state": "complete",
+        "autosplit.stage/waiting": "final",
+        "autosplit.role/waiting": "extra",
+    }
+    assert all(type(v) is str for v in stored.values())
+    assert TrialAttrs(stage=Stage.FINAL).run_tags()[TrialAttrs.key("stage")].__class__ is str
 
 
 def test_an_earlier_versions_attrs_read_as_before():
