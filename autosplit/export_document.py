@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from autosplit.config import load_yaml
 from autosplit.errors import UserError, redact_url
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import Stage, StudyAttrs, TrialAttrs
 from autosplit.search.front import FLOPS_CONVENTION
 
 if TYPE_CHECKING:
@@ -120,11 +120,11 @@ def member_document(
         "train_flops": attrs.train_flops,
         "train_cost": attrs.train_cost,
     }
-    if attrs.stage == "final":
+    if attrs.stage == Stage.FINAL:
         train = attrs.candidate["train"]
         result.update(
             {
-                "stage": "final",
+                "stage": Stage.FINAL.value,  # plain: YAML's safe dump takes no enum
                 "fidelity": {"epochs": train["epochs"], "rows": train.get("max_train_samples")},
                 "seeds": [run.candidate["train"]["seed"] for run in runs],
                 "seed_shipped": train["seed"],

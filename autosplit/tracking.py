@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from autosplit.errors import UserError, redact_url
-from autosplit.search.attrs import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG
+from autosplit.search.attrs import (
+    ROLE_TAG,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    WORKER_TAG,
+    RunRole,
+    State,
+)
 from autosplit.tracking_store import (
     experiment_id,
     failure_cause,
@@ -50,11 +58,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RUN_STATUS = {
-    "complete": "FINISHED",
-    "pruned": "KILLED",
-    "infeasible": "KILLED",
-    "failed": "FAILED",
-    "killed": "KILLED",
+    State.COMPLETE: "FINISHED",
+    State.PRUNED: "KILLED",
+    State.INFEASIBLE: "KILLED",
+    State.FAILED: "FAILED",
+    State.KILLED: "KILLED",
 }
 CHECK_SECONDS = 5.0  # how long check_tracking waits for an http(s) store
 # Parent run ids whose tracking failed in this process: every tracker logging under such a
@@ -112,7 +120,7 @@ class Tracker(Protocol):
         """One epoch's metrics on the trial's run."""
 
     def end_trial(self, run_id: str, *, state: str, metrics: dict[str, float]) -> None:
-        """The trial's final metrics and state (``complete``, ``pruned`` ...)."""
+        """The trial's final metrics and state (a ``State``: complete, pruned, ...)."""
 
     def log_parent(
         self,
@@ -311,7 +319,7 @@ class MlflowTracker:
                     self._experiment_id,
                     run_name=f"search-{stamp}",
                     tags={
-                        ROLE_TAG: "search",
+                        ROLE_TAG: RunRole.SEARCH.value,
                         STUDY_TAG: study_name,
                         WORKER_TAG: _worker_id(),
                         **({"mlflow.note.content": note} if note else {}),
@@ -358,12 +366,12 @@ class MlflowTracker:
         trials: dict[int, tuple[str, bool]] = {}
         for run in runs:
             number = run.data.tags.get(TRIAL_TAG, "")
-            if run.data.tags.get(ROLE_TAG) == "trial" and number.isdigit():
+            if run.data.tags.get(ROLE_TAG) == RunRole.TRIAL and number.isdigit():
                 finished = STATE_TAG in run.data.tags and run.info.status != "RUNNING"
                 if not trials.get(int(number), ("", False))[1]:  # a finished run wins
                     trials[int(number)] = (run.info.run_id, finished)
         parents = sorted(
-            (r for r in runs if r.data.tags.get(ROLE_TAG) == "search"),
+            (r for r in runs if r.data.tags.get(ROLE_TAG) == RunRole.SEARCH),
             key=lambda r: r.info.start_time,
         )
         return trials, parents
@@ -424,7 +432,7 @@ class MlflowTracker:
                 tags={
                     **tags,
                     "mlflow.parentRunId": self.parent_run_id,
-                    ROLE_TAG: "trial",
+                    ROLE_TAG: RunRole.TRIAL.value,
                     TRIAL_TAG: str(trial_number),
                     WORKER_TAG: _worker_id(),
                 },
@@ -444,11 +452,13 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         if state not in _RUN_STATUS:
-            raise ValueError(f"state must be one of {sorted(_RUN_STATUS)}, not {state!r}")
+            raise ValueError(f"state must be one of {sorted(map(str, _RUN_STATUS))}, not {state!r}")
         if self.off or not run_id:
             return
         with self._talking(f"end run {run_id}"):
-            self._log_batch(run_id, metrics=_metrics(metrics, 0), tags=[RunTag(STATE_TAG, state)])
+            self._log_batch(
+                run_id, metrics=_metrics(metrics, 0), tags=[RunTag(STATE_TAG, str(state))]
+            )
             self.client.set_terminated(run_id, status=_RUN_STATUS[state])
 
     def log_parent(
@@ -523,7 +533,11 @@ class MlflowTracker:
             run = self.client.create_run(
                 experiment,
                 run_name=f"export-{time.strftime('%Y%m%d-%H%M%S')}",
-                tags={ROLE_TAG: "export", STUDY_TAG: study_name, WORKER_TAG: _worker_id()},
+                tags={
+                    ROLE_TAG: RunRole.EXPORT.value,
+                    STUDY_TAG: study_name,
+                    WORKER_TAG: _worker_id(),
+                },
             )
             run_id, status = run.info.run_id, "FAILED"
             try:

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from autosplit.search.attrs import Stage, State
+
 FLOPS_CONVENTION = "fvcore: one multiply-add = one FLOP"
 Cost = Literal["flops", "expected_flops"]
 
@@ -27,8 +29,8 @@ Cost = Literal["flops", "expected_flops"]
 class TrialRecord:
     """What the driver knows about one trial, finished or not.
 
-    ``state`` is one of "complete", "pruned", "infeasible", "failed", "running" (or "waiting");
-    only complete trials carry a final ``val_acc`` (percent, 0-100).
+    ``state`` is a ``State``: complete, pruned, infeasible, failed, running (or waiting), or
+    another a trial stored; only complete trials carry a final ``val_acc`` (percent, 0-100).
     """
 
     number: int
@@ -40,7 +42,7 @@ class TrialRecord:
     label: str  # short description, e.g. "res_chain K=2 + dkd"
     run_id: str | None = None
     baseline: str | None = None  # "kd-single" / "best-published" for the baseline trials
-    stage: str = "search"  # "search" or "final" (a final-stage job: ``member`` x ``seed``)
+    stage: str = Stage.SEARCH  # or FINAL (a final-stage job: ``member`` x ``seed``)
     rung_accs: tuple[float, ...] = ()  # search: val accuracy at each rung reached
     member: int | None = None  # final: the search trial this job retrains
     seed: int | None = None  # final: the training seed
@@ -48,8 +50,8 @@ class TrialRecord:
 
 
 def search_records(records: Iterable[TrialRecord]) -> list[TrialRecord]:
-    """The search phase's trials ("complete" = reached the top rung; "stopped" below it)."""
-    return [r for r in records if r.stage == "search"]
+    """The search phase's trials (complete = reached the top rung; stopped below it)."""
+    return [r for r in records if r.stage == Stage.SEARCH]
 
 
 def rung_records(records: Iterable[TrialRecord], rung: int) -> list[TrialRecord]:
@@ -58,9 +60,9 @@ def rung_records(records: Iterable[TrialRecord], rung: int) -> list[TrialRecord]
     import dataclasses
 
     return [
-        dataclasses.replace(r, state="complete", val_acc=r.rung_accs[rung])
+        dataclasses.replace(r, state=State.COMPLETE, val_acc=r.rung_accs[rung])
         for r in records
-        if r.stage == "search" and len(r.rung_accs) > rung and r.state != "failed"
+        if r.stage == Stage.SEARCH and len(r.rung_accs) > rung and r.state != State.FAILED
     ]
 
 
@@ -97,7 +99,7 @@ class FinalMember:
         """As a record (mean accuracy), for the front and hypervolume functions."""
         return TrialRecord(
             number=self.number,
-            state="complete",
+            state=State.COMPLETE,
             val_acc=self.val_mean,
             flops=self.flops,
             expected_flops=self.expected_flops,
@@ -118,8 +120,8 @@ def final_members(
     jobs: dict[int, dict[int, TrialRecord]] = {}
     for r in sorted(records, key=lambda r: r.number):
         if (
-            r.stage == "final"
-            and r.state == "complete"
+            r.stage == Stage.FINAL
+            and r.state == State.COMPLETE
             and r.val_acc is not None
             and r.member is not None
             and (members is None or r.member in members)
@@ -164,7 +166,7 @@ def final_front(
 def is_feasible(record: TrialRecord, budget_flops: int) -> bool:
     """Complete, measured and within budget on worst-case FLOPs."""
     return (
-        record.state == "complete"
+        record.state == State.COMPLETE
         and record.val_acc is not None
         and record.flops is not None
         and record.flops <= budget_flops

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from autosplit.search.attrs import State
 from autosplit.search.front import FLOPS_CONVENTION, Cost, FinalMember, TrialRecord, cost_of
 
 CSV_COLUMNS = (
@@ -116,8 +117,8 @@ def write_png(
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     others = _others(records, front)
-    done = [r for r in others if r.state == "complete"]
-    pruned = [r for r in others if r.state != "complete"]
+    done = [r for r in others if r.state == State.COMPLETE]
+    pruned = [r for r in others if r.state != State.COMPLETE]
     axes.scatter(
         [cost_of(r, cost) for r in done],
         [r.val_acc for r in done],

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autosplit.errors import UserError
+from autosplit.search.attrs import Stage, State
 from autosplit.search.front import (
     FLOPS_CONVENTION,
     MIN_TAU_N,
@@ -136,16 +137,11 @@ def front_table(
     over = sum(
         1
         for r in records
-        if r.state == "complete" and r.flops is not None and r.flops > budget_flops
+        if r.state == State.COMPLETE and r.flops is not None and r.flops > budget_flops
     )
-    summary = ", ".join(
-        f"{counts.get(s, 0)} {s}" for s in ("complete", "pruned", "infeasible", "failed", "running")
-    )
-    others_states = "".join(
-        f", {n} {s}"
-        for s, n in sorted(counts.items())
-        if s not in ("complete", "pruned", "infeasible", "failed", "running")
-    )
+    shown = (State.COMPLETE, State.PRUNED, State.INFEASIBLE, State.FAILED, State.RUNNING)
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in shown)
+    others_states = "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s not in shown)
     out.append(
         f"{len(records)} trials: {summary}{others_states}"
         + (f" ({over} complete but over budget)" if over else "")
@@ -389,7 +385,7 @@ def final_jobs_lines(jobs: Iterable[tuple[int, TrialAttrs]]) -> list[str]:
     ``jobs``: (trial number, what it stored) of every trial of the study."""
     lines = []
     for number, attrs in jobs:
-        if attrs.stage != "final" or attrs.estimate_s is None or attrs.state == "duplicate":
+        if attrs.stage != Stage.FINAL or attrs.estimate_s is None or attrs.state == State.DUPLICATE:
             continue
         planned = float(attrs.estimate_s["total"])
         if attrs.actual_s is not None:

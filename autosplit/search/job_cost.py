@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autosplit.search.attrs import Stage
 from autosplit.search.plan import EVAL_WEIGHT
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def job_overhead(overheads: Mapping[str, Sequence[float]], default: float) -> fl
     """Seconds a final job costs beyond training and its cache: the median measured over the
     final jobs finished so far, else over the search's trials (whose cycle also holds the
     front's refresh: an upper bound), else ``default``."""
-    seen = overheads.get("final") or overheads.get("search")
+    seen = overheads.get(Stage.FINAL) or overheads.get(Stage.SEARCH)
     return statistics.median(seen) if seen else default
 
 

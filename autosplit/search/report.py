@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autosplit.search.attrs import State
 from autosplit.search.front import (
     FLOPS_CONVENTION,
     Cost,
@@ -57,7 +58,7 @@ class SearchReport:
         budget, cost = self.budget_flops, self.cost
         front = pareto_front(records, budget, cost=cost)
         history = hypervolume_history(records, budget, cost=cost)
-        finished = sum(1 for r in records if r.state not in ("running", "waiting"))
+        finished = sum(1 for r in records if r.state not in (State.RUNNING, State.WAITING))
         metrics = {"search/front_size": float(len(front))}
         if front:
             metrics["search/best_val_acc"] = max(float(r.val_acc or 0.0) for r in front)

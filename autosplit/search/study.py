@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autosplit.errors import UserError, redact_url
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.front import TrialRecord
 
 if TYPE_CHECKING:
@@ -273,9 +273,10 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
 
 # ``TrialAttrs.state`` of a trial that failed through no fault of its candidate: interrupted
 # (Ctrl-C, SIGTERM) or stopped by its environment (a full disk). A FAIL trial without a state
-# died with its worker. Both are re-run with their parameters; "failed" (the candidate's own
-# training raised, e.g. diverged) is not, since it would fail again.
-INTERRUPTED = "interrupted"
+# died with its worker. Both are re-run with their parameters; ``State.FAILED`` (the
+# candidate's own training raised, e.g. diverged) is not, since it would fail again. Kept under
+# this name for the driver, which writes it.
+INTERRUPTED = State.INTERRUPTED
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
@@ -339,15 +340,15 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
     state = (
         attrs.state
         or {
-            TrialState.COMPLETE: "complete",
-            TrialState.PRUNED: "pruned",
-            TrialState.FAIL: "failed",
-            TrialState.RUNNING: "running",
-            TrialState.WAITING: "waiting",
+            TrialState.COMPLETE: State.COMPLETE,
+            TrialState.PRUNED: State.PRUNED,
+            TrialState.FAIL: State.FAILED,
+            TrialState.RUNNING: State.RUNNING,
+            TrialState.WAITING: State.WAITING,
         }[trial.state]
     )
     if trial.state == TrialState.FAIL:
-        state = "failed"
+        state = State.FAILED
     return TrialRecord(
         number=trial.number,
         state=state,
@@ -358,7 +359,7 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
         label=attrs.label if attrs.label is not None else "",
         run_id=attrs.run_id,
         baseline=attrs.baseline,
-        stage=attrs.stage if attrs.stage is not None else "search",
+        stage=attrs.stage if attrs.stage is not None else Stage.SEARCH,
         rung_accs=tuple(float(r["val_acc"]) for r in attrs.rungs or []),
         member=attrs.member,
         seed=attrs.seed,
@@ -423,7 +424,7 @@ def final_fidelity(study: optuna.Study) -> str:
     its first final job; "" when the study has none."""
     for trial in study.get_trials(deepcopy=False):
         attrs = TrialAttrs.read(trial)
-        if attrs.stage == "final" and attrs.candidate is not None:
+        if attrs.stage == Stage.FINAL and attrs.candidate is not None:
             train = attrs.candidate["train"]
             rows = train.get("max_train_samples") or "all"
             epochs = train["epochs"]
@@ -478,7 +479,7 @@ def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> None:
 
 
 def is_search_trial(t: FrozenTrial) -> bool:
-    return TrialAttrs.read(t).stage != "final"
+    return TrialAttrs.read(t).stage != Stage.FINAL
 
 
 def remaining_trials(study: optuna.Study, total: int) -> int:
@@ -488,5 +489,5 @@ def remaining_trials(study: optuna.Study, total: int) -> int:
     done = 0
     for t in study.get_trials(deepcopy=False):
         attrs = TrialAttrs.read(t)
-        done += attrs.stage != "final" and attrs.state != "skipped" and t.state in counted
+        done += attrs.stage != Stage.FINAL and attrs.state != State.SKIPPED and t.state in counted
     return max(0, total - done)

@@ -15,7 +15,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import PRECISION_PARAM, SYNCED_TAG, StudyAttrs, TrialAttrs, TrialMetrics
+from autosplit.search.attrs import (
+    PRECISION_PARAM,
+    SYNCED_TAG,
+    State,
+    StudyAttrs,
+    TrialAttrs,
+    TrialMetrics,
+)
 from autosplit.search.front import final_members, rung_records, search_records
 from autosplit.search.report import SearchReport, search_note
 
@@ -26,10 +33,10 @@ def run_state(trial: FrozenTrial) -> str:
     """The tracker's end state for a finished trial, as the driver would have given it."""
     state = TrialAttrs.read(trial).state
     if trial.state == TrialState.FAIL:
-        return "failed"
-    if state in ("complete", "infeasible"):
+        return State.FAILED
+    if state in (State.COMPLETE, State.INFEASIBLE):
         return state
-    return "complete" if trial.state == TrialState.COMPLETE and state is None else "pruned"
+    return State.COMPLETE if trial.state == TrialState.COMPLETE and state is None else State.PRUNED
 
 
 def trial_metrics(trial: FrozenTrial) -> dict[str, float]:
@@ -59,7 +66,7 @@ def should_have_run(trial: FrozenTrial) -> bool:
     return (
         trial.state in FINISHED
         and TrialAttrs.read(trial).label is not None
-        and TrialAttrs.read(trial).state != "duplicate"
+        and TrialAttrs.read(trial).state != State.DUPLICATE
     )
 
 
