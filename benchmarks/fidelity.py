@@ -32,7 +32,7 @@ import optuna
 from scipy.stats import kendalltau
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.budget import parse_budget, parse_duration
 from autosplit.search.driver import (
     SearchContext,
@@ -137,7 +137,7 @@ def search_phase_hv_times(study: optuna.Study, budget: int, cost: str) -> list[t
     trials = [
         t
         for t in study.get_trials(deepcopy=False)
-        if TrialAttrs.read(t).stage != "final" and t.datetime_complete
+        if TrialAttrs.read(t).stage != Stage.FINAL and t.datetime_complete
     ]
     if not trials:
         return []
@@ -212,7 +212,8 @@ def part_b(
             sum(
                 1
                 for t in s.get_trials()
-                if (attrs := TrialAttrs.read(t)).stage != "final" and attrs.state == "complete"
+                if (attrs := TrialAttrs.read(t)).stage != Stage.FINAL
+                and attrs.state == State.COMPLETE
             )
             for s in found
         ]
@@ -220,8 +221,8 @@ def part_b(
             sum(
                 1
                 for t in s.get_trials()
-                if (attrs := TrialAttrs.read(t)).stage != "final"
-                and attrs.state in ("complete", "stopped")
+                if (attrs := TrialAttrs.read(t)).stage != Stage.FINAL
+                and attrs.state in (State.COMPLETE, State.STOPPED)
             )
             for s in found
         ]
@@ -254,7 +255,7 @@ def part_b(
         for t in study.get_trials(deepcopy=False):
             attrs = TrialAttrs.read(t)
             rungs = attrs.rungs or []
-            if attrs.stage == "search" and rungs:
+            if attrs.stage == Stage.SEARCH and rungs:
                 redone += sum(r["seconds"] for r in rungs[:-1])
                 total += sum(r["seconds"] for r in rungs)
     if total:

@@ -46,7 +46,7 @@ from autosplit.distill.recipes import recipe_candidate  # noqa: E402
 from autosplit.errors import UserError  # noqa: E402
 from autosplit.evaluation import test_loader  # noqa: E402
 from autosplit.export import export_study  # noqa: E402
-from autosplit.search.attrs import TrialAttrs  # noqa: E402
+from autosplit.search.attrs import Stage, TrialAttrs  # noqa: E402
 from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
 from autosplit.search.driver import (  # noqa: E402
     SearchContext,
@@ -147,7 +147,7 @@ def search_job(
     )
     wall = time.perf_counter() - started
     export_dir = out / f"export-{budget}-{SEARCH_ARMS[arm]}-s{seed}-{attempt}"
-    search_trials = sum(1 for t in study.get_trials() if TrialAttrs.read(t).stage != "final")
+    search_trials = sum(1 for t in study.get_trials() if TrialAttrs.read(t).stage != Stage.FINAL)
     try:
         export_study(
             study,
