@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from autosplit.cli import main
-from autosplit.search.attrs import ROLE_TAG
+from autosplit.search.attrs import ROLE_TAG, RunRole
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "search_spaces" / "digits_tiny.yaml"
@@ -127,7 +127,7 @@ def test_every_exported_student_is_logged_with_a_signature(exported, deployer):
     stems = {p.stem for p in (out / "front").glob("trial-*.yaml")}
     assert {m.name for m in logged} == stems
     run = client.get_run(logged[0].source_run_id)
-    assert run.data.tags[ROLE_TAG] == "export" and run.info.status == "FINISHED"
+    assert run.data.tags[ROLE_TAG] == RunRole.EXPORT and run.info.status == "FINISHED"
     info = get_model_info(logged[0].model_uri)
     [spec] = info.signature.inputs.inputs
     assert list(spec.shape) == [-1, 1, 8, 8] and str(spec.type) == "float32"

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autosplit.errors import UserError
-from autosplit.search.attrs import STATE_TAG, TrialAttrs
+from autosplit.search.attrs import STATE_TAG, State, TrialAttrs
 from autosplit.search.front import TrialRecord, hypervolume, pareto_front
 from autosplit.search.front_plots import read_csv
 from autosplit.search.report import SearchReport
@@ -40,11 +40,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def trial_records() -> list[TrialRecord]:
     return [
-        TrialRecord(0, "complete", 81.5, 400_000, None, 5_000, "single + kd", None, "kd-single"),
-        TrialRecord(1, "complete", 84.0, 900_000, 600_000.0, 9_000, "res_chain K=2 + dkd"),
-        TrialRecord(2, "complete", 80.0, 700_000, None, 7_000, "assistant + hint"),  # dominated
-        TrialRecord(3, "infeasible", None, 1_500_000, None, 20_000, "branches K=3 + aekt"),
-        TrialRecord(4, "pruned", 60.0, 300_000, None, 3_000, "single + iekd"),
+        TrialRecord(
+            0, State.COMPLETE, 81.5, 400_000, None, 5_000, "single + kd", None, "kd-single"
+        ),
+        TrialRecord(1, State.COMPLETE, 84.0, 900_000, 600_000.0, 9_000, "res_chain K=2 + dkd"),
+        TrialRecord(2, State.COMPLETE, 80.0, 700_000, None, 7_000, "assistant + hint"),  # dominated
+        TrialRecord(3, State.INFEASIBLE, None, 1_500_000, None, 20_000, "branches K=3 + aekt"),
+        TrialRecord(4, State.PRUNED, 60.0, 300_000, None, 3_000, "single + iekd"),
     ]
 
 
@@ -110,9 +112,9 @@ def test_search_layout(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     children = {r.info.run_name: r for r in runs if r.info.run_id != parent}
     assert set(children) == {f"trial-{r.number}" for r in records}
     statuses = {name: (r.info.status, r.data.tags[STATE_TAG]) for name, r in children.items()}
-    assert statuses["trial-1"] == ("FINISHED", "complete")
-    assert statuses["trial-3"] == ("KILLED", "infeasible")
-    assert statuses["trial-4"] == ("KILLED", "pruned")
+    assert statuses["trial-1"] == ("FINISHED", State.COMPLETE)
+    assert statuses["trial-3"] == ("KILLED", State.INFEASIBLE)
+    assert statuses["trial-4"] == ("KILLED", State.PRUNED)
     trial1 = children["trial-1"]
     assert trial1.data.tags["mlflow.parentRunId"] == parent
     assert trial1.data.tags[TrialAttrs.key("label")] == "res_chain K=2 + dkd"
@@ -241,7 +243,7 @@ def test_attached_worker_logs_under_the_parent(store: str) -> None:
     run_id = worker.start_trial(
         trial_number=0, params={"lr": 0.1}, tags={TrialAttrs.key("baseline"): ""}
     )
-    worker.end_trial(run_id, state="complete", metrics={"val/acc": 90.0})
+    worker.end_trial(run_id, state=State.COMPLETE, metrics={"val/acc": 90.0})
     SearchReport(worker, "study-d", BUDGET).front(trial_records())
     main.end_search("KILLED")
     client = MlflowClient(tracking_uri=store)
@@ -272,7 +274,7 @@ def test_a_tracker_sent_to_a_worker_process_logs_under_the_same_parent(store: st
     worker = pickle.loads(pickle.dumps(main))
     assert worker is not main and worker.parent_run_id == parent
     run_id = worker.start_trial(trial_number=0, params={}, tags={})
-    worker.end_trial(run_id, state="complete", metrics={"val/acc": 1.0})
+    worker.end_trial(run_id, state=State.COMPLETE, metrics={"val/acc": 1.0})
     main.end_search()
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent

@@ -18,7 +18,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autosplit.errors import UserError
-from autosplit.search.attrs import ROLE_TAG, STATE_TAG, WORKER_TAG, TrialAttrs
+from autosplit.search.attrs import (
+    ROLE_TAG,
+    STATE_TAG,
+    WORKER_TAG,
+    RunRole,
+    Stage,
+    State,
+    TrialAttrs,
+)
 from autosplit.search.front import TrialRecord
 from autosplit.search.report import SearchReport
 from autosplit.tracking import MlflowTracker, check_tracking
@@ -182,12 +190,12 @@ def test_killed_state_and_orphans_closed_by_end_search(tmp_path: Path) -> None:
     tracker = MlflowTracker(store)
     parent = tracker.start_search(study_name="study-int", settings={})
     interrupted = tracker.start_trial(trial_number=0, params={}, tags={})
-    tracker.end_trial(interrupted, state="killed", metrics={})
+    tracker.end_trial(interrupted, state=State.KILLED, metrics={})
     orphan = tracker.start_trial(trial_number=1, params={}, tags={})  # never ended
     tracker.end_search("KILLED")
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(interrupted).info.status == "KILLED"
-    assert client.get_run(interrupted).data.tags[STATE_TAG] == "killed"
+    assert client.get_run(interrupted).data.tags[STATE_TAG] == State.KILLED
     assert client.get_run(orphan).info.status == "KILLED"
     assert client.get_run(parent).info.status == "KILLED"
 
@@ -201,10 +209,10 @@ def test_store_gone_mid_search_warns_once_and_goes_on(server: MlflowServer) -> N
     server.stop()
     started = time.monotonic()
     tracker.log_epoch(run_id, 1, {"val/acc": 60.0})
-    tracker.end_trial(run_id, state="complete", metrics={"val/acc": 60.0})
+    tracker.end_trial(run_id, state=State.COMPLETE, metrics={"val/acc": 60.0})
     assert tracker.start_trial(trial_number=1, params={}, tags={}) == ""
     SearchReport(tracker, "study-gone", 2000).front(
-        [TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd")]
+        [TrialRecord(0, State.COMPLETE, 60.0, 1000, None, 10, "single + kd")]
     )
     tracker.log_search_cost({"cpu_seconds": 1.0})
     tracker.end_search()
@@ -250,7 +258,7 @@ def test_full_disk_is_not_a_store_failure(small_disk: Path) -> None:
                 filler.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
-    record = TrialRecord(0, "complete", 60.0, 1000, None, 10, "single + kd", run_id)
+    record = TrialRecord(0, State.COMPLETE, 60.0, 1000, None, 10, "single + kd", run_id)
     with pytest.raises(OSError) as info:
         for step in range(200):  # artifacts first fail; the metrics' pages fill up next
             SearchReport(tracker, "study-full", 2000).front([record])
@@ -399,9 +407,9 @@ def test_store_gone_mid_search_then_sync(
     assert err.count("autosplit: warning: MLflow tracking at") == 1, err
     assert "autosplit sync --study-name digits-faults" in err and "Traceback" not in err
     trials = study.get_trials()
-    searched = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) == "search"]
+    searched = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.SEARCH]
     assert len(searched) == 3 and all(t.state != TrialState.FAIL for t in trials)
-    assert any(t.user_attrs.get(TrialAttrs.key("stage")) == "final" for t in trials)
+    assert any(t.user_attrs.get(TrialAttrs.key("stage")) == Stage.FINAL for t in trials)
     expected = sorted(t.number for t in trials if should_have_run(t))
 
     uri = server.start()  # the same backend database, on a new port
@@ -435,7 +443,7 @@ def test_store_gone_mid_search_then_sync(
     # The parent stays RUNNING only because its process (this test) is alive; the next
     # search or sync from a new process closes it (test_runs_of_a_killed_process_...).
     running = [r for r in runs if r.info.status == "RUNNING"]  # type: ignore
-    assert [r.data.tags[ROLE_TAG] for r in running] == ["search"]  # type: ignore
+    assert [r.data.tags[ROLE_TAG] for r in running] == [RunRole.SEARCH]  # type: ignore
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs}  # type: ignore
     for trial in trials:
         if (

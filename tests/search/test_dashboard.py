@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.driver import OVER_BUDGET, label_of, set_over_budget
 from autosplit.search.space import SearchSpace
 
@@ -39,8 +39,10 @@ def make_study(url: str) -> optuna.Study:
         trial = study.ask()
         candidate = space.suggest(trial, BUDGET)
         set_over_budget(trial, flops, BUDGET)
-        state = "infeasible" if val_acc is None else "complete"
-        TrialAttrs(stage="search", label=label_of(candidate), flops=flops, state=state).write(trial)
+        state = State.INFEASIBLE if val_acc is None else State.COMPLETE
+        TrialAttrs(stage=Stage.SEARCH, label=label_of(candidate), flops=flops, state=state).write(
+            trial
+        )
         if val_acc is not None:
             TrialAttrs(val_acc=val_acc).write(trial)
         study.tell(trial, [val_acc or 0.0, float(flops)])
@@ -85,7 +87,7 @@ def test_the_dashboard_serves_the_study_with_named_objectives_and_the_constraint
         assert float(attrs[over_key]) == over
         assert attrs[TrialAttrs.key("label")] == TrialAttrs.read(stored).label != ""
         assert attrs[TrialAttrs.key("flops")] == str(flops)
-        assert attrs[TrialAttrs.key("state")] == ("infeasible" if over > 0 else "complete")
+        assert attrs[TrialAttrs.key("state")] == (State.INFEASIBLE if over > 0 else State.COMPLETE)
         assert served[stored.number]["values"] == [val_acc or 0.0, flops]
         assert (val_acc is None) == (over > 0)
 

@@ -12,7 +12,15 @@ import optuna
 from optuna.trial import TrialState
 from searchproc import SPACE, _mlflow_runs, _slow_top_rung_space, finish, trials_now, worker  # noqa: F401 - shared helpers
 
-from autosplit.search.attrs import ROLE_TAG, WORKER_TAG, StudyAttrs, TrialAttrs
+from autosplit.search.attrs import (
+    ROLE_TAG,
+    WORKER_TAG,
+    RunRole,
+    Stage,
+    State,
+    StudyAttrs,
+    TrialAttrs,
+)
 
 
 def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_path):
@@ -32,7 +40,7 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
         finish(proc)
     study = optuna.load_study(study_name="pg-two", storage=postgres_url)
     trials = study.get_trials()
-    search = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) != "final"]
+    search = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) != Stage.FINAL]
     finished = [t for t in search if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) >= 6 and len(finished) <= 7  # the last trial may overlap by one
     assert len({t.number for t in trials}) == len(trials)
@@ -40,8 +48,8 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
     trained = [
         (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
-        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.FINAL
+        and t.user_attrs.get(TrialAttrs.key("state")) == State.COMPLETE
     ]
     assert trained and len(trained) == len(set(trained))
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -60,7 +68,7 @@ def test_two_workers_on_postgres_share_one_study(postgres_url, digits_runs, tmp_
     assert len(parents) == 2  # one per search invocation, both in the one experiment
     # A final job the other worker took first is pruned as a duplicate before it starts a run
     # (how often depends on timing); every other trial has its run among the children.
-    ran = [t for t in trials if t.user_attrs.get(TrialAttrs.key("state")) != "duplicate"]
+    ran = [t for t in trials if t.user_attrs.get(TrialAttrs.key("state")) != State.DUPLICATE]
     assert all(TrialAttrs.key("run_id") not in t.user_attrs for t in trials if t not in ran)
     assert {t.user_attrs[TrialAttrs.key("run_id")] for t in ran} <= {
         c.info.run_id for c in children
@@ -144,7 +152,7 @@ def test_four_local_workers_on_a_journal_file_lose_and_repeat_nothing(digits_run
         t
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        and t.user_attrs.get(TrialAttrs.key("stage")) != "final"
+        and t.user_attrs.get(TrialAttrs.key("stage")) != Stage.FINAL
     ]
     # Each worker checks the total before it asks for a trial: they may overshoot by one each.
     assert 8 <= len(done) <= 8 + 3
@@ -160,15 +168,15 @@ def test_four_local_workers_on_a_journal_file_lose_and_repeat_nothing(digits_run
     finals = [
         (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
-        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.FINAL
+        and t.user_attrs.get(TrialAttrs.key("state")) == State.COMPLETE
     ]
     assert finals and len(set(finals)) == len(finals)
     # One parent run for the invocation; each worker process (handed the tracker) logged its
     # trials under it, and every run is closed.
     runs = _mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "journal-four")
-    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
-    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == RunRole.SEARCH]
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == RunRole.TRIAL]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     logged = {
@@ -214,7 +222,7 @@ def _running_at_top_rung(storage: str) -> list[optuna.trial.FrozenTrial]:
     return [
         t
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "search"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.SEARCH
         and len(t.user_attrs.get(TrialAttrs.key("rungs")) or []) == 1
     ]
 
@@ -251,7 +259,7 @@ def test_a_search_killed_mid_rung_resumes_to_its_total(digits_runs, tmp_path):
     search = [
         t
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "search"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.SEARCH
         and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     ]
     assert len(search) == 4  # the total: the killed trial did not use up a slot
@@ -261,8 +269,8 @@ def test_a_search_killed_mid_rung_resumes_to_its_total(digits_runs, tmp_path):
     finals = [
         t
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
-        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.FINAL
+        and t.user_attrs.get(TrialAttrs.key("state")) == State.COMPLETE
     ]
     members = optuna.load_study(study_name="resume", storage=storage).user_attrs[
         StudyAttrs.key("final_members")

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from autosplit.cache import train_rows
 from autosplit.distill.run import build_and_count, images_per_epoch
-from autosplit.search.attrs import TrialAttrs
+from autosplit.search.attrs import Role, Stage, State, TrialAttrs
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import (
     SearchOptions,
@@ -85,8 +85,8 @@ def add_member(study, ctx, values: dict, seconds: list[float], accs: list[float]
             state=TrialState.COMPLETE,
             values=[accs[-1], float(flops.worst_case)],
             user_attrs=TrialAttrs(
-                stage="search",
-                state="complete",
+                stage=Stage.SEARCH,
+                state=State.COMPLETE,
                 label=values.get("structure.name", "single"),
                 flops=int(flops.worst_case),
                 candidate=candidate.to_dict(),
@@ -122,10 +122,10 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
     order = [(j.member, j.seed, j.role) for j in jobs]
     comparison = [best, *baselines.values()]
     assert order == [
-        *[(m, 0, "best" if m == best else "baseline") for m in comparison],
-        *[(m, 1, "best" if m == best else "baseline") for m in comparison],
-        (extra, 0, "extra"),
-        (extra, 1, "extra"),
+        *[(m, 0, Role.BEST if m == best else Role.BASELINE) for m in comparison],
+        *[(m, 1, Role.BEST if m == best else Role.BASELINE) for m in comparison],
+        (extra, 0, Role.EXTRA),
+        (extra, 1, Role.EXTRA),
     ]
     planned = {(j.member, j.seed): j.estimate_s["total"] for j in jobs}
     assert all(v > 0 for v in planned.values())
@@ -139,7 +139,7 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
     while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
         trial = study.ask()
         try:
-            study.tell(trial, list(objective(ctx, trial, "final")))
+            study.tell(trial, list(objective(ctx, trial, Stage.FINAL)))
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             continue
@@ -151,17 +151,17 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
     done = {
         (a.member, a.seed): a.state
         for a in (TrialAttrs.read(t) for t in study.get_trials())
-        if a.stage == "final"
+        if a.stage == Stage.FINAL
     }
-    assert {k for k, v in done.items() if v == "complete"} == {(m, 0) for m in comparison}
-    assert {k for k, v in done.items() if v == "skipped"} == {
+    assert {k for k, v in done.items() if v == State.COMPLETE} == {(m, 0) for m in comparison}
+    assert {k for k, v in done.items() if v == State.SKIPPED} == {
         *((m, 1) for m in comparison),
         (extra, 0),
         (extra, 1),
     }
     for trial in study.get_trials():
         attrs = TrialAttrs.read(trial)
-        if attrs.state == "complete" and attrs.stage == "final":
+        if attrs.state == State.COMPLETE and attrs.stage == Stage.FINAL:
             assert attrs.actual_s["total"] > 0 and attrs.estimate_s["total"] > 0
 
 
@@ -216,7 +216,7 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
     assert estimate.total() == pytest.approx(
         estimate.train + estimate.prepare + estimate.cache + estimate.overhead
     )
-    ctx.overheads["search"] = [0.5, 0.7, 3.0]
+    ctx.overheads[Stage.SEARCH] = [0.5, 0.7, 3.0]
     assert job_estimate(ctx, trials, number, 1).overhead == 0.7  # their median
 
     # The same measurements without an auto-encoder to build: no prepare part.

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from autosplit.search.attrs import State
 from autosplit.search.front import (
     TrialRecord,
     hypervolume,
@@ -21,7 +22,7 @@ def rec(
     number: int,
     acc: float | None,
     flops: int | None,
-    state: str = "complete",
+    state: str = State.COMPLETE,
     *,
     expected: float | None = None,
     baseline: str | None = None,
@@ -44,12 +45,12 @@ RECORDS = [
     rec(1, 90.0, 50, expected=15.0, baseline="kd-single"),
     rec(2, 85.0, 60),  # dominated by #1: less accurate and dearer
     rec(3, 95.0, 120),  # best accuracy but over budget
-    rec(4, None, 150, "infeasible"),
-    rec(5, 99.0, 10, "pruned"),  # pruned: never on the front whatever its accuracy
+    rec(4, None, 150, State.INFEASIBLE),
+    rec(5, 99.0, 10, State.PRUNED),  # pruned: never on the front whatever its accuracy
     rec(6, 90.0, 70, baseline="best-published"),  # ties #1 on accuracy at more FLOPs
     rec(7, 80.0, 20),  # exact duplicate of #0: kept
     rec(8, 70.0, 20),  # ties #0 on FLOPs, less accurate
-    rec(9, None, None, "running"),
+    rec(9, None, None, State.RUNNING),
 ]
 
 
@@ -94,7 +95,7 @@ def test_history_monotone_and_ends_at_hypervolume() -> None:
             i,
             rng.uniform(10, 100),
             rng.randint(1, 150),
-            rng.choice(["complete", "complete", "pruned", "failed"]),
+            rng.choice([State.COMPLETE, State.COMPLETE, State.PRUNED, State.FAILED]),
         )
         for i in range(300)
     ]
@@ -121,6 +122,6 @@ def test_front_table_marks_budget_best_baselines_and_counts() -> None:
 
 
 def test_front_table_without_feasible_trials() -> None:
-    table = front_table([rec(0, None, 500, "infeasible")], BUDGET)
+    table = front_table([rec(0, None, 500, State.INFEASIBLE)], BUDGET)
     assert "no feasible complete trial" in table
     assert "1 infeasible" in table

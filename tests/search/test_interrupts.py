@@ -15,7 +15,7 @@ from searchproc import trials_now as _trials
 
 from autosplit.cli import main
 from autosplit.search import study as studies
-from autosplit.search.attrs import TrialAttrs
+from autosplit.search.attrs import Stage, State, TrialAttrs
 
 
 def _wait_for_running(
@@ -92,7 +92,7 @@ def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(
     search = [
         t
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "search"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.SEARCH
         and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     ]
     assert len(search) == 3
@@ -133,7 +133,7 @@ def test_interrupted_and_dead_trials_are_requeued_once_and_failed_candidates_not
     study = studies.open_study("s", storage, create=True)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     numbers = {}
-    for verdict in (studies.INTERRUPTED, "failed", None):
+    for verdict in (studies.INTERRUPTED, State.FAILED, None):
         trial = study.ask(dist)
         TrialAttrs(state=verdict, baseline=f"b-{verdict}").write(trial)  # state None: unset
         study.tell(trial, state=TrialState.FAIL)

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 from scipy.stats import kendalltau
 
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.driver import proxy_fidelity
 from autosplit.search.front import FinalMember, margin
 from autosplit.search.front_text import final_table, margin_line, tau_lines
@@ -73,7 +73,7 @@ def _study_with_final_members(rung_accs: list[list[float]], final_accs: list[flo
             state=TrialState.COMPLETE,
             values=[accs[-1], 50.0],
             user_attrs=TrialAttrs(
-                stage="search",
+                stage=Stage.SEARCH,
                 label="single + kd",
                 flops=50,
                 rungs=[{"epochs": 1, "rows": 100, "val_acc": a, "seconds": 1.0} for a in accs],
@@ -88,13 +88,13 @@ def _study_with_final_members(rung_accs: list[list[float]], final_accs: list[flo
                 state=TrialState.COMPLETE,
                 values=[acc, 50.0],
                 user_attrs=TrialAttrs(
-                    stage="final",
+                    stage=Stage.FINAL,
                     member=number,
                     seed=0,
                     label="single + kd",
                     flops=50,
                     val_acc=acc,
-                    state="complete",
+                    state=State.COMPLETE,
                 ).user_attrs(),
             )
         )

@@ -10,7 +10,7 @@ import yaml
 
 from autosplit import device
 from autosplit.distill.recipes import scaled_recipe
-from autosplit.search.attrs import TrialAttrs
+from autosplit.search.attrs import State, TrialAttrs
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
 from autosplit.search.space import SearchSpace
@@ -80,7 +80,7 @@ def test_baselines_then_the_portfolio_in_order_then_sampled(searched):
         params, _pinned = space.portfolio_trial(name)
         assert trial.params == params  # in the space's distributions: TPE learns from them
         assert set(trial.distributions) == set(params)
-        assert trial.user_attrs[TrialAttrs.key("state")] in ("complete", "stopped"), name
+        assert trial.user_attrs[TrialAttrs.key("state")] in (State.COMPLETE, State.STOPPED), name
         recipe = scaled_recipe(name, base)
         trained = trial.user_attrs[TrialAttrs.key("candidate")]
         assert trained["structure"]["name"] == recipe.structure.name, name

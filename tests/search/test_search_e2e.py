@@ -10,7 +10,15 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from autosplit.search.attrs import STATE_TAG, StudyAttrs, TrialAttrs, TrialMetrics
+from autosplit.search.attrs import (
+    STATE_TAG,
+    Role,
+    Stage,
+    State,
+    StudyAttrs,
+    TrialAttrs,
+    TrialMetrics,
+)
 from autosplit.search.budget import parse_budget
 from autosplit.search.driver import SearchOptions, run_search
 from autosplit.search.space import SearchSpace
@@ -48,7 +56,9 @@ def searched(tmp_path_factory):
 
 
 def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials() if t.user_attrs.get(TrialAttrs.key("stage")) != "final"]
+    return [
+        t for t in study.get_trials() if t.user_attrs.get(TrialAttrs.key("stage")) != Stage.FINAL
+    ]
 
 
 def test_trials_run_under_the_budget_with_the_baselines_first(searched):
@@ -74,7 +84,7 @@ def test_trials_run_under_the_budget_with_the_baselines_first(searched):
         )
         if (
             trial.state == TrialState.COMPLETE
-            and trial.user_attrs[TrialAttrs.key("state")] == "complete"
+            and trial.user_attrs[TrialAttrs.key("state")] == State.COMPLETE
         ):
             assert flops <= ctx.max_flops
             assert (
@@ -126,9 +136,9 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     assert {"front.csv", "front.png", "front.html"} <= artifacts
     # The final stage: its own child runs, and on the parent its front beside the rung fronts.
     assert {"final_front.csv", "final_front.png", "rung0_front.png", "rung1_front.png"} <= artifacts
-    finals = [c for c in children if c.data.tags.get(TrialAttrs.key("stage")) == "final"]
+    finals = [c for c in children if c.data.tags.get(TrialAttrs.key("stage")) == Stage.FINAL]
     final_trials = [
-        t for t in study.get_trials() if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
+        t for t in study.get_trials() if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.FINAL
     ]
     assert len(finals) == len(final_trials) > 0
     assert {c.info.run_id for c in finals} == {
@@ -142,7 +152,7 @@ def test_every_trial_is_a_nested_mlflow_run(searched):
     assert "margin of the search's best" in parent.data.tags["mlflow.note.content"]
     assert parent.data.metrics["final/kendall_n_rung0"] >= 1
     roles = sorted(t.user_attrs[TrialAttrs.key("role")] for t in final_trials)
-    assert roles.count("baseline") == 3 * len(
+    assert roles.count(Role.BASELINE) == 3 * len(
         {t.user_attrs[TrialAttrs.key("seed")] for t in final_trials}
     )
     for run in finals:
@@ -194,7 +204,7 @@ def test_export_then_retrain_reproduces_the_trial(searched, capsys):
     # and the weights of the seed whose val accuracy is closest to the mean.
     result = best["result"]
     final = ctx.space.settings.fidelity.final
-    assert result["stage"] == "final"
+    assert result["stage"] == Stage.FINAL
     assert result["fidelity"] == {"epochs": final.epochs, "rows": final.rows}
     assert best["candidate"]["train"]["epochs"] == final.epochs
     assert (
@@ -296,7 +306,7 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
     study, _ctx = run_search(opts, tracker=tracker(tmp_path), say=lambda _m: None)
     trial = study.get_trials()[0]
     attrs = TrialAttrs.read(trial)
-    assert attrs.state == "infeasible"
+    assert attrs.state == State.INFEASIBLE
     assert trial.constraints["flops_over_budget"] > 0
     # No rung trained and nothing was saved: a trained rung appends to ``rungs``, sets val_acc
     # and weights, and every epoch logs val/acc on the trial's MLflow run.
@@ -304,7 +314,7 @@ def test_an_over_budget_candidate_is_recorded_and_never_trained(tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert attrs.run_id and client.get_run(attrs.run_id).data.tags[STATE_TAG] == "infeasible"
+    assert attrs.run_id and client.get_run(attrs.run_id).data.tags[STATE_TAG] == State.INFEASIBLE
     assert client.get_metric_history(attrs.run_id, TrialMetrics.name("val_acc")) == []  # no epoch
     assert optuna.load_study(study_name="tiny-budget", storage=opts.storage).best_trials == []
 
@@ -327,5 +337,5 @@ def test_a_diverging_candidate_fails_its_trial_not_the_search(tmp_path):
     trials = [t for t in study.get_trials() if t.state != TrialState.WAITING]
     assert len(trials) == 2  # both attempts ran; the search itself returned normally
     assert all(t.state == TrialState.FAIL for t in trials)
-    assert all(t.user_attrs[TrialAttrs.key("state")] == "failed" for t in trials)
+    assert all(t.user_attrs[TrialAttrs.key("state")] == State.FAILED for t in trials)
     assert "lower the learning rate" in trials[0].user_attrs[TrialAttrs.key("error")]

@@ -14,7 +14,7 @@ import yaml
 from searchproc import _cmd, finish, single_space, worker
 
 from autosplit.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from autosplit.search.attrs import StudyAttrs, TrialAttrs
+from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.study import HOST_ENV
 
 STUDY = "pg-one-teacher"
@@ -76,8 +76,8 @@ def test_hosts_of_one_study_share_one_teacher_and_a_different_one_is_refused(
     finals = [
         (t.user_attrs[TrialAttrs.key("member")], t.user_attrs[TrialAttrs.key("seed")])
         for t in trials
-        if t.user_attrs.get(TrialAttrs.key("stage")) == "final"
-        and t.user_attrs.get(TrialAttrs.key("state")) == "complete"
+        if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.FINAL
+        and t.user_attrs.get(TrialAttrs.key("state")) == State.COMPLETE
     ]
     assert finals and len(finals) == len(set(finals))  # each (member, seed) once across hosts
 

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from searchproc import _mlflow_runs, trials_now, worker
 
 from autosplit.search import study as studies
-from autosplit.search.attrs import TrialAttrs
+from autosplit.search.attrs import Stage, TrialAttrs
 
 TRIALS = 200
 WARM = 20  # trials after which memory should level off (imports, caches, first plots)
@@ -75,7 +75,7 @@ def test_two_hundred_trials_in_a_row_keep_memory_and_open_files_bounded(digits_r
     trials = optuna.load_study(
         study_name="soak", storage=studies.open_storage(storage)
     ).get_trials()
-    search = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) == "search"]
+    search = [t for t in trials if t.user_attrs.get(TrialAttrs.key("stage")) == Stage.SEARCH]
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in search) == TRIALS
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert "RUNNING" not in {r.info.status for r in _mlflow_runs(tracking, "soak")}
