@@ -8,7 +8,7 @@ is ignored. A misspelt field is an error, never a silent ``None``: ``TrialAttrs(
 raises TypeError and ``attrs.stgae`` raises AttributeError.
 
 Writing stores the fields that are set (not ``None``) and leaves the others as they are, so
-``TrialAttrs(state="skipped").write(trial)`` sets one field of a live trial.
+``TrialAttrs(state=State.SKIPPED).write(trial)`` sets one field of a live trial.
 
 The values a trial's state, stage and role take, and an MLflow run's role, are the enums
 ``State``, ``Stage``, ``Role`` and ``RunRole``: ``StrEnum`` members equal the strings stored,

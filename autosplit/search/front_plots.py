@@ -61,12 +61,12 @@ def write_csv(path: Path, front: Sequence[TrialRecord]) -> None:
 
 
 def read_csv(path: Path) -> list[TrialRecord]:
-    """front.csv back into records (state "complete"), e.g. to compare fronts of two searches."""
+    """front.csv back into records (state complete), e.g. to compare fronts of two searches."""
     with open(path, newline="", encoding="utf-8") as handle:
         return [
             TrialRecord(
                 number=int(row["trial"]),
-                state="complete",
+                state=State.COMPLETE,
                 val_acc=float(row["val_acc"]),
                 flops=int(row["flops"]),
                 expected_flops=float(row["expected_flops"]) if row["expected_flops"] else None,
