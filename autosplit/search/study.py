@@ -26,7 +26,8 @@ from autosplit.search.attrs import StudyAttrs, TrialAttrs
 from autosplit.search.front import TrialRecord
 
 if TYPE_CHECKING:
-    from autosplit.search.driver import SearchContext, SearchOptions
+    from autosplit.search.context import SearchContext
+    from autosplit.search.setup import SearchOptions
     from autosplit.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -429,6 +430,22 @@ def final_fidelity(study: optuna.Study) -> str:
             epochs = train["epochs"]
             return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"
     return ""
+
+
+def open_for_search(
+    study: optuna.Study, ctx: SearchContext, options: SearchOptions, *, created: bool
+) -> int:
+    """Ready ``study`` for this search: describe it (refused when it is another budget's,
+    teacher's or data's), fail the trials this host's dead workers left RUNNING (they and any
+    interrupted trial are re-queued with their parameters; RDB storages also have Optuna's
+    heartbeat for other machines' workers), and, only where this process ``created`` it (never
+    twice when workers start together), enqueue the baselines. Returns the search trials still
+    to run."""
+    describe_study(study, ctx, options)
+    fail_dead_local_trials(study)
+    if created:
+        enqueue_baselines(study, options.space)
+    return remaining_trials(study, options.trials)
 
 
 def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:
