@@ -268,3 +268,53 @@ def teacher_cache_for(
         cache_dir=Path(runs_dir) / "cache",
         **_cache_args(candidate, teacher.key, splits, views=views, taps=taps),
     )
+
+
+class HeldTeacherCache:
+    """The teacher outputs a search's jobs train from, one cache held in memory at a time
+    (a final stage's full-data cache is large), with what getting them cost: ``hits`` (held,
+    or found on disk), ``builds``, and the seconds and images the builds took (the teacher's
+    forward time here, which later jobs' estimates read)."""
+
+    def __init__(
+        self, teacher: Any, splits: Any, runtime: Runtime, runs_dir: Path, *, views: int
+    ) -> None:
+        self.teacher, self.splits, self.runtime, self.runs_dir = teacher, splits, runtime, runs_dir
+        self.views = views  # stored per row when the data augments
+        self.held: dict[tuple[object, ...], CachedTeacher] = {}
+        self.hits = self.builds = 0
+        self.build_seconds = self.build_images = 0.0
+
+    def get(self, taps: set[str], candidate: Any) -> CachedTeacher:
+        """The cached teacher outputs holding ``taps`` over the rows ``candidate`` trains on."""
+        taps = taps | {"logits"}
+        # What the outputs depend on besides the teacher and data (a space may search these).
+        augment = candidate.data.augment
+        key = (
+            tuple(sorted(taps)),
+            train_rows(candidate, self.splits),
+            augment,
+            candidate.train.seed if augment else 0,
+        )
+        if key in self.held:
+            self.hits += 1
+            return self.held[key]
+        self.held.clear()
+        started = time.perf_counter()
+        cache = teacher_cache_for(
+            candidate,
+            self.teacher,
+            self.splits,
+            self.runtime,
+            self.runs_dir,
+            views=self.views,
+            taps=taps,
+        )
+        if cache.hit:
+            self.hits += 1
+        else:
+            self.builds += 1
+            self.build_seconds += time.perf_counter() - started
+            self.build_images += key[1] * (self.views if augment else 1)
+        self.held[key] = cache
+        return cache

@@ -125,8 +125,9 @@ def _space_and_budget(args: argparse.Namespace):
 def cmd_search(args: argparse.Namespace) -> int:
     from autosplit.search.attrs import TrialAttrs
     from autosplit.search.budget import parse_duration
-    from autosplit.search.driver import SearchOptions, run_search
+    from autosplit.search.driver import run_search
     from autosplit.search.front_text import final_jobs_lines
+    from autosplit.search.setup import SearchOptions
     from autosplit.tracking import NullTracker, check_tracking, default_tracking_uri
     from autosplit.tracking_store import chosen_tracking_uri
 
@@ -167,7 +168,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         teacher_dir=Path(args.teacher_dir) if args.teacher_dir else None,
         teacher_wait=_teacher_wait(args.teacher_wait),
     )
-    from autosplit.search.driver import default_study_name
+    from autosplit.search.setup import default_study_name
     from autosplit.search.study import default_storage, recorded_tracking_uri
 
     storage_url = args.storage or default_storage(args.runs_dir, workers)
@@ -248,7 +249,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 def _final_summary(study: Any) -> list[str]:
     """Under the final front: the best member's margin over the best baseline at equal seeds,
     and each rung's Kendall τ against the final stage (or why there is none)."""
-    from autosplit.search.driver import proxy_fidelity
+    from autosplit.search.final_stage import proxy_fidelity
     from autosplit.search.front import final_members
     from autosplit.search.front_text import margin_line, tau_lines
     from autosplit.search.study import records, study_info

@@ -139,6 +139,9 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return count_flops_report(model, input_shape).total
 
 
+SMALLEST_WIDTH = 0.05  # the width solver's lower end (``solve_width``)
+
+
 class BudgetTooSmall(UserError):
     """No width of a family fits a FLOPs target (the search records such a candidate as
     infeasible instead of failing)."""
@@ -149,7 +152,7 @@ def solve_width(
     input_shape: tuple[int, int, int],
     target_flops: int,
     *,
-    low: float = 0.05,
+    low: float = SMALLEST_WIDTH,
     high: float = 4.0,
     tol: float = 1e-3,
 ) -> float:

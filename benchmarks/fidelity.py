@@ -34,15 +34,8 @@ from scipy.stats import kendalltau
 from autosplit.search import study as studies
 from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.budget import parse_budget, parse_duration
-from autosplit.search.driver import (
-    SearchContext,
-    SearchOptions,
-    _build_or_smallest,
-    at_fidelity,
-    label_of,
-    prepare,
-    run_search,
-)
+from autosplit.search.context import SearchContext
+from autosplit.search.driver import run_search
 from autosplit.search.front import (
     FLOPS_CONVENTION,
     final_front,
@@ -50,7 +43,9 @@ from autosplit.search.front import (
     hypervolume,
     search_records,
 )
+from autosplit.search.setup import SearchOptions, prepare
 from autosplit.search.space import Rung, SearchSpace
+from autosplit.search.trial import at_fidelity, build_or_smallest
 from autosplit.tracking import MlflowTracker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +56,7 @@ def train_at(ctx: SearchContext, candidate, rung: Rung, seed: int = 0):
     from autosplit.distill.run import train_candidate
 
     at = at_fidelity(candidate, rung).with_values({"train.seed": candidate.train.seed + seed})
-    distiller, flops = _build_or_smallest(at, ctx)
+    distiller, flops = build_or_smallest(at, ctx)
     taps = set(distiller.teacher_taps)
     del distiller
     return at, train_candidate(
@@ -69,7 +64,7 @@ def train_at(ctx: SearchContext, candidate, rung: Rung, seed: int = 0):
         ctx.splits,
         ctx.teacher.model,
         ctx.runtime,
-        teacher_source=ctx.teacher_source(taps, at),
+        teacher_source=ctx.teacher_cache.get(taps, at),
         progress=False,
         flops=flops,
     )
@@ -90,7 +85,7 @@ def random_feasible(ctx: SearchContext, n: int, seed: int):
     while drawn < n:
         trial = study.ask()
         candidate = ctx.space.suggest(trial, ctx.max_flops)
-        _, flops = _build_or_smallest(candidate, ctx)
+        _, flops = build_or_smallest(candidate, ctx)
         if flops.worst_case > ctx.max_flops:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
@@ -107,9 +102,9 @@ def part_a(ctx: SearchContext, n: int, seed: int) -> None:
     for candidate, flops in random_feasible(ctx, n, seed):
         accs = [train_at(ctx, candidate, rung)[1].val_acc for rung in fidelity.rungs]
         final_acc = train_at(ctx, candidate, final)[1].val_acc
-        rows.append((label_of(candidate), flops.worst_case, accs, final_acc))
+        rows.append((candidate.label, flops.worst_case, accs, final_acc))
         print(
-            f"  (a) {len(rows)}/{n} {label_of(candidate)}: rungs "
+            f"  (a) {len(rows)}/{n} {candidate.label}: rungs "
             f"{', '.join(f'{a:.2f}' for a in accs)} -> final {final_acc:.2f} "
             f"({time.perf_counter() - started:.0f}s)",
             flush=True,

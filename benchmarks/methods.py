@@ -28,7 +28,7 @@ from autosplit.distill.recipes import recipe_candidate, scaled_warmup
 from autosplit.evaluation import test_loader
 from autosplit.flops import count_flops, format_flops
 from autosplit.search.budget import parse_budget
-from autosplit.search.driver import SearchOptions, prepare
+from autosplit.search.setup import SearchOptions, prepare
 from autosplit.search.space import SearchSpace
 from autosplit.train import evaluate
 

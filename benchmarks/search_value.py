@@ -48,14 +48,10 @@ from autosplit.evaluation import test_loader  # noqa: E402
 from autosplit.export import export_study  # noqa: E402
 from autosplit.search.attrs import Stage, TrialAttrs  # noqa: E402
 from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
-from autosplit.search.driver import (  # noqa: E402
-    SearchContext,
-    SearchOptions,
-    label_of,
-    prepare,
-    run_search,
-)
+from autosplit.search.context import SearchContext  # noqa: E402
+from autosplit.search.driver import run_search  # noqa: E402
 from autosplit.search.front import FLOPS_CONVENTION  # noqa: E402
+from autosplit.search.setup import SearchOptions, prepare  # noqa: E402
 from autosplit.search.space import Rung, SearchSpace  # noqa: E402
 from autosplit.tracking import MlflowTracker  # noqa: E402
 from autosplit.train import evaluate  # noqa: E402
@@ -113,7 +109,7 @@ def part_tau(ctx: SearchContext, budget: str, n: int, seed: int, results: Result
         results.add(
             {
                 "key": key,
-                "label": label_of(candidate),
+                "label": candidate.label,
                 "flops": flops.worst_case,
                 "rungs": accs,
                 "final": final_acc,
@@ -122,7 +118,7 @@ def part_tau(ctx: SearchContext, budget: str, n: int, seed: int, results: Result
             }
         )
         print(
-            f"  tau {budget} {drawn}/{n} {label_of(candidate)}: rungs "
+            f"  tau {budget} {drawn}/{n} {candidate.label}: rungs "
             f"{', '.join(f'{a:.2f}' for a in accs)} -> final {final_acc:.2f}",
             flush=True,
         )
@@ -227,7 +223,7 @@ def recipe_job(
     results.add(
         {
             "key": key,
-            "label": label_of(fitted),
+            "label": fitted.label,
             "flops": result.flops.worst_case,
             "val": result.val_acc,
             "test": test,

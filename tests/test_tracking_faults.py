@@ -300,7 +300,7 @@ def search_options(tmp: Path, runs: Path, **kw: object):
     import dataclasses
 
     from autosplit.search.budget import parse_budget
-    from autosplit.search.driver import SearchOptions
+    from autosplit.search.setup import SearchOptions
     from autosplit.search.space import SearchSpace
 
     base = SearchOptions(
@@ -347,16 +347,16 @@ def test_ctrl_c_leaves_no_run_running(
     tmp_path: Path, digits_runs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while trial 1 trains: its run, and the parent, end KILLED."""
-    from autosplit.search import driver
+    from autosplit.search import driver, rungs
 
-    real_train = driver._train
+    real_train = rungs.train_job
 
     def interrupted(ctx, trial, *args, **kw):  # type: ignore[no-untyped-def]
         if trial.number == 1:
             raise KeyboardInterrupt
         return real_train(ctx, trial, *args, **kw)
 
-    monkeypatch.setattr(driver, "_train", interrupted)
+    monkeypatch.setattr(rungs, "train_job", interrupted)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(KeyboardInterrupt):
         driver.run_search(
@@ -385,10 +385,10 @@ def test_store_gone_mid_search_then_sync(
     from optuna.trial import TrialState
 
     from autosplit.cli import main
-    from autosplit.search import driver
+    from autosplit.search import driver, workers
     from autosplit.search.sync import should_have_run
 
-    real_trial = driver.search_trial
+    real_trial = workers.search_trial
 
     def outage_after_first(ctx, trial):  # type: ignore[no-untyped-def]
         try:
@@ -397,7 +397,7 @@ def test_store_gone_mid_search_then_sync(
             if trial.number == 0:
                 server.stop()
 
-    monkeypatch.setattr(driver, "search_trial", outage_after_first)
+    monkeypatch.setattr(workers, "search_trial", outage_after_first)
     study, _ctx = driver.run_search(
         search_options(tmp_path, digits_runs),
         tracker=check_tracking(server.uri, timeout=LIVE_SECONDS),

@@ -29,6 +29,7 @@ from autosplit.config import (
 )
 from autosplit.distill.registry import FEATURE_LOSSES, LOGIT_LOSSES, STRUCTURES
 from autosplit.errors import UserError
+from autosplit.flops import SMALLEST_WIDTH
 
 Scalar = float | int | str | bool | None
 _SCALARS = (float, int, str, bool, type(None))
@@ -252,6 +253,24 @@ class Candidate:
                     raise UserError(f"{key}: {here} is a value, not a section")
             node[leaf] = list(value) if isinstance(value, tuple) else value
         return from_dict(Candidate, plain)
+
+    # --- what the search says of it -----------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """A short description of the recipe, e.g. ``res_chain K=2 + dkd + hint + twi``."""
+        text = STRUCTURES.get(self.structure.name).label(self.structure)
+        text += f" + {self.logit_loss.name}"
+        if self.feature_loss.name != "none":
+            text += f" + {self.feature_loss.name}"
+        if self.twi:
+            text += " + twi"
+        return text
+
+    def narrowest(self) -> Candidate:
+        """This recipe with every width at the width solver's lower end: its smallest build."""
+        structure = STRUCTURES.get(self.structure.name)
+        return self.with_values(structure.narrowest_widths(SMALLEST_WIDTH))
 
 
 def load_candidate(path: str | Path) -> Candidate:

@@ -23,7 +23,7 @@ from autosplit.search.plan import EVAL_WEIGHT
 
 if TYPE_CHECKING:
     from autosplit.distill.candidate import Candidate
-    from autosplit.search.driver import SearchContext
+    from autosplit.search.context import SearchContext
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,9 @@ def cache_estimate(ctx: SearchContext, candidate: Candidate, taps: set[str]) -> 
     if path.is_file():
         return 0.0, str(path)
     images = train_rows(candidate, ctx.splits) * views
-    built = ctx.cost.get("cache_images", 0.0)
+    built = ctx.teacher_cache.build_images
     per_image = (
-        ctx.cost["cache_seconds"] / built
+        ctx.teacher_cache.build_seconds / built
         if built
         else EVAL_WEIGHT / ctx.cost_model.images_per_second(ctx.teacher_flops)
     )

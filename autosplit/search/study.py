@@ -26,7 +26,8 @@ from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.front import TrialRecord
 
 if TYPE_CHECKING:
-    from autosplit.search.driver import SearchContext, SearchOptions
+    from autosplit.search.context import SearchContext
+    from autosplit.search.setup import SearchOptions
     from autosplit.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -271,18 +272,14 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
     return failed
 
 
-# ``TrialAttrs.state`` of a trial that failed through no fault of its candidate: interrupted
-# (Ctrl-C, SIGTERM) or stopped by its environment (a full disk). A FAIL trial without a state
-# died with its worker. Both are re-run with their parameters; ``State.FAILED`` (the
-# candidate's own training raised, e.g. diverged) is not, since it would fail again. Kept under
-# this name for the driver, which writes it.
-INTERRUPTED = State.INTERRUPTED
-
-
 def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Re-queue every FAIL trial that was interrupted or whose worker died, once, with its
     parameters and what it *is* (``RETRY_FIELDS``); ``TrialAttrs.retry_of`` names the trial
-    it repeats. A chain of retries stops after ``MAX_RETRY``. Returns the re-queued numbers."""
+    it repeats. A chain of retries stops after ``MAX_RETRY``. Returns the re-queued numbers.
+
+    Interrupted: stopped by Ctrl-C, SIGTERM or its environment (a full disk), through no fault
+    of its candidate; a FAIL trial without a state died with its worker. A ``State.FAILED``
+    trial (its own training raised, e.g. diverged) is not re-run: it would fail again."""
     trials = study.get_trials(deepcopy=False)
     retried = {TrialAttrs.read(t).retry_of for t in trials}
     # RDB storages' heartbeat re-queues stale trials itself; its copies name their originals.
@@ -293,7 +290,7 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
         if (
             trial.state != TrialState.FAIL
             or trial.number in retried
-            or TrialAttrs.read(trial).state not in (None, INTERRUPTED)
+            or TrialAttrs.read(trial).state not in (None, State.INTERRUPTED)
             or _retry_depth(trial, by_number) >= MAX_RETRY
         ):
             continue
@@ -430,6 +427,22 @@ def final_fidelity(study: optuna.Study) -> str:
             epochs = train["epochs"]
             return f"{epochs} epoch{'s' if epochs != 1 else ''} x {rows} rows"
     return ""
+
+
+def open_for_search(
+    study: optuna.Study, ctx: SearchContext, options: SearchOptions, *, created: bool
+) -> int:
+    """Ready ``study`` for this search: describe it (refused when it is another budget's,
+    teacher's or data's), fail the trials this host's dead workers left RUNNING (they and any
+    interrupted trial are re-queued with their parameters; RDB storages also have Optuna's
+    heartbeat for other machines' workers), and, only where this process ``created`` it (never
+    twice when workers start together), enqueue the baselines. Returns the search trials still
+    to run."""
+    describe_study(study, ctx, options)
+    fail_dead_local_trials(study)
+    if created:
+        enqueue_baselines(study, options.space)
+    return remaining_trials(study, options.trials)
 
 
 def describe_study(study: optuna.Study, ctx: SearchContext, options: SearchOptions) -> None:

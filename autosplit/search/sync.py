@@ -122,7 +122,7 @@ def _parent_for(trial: FrozenTrial, parents: list[Any], starts: list[int]) -> st
 def _refresh_front(study: optuna.Study, tracker: Any, parent: str, run_ids: dict[int, str]) -> None:
     import dataclasses
 
-    from autosplit.search.driver import proxy_fidelity
+    from autosplit.search.final_stage import proxy_fidelity
 
     info = studies.study_info(study)
     budget = int(info.budget_flops)

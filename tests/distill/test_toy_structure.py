@@ -32,7 +32,6 @@ from autosplit.distill import (
 from autosplit.distill.parts.twi import TWI
 from autosplit.distill.student import BuildContext
 from autosplit.models import ZooModel
-from autosplit.search.driver import label_of, narrowest
 
 
 @dataclass(frozen=True)
@@ -131,5 +130,5 @@ def test_a_toy_structure_trains_end_to_end(
     assert result.exit is None and result.expected_flops == result.flops.worst_case
     assert set(result.flops.by_part) == {"base", "twin"}
     # The search asks the structure too: its label, and its narrowest build (no part widths).
-    assert label_of(candidate) == "pair + ce"
-    assert narrowest(candidate).split.part_width is None
+    assert candidate.label == "pair + ce"
+    assert candidate.narrowest().split.part_width is None

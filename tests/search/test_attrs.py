@@ -293,6 +293,42 @@ def test_no_key_string_outside_the_attrs_module():
     assert not found
 
 
+def spelt_out_value() -> re.Pattern[str]:
+    """A state, stage or role compared with or passed as a quoted string."""
+    values = "|".join(member.value for enum in (State, Stage, Role, RunRole) for member in enum)
+    return re.compile(
+        rf"""\b(state|stage|role|phase|run_state)\s*(==|!=|=|not in|in)\s*[(\[{{]?\s*"""
+        rf"""["']({values})["']"""
+    )
+
+
+def test_no_state_stage_or_role_literal_outside_the_attrs_module():
+    """Trial states, stages and roles are named through the enums of ``autosplit.search.attrs``
+    (``State``, ``Stage``, ``Role``, ``RunRole``), in the tests too: a comparison or keyword
+    that spells one out (``state == "complete"``, ``stage="final"``) is found here. This file
+    alone spells them out, since it pins the stored format."""
+    repo = Path(__file__).parents[2]
+    literal = spelt_out_value()
+    found = []
+    sources = [repo / "autosplit", repo / "benchmarks", repo / "scripts", repo / "tests"]
+    for path in [p for source in sources for p in source.rglob("*.py")]:
+        if path in (repo / "autosplit" / "search" / "attrs.py", Path(__file__)):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if literal.search(line):
+                found.append(f"{path.relative_to(repo)}:{number}: {line.strip()}")
+    assert not found
+
+
+def test_the_literal_check_finds_a_spelt_out_state():
+    """The check above is no empty pattern: it finds the forms it forbids."""
+    literal = spelt_out_value()
+    assert literal.search('if attrs.state == "complete":')
+    assert literal.search('TrialAttrs(stage="final", seed=0)')
+    assert literal.search('if other.role not in ("best", "baseline"):')
+    assert not literal.search("if attrs.state == State.COMPLETE:")
+
+
 def test_sync_logs_an_earlier_versions_trial_as_the_driver_did():
     from autosplit.search.sync import run_state, should_have_run, trial_metrics, trial_tags
 

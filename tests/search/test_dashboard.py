@@ -17,8 +17,8 @@ import pytest
 
 from autosplit.search import study as studies
 from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
-from autosplit.search.driver import OVER_BUDGET, label_of, set_over_budget
 from autosplit.search.space import SearchSpace
+from autosplit.search.trial import OVER_BUDGET, set_over_budget
 
 optuna_dashboard = pytest.importorskip(
     "optuna_dashboard", reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'"
@@ -40,9 +40,7 @@ def make_study(url: str) -> optuna.Study:
         candidate = space.suggest(trial, BUDGET)
         set_over_budget(trial, flops, BUDGET)
         state = State.INFEASIBLE if val_acc is None else State.COMPLETE
-        TrialAttrs(stage=Stage.SEARCH, label=label_of(candidate), flops=flops, state=state).write(
-            trial
-        )
+        TrialAttrs(stage=Stage.SEARCH, label=candidate.label, flops=flops, state=state).write(trial)
         if val_acc is not None:
             TrialAttrs(val_acc=val_acc).write(trial)
         study.tell(trial, [val_acc or 0.0, float(flops)])

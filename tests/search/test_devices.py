@@ -16,9 +16,10 @@ from searchproc import single_space, verbose_worker
 from autosplit.device import FAKE_GPUS_ENV, resolve_devices, resolve_runtime
 from autosplit.errors import UserError
 from autosplit.search import study as studies
-from autosplit.search.attrs import TrialAttrs
+from autosplit.search.attrs import State, TrialAttrs
 from autosplit.search.budget import parse_budget
-from autosplit.search.driver import OUT_OF_MEMORY, SearchOptions, run_search
+from autosplit.search.driver import run_search
+from autosplit.search.setup import SearchOptions
 from autosplit.search.space import SearchSpace
 
 
@@ -78,10 +79,10 @@ def test_two_workers_spread_over_two_gpus_each_measuring_its_own(digits_runs, tm
 def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_is_not_rerun(
     digits_runs, tmp_path, monkeypatch, capsys
 ):
-    import autosplit.distill.run as run
+    from autosplit.search import trial as search_trial
 
     monkeypatch.setenv(FAKE_GPUS_ENV, "2")
-    real = run.train_candidate
+    real = search_trial.train_candidate
     calls = []
 
     def second_runs_out(candidate, *args, **kwargs):
@@ -90,7 +91,7 @@ def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_is_not_rerun(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(candidate, *args, **kwargs)
 
-    monkeypatch.setattr(run, "train_candidate", second_runs_out)
+    monkeypatch.setattr(search_trial, "train_candidate", second_runs_out)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     options = SearchOptions(
         space=SearchSpace.from_yaml(Path(single_space(tmp_path, final=False))),
@@ -109,7 +110,7 @@ def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_is_not_rerun(
     oom = failed[0]
     label = oom.user_attrs[TrialAttrs.key("label")]
     line = f"out of GPU memory: {label} at batch 64 on cuda:1"
-    assert oom.user_attrs[TrialAttrs.key("state")] == OUT_OF_MEMORY
+    assert oom.user_attrs[TrialAttrs.key("state")] == State.OUT_OF_MEMORY
     assert oom.user_attrs[TrialAttrs.key("error")] == line
     err = capsys.readouterr().err
     assert f"autosplit: trial {oom.number}: {line}; the search goes on" in err

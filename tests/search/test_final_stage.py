@@ -18,16 +18,12 @@ from autosplit.cache import train_rows
 from autosplit.distill.run import build_and_count, images_per_epoch
 from autosplit.search.attrs import Role, Stage, State, TrialAttrs
 from autosplit.search.budget import parse_budget
-from autosplit.search.driver import (
-    SearchOptions,
-    enqueue_final_stage,
-    job_estimate,
-    objective,
-    prepare,
-)
+from autosplit.search.final_stage import enqueue_final_stage, job_estimate
 from autosplit.search.job_cost import work_images
 from autosplit.search.plan import CostModel, Deadline
+from autosplit.search.setup import SearchOptions, prepare
 from autosplit.search.space import SearchSpace
+from autosplit.search.workers import objective
 
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "digits_tiny.yaml"
 
@@ -50,8 +46,7 @@ def ctx(digits_runs):
         runs_dir=digits_runs,
         progress=False,
     )
-    ctx = prepare(options, log_teacher=lambda _m: None)
-    ctx.study_name = "final-order"
+    ctx = prepare(options, study_name="final-order", log_teacher=lambda _m: None)
     # A teacher forward costs next to nothing here: the jobs' estimates are their rungs'.
     ctx.cost_model = CostModel({float(ctx.teacher_flops): 1e12})
     return ctx
@@ -115,7 +110,7 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
     best = add_member(study, ctx, chain, [1.0, 2.0], [70.0, 90.0])
     hint = {"structure.name": "single", "logit_loss.name": "kd", "feature_loss.name": "hint"}
     extra = add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
-    ctx.finalists, ctx.final_seeds = 2, 2
+    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=2)
     enqueue_final_stage(study, ctx)
 
     jobs = [TrialAttrs.read(t) for t in study.get_trials() if t.state == TrialState.WAITING]
@@ -134,7 +129,9 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
     first_round = sum(planned[(m, 0)] for m in comparison)
     later = min(planned[(best, 1)], planned[(extra, 0)], planned[(extra, 1)])
     clock = FakeClock()
-    ctx.deadline = Deadline(first_round + 0.5 * later, clock=clock)
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule, deadline=Deadline(first_round + 0.5 * later, clock=clock)
+    )
 
     while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
         trial = study.ask()
@@ -145,8 +142,11 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
             continue
         # The job took what was planned, in the fake clock's seconds.
         clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
+        # Forget what this machine measured (it varies with load): corrections, overheads
+        # and the teacher's forward time while building caches.
         ctx.cost_model.ratios.clear()
         ctx.overheads.clear()
+        ctx.teacher_cache.build_seconds = 0.0
 
     done = {
         (a.member, a.seed): a.state
@@ -187,7 +187,9 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
         rung0={"prepare_seconds": 1.5, "prepare_images": coder0},
         rung1={"prepare_seconds": 0.0, "prepare_images": 0},
     )
-    ctx.final_epochs = 4  # beyond the top rung's 2: the estimate extrapolates
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule, final_epochs=4
+    )  # beyond the top rung's 2: the estimate extrapolates
     trials = {t.number: t for t in study.get_trials()}
     estimate = job_estimate(ctx, trials, number, 1)
     if Path(estimate.cache_file).is_file():  # left by another test of the session's runs dir

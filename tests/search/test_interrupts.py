@@ -72,7 +72,7 @@ def test_sigterm_mid_baseline_stops_in_one_line_and_the_rerun_trains_it_again(
     assert "to resume: autosplit search --space" in lines[0] and "--study-name term" in lines[0]
     interrupted = _trials(storage, "term")[running.number]
     assert interrupted.state == TrialState.FAIL
-    assert interrupted.user_attrs[TrialAttrs.key("state")] == studies.INTERRUPTED
+    assert interrupted.user_attrs[TrialAttrs.key("state")] == State.INTERRUPTED
     statuses = {r.info.run_id: r.info.status for r in _mlflow_runs(tracking, "term")}
     assert statuses[running.user_attrs[TrialAttrs.key("run_id")]] == "KILLED"
     assert "RUNNING" not in statuses.values()
@@ -125,7 +125,7 @@ def test_ctrl_c_stops_every_local_worker_and_leaves_nothing_running(digits_runs,
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     for trial in running:
         assert trials[trial.number].state == TrialState.FAIL
-        assert trials[trial.number].user_attrs[TrialAttrs.key("state")] == studies.INTERRUPTED
+        assert trials[trial.number].user_attrs[TrialAttrs.key("state")] == State.INTERRUPTED
 
 
 def test_interrupted_and_dead_trials_are_requeued_once_and_failed_candidates_not(tmp_path):
@@ -133,22 +133,22 @@ def test_interrupted_and_dead_trials_are_requeued_once_and_failed_candidates_not
     study = studies.open_study("s", storage, create=True)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     numbers = {}
-    for verdict in (studies.INTERRUPTED, State.FAILED, None):
+    for verdict in (State.INTERRUPTED, State.FAILED, None):
         trial = study.ask(dist)
         TrialAttrs(state=verdict, baseline=f"b-{verdict}").write(trial)  # state None: unset
         study.tell(trial, state=TrialState.FAIL)
         numbers[verdict] = trial.number
 
-    assert studies.requeue_interrupted(study) == [numbers[studies.INTERRUPTED], numbers[None]]
+    assert studies.requeue_interrupted(study) == [numbers[State.INTERRUPTED], numbers[None]]
     assert studies.requeue_interrupted(study) == []  # once
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs[TrialAttrs.key("retry_of")] for t in waiting] == [
-        numbers[studies.INTERRUPTED],
+        numbers[State.INTERRUPTED],
         numbers[None],
     ]
-    assert waiting[0].user_attrs[TrialAttrs.key("baseline")] == f"b-{studies.INTERRUPTED}"
+    assert waiting[0].user_attrs[TrialAttrs.key("baseline")] == f"b-{State.INTERRUPTED}"
     trials = {t.number: t for t in study.get_trials()}
-    assert waiting[0].system_attrs["fixed_params"] == trials[numbers[studies.INTERRUPTED]].params
+    assert waiting[0].system_attrs["fixed_params"] == trials[numbers[State.INTERRUPTED]].params
 
 
 def test_a_retry_chain_stops_after_max_retry(tmp_path):

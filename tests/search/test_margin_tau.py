@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from scipy.stats import kendalltau
 
 from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
-from autosplit.search.driver import proxy_fidelity
+from autosplit.search.final_stage import proxy_fidelity
 from autosplit.search.front import FinalMember, margin
 from autosplit.search.front_text import final_table, margin_line, tau_lines
 

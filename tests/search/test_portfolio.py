@@ -12,7 +12,8 @@ from autosplit import device
 from autosplit.distill.recipes import scaled_recipe
 from autosplit.search.attrs import State, TrialAttrs
 from autosplit.search.budget import parse_budget
-from autosplit.search.driver import SearchOptions, run_search
+from autosplit.search.driver import run_search
+from autosplit.search.setup import SearchOptions
 from autosplit.search.space import SearchSpace
 from autosplit.tracking import MlflowTracker
 

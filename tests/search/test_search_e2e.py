@@ -20,7 +20,8 @@ from autosplit.search.attrs import (
     TrialMetrics,
 )
 from autosplit.search.budget import parse_budget
-from autosplit.search.driver import SearchOptions, run_search
+from autosplit.search.driver import run_search
+from autosplit.search.setup import SearchOptions
 from autosplit.search.space import SearchSpace
 from autosplit.tracking import MlflowTracker
 

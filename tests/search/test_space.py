@@ -219,8 +219,8 @@ def test_dkd_and_aekt_warm_up_by_one_rule_in_every_shipped_space(path):
 
 
 def test_a_rung_keeps_the_warm_ups_share_of_the_run():
-    from autosplit.search.driver import at_fidelity
     from autosplit.search.space import Rung
+    from autosplit.search.trial import at_fidelity
 
     space = SearchSpace.from_yaml(ROOT / "search_spaces" / "cifar100_resnet.yaml")
     dkd = space.base_candidate(10**9).with_values(
