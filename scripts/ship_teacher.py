@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--command", required=True, help="the command that trained it, verbatim")
     parser.add_argument("--commit", default=None, help="the commit it trained at (default: HEAD)")
     parser.add_argument("--name", default="fashion_mnist_resnet20")
+    parser.add_argument("--note", default=None, help="what else a user should know of the run")
     args = parser.parse_args()
 
     space = find_space(args.space)
@@ -73,6 +74,8 @@ def main() -> int:
         "epochs": payload["config"]["teacher"]["train"]["epochs"],
         "sha256": sha256_file(target),
     }
+    if args.note:
+        manifest["note"] = args.note
     atomic_write_text(target.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
     return 0
