@@ -69,11 +69,16 @@ def test_two_workers_spread_over_two_gpus_each_measuring_its_own(digits_runs, tm
         by_worker.setdefault(t.user_attrs[TrialAttrs.key("worker")], set()).add(
             t.user_attrs[TrialAttrs.key("device")]
         )
-    # Two worker processes, each on one GPU, the two on different GPUs.
-    assert len(by_worker) == 2 and all(len(d) == 1 for d in by_worker.values())
-    assert set.union(*by_worker.values()) == {"cuda:0", "cuda:1"}
+    # Each worker process trains every trial it takes on one GPU, and no two on the same one.
+    # Which worker takes how many trials is the machine's timing: the cuda:1 worker measures
+    # its device before its first trial, and a fast cuda:0 worker may take all of them. So its
+    # own GPU is asserted from its log line, not from a trial it may not have run.
+    assert all(len(d) == 1 for d in by_worker.values())
+    devices = [next(iter(d)) for d in by_worker.values()]
+    assert len(devices) == len(set(devices)) and set(devices) <= {"cuda:0", "cuda:1"}
     # The parent measured on cuda:0 for the plan; the cuda:1 worker measured its own device.
     assert "throughput here (cuda:0)" in err and "throughput here (cuda:1)" in err, err[-3000:]
+    assert "worker 1" in err and "worker 0" in err, err[-3000:]  # both processes ran
 
 
 def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_is_not_rerun(
