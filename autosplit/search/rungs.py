@@ -94,12 +94,13 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     stop_reason = ""
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
+        images = work(ctx, at, n_stages)  # what this rung works through
         estimate = ctx.estimate(at, flops.worst_case, kind="trial", n_stages=n_stages)
         if reached:  # above the first rung: from this trial's own rungs, as a final job is
             estimate = (
                 extrapolate(
                     [(r["work"], r["seconds"] - r["prepare_seconds"]) for r in reached],
-                    work(ctx, at, n_stages),
+                    images,
                 )
                 or estimate
             )
@@ -142,7 +143,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 "prepare_images": outcome.prepare_images,
                 "cache_seconds": round(cache_took, 2),
                 "estimate_s": round(estimate + cache_seconds, 2),
-                "work": work(ctx, at, n_stages),
+                "work": images,
             }
         )
         TrialAttrs(rungs=reached).write(trial)
