@@ -162,6 +162,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
             run_state=State.PRUNED,
             candidate=candidate.to_dict(),
         )
+        # A baseline or portfolio recipe stays queued for the study's next search.
+        studies.give_back(trial)
         trial.study.stop()
         raise optuna.TrialPruned("no time left for the cheapest rung")
 

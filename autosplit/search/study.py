@@ -309,6 +309,26 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     return out
 
 
+def give_back(trial: optuna.Trial) -> bool:
+    """Put an enqueued trial (a baseline, a portfolio recipe, a re-run) that will not run now
+    back in the queue, behind what waits: a copy with its fixed parameters and what it *is*
+    (``RETRY_FIELDS``), for this study's next search phase. Returns False for a trial the
+    sampler drew (nothing was queued for it)."""
+    study = trial.study
+    frozen = next(
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.number == trial.number
+    )
+    fixed = frozen.system_attrs.get("fixed_params")
+    if fixed is None:
+        return False
+    kept = TrialAttrs.read(frozen)
+    copy = TrialAttrs(**{k: getattr(kept, k) for k in RETRY_FIELDS}, retry_of=kept.retry_of)
+    study.enqueue_trial(dict(fixed), user_attrs=copy.user_attrs())
+    return True
+
+
 def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:
     depth = 0
     while (parent := TrialAttrs.read(trial).retry_of) is not None and parent in by_number:

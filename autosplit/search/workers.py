@@ -73,10 +73,18 @@ def _objective(ctx: SearchContext, trial: optuna.Trial, phase: Stage) -> tuple[f
     if TrialAttrs.read(trial).stage == Stage.FINAL:
         return final_job(ctx, trial)
     if phase == Stage.FINAL:
-        # Optuna samples a fresh trial when another worker took the last waiting job between
-        # our check and the pop; the final phase runs no search trial, so it ends here.
+        # Optuna hands out the oldest waiting trial. That may be a search trial enqueued before
+        # the final jobs (a baseline or portfolio recipe the search phase had no time for): it
+        # goes back to the queue, behind the final jobs, for the study's next search, and this
+        # phase goes on. A fresh draw means another worker took the last final job between our
+        # check and the pop: the final phase runs no search trial, so it ends here.
+        given_back = studies.give_back(trial)
         TrialAttrs(stage=Stage.SEARCH, state=State.SKIPPED).write(trial)
-        trial.study.stop()
+        if not given_back or not waiting_final(trial.study):
+            trial.study.stop()
+        if given_back:
+            log.info("trial %d waits for a later search: the final stage runs now", trial.number)
+            raise optuna.TrialPruned("a search trial given back to the queue")
         raise optuna.TrialPruned("no final-stage job left for this worker")
     return search_trial(ctx, trial)
 
@@ -130,8 +138,11 @@ def run_worker(
     quiet = QuietInterrupts()
     optimize_log = logging.getLogger("optuna.study._optimize")
     optimize_log.addFilter(quiet)
+    n: int | None
     if phase == Stage.FINAL:
-        n = len(waiting_final(study))
+        # No count: search trials still queued ahead of the final jobs are popped and given
+        # back (``_objective``); the phase ends when no final job waits.
+        n = None if waiting_final(study) else 0
         callbacks: list[Any] = [_StopWhenNoFinalJobWaits()]
     else:
         n = studies.remaining_trials(study, options.trials)

@@ -23,7 +23,7 @@ from autosplit.search.job_cost import work_images
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.setup import SearchOptions, prepare
 from autosplit.search.space import SearchSpace
-from autosplit.search.workers import objective
+from autosplit.search.workers import objective, run_worker
 
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "digits_tiny.yaml"
 
@@ -242,3 +242,66 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
     finally:
         cache_file.unlink()
     assert dataclasses.asdict(again)["source"] == "rungs"
+
+
+def test_search_trials_queued_ahead_of_the_final_jobs_are_given_back_and_the_jobs_run(
+    ctx, tmp_path
+):
+    """A time-limited search phase can end with portfolio recipes still queued ahead of the
+    final jobs. The final phase hands them back to the queue, behind the jobs, and runs every
+    job (it used to stop at the first recipe it met, running none)."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(
+        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
+    )
+    baseline = next(iter(ctx.space.settings.baselines))
+    kd = add_member(
+        study,
+        ctx,
+        ctx.space.settings.baselines[baseline],
+        [0.5, 1.0],
+        [60.0, 80.0],
+        baseline=baseline,
+    )
+    best = add_member(study, ctx, {"logit_loss.name": "dkd"}, [0.5, 1.0], [65.0, 85.0])
+    queued = {
+        "rkd": {"train.lr": 0.05},
+        "aekt": {"train.lr": 0.1, "logit_loss.name": "aekt"},
+    }
+    for name, params in queued.items():
+        study.enqueue_trial(params, user_attrs=TrialAttrs(portfolio=name).user_attrs())
+    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=1, final_seeds=1)
+    enqueue_final_stage(study, ctx)
+    options = SearchOptions(
+        space=ctx.space,
+        budget=parse_budget("0.5x"),
+        trials=10,
+        device="cpu",
+        runs_dir=ctx.runs_dir,
+        progress=False,
+    )
+
+    run_worker(options, ctx, storage, worker_index=0, phase=Stage.FINAL)
+
+    trials = study.get_trials()
+    final = {
+        (a.member, a.seed): (t.state, a.state)
+        for t in trials
+        if (a := TrialAttrs.read(t)).stage == Stage.FINAL
+    }
+    assert final == {
+        (best, 0): (TrialState.COMPLETE, State.COMPLETE),
+        (kd, 0): (TrialState.COMPLETE, State.COMPLETE),
+    }
+    recipes = [(t, TrialAttrs.read(t)) for t in trials if TrialAttrs.read(t).portfolio]
+    popped = [(t.number, a.portfolio) for t, a in recipes if t.state == TrialState.PRUNED]
+    waiting = [(t, a) for t, a in recipes if t.state == TrialState.WAITING]
+    assert [name for _n, name in popped] == list(queued)
+    assert all(TrialAttrs.read(trials[n]).state == State.SKIPPED for n, _ in popped)
+    # Each recipe waits again, once, with its parameters, behind the final jobs.
+    assert [a.portfolio for _t, a in waiting] == list(queued)
+    last_job = max(t.number for t in trials if TrialAttrs.read(t).stage == Stage.FINAL)
+    for (t, a), params in zip(waiting, queued.values(), strict=True):
+        assert t.system_attrs["fixed_params"] == params
+        assert a.stage is None and a.state is None
+    assert min(t.number for t, _ in waiting) > last_job
