@@ -227,6 +227,41 @@ def teacher_cache_file(
     return Path(runs_dir) / "cache" / f"{key}.pt"
 
 
+def cache_views(views: int, candidate: Any, passes: int = 0) -> int:
+    """The augmented views a job's teacher cache needs: the space's ``views``, but no more
+    than the passes the job makes over its rows (its epochs, or the distiller's ``prepare``
+    passes if more). Pass ``p`` reads view ``p % n``; for every ``p`` below that bound that is
+    the same view index whether ``n`` is this or ``views``, and an augmented image is a pure
+    function of (seed, view, row), so the job trains on exactly the same images and teacher
+    outputs: a view no pass reads is only teacher time spent for nothing (a 1-epoch final job
+    over all rows reads one view of three)."""
+    if not candidate.data.augment:
+        return 1
+    return max(1, min(views, max(candidate.train.epochs, passes)))
+
+
+def usable_cache_views(
+    candidate: Any,
+    teacher_key: str,
+    splits: Any,
+    runs_dir: str | Path,
+    *,
+    views: int,
+    passes: int = 0,
+    taps: set[str] | None = None,
+) -> tuple[int, bool]:
+    """The views of the cache ``candidate``'s job should read, and whether it is on disk: the
+    most views among the files on disk that serve it (any with at least ``cache_views``),
+    else ``cache_views`` (to build)."""
+    needed = cache_views(views, candidate, passes)
+    for n in range(max(views, needed), needed - 1, -1):
+        if teacher_cache_file(
+            candidate, teacher_key, splits, runs_dir, views=n, taps=taps
+        ).is_file():
+            return n, True
+    return needed, False
+
+
 def teacher_cache_exists(
     candidate: Any,
     teacher_key: str,
@@ -285,8 +320,10 @@ class HeldTeacherCache:
         self.hits = self.builds = 0
         self.build_seconds = self.build_images = 0.0
 
-    def get(self, taps: set[str], candidate: Any) -> CachedTeacher:
-        """The cached teacher outputs holding ``taps`` over the rows ``candidate`` trains on."""
+    def get(self, taps: set[str], candidate: Any, *, passes: int = 0) -> CachedTeacher:
+        """The cached teacher outputs holding ``taps`` over the rows ``candidate`` trains on,
+        with the views its job reads (``cache_views``; ``passes``: the distiller's prepare
+        passes). A held cache or a file on disk with more views serves it as well."""
         taps = taps | {"logits"}
         # What the outputs depend on besides the teacher and data (a space may search these).
         augment = candidate.data.augment
@@ -296,10 +333,20 @@ class HeldTeacherCache:
             augment,
             candidate.train.seed if augment else 0,
         )
-        if key in self.held:
+        needed = cache_views(self.views, candidate, passes)
+        if key in self.held and self.held[key].n_views >= needed:
             self.hits += 1
             return self.held[key]
         self.held.clear()
+        views, _on_disk = usable_cache_views(
+            candidate,
+            self.teacher.key,
+            self.splits,
+            self.runs_dir,
+            views=self.views,
+            passes=passes,
+            taps=taps,
+        )
         started = time.perf_counter()
         cache = teacher_cache_for(
             candidate,
@@ -307,7 +354,7 @@ class HeldTeacherCache:
             self.splits,
             self.runtime,
             self.runs_dir,
-            views=self.views,
+            views=views,
             taps=taps,
         )
         if cache.hit:
@@ -315,6 +362,6 @@ class HeldTeacherCache:
         else:
             self.builds += 1
             self.build_seconds += time.perf_counter() - started
-            self.build_images += key[1] * (self.views if augment else 1)
+            self.build_images += key[1] * cache.n_views
         self.held[key] = cache
         return cache

@@ -122,3 +122,38 @@ def test_the_planner_can_tell_a_cache_on_disk_from_one_to_build(digits_splits, c
     assert not teacher_cache_exists(
         candidate(300), "t1", digits_splits, tmp_path, views=2, taps={"stage1"}
     )
+
+
+def test_a_job_builds_only_the_views_its_passes_read_and_a_wider_cache_serves_it(
+    digits_splits, cpu, tmp_path
+):
+    from types import SimpleNamespace
+
+    from autosplit.cache import HeldTeacherCache, cache_views
+
+    teacher = SimpleNamespace(model=_teacher(digits_splits), key="t0")
+
+    def job(epochs, rows=300):
+        return SimpleNamespace(
+            train=SimpleNamespace(max_train_samples=rows, seed=0, epochs=epochs),
+            data=SimpleNamespace(augment=True),
+        )
+
+    assert [cache_views(3, job(e)) for e in (1, 2, 3, 8)] == [1, 2, 3, 3]
+    assert cache_views(3, job(1), passes=2) == 2  # IE-KD's auto-encoder passes read views too
+    plain = SimpleNamespace(train=job(8).train, data=SimpleNamespace(augment=False))
+    assert cache_views(3, plain) == 1
+
+    held = HeldTeacherCache(teacher, digits_splits, cpu, tmp_path, views=3)
+    one = held.get({"stage1"}, job(1))
+    assert (one.n_views, held.builds, held.build_images) == (1, 1, 300)
+    three = held.get({"stage1"}, job(3))  # more epochs than the held cache has views
+    assert (three.n_views, held.builds, held.build_images) == (3, 2, 300 + 900)
+    # The views a short job reads are the same images and outputs in either cache.
+    for tap in ("stage1", "logits"):
+        assert torch.equal(one.tensors[0][tap], three.tensors[0][tap])
+    # Held in memory, the wider cache serves a shorter job; so does its file, in a new process.
+    assert held.get({"stage1"}, job(2)) is three and held.builds == 2
+    fresh = HeldTeacherCache(teacher, digits_splits, cpu, tmp_path, views=3)
+    again = fresh.get({"stage1"}, job(2))
+    assert again.hit and again.n_views == 3 and fresh.builds == 0

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from autosplit.data import Splits
     from autosplit.device import Runtime
     from autosplit.distill.candidate import Candidate
+    from autosplit.search.final_stage import FinalReserve
     from autosplit.search.front import Cost
     from autosplit.teacher import Teacher
 
@@ -69,9 +70,10 @@ class SearchContext:
     # --- what changes as jobs finish -----------------------------------------------------------
     # Throughput measured at the start, corrected by each finished job (``CostModel.observe``).
     cost_model: CostModel = field(default_factory=lambda: CostModel({1.0: 1e9}))
-    # The final stage's cost as the search's measurements put it (``final_reserve_measured``),
-    # once a search trial has finished; until then the plan's ``final_reserve``.
-    measured_reserve: float | None = None
+    # The final stage's cost as the search's measurements put it (``final_reserve_measured``:
+    # the whole stage and the first seed's comparison), once a search trial has finished;
+    # until then the plan's ``final_reserve``.
+    measured_reserve: FinalReserve | None = None
     # Per final member: (teacher taps, stages, prepare passes) of its distiller.
     shapes: dict[int, tuple[set[str], int, int]] = field(default_factory=dict)
     # Seconds each finished job cost beyond training and its cache, by ``Stage``
@@ -121,13 +123,18 @@ class SearchContext:
             self.cost_model, self.splits, candidate, flops, kind=kind, n_stages=n_stages
         )
 
-    def search_fits(self, seconds: float) -> bool:
+    def search_fits(self, seconds: float, *, warm_start: bool = False) -> bool:
         """Whether a search job of ``seconds`` can start: it must end before the search phase
         does, and leave the final stage its share as corrected by the jobs finished so far (on
-        a machine slower than measured, the search phase ends earlier)."""
-        final = self.schedule.final_reserve * self.cost_model.correction("final")
-        if self.measured_reserve is not None:  # measured here: no correction factor
-            final = self.measured_reserve
+        a machine slower than measured, the search phase ends earlier).
+
+        ``warm_start``: the cheapest rung of a baseline or a portfolio recipe. The plan made
+        room for those in the search phase; when the search phase's end is nevertheless
+        near, they may still run into the final stage's share as far as the first seed's
+        comparison allows, taking time from extra finalists and later seeds (which the final
+        stage gives up first), never from the comparison."""
+        plan_share = self.schedule.final_reserve * self.cost_model.correction("final")
+        final = self.reserve_for(plan_share, warm_start=warm_start)
         # The trial's work around its training (recording, MLflow, the front's refresh), as
         # measured on the trials so far: on a loaded machine seconds per trial that the
         # final stage would otherwise lose.
@@ -136,9 +143,26 @@ class SearchContext:
             if self.overheads.get(Stage.SEARCH)
             else 0
         )
-        return self.schedule.search_deadline.fits(seconds + around) and self.schedule.deadline.fits(
-            seconds + around + final
+        in_search = warm_start or self.schedule.search_deadline.fits(seconds + around)
+        return in_search and self.schedule.deadline.fits(seconds + around + final)
+
+    def reserve_for(self, plan_share: float, *, warm_start: bool = False) -> float:
+        """Seconds a search job must leave the final stage: measured (no correction factor)
+        once a member has measured a rung, else ``plan_share``; for a ``warm_start`` job, only
+        the first seed's comparison."""
+        if self.measured_reserve is not None:
+            m = self.measured_reserve
+            return m.comparison if warm_start else m.whole
+        if not warm_start:
+            return plan_share
+        final = self.final
+        if final is None:
+            return 0.0
+        n_baselines = len(self.space.settings.baselines)
+        jobs = ((self.schedule.finalists or final.top_k) + n_baselines) * (
+            self.schedule.final_seeds or final.seeds
         )
+        return plan_share * (1 + n_baselines) / max(1, jobs)
 
     def record_overhead(self, kind: str, started: float, busy: float) -> float:
         """A job that started at ``started`` has ended, ``busy`` of it training and building

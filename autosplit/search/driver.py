@@ -24,7 +24,12 @@ from autosplit.errors import redact_url
 from autosplit.search import study as studies
 from autosplit.search.attrs import PRECISION_PARAM, Stage, StudyAttrs
 from autosplit.search.context import SearchContext
-from autosplit.search.final_stage import enqueue_final_stage, proxy_fidelity, waiting_final
+from autosplit.search.final_stage import (
+    enqueue_final_stage,
+    fit_final_epochs,
+    proxy_fidelity,
+    waiting_final,
+)
 from autosplit.search.front import final_members, rung_records, search_records
 from autosplit.search.report import SearchReport, search_note
 from autosplit.search.setup import SearchOptions, default_study_name, prepare
@@ -106,6 +111,9 @@ def run_search(
         if todo:
             run_phase(options, ctx, storage_url, Stage.SEARCH)
         if options.final_stage and ctx.final is not None:
+            shrunk = fit_final_epochs(study, ctx)
+            if shrunk:
+                say(f"warning: {shrunk}")
             enqueue_final_stage(study, ctx)
             ctx.last_job_end = None  # the final stage's first job counts from its own start
             if waiting_final(study):

@@ -8,9 +8,11 @@ accuracy ranked the members the final stage trained (Kendall tau).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +113,15 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
         log.info("final job %d/%d (%s) skipped: %s", member_number, seed_index, label, why)
         raise optuna.TrialPruned(f"no time left for final job {member_number}/{seed_index}")
     result, cache_took = train_job(
-        ctx, trial, candidate, counted, run_id, taps, step_offset=0, rung=None
+        ctx,
+        trial,
+        candidate,
+        counted,
+        run_id,
+        taps,
+        step_offset=0,
+        rung=None,
+        passes=ctx.shapes[member_number][2],
     )
     if result.exit is not None:
         candidate = candidate.with_values({"structure.exit_threshold": result.exit.threshold})
@@ -335,10 +345,22 @@ def round_needs(
     return skipped, needs + sum(caches.values())
 
 
-def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> float | None:
+@dataclass(frozen=True)
+class FinalReserve:
+    """Seconds the search phase leaves the final stage: ``whole``, every planned job; and
+    ``comparison``, the first seed's comparison (the best member and the baselines), which
+    is all a baseline's or a portfolio recipe's cheapest rung must leave (they are never
+    given up for extra finalists or later seeds)."""
+
+    whole: float
+    comparison: float
+
+
+def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> FinalReserve | None:
     """The final stage's seconds as the search's measurements put them now: every job of
     ``final_plan`` from its member's rungs (a cache counted once), and the plan's share for
-    the finalists not found yet. None before any member has measured a rung."""
+    the members not measured yet (the baselines still to run, the finalists not found yet).
+    None before any member has measured a rung."""
     final = ctx.final
     if final is None or ctx.schedule.final_reserve <= 0:
         return None
@@ -347,18 +369,76 @@ def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> float | N
         return None
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     seeds = ctx.schedule.final_seeds or final.seeds
-    wanted = (ctx.schedule.finalists or final.top_k) + len(ctx.space.settings.baselines)
-    members = {m for m, _s, _r in jobs}
+    n_baselines = len(ctx.space.settings.baselines)
+    wanted = (ctx.schedule.finalists or final.top_k) + n_baselines
+    per_job = ctx.schedule.final_reserve / max(1, wanted * seeds)
+    # Switching to the final stage (planning and enqueueing its jobs) costs about one job's
+    # overhead more.
+    switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
+
+    def reserve(chosen: list[tuple[int, int, str]], members_wanted: int, n_seeds: int) -> float:
+        members = {m for m, _s, _r in chosen}
+        unmeasured = max(0, members_wanted - len(members)) * n_seeds * per_job
+        return jobs_seconds(ctx, trials, chosen) + unmeasured + switch
+
+    return FinalReserve(
+        whole=reserve(jobs, wanted, seeds),
+        comparison=reserve(first_comparison(jobs), 1 + n_baselines, 1),
+    )
+
+
+def first_comparison(jobs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """The first seed's comparison among ``final_plan``'s jobs: the best member, the baselines."""
+    return [(m, s, r) for m, s, r in jobs if r in COMPARISON and s == 0]
+
+
+def jobs_seconds(
+    ctx: SearchContext, trials: dict[int, Any], jobs: list[tuple[int, int, str]]
+) -> float:
+    """What ``jobs`` (member, seed, role) cost together, each from its member's rungs: a
+    teacher cache two of them read is built once."""
     total, caches = 0.0, {}
     for member, seed, _role in jobs:
         estimate = job_estimate(ctx, trials, member, seed)
         total += estimate.train + estimate.prepare + estimate.overhead
         caches.setdefault(estimate.cache_file, estimate.cache)
-    per_job = ctx.schedule.final_reserve / max(1, wanted * seeds)
-    # Switching to the final stage (planning and enqueueing its jobs) costs about one job's
-    # overhead more.
+    return total + sum(caches.values())
+
+
+def fit_final_epochs(study: optuna.Study, ctx: SearchContext) -> str | None:
+    """At the switch to the final stage, from what the search measured: the epochs at which
+    the first seed's comparison (the best member and every baseline) fits in the time left.
+    The plan chose the final epochs from throughput measured before any trial; when the
+    members' own rungs say the comparison at those epochs would not fit, it trains at fewer
+    (it is never dropped for them: a comparison job that does not fit takes its whole seed
+    with it). Sets ``ctx.schedule.final_epochs``; returns a warning line when it shrank.
+    A study that holds final jobs already keeps their epochs."""
+    final = ctx.final
+    left = ctx.schedule.deadline.remaining()
+    if final is None or math.isinf(left):
+        return None
+    if any(TrialAttrs.read(t).stage == Stage.FINAL for t in study.get_trials(deepcopy=False)):
+        return None
+    planned = ctx.schedule.final_epochs or final.epochs
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
-    return total + sum(caches.values()) + max(0, wanted - len(members)) * seeds * per_job + switch
+    epochs, needs = planned, 0.0
+    for epochs in range(planned, 0, -1):
+        ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=epochs)
+        jobs = first_comparison(final_plan(study, ctx))
+        if not jobs:
+            return None
+        needs = jobs_seconds(ctx, trials, jobs) + switch
+        if needs <= left:
+            break
+    if epochs == planned:
+        return None
+    fits = "" if needs <= left else ", so it may not run"
+    return (
+        f"the final stage trains {epochs} of the {planned} epochs planned: the search's "
+        f"measurements put its first comparison round at ~{needs:.0f} s with {left:.0f} s "
+        f"left{fits}"
+    )
 
 
 def waiting_final(study: optuna.Study) -> list[Any]:

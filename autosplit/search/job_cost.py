@@ -147,7 +147,7 @@ def estimate_job(
         if rate is None:  # no auto-encoder measured anywhere: a training step's time per image
             rate = train / final_images
         prepare = rate * passes * images_per_epoch(rows, candidate.train.batch_size)
-    cache, path = cache_estimate(ctx, candidate, taps)
+    cache, path = cache_estimate(ctx, candidate, taps, passes=passes)
     return JobEstimate(train, prepare, cache, path, source, overhead)
 
 
@@ -159,18 +159,29 @@ def job_overhead(overheads: Mapping[str, Sequence[float]], default: float) -> fl
     return statistics.median(seen) if seen else default
 
 
-def cache_estimate(ctx: SearchContext, candidate: Candidate, taps: set[str]) -> tuple[float, str]:
+def cache_estimate(
+    ctx: SearchContext, candidate: Candidate, taps: set[str], *, passes: int = 0
+) -> tuple[float, str]:
     """Seconds to build the teacher cache ``candidate`` trains from (0 when it is on disk), and
-    its file. The teacher's forward time per image is what this process measured building
-    caches, else the throughput model's (a forward pass: ``EVAL_WEIGHT`` of a training step)."""
-    from autosplit.cache import teacher_cache_file, train_rows
+    its file; it holds the views the job reads (``cache.cache_views``; ``passes``: the
+    distiller's prepare passes). The teacher's forward time per image is what this process
+    measured building caches, else the throughput model's (a forward pass: ``EVAL_WEIGHT``
+    of a training step)."""
+    from autosplit.cache import teacher_cache_file, train_rows, usable_cache_views
 
-    augment = candidate.data.augment
-    views = ctx.space.settings.teacher_views if augment else 1
+    views, on_disk = usable_cache_views(
+        candidate,
+        ctx.teacher.key,
+        ctx.splits,
+        ctx.runs_dir,
+        views=ctx.space.settings.teacher_views,
+        passes=passes,
+        taps=taps,
+    )
     path = teacher_cache_file(
         candidate, ctx.teacher.key, ctx.splits, ctx.runs_dir, views=views, taps=taps
     )
-    if path.is_file():
+    if on_disk:
         return 0.0, str(path)
     images = train_rows(candidate, ctx.splits) * views
     built = ctx.teacher_cache.build_images

@@ -101,6 +101,8 @@ class PlanInput:
     baselines: int  # trained in the final stage beside the finalists
     rung0_seconds: float  # one cheapest-rung trial
     final_epochs: int = 1  # the epochs ``final_seconds`` is for (the space's final fidelity)
+    portfolio: int = 0  # the warm start's recipes, each at least at the cheapest rung
+    rung0_fixed_seconds: float = 0.0  # once per search (the teacher caches over rung 0's rows)
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,11 @@ class TimeLimitTooShort(ValueError):
 
 def make_plan(inp: PlanInput) -> Plan:
     """Shares of the limit. What must shrink shrinks in this order: search trials (down to the
-    baselines and ``MIN_SEARCH_JOBS`` cheapest-rung trials), then finalists, then seeds, then
+    baselines and the portfolio at the cheapest rung, ``search_minimum``), then finalists, then seeds, then
     the final stage's epochs (down to 1), and only then the teacher's epochs, with a warning
     for each of the last two. The teacher comes last because every later search reuses it."""
     usable = usable_seconds(inp.time_limit)
-    search_min = (inp.baselines + MIN_SEARCH_JOBS) * inp.rung0_seconds
+    search_min = search_minimum(inp)
     epochs = 0 if inp.teacher_cached else inp.teacher_epochs
     per_epoch = inp.final_seconds / max(1, inp.final_epochs)
 
@@ -202,6 +204,13 @@ def make_plan(inp: PlanInput) -> Plan:
     )
 
 
+def search_minimum(inp: PlanInput) -> float:
+    """The shortest search: the baselines and the portfolio's recipes (or ``MIN_SEARCH_JOBS``
+    trials, whichever is more) at the cheapest rung, and the teacher caches they read."""
+    jobs = inp.baselines + max(inp.portfolio, MIN_SEARCH_JOBS)
+    return jobs * inp.rung0_seconds + inp.rung0_fixed_seconds
+
+
 def _final_warning(final_epochs: int, wanted: int) -> tuple[str, ...]:
     if final_epochs >= wanted:
         return ()
@@ -213,9 +222,14 @@ def _final_warning(final_epochs: int, wanted: int) -> tuple[str, ...]:
 
 def _too_short(inp: PlanInput, usable: float, needed: float) -> str:
     need = max(needed / (1.0 - RESERVE), needed + RESERVE_MIN_SECONDS)
+    trials = (
+        f"the portfolio's {inp.portfolio} recipes"
+        if inp.portfolio > MIN_SEARCH_JOBS
+        else f"{MIN_SEARCH_JOBS} trials"
+    )
     return (
         f"--time-limit {inp.time_limit / 60:.1f}m is too short on this machine: the smallest "
-        f"plan (one teacher epoch if not cached, baselines and {MIN_SEARCH_JOBS} trials at the "
+        f"plan (one teacher epoch if not cached, baselines and {trials} at the "
         f"cheapest rung, one finalist with one seed) needs about {math.ceil(need / 60)} min"
     )
 

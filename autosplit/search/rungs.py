@@ -66,6 +66,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     ).write(trial)
     taps = set(distiller.teacher_taps)
     n_stages = len(distiller.stages())
+    passes = distiller.prepare_passes
     del distiller, student  # train_candidate builds its own, from the pinned candidate
     tags = TrialAttrs(label=candidate.label, baseline=baseline, stage=Stage.SEARCH)
     run_id = start_run(ctx, trial, candidate, tags)
@@ -104,17 +105,18 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 )
                 or estimate
             )
-        cache_seconds = cache_estimate(ctx, at, taps)[0]  # built before the rung trains
-        if not ctx.search_fits(estimate + cache_seconds):
+        cache_seconds = cache_estimate(ctx, at, taps, passes=passes)[0]  # built before it trains
+        # The warm start (baselines, then the portfolio) is never given up for extra
+        # finalists or later seeds: its cheapest rung leaves only the comparison's time.
+        warm_start = index == 0 and bool(baseline or what.portfolio)
+        if not ctx.search_fits(estimate + cache_seconds, warm_start=warm_start):
             log.info(
                 "trial %d stops before rung %d: ~%.1f s would leave the final stage less than "
                 "its %.0f s (%.0f s left)",
                 trial.number,
                 index,
                 estimate + cache_seconds,
-                ctx.measured_reserve
-                if ctx.measured_reserve is not None
-                else ctx.schedule.final_reserve,
+                ctx.reserve_for(ctx.schedule.final_reserve, warm_start=warm_start),
                 ctx.schedule.deadline.remaining(),
             )
             stop_reason = "time"
@@ -128,6 +130,7 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
             taps,
             step_offset=sum(r["epochs"] for r in reached),
             rung=index,
+            passes=passes,
         )
         ctx.cost_model.observe("trial", estimate, outcome.seconds)
         result, trained = outcome, at

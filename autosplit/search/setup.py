@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from autosplit.cache import teacher_cache_exists, train_rows
+from autosplit.cache import train_rows, usable_cache_views
 from autosplit.data import load_splits
 from autosplit.device import resolve_runtime
+from autosplit.distill.run import build_and_count
 from autosplit.errors import UserError
 from autosplit.flops import SMALLEST_WIDTH, count_flops, format_flops
 from autosplit.search.budget import Budget, within_budget
@@ -54,6 +55,7 @@ from autosplit.tracking import NullTracker, Tracker
 if TYPE_CHECKING:
     from autosplit.data import Splits
     from autosplit.device import Runtime
+    from autosplit.distill.candidate import Candidate
     from autosplit.search.shared_teacher import StudyTeacher
     from autosplit.teacher import Teacher
 
@@ -327,26 +329,33 @@ def _plan(problem: Problem, model: CostModel, options: SearchOptions, *, cached:
         )
         - model.fixed_seconds
     )
+    # One teacher cache per set of teacher outputs the baselines read (FitNets' hint reads a
+    # feature map besides the logits), over the rows of the cheapest rung and of the final
+    # stage, unless an earlier run left it on disk: teacher forward passes, paid once each.
+    teacher_model = build_teacher_model(teacher_cfg, splits)
+    tap_sets = {
+        frozenset(build_and_count(base.with_values(values), teacher_model, splits)[0].teacher_taps)
+        for values in space.settings.baselines.values()
+    } or {frozenset()}
+    key = teacher_key(teacher_cfg, splits.fingerprint)
+    forward = EVAL_WEIGHT / model.images_per_second(problem.teacher_flops)
+
+    def caches(at: Candidate) -> float:
+        """Teacher seconds to build the caches ``at``'s rows need that are not on disk."""
+        views = space.settings.teacher_views
+        seconds = 0.0
+        for taps in tap_sets:
+            n, on_disk = usable_cache_views(
+                at, key, splits, options.runs_dir, views=views, taps=set(taps)
+            )
+            seconds += 0.0 if on_disk else train_rows(at, splits) * n * forward
+        return seconds
+
     final_job = final_cache = 0.0
     if final is not None and options.final_stage:
         at_final = at_fidelity(base, Rung(final.epochs, final.rows))
         final_job = training_estimate(model, splits, at_final, problem.max_flops, kind="final")
-        # Building the teacher cache over the final rows (forward passes of the teacher),
-        # unless an earlier run left it on disk.
-        views = space.settings.teacher_views if space.data.augment else 1
-        if not teacher_cache_exists(
-            at_final,
-            teacher_key(teacher_cfg, splits.fingerprint),
-            splits,
-            options.runs_dir,
-            views=views,
-        ):
-            final_cache = (
-                train_rows(at_final, splits)
-                * views
-                * EVAL_WEIGHT
-                / model.images_per_second(problem.teacher_flops)
-            )
+        final_cache = caches(at_final)
     try:
         return make_plan(
             PlanInput(
@@ -360,6 +369,8 @@ def _plan(problem: Problem, model: CostModel, options: SearchOptions, *, cached:
                 final_seeds=final.seeds if final else 0,
                 final_epochs=final.epochs if final else 1,
                 baselines=len(space.settings.baselines) if final else 0,
+                portfolio=len(space.settings.portfolio),
+                rung0_fixed_seconds=caches(rung0),
                 rung0_seconds=training_estimate(
                     model, splits, rung0, problem.max_flops, kind="trial"
                 ),

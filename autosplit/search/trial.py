@@ -143,6 +143,7 @@ def train_job(
     *,
     step_offset: int,
     rung: int | None,
+    passes: int = 0,
 ) -> Any:
     """Train ``candidate`` through the one code path retrain uses; log each epoch. Returns
     the result and the seconds spent getting the teacher cache (built, loaded or held)."""
@@ -164,7 +165,7 @@ def train_job(
 
     cache_started = time.perf_counter()
     try:
-        source = ctx.teacher_cache.get(taps, candidate)
+        source = ctx.teacher_cache.get(taps, candidate, passes=passes)
         cache_seconds = time.perf_counter() - cache_started
         result = train_candidate(
             candidate,

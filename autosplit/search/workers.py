@@ -203,7 +203,10 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
                 "cache_builds": ctx.teacher_cache.builds,
                 # What the search phase leaves the final stage, as measured so far.
                 **(
-                    {"final_reserve_s": ctx.measured_reserve}
+                    {
+                        "final_reserve_s": ctx.measured_reserve.whole,
+                        "final_comparison_s": ctx.measured_reserve.comparison,
+                    }
                     if ctx.measured_reserve is not None
                     else {}
                 ),

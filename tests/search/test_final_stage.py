@@ -18,7 +18,15 @@ from autosplit.cache import train_rows
 from autosplit.distill.run import build_and_count, images_per_epoch
 from autosplit.search.attrs import Role, Stage, State, TrialAttrs
 from autosplit.search.budget import parse_budget
-from autosplit.search.final_stage import enqueue_final_stage, job_estimate
+from autosplit.search.final_stage import (
+    FinalReserve,
+    enqueue_final_stage,
+    final_plan,
+    first_comparison,
+    fit_final_epochs,
+    job_estimate,
+    jobs_seconds,
+)
 from autosplit.search.job_cost import work_images
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.setup import SearchOptions, prepare
@@ -305,3 +313,109 @@ def test_search_trials_queued_ahead_of_the_final_jobs_are_given_back_and_the_job
         assert t.system_attrs["fixed_params"] == params
         assert a.stage is None and a.state is None
     assert min(t.number for t, _ in waiting) > last_job
+
+
+def test_the_warm_start_may_take_extra_finalists_time_but_never_the_comparisons(ctx):
+    clock = FakeClock()
+    # The search phase is over; 1000 s are left, of which the final stage wants 900.
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(1000.0, clock=clock),
+        search_deadline=Deadline(0.0, clock=clock),
+        final_reserve=900.0,
+    )
+    # Before any measurement: the plan's share for the first seed's comparison (the best
+    # member and 3 baselines of 8 planned jobs: 1 finalist + 3 baselines, 2 seeds) = 450 s.
+    assert not ctx.search_fits(1.0)
+    assert ctx.search_fits(550.0, warm_start=True)
+    assert not ctx.search_fits(551.0, warm_start=True)
+    # Measured: the comparison costs 300 s of the whole stage's 900.
+    ctx.measured_reserve = FinalReserve(whole=900.0, comparison=300.0)
+    assert not ctx.search_fits(1.0)
+    assert ctx.search_fits(700.0, warm_start=True)
+    assert not ctx.search_fits(701.0, warm_start=True)
+
+
+@pytest.mark.parametrize("left", [400.0, 10.0])
+def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_fits(
+    ctx, tmp_path, left
+):
+    """The search phase's end has passed. With ``left`` = 400 s a baseline's cheapest rung
+    still fits beside the comparison's ~250 s (the plan's share of 500 s for the 4 of its 8
+    jobs): both baselines train it, and a drawn trial is skipped. With 10 s nothing fits: the
+    first baseline is skipped and waits in the queue again for the next search."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(
+        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
+    )
+    names = list(ctx.space.settings.baselines)[:2]
+    for name in names:
+        study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
+    clock = FakeClock()  # it stands still: the jobs take no time on it
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(left, clock=clock),
+        search_deadline=Deadline(0.0, clock=clock),
+        final_reserve=500.0,
+    )
+    options = SearchOptions(
+        space=ctx.space,
+        budget=parse_budget("0.5x"),
+        trials=3,
+        device="cpu",
+        runs_dir=ctx.runs_dir,
+        progress=False,
+    )
+
+    run_worker(options, ctx, storage, worker_index=0, phase=Stage.SEARCH)
+
+    trials = [(t, TrialAttrs.read(t)) for t in study.get_trials()]
+    if left == 400.0:
+        assert [(a.baseline, a.state, len(a.rungs)) for _t, a in trials] == [
+            (names[0], State.STOPPED, 1),  # rung 1 is a search job: the phase is over
+            (names[1], State.STOPPED, 1),
+            (None, State.SKIPPED, 0),  # drawn: the search phase's end holds
+        ]
+    else:
+        assert [(t.state, a.baseline, a.state) for t, a in trials] == [
+            (TrialState.PRUNED, names[0], State.SKIPPED),
+            (TrialState.WAITING, names[1], None),
+            (TrialState.WAITING, names[0], None),  # given back, behind what waited
+        ]
+
+
+def test_at_the_switch_the_final_epochs_shrink_until_the_first_comparison_fits(ctx):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for name, overrides in ctx.space.settings.baselines.items():
+        add_member(study, ctx, overrides, [5.0, 20.0], [60.0, 80.0], baseline=name)
+    add_member(study, ctx, {"logit_loss.name": "dkd"}, [5.0, 20.0], [70.0, 90.0])
+
+    def needs(epochs: int) -> float:
+        ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=epochs)
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        return jobs_seconds(ctx, trials, first_comparison(final_plan(study, ctx)))
+
+    two, one = needs(2), needs(1)
+    assert one < two - 10  # 4 jobs of ~20 s at 2 epochs (rung 1's fidelity), ~half at 1
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule, final_epochs=2, deadline=Deadline((one + two) / 2, clock=clock)
+    )
+    warning = fit_final_epochs(study, ctx)
+    assert ctx.schedule.final_epochs == 1
+    assert warning is not None and "trains 1 of the 2 epochs planned" in warning
+    enqueue_final_stage(study, ctx)
+    jobs = [t for t in study.get_trials() if TrialAttrs.read(t).stage == Stage.FINAL]
+    assert len(jobs) == 4 * 2  # the comparison at both seeds, now planned at 1 epoch
+    assert all(
+        TrialAttrs.read(t).estimate_s["train"] < two / 4 for t in jobs
+    )  # a 2-epoch job alone is ~two / 4
+    # With room for 2 epochs nothing changes; nor once the study holds final jobs.
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule, final_epochs=2, deadline=Deadline(two + 100, clock=clock)
+    )
+    assert fit_final_epochs(study, ctx) is None and ctx.schedule.final_epochs == 2
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule, final_epochs=2, deadline=Deadline(1.0, clock=clock)
+    )
+    assert fit_final_epochs(study, ctx) is None and ctx.schedule.final_epochs == 2

@@ -146,3 +146,27 @@ def test_nothing_starts_that_cannot_finish():
     assert clock.now - deadline.started <= 100.0
     unlimited = Deadline(None, clock=clock)
     assert unlimited.fits(1e12) and Deadline.until(clock.now - 1, clock=clock).remaining() < 0
+
+
+def test_the_warm_start_and_its_teacher_caches_are_the_shortest_search():
+    # Cached teacher, 1 finalist + 2 baselines x 1 seed at 4 epochs of 20 s: 240 s final.
+    # Without a portfolio the shortest search is 2 baselines + 2 trials of 10 s (40 s); with
+    # 5 recipes and 30 s of rung-0 teacher caches it is (2 + 5) x 10 + 30 = 100 s.
+    four = dict(
+        final_seconds=80.0,
+        final_epochs=4,
+        final_fixed_seconds=0.0,
+        final_members=1,
+        final_seeds=1,
+        teacher_cached=True,
+    )
+    limit = (240 + 40) / (1 - RESERVE) + 1
+    plan = make_plan(inputs(time_limit=limit, **four))
+    assert plan.final_epochs == 4
+    # The same limit no longer holds 4 epochs beside the warm start: the final stage shrinks
+    # (3 epochs: 180 s), never the warm start.
+    plan = make_plan(inputs(time_limit=limit, portfolio=5, rung0_fixed_seconds=30.0, **four))
+    assert (plan.final_epochs, plan.final_seconds) == (3, 180.0)
+    assert plan.search_seconds >= 100.0
+    with pytest.raises(TimeLimitTooShort, match="baselines and the portfolio's 5 recipes"):
+        make_plan(inputs(time_limit=150, portfolio=5, rung0_fixed_seconds=30.0, **four))
