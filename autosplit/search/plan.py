@@ -102,6 +102,9 @@ class PlanInput:
     rung0_seconds: float  # one cheapest-rung trial
     final_epochs: int = 1  # the epochs ``final_seconds`` is for (the space's final fidelity)
     portfolio: int = 0  # the warm start's recipes, each at least at the cheapest rung
+    # The augmented views ``final_fixed_seconds`` builds (0: it does not depend on epochs): a
+    # cache holds one view per epoch up to that many (``cache.cache_views``).
+    final_cache_views: int = 0
     rung0_fixed_seconds: float = 0.0  # once per search (the teacher caches over rung 0's rows)
 
 
@@ -148,11 +151,17 @@ def make_plan(inp: PlanInput) -> Plan:
     epochs = 0 if inp.teacher_cached else inp.teacher_epochs
     per_epoch = inp.final_seconds / max(1, inp.final_epochs)
 
+    def final_fixed(final_epochs: int) -> float:
+        views = inp.final_cache_views
+        if views <= 0:
+            return inp.final_fixed_seconds
+        return inp.final_fixed_seconds * min(final_epochs, views) / views
+
     def final(members: int, seeds: int, final_epochs: int) -> float:
         if members == 0:
             return 0.0
         return (
-            inp.final_fixed_seconds + (members + inp.baselines) * seeds * per_epoch * final_epochs
+            final_fixed(final_epochs) + (members + inp.baselines) * seeds * per_epoch * final_epochs
         )
 
     top = inp.final_epochs

@@ -340,22 +340,25 @@ def _plan(problem: Problem, model: CostModel, options: SearchOptions, *, cached:
     key = teacher_key(teacher_cfg, splits.fingerprint)
     forward = EVAL_WEIGHT / model.images_per_second(problem.teacher_flops)
 
-    def caches(at: Candidate) -> float:
-        """Teacher seconds to build the caches ``at``'s rows need that are not on disk."""
+    def caches(at: Candidate) -> tuple[float, int]:
+        """Teacher seconds to build the caches ``at``'s rows need that are not on disk, and
+        the views each holds."""
         views = space.settings.teacher_views
-        seconds = 0.0
+        seconds, built = 0.0, 0
         for taps in tap_sets:
             n, on_disk = usable_cache_views(
                 at, key, splits, options.runs_dir, views=views, taps=set(taps)
             )
             seconds += 0.0 if on_disk else train_rows(at, splits) * n * forward
-        return seconds
+            built = n
+        return seconds, built
 
     final_job = final_cache = 0.0
+    final_views = 0
     if final is not None and options.final_stage:
         at_final = at_fidelity(base, Rung(final.epochs, final.rows))
         final_job = training_estimate(model, splits, at_final, problem.max_flops, kind="final")
-        final_cache = caches(at_final)
+        final_cache, final_views = caches(at_final)
     try:
         return make_plan(
             PlanInput(
@@ -365,12 +368,13 @@ def _plan(problem: Problem, model: CostModel, options: SearchOptions, *, cached:
                 teacher_epoch_seconds=teacher_epoch,
                 final_seconds=final_job,
                 final_fixed_seconds=final_cache,
+                final_cache_views=final_views if space.data.augment else 0,
                 final_members=final.top_k if final else 0,
                 final_seeds=final.seeds if final else 0,
                 final_epochs=final.epochs if final else 1,
                 baselines=len(space.settings.baselines) if final else 0,
                 portfolio=len(space.settings.portfolio),
-                rung0_fixed_seconds=caches(rung0),
+                rung0_fixed_seconds=caches(rung0)[0],
                 rung0_seconds=training_estimate(
                     model, splits, rung0, problem.max_flops, kind="trial"
                 ),

@@ -170,3 +170,22 @@ def test_the_warm_start_and_its_teacher_caches_are_the_shortest_search():
     assert plan.search_seconds >= 100.0
     with pytest.raises(TimeLimitTooShort, match="baselines and the portfolio's 5 recipes"):
         make_plan(inputs(time_limit=150, portfolio=5, rung0_fixed_seconds=30.0, **four))
+
+
+def test_the_final_teacher_cache_shrinks_with_the_final_epochs_it_serves():
+    # 4 epochs of 20 s per job for 1 finalist + 2 baselines; a 3-view cache of 90 s, 30 s a
+    # view. At 2 epochs the cache holds 2 views (60 s): 60 + 3 x 40 = 180 s.
+    four = dict(
+        final_seconds=80.0,
+        final_epochs=4,
+        final_fixed_seconds=90.0,
+        final_members=1,
+        final_seeds=1,
+        teacher_cached=True,
+    )
+    limit = (180 + 40) / (1 - RESERVE) + 1
+    plan = make_plan(inputs(time_limit=limit, final_cache_views=3, **four))
+    assert (plan.final_epochs, plan.final_seconds) == (2, 180.0)
+    # Counted whole whatever the epochs (a cache without augmentation has one view).
+    plan = make_plan(inputs(time_limit=limit, **four))
+    assert (plan.final_epochs, plan.final_seconds) == (1, 90.0 + 60.0)
