@@ -422,22 +422,22 @@ def fit_final_epochs(study: optuna.Study, ctx: SearchContext) -> str | None:
     planned = ctx.schedule.final_epochs or final.epochs
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
-    epochs, needs = planned, 0.0
+    epochs, needs = planned, {}
     for epochs in range(planned, 0, -1):
         ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=epochs)
         jobs = first_comparison(final_plan(study, ctx))
         if not jobs:
             return None
-        needs = jobs_seconds(ctx, trials, jobs) + switch
-        if needs <= left:
+        needs[epochs] = jobs_seconds(ctx, trials, jobs) + switch
+        if needs[epochs] <= left:
             break
     if epochs == planned:
         return None
-    fits = "" if needs <= left else ", so it may not run"
+    fits = "" if needs[epochs] <= left else ", so it may not run"
     return (
         f"the final stage trains {epochs} of the {planned} epochs planned: the search's "
-        f"measurements put its first comparison round at ~{needs:.0f} s with {left:.0f} s "
-        f"left{fits}"
+        f"measurements put its first comparison round at ~{needs[planned]:.0f} s at "
+        f"{planned} epochs and ~{needs[epochs]:.0f} s at {epochs}, with {left:.0f} s left{fits}"
     )
 
 

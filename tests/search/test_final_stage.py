@@ -419,3 +419,49 @@ def test_at_the_switch_the_final_epochs_shrink_until_the_first_comparison_fits(c
         ctx.schedule, final_epochs=2, deadline=Deadline(1.0, clock=clock)
     )
     assert fit_final_epochs(study, ctx) is None and ctx.schedule.final_epochs == 2
+
+
+@pytest.mark.parametrize("final_reserve", [100.0, 0.0])
+def test_under_a_time_limit_a_baseline_stops_at_the_cheapest_rung(ctx, tmp_path, final_reserve):
+    """With a final stage to plan for (``final_reserve`` > 0: a time limit), a baseline trains
+    only its cheapest rung: the final stage retrains it at the final fidelity anyway. Without
+    one it climbs like any trial (the first at a rung is always promoted)."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(
+        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
+    )
+    name = next(iter(ctx.space.settings.baselines))
+    study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(10_000.0, clock=clock),
+        search_deadline=Deadline(5_000.0, clock=clock),
+        final_reserve=final_reserve,
+    )
+    options = SearchOptions(
+        space=ctx.space,
+        budget=parse_budget("0.5x"),
+        trials=1,
+        device="cpu",
+        runs_dir=ctx.runs_dir,
+        progress=False,
+    )
+
+    run_worker(options, ctx, storage, worker_index=0, phase=Stage.SEARCH)
+
+    (trial,) = study.get_trials()
+    attrs = TrialAttrs.read(trial)
+    assert attrs.baseline == name
+    if final_reserve:
+        assert (trial.state, attrs.state, len(attrs.rungs)) == (
+            TrialState.PRUNED,
+            State.STOPPED,
+            1,
+        )
+    else:
+        assert (trial.state, attrs.state, len(attrs.rungs)) == (
+            TrialState.COMPLETE,
+            State.COMPLETE,
+            2,
+        )
