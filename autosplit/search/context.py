@@ -124,9 +124,10 @@ class SearchContext:
         )
 
     def search_fits(self, seconds: float, *, warm_start: bool = False) -> bool:
-        """Whether a search job of ``seconds`` can start: it must end before the search phase
-        does, and leave the final stage its share as corrected by the jobs finished so far (on
-        a machine slower than measured, the search phase ends earlier).
+        """Whether a search job of ``seconds`` can start: it must leave the final stage its
+        share, as measured from the members' rungs once a trial has finished (on a machine
+        slower than measured, the search phase ends earlier), and until then end before the
+        plan's end of the search phase.
 
         ``warm_start``: the cheapest rung of a baseline or a portfolio recipe. The plan made
         room for those in the search phase; when the search phase's end is nevertheless
@@ -143,7 +144,13 @@ class SearchContext:
             if self.overheads.get(Stage.SEARCH)
             else 0
         )
-        in_search = warm_start or self.schedule.search_deadline.fits(seconds + around)
+        # The plan's end of the search phase holds until the final stage's cost is measured;
+        # from then on the measured reserve decides (the plan's share was a guess).
+        in_search = (
+            warm_start
+            or self.measured_reserve is not None
+            or self.schedule.search_deadline.fits(seconds + around)
+        )
         return in_search and self.schedule.deadline.fits(seconds + around + final)
 
     def reserve_for(self, plan_share: float, *, warm_start: bool = False) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from autosplit.search.attrs import Stage
+from autosplit.search.attrs import Stage, TrialAttrs
 from autosplit.search.plan import EVAL_WEIGHT
 
 if TYPE_CHECKING:
@@ -149,6 +149,23 @@ def estimate_job(
         prepare = rate * passes * images_per_epoch(rows, candidate.train.batch_size)
     cache, path = cache_estimate(ctx, candidate, taps, passes=passes)
     return JobEstimate(train, prepare, cache, path, source, overhead)
+
+
+def first_prepare(study: Any, candidate: Candidate, splits: Any, passes: int) -> float:
+    """Seconds of a trial's ``prepare`` work (IE-KD's auto-encoder: ``passes`` over its rows)
+    at its first rung, at the seconds per image the study's rungs measured training one; 0
+    before any has (its first rung is then estimated without it). An auto-encoder trained
+    earlier in the process is reused and costs nothing: this errs on the long side then."""
+    from autosplit.cache import train_rows
+    from autosplit.distill.run import images_per_epoch
+
+    rate = seconds_per_image(
+        prepare_rates(TrialAttrs.read(t).rungs or [] for t in study.get_trials(deepcopy=False))
+    )
+    if rate is None:
+        return 0.0
+    rows = train_rows(candidate, splits)
+    return rate * passes * images_per_epoch(rows, candidate.train.batch_size)
 
 
 def job_overhead(overheads: Mapping[str, Sequence[float]], default: float) -> float:

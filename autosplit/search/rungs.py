@@ -15,7 +15,7 @@ from autosplit.cache import train_rows
 from autosplit.distill.run import deployed_parameters
 from autosplit.search import study as studies
 from autosplit.search.attrs import Stage, State, TrialAttrs
-from autosplit.search.job_cost import cache_estimate, extrapolate
+from autosplit.search.job_cost import cache_estimate, extrapolate, first_prepare
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.trial import (
     at_fidelity,
@@ -105,6 +105,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 )
                 or estimate
             )
+        if passes and not reached:  # IE-KD's auto-encoder, at the rate measured so far
+            estimate += first_prepare(trial.study, at, ctx.splits, passes)
         cache_seconds = cache_estimate(ctx, at, taps, passes=passes)[0]  # built before it trains
         # The warm start (baselines, then the portfolio) is never given up for extra
         # finalists or later seeds: its cheapest rung leaves only the comparison's time.

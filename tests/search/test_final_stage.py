@@ -27,7 +27,7 @@ from autosplit.search.final_stage import (
     job_estimate,
     jobs_seconds,
 )
-from autosplit.search.job_cost import work_images
+from autosplit.search.job_cost import first_prepare, work_images
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.setup import SearchOptions, prepare
 from autosplit.search.space import SearchSpace
@@ -329,9 +329,10 @@ def test_the_warm_start_may_take_extra_finalists_time_but_never_the_comparisons(
     assert not ctx.search_fits(1.0)
     assert ctx.search_fits(550.0, warm_start=True)
     assert not ctx.search_fits(551.0, warm_start=True)
-    # Measured: the comparison costs 300 s of the whole stage's 900.
+    # Measured: the comparison costs 300 s of the whole stage's 900. The measurement, not the
+    # plan's end of the search phase, now says what fits.
     ctx.measured_reserve = FinalReserve(whole=900.0, comparison=300.0)
-    assert not ctx.search_fits(1.0)
+    assert ctx.search_fits(100.0) and not ctx.search_fits(101.0)
     assert ctx.search_fits(700.0, warm_start=True)
     assert not ctx.search_fits(701.0, warm_start=True)
 
@@ -340,10 +341,12 @@ def test_the_warm_start_may_take_extra_finalists_time_but_never_the_comparisons(
 def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_fits(
     ctx, tmp_path, left
 ):
-    """The search phase's end has passed. With ``left`` = 400 s a baseline's cheapest rung
-    still fits beside the comparison's ~250 s (the plan's share of 500 s for the 4 of its 8
-    jobs): both baselines train it, and a drawn trial is skipped. With 10 s nothing fits: the
-    first baseline is skipped and waits in the queue again for the next search."""
+    """The plan's end of the search phase has passed. With ``left`` = 400 s a baseline's
+    cheapest rung still fits beside the comparison's ~250 s (the plan's share of 500 s for the
+    4 of its 8 jobs): both baselines train it (only it: the final stage retrains them), and a
+    drawn trial runs too, as the final stage's cost measured from their rungs (~250 s, most of
+    it the plan's share for the members not measured yet) leaves it room. With 10 s nothing
+    fits: the first baseline is skipped and waits in the queue again for the next search."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(
         study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
@@ -371,11 +374,13 @@ def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_
 
     trials = [(t, TrialAttrs.read(t)) for t in study.get_trials()]
     if left == 400.0:
-        assert [(a.baseline, a.state, len(a.rungs)) for _t, a in trials] == [
-            (names[0], State.STOPPED, 1),  # rung 1 is a search job: the phase is over
+        assert [(a.baseline, a.state, len(a.rungs)) for _t, a in trials[:2]] == [
+            (names[0], State.STOPPED, 1),
             (names[1], State.STOPPED, 1),
-            (None, State.SKIPPED, 0),  # drawn: the search phase's end holds
         ]
+        drawn = trials[2][1]
+        assert drawn.baseline is None and drawn.rungs  # past the plan's end: measured room
+        assert ctx.measured_reserve is not None and ctx.measured_reserve.whole < 300.0
     else:
         assert [(t.state, a.baseline, a.state) for t, a in trials] == [
             (TrialState.PRUNED, names[0], State.SKIPPED),
@@ -465,3 +470,23 @@ def test_under_a_time_limit_a_baseline_stops_at_the_cheapest_rung(ctx, tmp_path,
             State.COMPLETE,
             2,
         )
+
+
+def test_a_first_rung_counts_the_auto_encoder_at_the_rate_the_study_measured(ctx):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    candidate = ctx.space.base_candidate(ctx.max_flops).with_values(
+        {"train.max_train_samples": 600}
+    )
+    assert first_prepare(study, candidate, ctx.splits, passes=30) == 0.0  # nothing measured
+    add_member(
+        study,
+        ctx,
+        {"feature_loss.name": "iekd"},
+        [5.0, 9.0],
+        [60.0, 70.0],
+        rung0={"prepare_seconds": 3.0, "prepare_images": 6000},  # 0.5 ms an image
+    )
+    per_pass = images_per_epoch(600, candidate.train.batch_size)
+    assert first_prepare(study, candidate, ctx.splits, passes=30) == pytest.approx(
+        0.0005 * 30 * per_pass
+    )
