@@ -271,25 +271,32 @@ def enqueue_final_stage(study: optuna.Study, ctx: SearchContext) -> list[int]:
     return members
 
 
-def final_candidate(ctx: SearchContext, of_member: TrialAttrs, seed_index: int) -> Candidate:
-    """The member's candidate at the final fidelity, trained at its seed + ``seed_index``."""
+def final_candidate(
+    ctx: SearchContext, of_member: TrialAttrs, seed_index: int, epochs: int | None = None
+) -> Candidate:
+    """The member's candidate at the final fidelity (at ``epochs`` if given), trained at its
+    seed + ``seed_index``."""
     final = ctx.final
     assert final is not None
     candidate = Candidate.from_dict(of_member.candidate)
     if candidate.structure.get("exit_threshold") is not None:  # recalibrated after training
         candidate = candidate.with_values({"structure.exit_threshold": None})
     return at_fidelity(
-        candidate, Rung(ctx.schedule.final_epochs or final.epochs, final.rows)
+        candidate, Rung(epochs or ctx.schedule.final_epochs or final.epochs, final.rows)
     ).with_values({"train.seed": candidate.train.seed + seed_index})
 
 
 def job_estimate(
-    ctx: SearchContext, trials: dict[int, Any], member: int, seed_index: int
+    ctx: SearchContext,
+    trials: dict[int, Any],
+    member: int,
+    seed_index: int,
+    epochs: int | None = None,
 ) -> JobEstimate:
     """The planned cost of final job (``member``, ``seed_index``) from the member's rungs
-    (``job_cost.estimate_job``); ``trials``: the study's, by number."""
+    (``job_cost.estimate_job``), at ``epochs`` if given; ``trials``: the study's, by number."""
     of_member = TrialAttrs.read(trials[member])
-    candidate = final_candidate(ctx, of_member, seed_index)
+    candidate = final_candidate(ctx, of_member, seed_index, epochs)
     if member not in ctx.shapes:
         distiller, _ = build_and_count(candidate, ctx.teacher.model, ctx.splits)
         shape = (set(distiller.teacher_taps), len(distiller.stages()), distiller.prepare_passes)
@@ -347,19 +354,25 @@ def round_needs(
 
 @dataclass(frozen=True)
 class FinalReserve:
-    """Seconds the search phase leaves the final stage: ``whole``, every planned job; and
-    ``comparison``, the first seed's comparison (the best member and the baselines), which
-    is all a baseline's or a portfolio recipe's cheapest rung must leave (they are never
-    given up for extra finalists or later seeds)."""
+    """Seconds the search phase leaves the final stage, at the ``epochs`` the final stage
+    will train: ``whole``, every planned job; and ``comparison``, the first seed's comparison
+    (the best member and the baselines), which is all a baseline's or a portfolio recipe's
+    cheapest rung must leave (they are never given up for extra finalists or later seeds)."""
 
     whole: float
     comparison: float
+    epochs: int
 
 
 def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> FinalReserve | None:
     """The final stage's seconds as the search's measurements put them now: every job of
     ``final_plan`` from its member's rungs (a cache counted once), and the plan's share for
     the members not measured yet (the baselines still to run, the finalists not found yet).
+
+    At the plan's final epochs, or, when the first seed's comparison no longer fits in the
+    time left at those, at the most epochs at which it does: the switch to the final stage
+    will lower them that far anyway (``fit_final_epochs``), so the search then keeps the time
+    that would not have bought them back, and never lowers them further.
     None before any member has measured a rung."""
     final = ctx.final
     if final is None or ctx.schedule.final_reserve <= 0:
@@ -371,19 +384,27 @@ def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> FinalRese
     seeds = ctx.schedule.final_seeds or final.seeds
     n_baselines = len(ctx.space.settings.baselines)
     wanted = (ctx.schedule.finalists or final.top_k) + n_baselines
+    planned = ctx.schedule.final_epochs or final.epochs
     per_job = ctx.schedule.final_reserve / max(1, wanted * seeds)
     # Switching to the final stage (planning and enqueueing its jobs) costs about one job's
     # overhead more.
     switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
+    left = ctx.schedule.deadline.remaining()
 
-    def reserve(chosen: list[tuple[int, int, str]], members_wanted: int, n_seeds: int) -> float:
+    def reserve(
+        chosen: list[tuple[int, int, str]], members_wanted: int, n_seeds: int, epochs: int
+    ) -> float:
         members = {m for m, _s, _r in chosen}
-        unmeasured = max(0, members_wanted - len(members)) * n_seeds * per_job
-        return jobs_seconds(ctx, trials, chosen) + unmeasured + switch
+        unmeasured = max(0, members_wanted - len(members)) * n_seeds * per_job * epochs / planned
+        return jobs_seconds(ctx, trials, chosen, epochs) + unmeasured + switch
 
+    first = first_comparison(jobs)
+    for epochs in range(planned, 0, -1):
+        comparison = reserve(first, 1 + n_baselines, 1, epochs)
+        if comparison <= left:
+            break
     return FinalReserve(
-        whole=reserve(jobs, wanted, seeds),
-        comparison=reserve(first_comparison(jobs), 1 + n_baselines, 1),
+        whole=reserve(jobs, wanted, seeds, epochs), comparison=comparison, epochs=epochs
     )
 
 
@@ -393,13 +414,16 @@ def first_comparison(jobs: list[tuple[int, int, str]]) -> list[tuple[int, int, s
 
 
 def jobs_seconds(
-    ctx: SearchContext, trials: dict[int, Any], jobs: list[tuple[int, int, str]]
+    ctx: SearchContext,
+    trials: dict[int, Any],
+    jobs: list[tuple[int, int, str]],
+    epochs: int | None = None,
 ) -> float:
-    """What ``jobs`` (member, seed, role) cost together, each from its member's rungs: a
-    teacher cache two of them read is built once."""
+    """What ``jobs`` (member, seed, role) cost together (at ``epochs`` if given), each from
+    its member's rungs: a teacher cache two of them read is built once."""
     total, caches = 0.0, {}
     for member, seed, _role in jobs:
-        estimate = job_estimate(ctx, trials, member, seed)
+        estimate = job_estimate(ctx, trials, member, seed, epochs)
         total += estimate.train + estimate.prepare + estimate.overhead
         caches.setdefault(estimate.cache_file, estimate.cache)
     return total + sum(caches.values())
@@ -422,17 +446,17 @@ def fit_final_epochs(study: optuna.Study, ctx: SearchContext) -> str | None:
     planned = ctx.schedule.final_epochs or final.epochs
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
+    jobs = first_comparison(final_plan(study, ctx))
+    if not jobs:
+        return None
     epochs, needs = planned, {}
     for epochs in range(planned, 0, -1):
-        ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=epochs)
-        jobs = first_comparison(final_plan(study, ctx))
-        if not jobs:
-            return None
-        needs[epochs] = jobs_seconds(ctx, trials, jobs) + switch
+        needs[epochs] = jobs_seconds(ctx, trials, jobs, epochs) + switch
         if needs[epochs] <= left:
             break
     if epochs == planned:
         return None
+    ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=epochs)
     fits = "" if needs[epochs] <= left else ", so it may not run"
     return (
         f"the final stage trains {epochs} of the {planned} epochs planned: the search's "

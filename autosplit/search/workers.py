@@ -206,6 +206,9 @@ def _front_callback(ctx: SearchContext) -> Callable[[optuna.Study, Any], None]:
                     {
                         "final_reserve_s": ctx.measured_reserve.whole,
                         "final_comparison_s": ctx.measured_reserve.comparison,
+                        # The final epochs that reserve is for (fewer than planned once the
+                        # comparison no longer fits at those).
+                        "final_epochs": ctx.measured_reserve.epochs,
                     }
                     if ctx.measured_reserve is not None
                     else {}

@@ -22,6 +22,7 @@ from autosplit.search.final_stage import (
     FinalReserve,
     enqueue_final_stage,
     final_plan,
+    final_reserve_measured,
     first_comparison,
     fit_final_epochs,
     job_estimate,
@@ -331,7 +332,7 @@ def test_the_warm_start_may_take_extra_finalists_time_but_never_the_comparisons(
     assert not ctx.search_fits(551.0, warm_start=True)
     # Measured: the comparison costs 300 s of the whole stage's 900. The measurement, not the
     # plan's end of the search phase, now says what fits.
-    ctx.measured_reserve = FinalReserve(whole=900.0, comparison=300.0)
+    ctx.measured_reserve = FinalReserve(whole=900.0, comparison=300.0, epochs=2)
     assert ctx.search_fits(100.0) and not ctx.search_fits(101.0)
     assert ctx.search_fits(700.0, warm_start=True)
     assert not ctx.search_fits(701.0, warm_start=True)
@@ -404,8 +405,16 @@ def test_at_the_switch_the_final_epochs_shrink_until_the_first_comparison_fits(c
     assert one < two - 10  # 4 jobs of ~20 s at 2 epochs (rung 1's fidelity), ~half at 1
     clock = FakeClock()
     ctx.schedule = dataclasses.replace(
-        ctx.schedule, final_epochs=2, deadline=Deadline((one + two) / 2, clock=clock)
+        ctx.schedule,
+        final_epochs=2,
+        deadline=Deadline((one + two) / 2, clock=clock),
+        final_reserve=100.0,
     )
+    # The search phase already counts on the epochs the switch will choose: the reserve it
+    # leaves is the comparison at 1 epoch (and its whole stage, both seeds, at 1 epoch too).
+    reserve = final_reserve_measured(study, ctx)
+    assert reserve is not None and reserve.epochs == 1
+    assert one <= reserve.comparison <= (one + two) / 2 < reserve.whole
     warning = fit_final_epochs(study, ctx)
     assert ctx.schedule.final_epochs == 1
     assert warning is not None and "trains 1 of the 2 epochs planned" in warning
@@ -420,6 +429,7 @@ def test_at_the_switch_the_final_epochs_shrink_until_the_first_comparison_fits(c
         ctx.schedule, final_epochs=2, deadline=Deadline(two + 100, clock=clock)
     )
     assert fit_final_epochs(study, ctx) is None and ctx.schedule.final_epochs == 2
+    assert final_reserve_measured(study, ctx).epochs == 2
     ctx.schedule = dataclasses.replace(
         ctx.schedule, final_epochs=2, deadline=Deadline(1.0, clock=clock)
     )
