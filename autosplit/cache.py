@@ -249,17 +249,16 @@ def usable_cache_views(
     views: int,
     passes: int = 0,
     taps: set[str] | None = None,
-) -> tuple[int, bool]:
-    """The views of the cache ``candidate``'s job should read, and whether it is on disk: the
-    most views among the files on disk that serve it (any with at least ``cache_views``),
-    else ``cache_views`` (to build)."""
+) -> tuple[int, Path, bool]:
+    """The views of the cache ``candidate``'s job should read, its file, and whether that is
+    on disk: the most views among the files on disk that serve it (any with at least
+    ``cache_views``), else ``cache_views`` (to build)."""
     needed = cache_views(views, candidate, passes)
     for n in range(max(views, needed), needed - 1, -1):
-        if teacher_cache_file(
-            candidate, teacher_key, splits, runs_dir, views=n, taps=taps
-        ).is_file():
-            return n, True
-    return needed, False
+        path = teacher_cache_file(candidate, teacher_key, splits, runs_dir, views=n, taps=taps)
+        if path.is_file():
+            return n, path, True
+    return needed, path, False
 
 
 def teacher_cache_exists(
@@ -338,7 +337,7 @@ class HeldTeacherCache:
             self.hits += 1
             return self.held[key]
         self.held.clear()
-        views, _on_disk = usable_cache_views(
+        views, _path, _on_disk = usable_cache_views(
             candidate,
             self.teacher.key,
             self.splits,

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -399,13 +400,26 @@ def final_reserve_measured(study: optuna.Study, ctx: SearchContext) -> FinalRese
         return jobs_seconds(ctx, trials, chosen, epochs) + unmeasured + switch
 
     first = first_comparison(jobs)
-    for epochs in range(planned, 0, -1):
-        comparison = reserve(first, 1 + n_baselines, 1, epochs)
-        if comparison <= left:
-            break
-    return FinalReserve(
-        whole=reserve(jobs, wanted, seeds, epochs), comparison=comparison, epochs=epochs
+    epochs, comparison = most_epochs_within(
+        planned, left, lambda e: reserve(first, 1 + n_baselines, 1, e)
     )
+    return FinalReserve(
+        whole=reserve(jobs, wanted, seeds, epochs), comparison=comparison[epochs], epochs=epochs
+    )
+
+
+def most_epochs_within(
+    planned: int, left: float, seconds_at: Callable[[int], float]
+) -> tuple[int, dict[int, float]]:
+    """The most final epochs, from ``planned`` down to 1, whose ``seconds_at`` fit in
+    ``left`` (1 when none does), and the seconds found at each epochs tried."""
+    seen: dict[int, float] = {}
+    epochs = planned
+    for epochs in range(planned, 0, -1):
+        seen[epochs] = seconds_at(epochs)
+        if seen[epochs] <= left:
+            break
+    return epochs, seen
 
 
 def first_comparison(jobs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
@@ -441,19 +455,17 @@ def fit_final_epochs(study: optuna.Study, ctx: SearchContext) -> str | None:
     left = ctx.schedule.deadline.remaining()
     if final is None or math.isinf(left):
         return None
-    if any(TrialAttrs.read(t).stage == Stage.FINAL for t in study.get_trials(deepcopy=False)):
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if any(TrialAttrs.read(t).stage == Stage.FINAL for t in trials.values()):
         return None
     planned = ctx.schedule.final_epochs or final.epochs
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     switch = job_overhead(ctx.overheads, ctx.cost_model.fixed_seconds)
     jobs = first_comparison(final_plan(study, ctx))
     if not jobs:
         return None
-    epochs, needs = planned, {}
-    for epochs in range(planned, 0, -1):
-        needs[epochs] = jobs_seconds(ctx, trials, jobs, epochs) + switch
-        if needs[epochs] <= left:
-            break
+    epochs, needs = most_epochs_within(
+        planned, left, lambda e: jobs_seconds(ctx, trials, jobs, e) + switch
+    )
     if epochs == planned:
         return None
     ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=epochs)

@@ -184,9 +184,9 @@ def cache_estimate(
     distiller's prepare passes). The teacher's forward time per image is what this process
     measured building caches, else the throughput model's (a forward pass: ``EVAL_WEIGHT``
     of a training step)."""
-    from autosplit.cache import teacher_cache_file, train_rows, usable_cache_views
+    from autosplit.cache import train_rows, usable_cache_views
 
-    views, on_disk = usable_cache_views(
+    views, path, on_disk = usable_cache_views(
         candidate,
         ctx.teacher.key,
         ctx.splits,
@@ -194,9 +194,6 @@ def cache_estimate(
         views=ctx.space.settings.teacher_views,
         passes=passes,
         taps=taps,
-    )
-    path = teacher_cache_file(
-        candidate, ctx.teacher.key, ctx.splits, ctx.runs_dir, views=views, taps=taps
     )
     if on_disk:
         return 0.0, str(path)

@@ -346,7 +346,7 @@ def _plan(problem: Problem, model: CostModel, options: SearchOptions, *, cached:
         views = space.settings.teacher_views
         seconds, built = 0.0, 0
         for taps in tap_sets:
-            n, on_disk = usable_cache_views(
+            n, _path, on_disk = usable_cache_views(
                 at, key, splits, options.runs_dir, views=views, taps=set(taps)
             )
             seconds += 0.0 if on_disk else train_rows(at, splits) * n * forward

@@ -294,11 +294,9 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
             or _retry_depth(trial, by_number) >= MAX_RETRY
         ):
             continue
-        kept = TrialAttrs.read(trial)
-        retry = TrialAttrs(**{k: getattr(kept, k) for k in RETRY_FIELDS}, retry_of=trial.number)
         # An enqueued trial (a portfolio recipe) interrupted before it drew keeps its values.
         params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-        study.enqueue_trial(params, user_attrs=retry.user_attrs())
+        _enqueue_copy(study, trial, params, retry_of=trial.number)
         out.append(trial.number)
     if out:
         log.warning(
@@ -323,10 +321,17 @@ def give_back(trial: optuna.Trial) -> bool:
     fixed = frozen.system_attrs.get("fixed_params")
     if fixed is None:
         return False
-    kept = TrialAttrs.read(frozen)
-    copy = TrialAttrs(**{k: getattr(kept, k) for k in RETRY_FIELDS}, retry_of=kept.retry_of)
-    study.enqueue_trial(dict(fixed), user_attrs=copy.user_attrs())
+    _enqueue_copy(study, frozen, dict(fixed), retry_of=TrialAttrs.read(frozen).retry_of)
     return True
+
+
+def _enqueue_copy(
+    study: optuna.Study, trial: FrozenTrial, params: dict[str, Any], *, retry_of: int | None
+) -> None:
+    """Queue ``trial`` again with ``params`` and what it *is* (``RETRY_FIELDS``)."""
+    kept = TrialAttrs.read(trial)
+    copy = TrialAttrs(**{k: getattr(kept, k) for k in RETRY_FIELDS}, retry_of=retry_of)
+    study.enqueue_trial(params, user_attrs=copy.user_attrs())
 
 
 def _retry_depth(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> int:

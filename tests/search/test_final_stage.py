@@ -253,16 +253,33 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
     assert dataclasses.asdict(again)["source"] == "rungs"
 
 
+def sqlite_study(ctx, tmp_path) -> tuple[optuna.Study, str]:
+    """The search's study on SQLite, where ``run_worker`` opens it by URL."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(
+        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
+    )
+    return study, storage
+
+
+def worker_options(ctx, *, trials: int) -> SearchOptions:
+    return SearchOptions(
+        space=ctx.space,
+        budget=parse_budget("0.5x"),
+        trials=trials,
+        device="cpu",
+        runs_dir=ctx.runs_dir,
+        progress=False,
+    )
+
+
 def test_search_trials_queued_ahead_of_the_final_jobs_are_given_back_and_the_jobs_run(
     ctx, tmp_path
 ):
     """A time-limited search phase can end with portfolio recipes still queued ahead of the
     final jobs. The final phase hands them back to the queue, behind the jobs, and runs every
     job (it used to stop at the first recipe it met, running none)."""
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(
-        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
-    )
+    study, storage = sqlite_study(ctx, tmp_path)
     baseline = next(iter(ctx.space.settings.baselines))
     kd = add_member(
         study,
@@ -281,14 +298,7 @@ def test_search_trials_queued_ahead_of_the_final_jobs_are_given_back_and_the_job
         study.enqueue_trial(params, user_attrs=TrialAttrs(portfolio=name).user_attrs())
     ctx.schedule = dataclasses.replace(ctx.schedule, finalists=1, final_seeds=1)
     enqueue_final_stage(study, ctx)
-    options = SearchOptions(
-        space=ctx.space,
-        budget=parse_budget("0.5x"),
-        trials=10,
-        device="cpu",
-        runs_dir=ctx.runs_dir,
-        progress=False,
-    )
+    options = worker_options(ctx, trials=10)
 
     run_worker(options, ctx, storage, worker_index=0, phase=Stage.FINAL)
 
@@ -348,10 +358,7 @@ def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_
     drawn trial runs too, as the final stage's cost measured from their rungs (~250 s, most of
     it the plan's share for the members not measured yet) leaves it room. With 10 s nothing
     fits: the first baseline is skipped and waits in the queue again for the next search."""
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(
-        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
-    )
+    study, storage = sqlite_study(ctx, tmp_path)
     names = list(ctx.space.settings.baselines)[:2]
     for name in names:
         study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
@@ -362,14 +369,7 @@ def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_
         search_deadline=Deadline(0.0, clock=clock),
         final_reserve=500.0,
     )
-    options = SearchOptions(
-        space=ctx.space,
-        budget=parse_budget("0.5x"),
-        trials=3,
-        device="cpu",
-        runs_dir=ctx.runs_dir,
-        progress=False,
-    )
+    options = worker_options(ctx, trials=3)
 
     run_worker(options, ctx, storage, worker_index=0, phase=Stage.SEARCH)
 
@@ -441,10 +441,7 @@ def test_under_a_time_limit_a_baseline_stops_at_the_cheapest_rung(ctx, tmp_path,
     """With a final stage to plan for (``final_reserve`` > 0: a time limit), a baseline trains
     only its cheapest rung: the final stage retrains it at the final fidelity anyway. Without
     one it climbs like any trial (the first at a rung is always promoted)."""
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(
-        study_name=ctx.study_name, storage=storage, directions=["maximize", "minimize"]
-    )
+    study, storage = sqlite_study(ctx, tmp_path)
     name = next(iter(ctx.space.settings.baselines))
     study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
     clock = FakeClock()
@@ -454,14 +451,7 @@ def test_under_a_time_limit_a_baseline_stops_at_the_cheapest_rung(ctx, tmp_path,
         search_deadline=Deadline(5_000.0, clock=clock),
         final_reserve=final_reserve,
     )
-    options = SearchOptions(
-        space=ctx.space,
-        budget=parse_budget("0.5x"),
-        trials=1,
-        device="cpu",
-        runs_dir=ctx.runs_dir,
-        progress=False,
-    )
+    options = worker_options(ctx, trials=1)
 
     run_worker(options, ctx, storage, worker_index=0, phase=Stage.SEARCH)
 

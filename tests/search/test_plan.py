@@ -148,18 +148,23 @@ def test_nothing_starts_that_cannot_finish():
     assert unlimited.fits(1e12) and Deadline.until(clock.now - 1, clock=clock).remaining() < 0
 
 
-def test_the_warm_start_and_its_teacher_caches_are_the_shortest_search():
-    # Cached teacher, 1 finalist + 2 baselines x 1 seed at 4 epochs of 20 s: 240 s final.
-    # Without a portfolio the shortest search is 2 baselines + 2 trials of 10 s (40 s); with
-    # 5 recipes and 30 s of rung-0 teacher caches it is (2 + 5) x 10 + 30 = 100 s.
-    four = dict(
+def one_finalist_four_epochs(*, final_fixed_seconds: float) -> dict:
+    """A cached teacher; 1 finalist + 2 baselines x 1 seed, final jobs of 4 epochs x 20 s."""
+    return dict(
         final_seconds=80.0,
         final_epochs=4,
-        final_fixed_seconds=0.0,
+        final_fixed_seconds=final_fixed_seconds,
         final_members=1,
         final_seeds=1,
         teacher_cached=True,
     )
+
+
+def test_the_warm_start_and_its_teacher_caches_are_the_shortest_search():
+    # Cached teacher, 1 finalist + 2 baselines x 1 seed at 4 epochs of 20 s: 240 s final.
+    # Without a portfolio the shortest search is 2 baselines + 2 trials of 10 s (40 s); with
+    # 5 recipes and 30 s of rung-0 teacher caches it is (2 + 5) x 10 + 30 = 100 s.
+    four = one_finalist_four_epochs(final_fixed_seconds=0.0)
     limit = (240 + 40) / (1 - RESERVE) + 1
     plan = make_plan(inputs(time_limit=limit, **four))
     assert plan.final_epochs == 4
@@ -175,14 +180,7 @@ def test_the_warm_start_and_its_teacher_caches_are_the_shortest_search():
 def test_the_final_teacher_cache_shrinks_with_the_final_epochs_it_serves():
     # 4 epochs of 20 s per job for 1 finalist + 2 baselines; a 3-view cache of 90 s, 30 s a
     # view. At 2 epochs the cache holds 2 views (60 s): 60 + 3 x 40 = 180 s.
-    four = dict(
-        final_seconds=80.0,
-        final_epochs=4,
-        final_fixed_seconds=90.0,
-        final_members=1,
-        final_seeds=1,
-        teacher_cached=True,
-    )
+    four = one_finalist_four_epochs(final_fixed_seconds=90.0)
     limit = (180 + 40) / (1 - RESERVE) + 1
     plan = make_plan(inputs(time_limit=limit, final_cache_views=3, **four))
     assert (plan.final_epochs, plan.final_seconds) == (2, 180.0)
