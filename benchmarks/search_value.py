@@ -51,8 +51,10 @@ from autosplit.search.budget import parse_budget, parse_duration  # noqa: E402
 from autosplit.search.context import SearchContext  # noqa: E402
 from autosplit.search.driver import run_search  # noqa: E402
 from autosplit.search.front import FLOPS_CONVENTION  # noqa: E402
+from autosplit.search.job_cost import estimate_job  # noqa: E402
 from autosplit.search.setup import SearchOptions, prepare  # noqa: E402
 from autosplit.search.space import Rung, SearchSpace  # noqa: E402
+from autosplit.search.trial import at_fidelity, build_or_smallest  # noqa: E402
 from autosplit.tracking import MlflowTracker  # noqa: E402
 from autosplit.train import evaluate  # noqa: E402
 
@@ -192,29 +194,84 @@ def search_job(
     print(f"  value {budget} {arm} seed {seed}: {wall:.0f}s, best test {results.rows[key]['test']}")
 
 
+PROBE_ROWS = (5000, 10000)
+
+
+def probe_rows(ctx: SearchContext) -> list[int]:
+    """Rows of the two probe epochs: ``PROBE_ROWS``, within the training rows and distinct (two
+    probes over the same rows cannot separate a job's fixed seconds from its seconds per image)."""
+    rows = len(ctx.splits.train)
+    return [min(PROBE_ROWS[0], rows // 2), min(PROBE_ROWS[1], rows)]
+
+
+def probe_seconds(ctx: SearchContext, candidate, rows: int) -> float:
+    """Seconds ``candidate`` trains one epoch over ``rows`` rows, without building its teacher
+    cache (the estimate adds the full job's cache from the build rate this process measured)."""
+    built = ctx.teacher_cache.build_seconds
+    started = time.perf_counter()
+    train_at(ctx, candidate, Rung(1, rows))
+    return time.perf_counter() - started - (ctx.teacher_cache.build_seconds - built)
+
+
+def planned_epochs(ctx: SearchContext, candidate, probes: list[list[float]], limit: float):
+    """The most epochs on all rows whose cost, as the search's own final-job estimator reads it
+    from the probes (fixed seconds + seconds per image, plus the teacher cache the job builds),
+    fits ``limit``; with that estimate in seconds."""
+    distiller, flops = build_or_smallest(candidate, ctx)
+    taps, n_stages = set(distiller.teacher_taps), len(distiller.stages())
+    passes = distiller.prepare_passes
+    del distiller
+    rungs = [
+        (at_fidelity(candidate, Rung(1, int(rows))), {"seconds": seconds})
+        for rows, seconds in probes
+    ]
+
+    def cost(epochs: int) -> float:
+        at = fit_epochs(candidate, epochs)
+        return estimate_job(
+            ctx,
+            at,
+            taps=taps,
+            n_stages=n_stages,
+            passes=passes,
+            rungs=rungs,
+            flops=flops.worst_case,
+        ).total()
+
+    epochs = 1
+    while cost(epochs + 1) <= limit:
+        epochs += 1
+    return epochs, cost(epochs)
+
+
+def fit_epochs(candidate, epochs: int):
+    """``candidate`` at ``epochs`` on all rows, its warm-up scaled as the final stage scales it."""
+    fitted = candidate.with_values({"train.epochs": epochs})
+    if fitted.logit_loss.name in ("dkd", "aekt"):
+        fitted = fitted.with_values({"logit_loss.warmup_epochs": warmup_epochs_for(epochs)})
+    return at_fidelity(fitted, Rung(epochs, None))
+
+
 def recipe_job(
     ctx: SearchContext, recipe: str, seed: int, budget: str, limit: float, results: Results
 ) -> None:
-    """The recipe trained on all rows for as many epochs as ``limit`` holds at the rate a probe
-    epoch measured (one probe per recipe and budget, kept in the results too)."""
+    """The recipe trained on all rows for as many epochs as ``limit`` holds: planned by the
+    search's final-job estimator from two probe epochs (``probe_rows``, once per recipe and
+    budget, kept in the results too), so the fixed cost of a job is not read as per-image cost."""
     key = f"value/{budget}/{recipe}/{seed}"
     if key in results:
         return
     base = ctx.space.base_candidate(ctx.max_flops)
     candidate = recipe_candidate(recipe, base)
-    rows = len(ctx.splits.train)
-    probe_key = f"probe/{budget}/{recipe}"
+    probe_key = f"probes/{budget}/{recipe}"
     if probe_key not in results:
-        probe_rows = min(rows, 10000)
-        started = time.perf_counter()
-        train_at(ctx, candidate, Rung(1, probe_rows))
-        seconds = time.perf_counter() - started
-        results.add({"key": probe_key, "rows": probe_rows, "seconds": seconds})
-    probe = results.rows[probe_key]
-    epochs = max(1, int(limit * probe["rows"] / probe["seconds"] / rows))
-    fitted = candidate.with_values({"train.epochs": epochs})
-    if fitted.logit_loss.name in ("dkd", "aekt"):
-        fitted = fitted.with_values({"logit_loss.warmup_epochs": warmup_epochs_for(epochs)})
+        rows = probe_rows(ctx)
+        probe_seconds(ctx, candidate, rows[0])  # warm-up: the first training in a process pays
+        # one-time costs (kernels, allocator, workers) a probe would read as the job's own
+        probes = [[n, probe_seconds(ctx, candidate, n)] for n in rows]
+        results.add({"key": probe_key, "probes": probes})
+    epochs, planned = planned_epochs(ctx, candidate, results.rows[probe_key]["probes"], limit)
+    fitted = fit_epochs(candidate, epochs)
     started = time.perf_counter()
     _, result = train_at(ctx, fitted, Rung(epochs, None), seed)
     wall = time.perf_counter() - started
@@ -228,11 +285,16 @@ def recipe_job(
             "val": result.val_acc,
             "test": test,
             "epochs": epochs,
+            "planned": planned,
             "wall": wall,
             "limit": limit,
         }
     )
-    print(f"  value {budget} {recipe} seed {seed}: {epochs} epochs, {wall:.0f}s, test {test:.2f}")
+    print(
+        f"  value {budget} {recipe} seed {seed}: {epochs} epochs, planned {planned:.0f}s, "
+        f"took {wall:.0f}s, test {test:.2f}",
+        flush=True,
+    )
 
 
 def tau_table(results: Results, budget: str, ctx: SearchContext) -> None:
