@@ -110,28 +110,7 @@ class SearchReport:
                 front_plots.write_png(
                     paths[-1], records, rung_front, budget, f"{name} — rung {rung}", cost
                 )
-            metrics: dict[str, float] = {}
-            for k, v in proxy.items():  # n always; tau and p where there is a figure
-                metrics[f"final/kendall_n_rung{k}"] = float(v["n"] or 0)
-                if v.get("tau") is not None:
-                    metrics[f"final/kendall_tau_rung{k}"] = float(v["tau"])
-                    metrics[f"final/kendall_p_rung{k}"] = float(v["p"])
-            found = margin(members)
-            if found is not None:
-                metrics["final/margin_delta"] = found.delta
-                metrics["final/margin_seeds"] = float(len(found.seeds))
-                if found.pooled_sd is not None:
-                    metrics["final/margin_pooled_sd"] = found.pooled_sd
-                    metrics["final/margin_exceeds_sd"] = float(abs(found.delta) > found.pooled_sd)
-            if front:
-                best = max(front, key=lambda m: m.val_mean)
-                metrics.update(
-                    {
-                        "final/best_val_acc_mean": best.val_mean,
-                        "final/best_val_acc_sd": best.val_sd,
-                        "final/front_size": float(len(front)),
-                    }
-                )
+            metrics = final_metrics(members, front, proxy)
             # The parent's description ends with what a user comes for: the margin, and how far
             # the cheap rungs predicted the final stage.
             note = "\n\n".join(
@@ -140,6 +119,38 @@ class SearchReport:
             self.tracker.log_parent(
                 "log the final stage", artifacts=paths, metrics=metrics, note=note.strip()
             )
+
+
+def final_metrics(
+    members: list[FinalMember],
+    front: list[FinalMember],
+    proxy: Mapping[int, Mapping[str, float | None]],
+) -> dict[str, float]:
+    """The final stage's figures on the parent run: each rung's Kendall tau (n always; tau and p
+    where there is a figure), the best member's margin over the best baseline, and the best
+    member on the front with its number of seeds (its sd only over two or more: one seed has
+    none, and a logged 0.0 would read as a perfectly repeatable result)."""
+    metrics: dict[str, float] = {}
+    for k, v in proxy.items():
+        metrics[f"final/kendall_n_rung{k}"] = float(v["n"] or 0)
+        if v.get("tau") is not None:
+            metrics[f"final/kendall_tau_rung{k}"] = float(v["tau"])
+            metrics[f"final/kendall_p_rung{k}"] = float(v["p"])
+    found = margin(members)
+    if found is not None:
+        metrics["final/margin_delta"] = found.delta
+        metrics["final/margin_seeds"] = float(len(found.seeds))
+        if found.pooled_sd is not None:
+            metrics["final/margin_pooled_sd"] = found.pooled_sd
+            metrics["final/margin_exceeds_sd"] = float(abs(found.delta) > found.pooled_sd)
+    if front:
+        best = max(front, key=lambda m: m.val_mean)
+        metrics["final/best_val_acc_mean"] = best.val_mean
+        metrics["final/best_val_acc_seeds"] = float(len(best.val_accs))
+        if len(best.val_accs) > 1:
+            metrics["final/best_val_acc_sd"] = best.val_sd
+        metrics["final/front_size"] = float(len(front))
+    return metrics
 
 
 def search_note(

@@ -13,6 +13,7 @@ from autosplit.search.attrs import Stage, State, StudyAttrs, TrialAttrs
 from autosplit.search.final_stage import proxy_fidelity
 from autosplit.search.front import FinalMember, margin
 from autosplit.search.front_text import final_table, margin_line, tau_lines
+from autosplit.search.report import final_metrics
 
 
 def member(number: int, accs: dict[int, float], baseline: str | None = None) -> FinalMember:
@@ -54,6 +55,19 @@ def test_one_seed_is_said_and_never_shown_as_plus_minus_zero():
     table = final_table([best, dkd], 100)
     assert "± 0.00" not in table
     assert "91.17 (1 seed)" in table and "90.00 (1 seed)" in table
+
+
+def test_the_parent_run_logs_no_sd_for_one_seed():
+    dkd = member(1, {0: 90.0}, baseline="best-published")
+    one = final_metrics([member(5, {0: 91.17}), dkd], [member(5, {0: 91.17})], {})
+    assert one["final/best_val_acc_mean"] == pytest.approx(91.17)
+    assert one["final/best_val_acc_seeds"] == 1.0
+    assert "final/best_val_acc_sd" not in one and "final/margin_pooled_sd" not in one
+    best = member(5, {0: 91.0, 1: 93.0})
+    two = final_metrics([best, member(1, {0: 90.0, 1: 90.0}, baseline="kd-single")], [best], {})
+    assert two["final/best_val_acc_seeds"] == 2.0
+    assert two["final/best_val_acc_sd"] == pytest.approx(2**0.5)
+    assert two["final/margin_delta"] == pytest.approx(2.0)
 
 
 def test_margin_says_why_there_is_none():
