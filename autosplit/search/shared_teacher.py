@@ -207,13 +207,18 @@ class StudyTeacher:
 def local_copy(
     info: StudyAttrs, study_name: str, runs_dir: Path, *, say: Callable[[str], None] = print
 ) -> Path:
-    """This host's copy of the study's teacher (its cache), fetched from where the study says
-    it was published when this host has none; its hash checked. Export uses it too, so it
-    evaluates with the study's teacher on any host."""
+    """This host's copy of the study's teacher (its cache, or the checkpoint the package ships),
+    fetched from where the study says it was published when this host has none; its hash
+    checked. Export uses it too, so it evaluates with the study's teacher on any host."""
     target = Path(runs_dir) / "teachers" / str(info.teacher_key) / "teacher.pt"
     sha_wanted = str(info.teacher_sha256)
     if target.is_file() and sha256_file(target) == sha_wanted:
         return target
+    from autosplit.teacher import shipped_teacher
+
+    shipped = shipped_teacher(str(info.teacher_key))  # loaded from the package: never copied
+    if shipped is not None and sha256_file(shipped) == sha_wanted:
+        return shipped
     uri = info.teacher_uri
     if uri is None:
         raise UserError(

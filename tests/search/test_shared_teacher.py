@@ -194,3 +194,29 @@ def test_a_dead_local_claim_is_taken_over_and_a_silent_owner_times_out(tmp_path,
     assert "\n" not in line
     assert line.startswith("--study-name t: waited 0s for the teacher that elsewhere:7 claimed")
     assert waiting.owned is False
+
+
+def test_a_study_on_the_shipped_teacher_finds_it_where_the_package_holds_it(tmp_path, monkeypatch):
+    """A search on one host loads the shipped teacher from the package and copies it nowhere:
+    export finds it there by its hash; another teacher's hash is still refused."""
+    import json
+
+    import pytest
+
+    from autosplit import teacher as teachers
+    from autosplit.errors import UserError
+    from autosplit.search.shared_teacher import local_copy
+
+    shipped = tmp_path / "pretrained"
+    shipped.mkdir()
+    checkpoint = shipped / "tiny.pt"
+    checkpoint.write_bytes(b"the shipped teacher")
+    sha = sha256_file(checkpoint)
+    (shipped / "tiny.json").write_text(json.dumps({"teacher_key": "k1", "sha256": sha}))
+    monkeypatch.setattr(teachers, "PRETRAINED_DIR", shipped)
+    info = StudyAttrs(teacher_key="k1", teacher_sha256=sha, teacher_claim="vm:1")
+    assert local_copy(info, "s", tmp_path / "runs", say=print) == checkpoint
+    assert not (tmp_path / "runs").exists()  # nothing copied
+    other = StudyAttrs(teacher_key="k1", teacher_sha256="0" * 64, teacher_claim="vm:1")
+    with pytest.raises(UserError, match="was not published"):
+        local_copy(other, "s", tmp_path / "runs", say=print)
