@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import mean_sd, random_feasible, train_at  # noqa: E402  (the search's own training path)
 
 from autosplit.config import load_yaml  # noqa: E402
+from autosplit.device import resolve_runtime  # noqa: E402
 from autosplit.distill._base import warmup_epochs_for  # noqa: E402
 from autosplit.distill.recipes import recipe_candidate  # noqa: E402
 from autosplit.errors import UserError  # noqa: E402
@@ -132,26 +133,33 @@ def search_job(
     key = f"value/{budget}/{arm}/{seed}"
     if key in results:
         return
-    # A job cut short left a study behind: start a fresh one (a resumed search would get a
-    # second time limit).
-    prefix = f"sv-{budget}-{SEARCH_ARMS[arm]}-s{seed}-"
-    taken = optuna.get_all_study_names(base.storage) if (out / "optuna.db").is_file() else []
-    attempt = sum(1 for study_name in taken if study_name.startswith(prefix))
-    name = f"{prefix}{attempt}"
-    options = dataclasses.replace(base, sampler=SEARCH_ARMS[arm], seed=seed, study_name=name)
-    started = time.perf_counter()
-    study, ctx = run_search(
-        options, tracker=MlflowTracker(f"sqlite:///{out}/mlflow.db"), say=lambda _m: None
-    )
-    wall = time.perf_counter() - started
-    export_dir = out / f"export-{budget}-{SEARCH_ARMS[arm]}-s{seed}-{attempt}"
+    searched = f"search/{budget}/{arm}/{seed}"
+    tracker = MlflowTracker(f"sqlite:///{out}/mlflow.db")
+    if searched in results:  # searched to its end, then stopped (or failed) exporting
+        name, wall = results.rows[searched]["study"], results.rows[searched]["wall"]
+        study = optuna.load_study(study_name=name, storage=base.storage)
+        runtime = resolve_runtime(base.device, precision=base.precision)
+    else:
+        # A search cut short left a study behind: start a fresh one (a resumed search would
+        # get a second time limit).
+        prefix = f"sv-{budget}-{SEARCH_ARMS[arm]}-s{seed}-"
+        taken = optuna.get_all_study_names(base.storage) if (out / "optuna.db").is_file() else []
+        attempt = sum(1 for study_name in taken if study_name.startswith(prefix))
+        name = f"{prefix}{attempt}"
+        options = dataclasses.replace(base, sampler=SEARCH_ARMS[arm], seed=seed, study_name=name)
+        started = time.perf_counter()
+        study, ctx = run_search(options, tracker=tracker, say=lambda _m: None)
+        wall = time.perf_counter() - started
+        runtime = ctx.runtime
+        results.add({"key": searched, "study": name, "wall": wall})
+    export_dir = out / f"export-{name.removeprefix('sv-')}"
     search_trials = sum(1 for t in study.get_trials() if TrialAttrs.read(t).stage != Stage.FINAL)
     try:
         export_study(
             study,
             export_dir,
             storage_url=base.storage,
-            runtime=ctx.runtime,
+            runtime=runtime,
             runs_dir=base.runs_dir,
             say=lambda _m: None,
         )
