@@ -46,6 +46,11 @@ class Schedule:
     finalists: int | None = None  # None: the space's top_k
     final_seeds: int | None = None  # None: the space's seeds
     final_epochs: int | None = None  # None: the space's final epochs
+    # Seconds between ``deadline`` and the limit itself (kept for the fronts and MLflow at the
+    # end): a job of the first seed's comparison may start into them rather than leave the
+    # best member without its baselines (estimates err by some percent, and one job's overrun
+    # would otherwise drop the whole round).
+    end_slack: float = 0.0
 
 
 @dataclass
@@ -229,6 +234,7 @@ class SharedPlan:
     final_epochs: int | None
     teacher_epochs: int
     device: str  # where the cost model was measured
+    end_slack: float = 0.0
 
     @classmethod
     def of(cls, ctx: SearchContext) -> SharedPlan:
@@ -246,6 +252,7 @@ class SharedPlan:
             plan.final_epochs,
             ctx.teacher.config.train.epochs,
             ctx.runtime.where,
+            plan.end_slack,
         )
 
     def schedule(self) -> Schedule:
@@ -261,6 +268,7 @@ class SharedPlan:
             finalists=self.finalists,
             final_seeds=self.seeds,
             final_epochs=self.final_epochs,
+            end_slack=self.end_slack,
         )
 
     def cost_model(self) -> CostModel:

@@ -2,7 +2,8 @@
 retrained at the final fidelity over seeds, each (member, seed) an enqueued Optuna trial
 (``stage: final``) so that several workers share the jobs. ``final_plan`` orders them so that
 a short limit leaves out extra members and later seeds, never the comparison; ``round_needs``
-is the check each job makes before it starts. ``proxy_fidelity`` says how well each rung's
+is the check each job makes before it starts (the first seed's comparison may use the slack
+kept at the end of the limit, ``Schedule.end_slack``). ``proxy_fidelity`` says how well each rung's
 accuracy ranked the members the final stage trained (Kendall tau).
 """
 
@@ -103,7 +104,10 @@ def final_job(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]:
     planned = estimate.as_dict()
     TrialAttrs(estimate_s=planned).write(trial)
     skipped_round, needs = round_needs(others, trial.number, job.role, seed_index, estimate)
-    if skipped_round or not ctx.schedule.deadline.fits(needs):
+    # The first seed's comparison may run into the end's slack: dropping its baselines for a
+    # few seconds' overrun would leave the best member with nothing to compare against.
+    slack = ctx.schedule.end_slack if job.role in COMPARISON and seed_index == 0 else 0.0
+    if skipped_round or not ctx.schedule.deadline.fits(needs - slack):
         end_without_result(ctx, trial, run_id, state=State.SKIPPED, run_state=State.PRUNED)
         why = (
             f"a job of its seed-{seed_index} comparison was skipped (equal seeds or none)"

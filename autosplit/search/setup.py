@@ -199,6 +199,7 @@ def _schedule(deadline: Deadline, options: SearchOptions, chosen: Any) -> Schedu
         final_epochs=chosen.final_epochs
         if options.space.settings.fidelity.final is not None
         else None,
+        end_slack=float(options.time_limit) - usable_seconds(float(options.time_limit)),
     )
 
 

@@ -490,3 +490,58 @@ def test_a_first_rung_counts_the_auto_encoder_at_the_rate_the_study_measured(ctx
     assert first_prepare(study, candidate, ctx.splits, passes=30) == pytest.approx(
         0.0005 * 30 * per_pass
     )
+
+
+@pytest.mark.parametrize("slack", [0.0, 1.0])
+def test_a_comparison_short_of_time_by_less_than_the_end_slack_still_trains(ctx, slack):
+    """The search left the comparison its estimate, then the time shrank by a few seconds
+    (an overrun): without slack the whole first round is dropped (equal seeds or none); with
+    the end's slack it trains, and an extra member may not use that slack after it."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    comparison = [
+        add_member(study, ctx, overrides, [0.5, 1.0], [60.0, 80.0], baseline=name)
+        for name, overrides in ctx.space.settings.baselines.items()
+    ]
+    chain = {
+        "structure.name": "res_chain",
+        "structure.n_parts": 1,
+        "split.base_share": 0.7,
+        "logit_loss.name": "dkd",
+    }
+    comparison.insert(0, add_member(study, ctx, chain, [1.0, 2.0], [70.0, 90.0]))
+    hint = {"structure.name": "single", "logit_loss.name": "kd", "feature_loss.name": "hint"}
+    extra = add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
+    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=1)
+    enqueue_final_stage(study, ctx)
+    planned = {
+        a.member: a.estimate_s["total"]
+        for a in (TrialAttrs.read(t) for t in study.get_trials())
+        if a.stage == Stage.FINAL
+    }
+    short = 0.25 * min(planned.values())  # what an overrun took from the comparison's time
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(sum(planned[m] for m in comparison) - short, clock=clock),
+        end_slack=slack * (2 * short + planned[extra]),  # the extra member's too, if it could
+    )
+    while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        trial = study.ask()
+        try:
+            study.tell(trial, list(objective(ctx, trial, Stage.FINAL)))
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
+        ctx.cost_model.ratios.clear()
+        ctx.overheads.clear()
+        ctx.teacher_cache.build_seconds = 0.0
+    done = {
+        a.member: a.state
+        for a in (TrialAttrs.read(t) for t in study.get_trials())
+        if a.stage == Stage.FINAL
+    }
+    wanted = State.COMPLETE if slack else State.SKIPPED
+    assert [done[m] for m in comparison] == [wanted] * len(comparison)
+    if slack:
+        assert done[extra] == State.SKIPPED

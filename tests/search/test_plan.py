@@ -187,3 +187,28 @@ def test_the_final_teacher_cache_shrinks_with_the_final_epochs_it_serves():
     # Counted whole whatever the epochs (a cache without augmentation has one view).
     plan = make_plan(inputs(time_limit=limit, **four))
     assert (plan.final_epochs, plan.final_seconds) == (1, 90.0 + 60.0)
+
+
+def test_a_workers_schedule_keeps_the_plans_end_slack():
+    """Workers in other processes plan from the parent's schedule: the slack the first seed's
+    comparison may use at the end crosses over with the deadlines."""
+    import pickle
+    from types import SimpleNamespace
+
+    from autosplit.search.context import Schedule, SharedPlan
+
+    schedule = Schedule(
+        deadline=Deadline(600.0),
+        search_deadline=Deadline(300.0),
+        final_reserve=200.0,
+        end_slack=24.0,
+    )
+    ctx = SimpleNamespace(
+        schedule=schedule,
+        cost_model=CostModel({1.0: 1e9}),
+        teacher=SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(epochs=10))),
+        runtime=SimpleNamespace(where="cpu"),
+    )
+    worker = pickle.loads(pickle.dumps(SharedPlan.of(ctx))).schedule()
+    assert (worker.end_slack, worker.final_reserve) == (24.0, 200.0)
+    assert 500.0 < worker.deadline.remaining() <= 600.0
