@@ -347,7 +347,7 @@ def value_table(results: Results, budget: str, ctx: SearchContext, limit: float)
         val_means[arm] = statistics.fmean(vals)
         walls = ", ".join(f"{r['wall']:.0f}" for r in rows)
         what = (
-            "; ".join(f"{r['trials']} trials, best {r['label']}" for r in rows)
+            "; ".join(f"{r['trials']} trials, best {r['label']}{final_fidelity(r)}" for r in rows)
             if arm in SEARCH_ARMS
             else f"{rows[0]['epochs']} epochs on all rows"
         )
@@ -384,6 +384,19 @@ def value_table(results: Results, budget: str, ctx: SearchContext, limit: float)
             f"autosplit - same-FLOPs KD student, test: {gap:+.2f} pt"
             + (f" (KD sd {sd:.2f}; long goal: > 2 sd)" if sd else " (1 seed: no sd)")
         )
+
+
+def final_fidelity(row: dict[str, Any]) -> str:
+    """What the search's final stage trained its best member at: the plan may have shrunk the
+    space's final fidelity (epochs, seeds) to fit the time, and the table says so."""
+    fidelity = row.get("fidelity") or {}
+    if not fidelity:
+        return ""
+    rows = fidelity.get("rows") or "all"
+    return (
+        f", final {fidelity.get('epochs')} epoch(s) x {rows} rows x "
+        f"{row.get('final_seeds', 1)} seed(s)"
+    )
 
 
 def spread(values: list[float]) -> str:

@@ -104,12 +104,36 @@ def add_member(study, ctx, values: dict, seconds: list[float], accs: list[float]
     return study.get_trials(deepcopy=False)[-1].number
 
 
-def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seeds(ctx):
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    baselines = {
-        name: add_member(study, ctx, overrides, [0.5, 1.0], [60.0, 80.0], baseline=name)
-        for name, overrides in ctx.space.settings.baselines.items()
+def run_final_jobs(study, ctx, clock: FakeClock) -> dict[tuple[int, int], str]:
+    """Every waiting final job in turn, each taking what was planned on ``clock``; the state
+    each (member, seed) ended in."""
+    while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        trial = study.ask()
+        try:
+            study.tell(trial, list(objective(ctx, trial, Stage.FINAL)))
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
+        # Forget what this machine measured (it varies with load): corrections, overheads
+        # and the teacher's forward time while building caches.
+        ctx.cost_model.ratios.clear()
+        ctx.overheads.clear()
+        ctx.teacher_cache.build_seconds = 0.0
+    return {
+        (a.member, a.seed): a.state
+        for a in (TrialAttrs.read(t) for t in study.get_trials())
+        if a.stage == Stage.FINAL
     }
+
+
+def add_comparison_and_extra(study, ctx) -> tuple[list[int], int]:
+    """The space's baselines, a chain that is the search's best member and a hint student
+    below it, each measured at both rungs: ([best, *baselines], the extra member)."""
+    baselines = [
+        add_member(study, ctx, overrides, [0.5, 1.0], [60.0, 80.0], baseline=name)
+        for name, overrides in ctx.space.settings.baselines.items()
+    ]
     chain = {
         "structure.name": "res_chain",
         "structure.n_parts": 1,
@@ -118,13 +142,18 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
     }
     best = add_member(study, ctx, chain, [1.0, 2.0], [70.0, 90.0])
     hint = {"structure.name": "single", "logit_loss.name": "kd", "feature_loss.name": "hint"}
-    extra = add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
+    return [best, *baselines], add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
+
+
+def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seeds(ctx):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    comparison, extra = add_comparison_and_extra(study, ctx)
+    best = comparison[0]
     ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=2)
     enqueue_final_stage(study, ctx)
 
     jobs = [TrialAttrs.read(t) for t in study.get_trials() if t.state == TrialState.WAITING]
     order = [(j.member, j.seed, j.role) for j in jobs]
-    comparison = [best, *baselines.values()]
     assert order == [
         *[(m, 0, Role.BEST if m == best else Role.BASELINE) for m in comparison],
         *[(m, 1, Role.BEST if m == best else Role.BASELINE) for m in comparison],
@@ -142,26 +171,7 @@ def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seed
         ctx.schedule, deadline=Deadline(first_round + 0.5 * later, clock=clock)
     )
 
-    while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
-        trial = study.ask()
-        try:
-            study.tell(trial, list(objective(ctx, trial, Stage.FINAL)))
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            continue
-        # The job took what was planned, in the fake clock's seconds.
-        clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
-        # Forget what this machine measured (it varies with load): corrections, overheads
-        # and the teacher's forward time while building caches.
-        ctx.cost_model.ratios.clear()
-        ctx.overheads.clear()
-        ctx.teacher_cache.build_seconds = 0.0
-
-    done = {
-        (a.member, a.seed): a.state
-        for a in (TrialAttrs.read(t) for t in study.get_trials())
-        if a.stage == Stage.FINAL
-    }
+    done = run_final_jobs(study, ctx, clock)
     assert {k for k, v in done.items() if v == State.COMPLETE} == {(m, 0) for m in comparison}
     assert {k for k, v in done.items() if v == State.SKIPPED} == {
         *((m, 1) for m in comparison),
@@ -513,19 +523,7 @@ def test_a_comparison_short_of_time_by_less_than_the_end_slack_still_trains(ctx,
     (an overrun): without slack the whole first round is dropped (equal seeds or none); with
     the end's slack it trains, and an extra member may not use that slack after it."""
     study = optuna.create_study(directions=["maximize", "minimize"])
-    comparison = [
-        add_member(study, ctx, overrides, [0.5, 1.0], [60.0, 80.0], baseline=name)
-        for name, overrides in ctx.space.settings.baselines.items()
-    ]
-    chain = {
-        "structure.name": "res_chain",
-        "structure.n_parts": 1,
-        "split.base_share": 0.7,
-        "logit_loss.name": "dkd",
-    }
-    comparison.insert(0, add_member(study, ctx, chain, [1.0, 2.0], [70.0, 90.0]))
-    hint = {"structure.name": "single", "logit_loss.name": "kd", "feature_loss.name": "hint"}
-    extra = add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
+    comparison, extra = add_comparison_and_extra(study, ctx)
     ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=1)
     enqueue_final_stage(study, ctx)
     planned = {
@@ -540,23 +538,8 @@ def test_a_comparison_short_of_time_by_less_than_the_end_slack_still_trains(ctx,
         deadline=Deadline(sum(planned[m] for m in comparison) - short, clock=clock),
         end_slack=slack * (2 * short + planned[extra]),  # the extra member's too, if it could
     )
-    while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
-        trial = study.ask()
-        try:
-            study.tell(trial, list(objective(ctx, trial, Stage.FINAL)))
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            continue
-        clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
-        ctx.cost_model.ratios.clear()
-        ctx.overheads.clear()
-        ctx.teacher_cache.build_seconds = 0.0
-    done = {
-        a.member: a.state
-        for a in (TrialAttrs.read(t) for t in study.get_trials())
-        if a.stage == Stage.FINAL
-    }
+    done = run_final_jobs(study, ctx, clock)
     wanted = State.COMPLETE if slack else State.SKIPPED
-    assert [done[m] for m in comparison] == [wanted] * len(comparison)
+    assert [done[(m, 0)] for m in comparison] == [wanted] * len(comparison)
     if slack:
-        assert done[extra] == State.SKIPPED
+        assert done[(extra, 0)] == State.SKIPPED
