@@ -42,8 +42,7 @@ from fidelity import mean_sd, random_feasible, train_at  # noqa: E402  (the sear
 
 from autosplit.config import load_yaml  # noqa: E402
 from autosplit.device import resolve_runtime  # noqa: E402
-from autosplit.distill._base import warmup_epochs_for  # noqa: E402
-from autosplit.distill.recipes import recipe_candidate  # noqa: E402
+from autosplit.distill.recipes import recipe_candidate, scaled_warmup  # noqa: E402
 from autosplit.errors import UserError  # noqa: E402
 from autosplit.evaluation import test_loader  # noqa: E402
 from autosplit.export import export_study  # noqa: E402
@@ -134,7 +133,6 @@ def search_job(
     if key in results:
         return
     searched = f"search/{budget}/{arm}/{seed}"
-    tracker = MlflowTracker(f"sqlite:///{out}/mlflow.db")
     if searched in results:  # searched to its end, then stopped (or failed) exporting
         name, wall = results.rows[searched]["study"], results.rows[searched]["wall"]
         study = optuna.load_study(study_name=name, storage=base.storage)
@@ -148,6 +146,7 @@ def search_job(
         name = f"{prefix}{attempt}"
         options = dataclasses.replace(base, sampler=SEARCH_ARMS[arm], seed=seed, study_name=name)
         started = time.perf_counter()
+        tracker = MlflowTracker(f"sqlite:///{out}/mlflow.db")
         study, ctx = run_search(options, tracker=tracker, say=lambda _m: None)
         wall = time.perf_counter() - started
         runtime = ctx.runtime
@@ -246,17 +245,16 @@ def planned_epochs(ctx: SearchContext, candidate, probes: list[list[float]], lim
             flops=flops.worst_case,
         ).total()
 
-    epochs = 1
-    while cost(epochs + 1) <= limit:
-        epochs += 1
-    return epochs, cost(epochs)
+    epochs, seconds = 1, cost(1)
+    while (more := cost(epochs + 1)) <= limit:
+        epochs, seconds = epochs + 1, more
+    return epochs, seconds
 
 
 def fit_epochs(candidate, epochs: int):
-    """``candidate`` at ``epochs`` on all rows, its warm-up scaled as the final stage scales it."""
-    fitted = candidate.with_values({"train.epochs": epochs})
-    if fitted.logit_loss.name in ("dkd", "aekt"):
-        fitted = fitted.with_values({"logit_loss.warmup_epochs": warmup_epochs_for(epochs)})
+    """``candidate`` at ``epochs`` on all rows, its warm-up (DKD, AEKT) at the shipped spaces'
+    rule for those epochs."""
+    fitted = scaled_warmup(candidate.with_values({"train.epochs": epochs}))
     return at_fidelity(fitted, Rung(epochs, None))
 
 

@@ -3,8 +3,8 @@ retrained at the final fidelity over seeds, each (member, seed) an enqueued Optu
 (``stage: final``) so that several workers share the jobs. ``final_plan`` orders them so that
 a short limit leaves out extra members and later seeds, never the comparison; ``round_needs``
 is the check each job makes before it starts (the first seed's comparison may use the slack
-kept at the end of the limit, ``Schedule.end_slack``). ``proxy_fidelity`` says how well each rung's
-accuracy ranked the members the final stage trained (Kendall tau).
+kept at the end of the limit, ``Schedule.end_slack``). ``proxy_fidelity`` says how well each
+rung's accuracy ranked the members the final stage trained (Kendall tau).
 """
 
 from __future__ import annotations

@@ -23,9 +23,15 @@ RESERVE = 0.04
 RESERVE_MIN_SECONDS = 10.0  # a short limit still keeps room for the fronts and MLflow at the end
 
 
+def end_reserve(time_limit: float) -> float:
+    """Seconds at the end of the limit kept for the fronts and MLflow (``RESERVE``, at least
+    ``RESERVE_MIN_SECONDS``)."""
+    return max(RESERVE * time_limit, RESERVE_MIN_SECONDS)
+
+
 def usable_seconds(time_limit: float) -> float:
     """The part of the limit work may fill: the limit less the reserve for the end."""
-    return time_limit - max(RESERVE * time_limit, RESERVE_MIN_SECONDS)
+    return time_limit - end_reserve(time_limit)
 
 
 # Validation passes are forward-only: about a third of a training step's work per image.

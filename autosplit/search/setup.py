@@ -36,6 +36,7 @@ from autosplit.search.plan import (
     Deadline,
     PlanInput,
     TimeLimitTooShort,
+    end_reserve,
     make_plan,
     usable_seconds,
 )
@@ -199,7 +200,7 @@ def _schedule(deadline: Deadline, options: SearchOptions, chosen: Any) -> Schedu
         final_epochs=chosen.final_epochs
         if options.space.settings.fidelity.final is not None
         else None,
-        end_slack=float(options.time_limit) - usable_seconds(float(options.time_limit)),
+        end_slack=end_reserve(float(options.time_limit)),
     )
 
 
