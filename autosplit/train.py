@@ -130,6 +130,31 @@ def _fusable(params: list[nn.Parameter]) -> bool:
     )
 
 
+def timed_images_per_second(
+    step: Callable[[], None],
+    batch_size: int,
+    runtime: Runtime,
+    *,
+    max_seconds: float = 2.0,
+    max_steps: int = 30,
+) -> float:
+    """Images/s of ``step`` (one batch of ``batch_size``) here: two warm-up steps not timed,
+    then steps until ``max_seconds`` or ``max_steps``, at least three of them. What the planner
+    measures at run time (machines of one kind differ 3-4x) is timed here."""
+    for _ in range(2):
+        step()
+    if runtime.is_cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    steps = 0
+    while steps < 3 or (steps < max_steps and time.perf_counter() - started < max_seconds):
+        step()
+        steps += 1
+    if runtime.is_cuda:
+        torch.cuda.synchronize()
+    return steps * batch_size / max(time.perf_counter() - started, 1e-9)
+
+
 def sgd(
     params: Iterable[nn.Parameter],
     *,

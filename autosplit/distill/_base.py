@@ -132,6 +132,12 @@ class Part(nn.Module):
         images that work trained over (0: none, or reused from earlier in the process)."""
         return 0
 
+    def prepare_seconds_per_image(self, runtime: Runtime, batch_size: int) -> float:
+        """Seconds an image of one ``prepare`` pass takes here, timed on a few steps of
+        synthetic data (0.0: no prepare work). A search plans a trial's first rung from it
+        before any rung has measured the real work."""
+        return 0.0
+
 
 @FEATURE_LOSSES.register("none")
 class NoLoss(Part):
@@ -346,6 +352,21 @@ class Distiller(nn.Module):
         """Every part's work before training; the images it trained over."""
         return sum(
             part.prepare(teacher_source, train_loader, runtime) for part in self.parts.values()
+        )
+
+    def prepare_seconds_per_image(self, runtime: Runtime, batch_size: int) -> float:
+        """Seconds per image and pass of every part's ``prepare`` work, timed here: each part's
+        rate weighted by its share of ``prepare_passes``."""
+        passes = self.prepare_passes
+        if not passes:
+            return 0.0
+        return (
+            sum(
+                part.prepare_seconds_per_image(runtime, batch_size) * part.prepare_passes
+                for part in self.parts.values()
+                if part.prepare_passes
+            )
+            / passes
         )
 
     # -- stages --------------------------------------------------------------------------------

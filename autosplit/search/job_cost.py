@@ -151,19 +151,23 @@ def estimate_job(
     return JobEstimate(train, prepare, cache, path, source, overhead)
 
 
-def first_prepare(study: Any, candidate: Candidate, splits: Any, passes: int) -> float:
+def study_prepare_rate(study: Any) -> float | None:
+    """Seconds per image of the ``prepare`` work (IE-KD's auto-encoder) the study's rungs
+    measured; None before any rung has trained one."""
+    return seconds_per_image(
+        prepare_rates(TrialAttrs.read(t).rungs or [] for t in study.get_trials(deepcopy=False))
+    )
+
+
+def first_prepare(rate: float, candidate: Candidate, splits: Any, passes: int) -> float:
     """Seconds of a trial's ``prepare`` work (IE-KD's auto-encoder: ``passes`` over its rows)
-    at its first rung, at the seconds per image the study's rungs measured training one; 0
-    before any has (its first rung is then estimated without it). An auto-encoder trained
-    earlier in the process is reused and costs nothing: this errs on the long side then."""
+    at its first rung, at ``rate`` seconds per image: what the study's rungs measured
+    (``study_prepare_rate``), else a few of its steps timed here
+    (``Distiller.prepare_seconds_per_image``). An auto-encoder trained earlier in the process
+    is reused and costs nothing: this errs on the long side then."""
     from autosplit.cache import train_rows
     from autosplit.distill.run import images_per_epoch
 
-    rate = seconds_per_image(
-        prepare_rates(TrialAttrs.read(t).rungs or [] for t in study.get_trials(deepcopy=False))
-    )
-    if rate is None:
-        return 0.0
     rows = train_rows(candidate, splits)
     return rate * passes * images_per_epoch(rows, candidate.train.batch_size)
 

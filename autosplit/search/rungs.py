@@ -15,7 +15,12 @@ from autosplit.cache import train_rows
 from autosplit.distill.run import deployed_parameters
 from autosplit.search import study as studies
 from autosplit.search.attrs import Stage, State, TrialAttrs
-from autosplit.search.job_cost import cache_estimate, extrapolate, first_prepare
+from autosplit.search.job_cost import (
+    cache_estimate,
+    extrapolate,
+    first_prepare,
+    study_prepare_rate,
+)
 from autosplit.search.promotion import RungResult, promotable
 from autosplit.search.trial import (
     at_fidelity,
@@ -67,6 +72,11 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     taps = set(distiller.teacher_taps)
     n_stages = len(distiller.stages())
     passes = distiller.prepare_passes
+    # Its first rung plans the auto-encoder at the rate the study measured, else at a few of
+    # its steps timed now (the distiller is gone once the rungs train).
+    prepare_rate = study_prepare_rate(trial.study) if passes else 0.0
+    if prepare_rate is None:
+        prepare_rate = distiller.prepare_seconds_per_image(ctx.runtime, candidate.train.batch_size)
     del distiller, student  # train_candidate builds its own, from the pinned candidate
     tags = TrialAttrs(label=candidate.label, baseline=baseline, stage=Stage.SEARCH)
     run_id = start_run(ctx, trial, candidate, tags)
@@ -105,8 +115,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
                 )
                 or estimate
             )
-        if passes and not reached:  # IE-KD's auto-encoder, at the rate measured so far
-            estimate += first_prepare(trial.study, at, ctx.splits, passes)
+        if passes and not reached:  # IE-KD's auto-encoder
+            estimate += first_prepare(prepare_rate, at, ctx.splits, passes)
         cache_seconds = cache_estimate(ctx, at, taps, passes=passes)[0]  # built before it trains
         # The warm start (baselines, then the portfolio) is never given up for extra
         # finalists or later seeds: its cheapest rung leaves only the comparison's time.

@@ -4,14 +4,13 @@ measured elsewhere: machines of one kind differ 3-4x)."""
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from autosplit.device import Runtime
-from autosplit.train import sgd
+from autosplit.train import sgd, timed_images_per_second
 
 
 def training_images_per_second(
@@ -46,15 +45,6 @@ def training_images_per_second(
         loss.backward()
         optimizer.step()
 
-    for _ in range(2):
-        step()
-    if runtime.is_cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    steps = 0
-    while steps < 3 or (steps < max_steps and time.perf_counter() - started < max_seconds):
-        step()
-        steps += 1
-    if runtime.is_cuda:
-        torch.cuda.synchronize()
-    return steps * batch_size / max(time.perf_counter() - started, 1e-9)
+    return timed_images_per_second(
+        step, batch_size, runtime, max_seconds=max_seconds, max_steps=max_steps
+    )

@@ -28,7 +28,7 @@ from autosplit.search.final_stage import (
     job_estimate,
     jobs_seconds,
 )
-from autosplit.search.job_cost import first_prepare, work_images
+from autosplit.search.job_cost import first_prepare, study_prepare_rate, work_images
 from autosplit.search.plan import CostModel, Deadline
 from autosplit.search.setup import SearchOptions, prepare
 from autosplit.search.space import SearchSpace
@@ -502,7 +502,7 @@ def test_a_first_rung_counts_the_auto_encoder_at_the_rate_the_study_measured(ctx
     candidate = ctx.space.base_candidate(ctx.max_flops).with_values(
         {"train.max_train_samples": 600}
     )
-    assert first_prepare(study, candidate, ctx.splits, passes=30) == 0.0  # nothing measured
+    assert study_prepare_rate(study) is None  # nothing measured
     add_member(
         study,
         ctx,
@@ -511,10 +511,70 @@ def test_a_first_rung_counts_the_auto_encoder_at_the_rate_the_study_measured(ctx
         [60.0, 70.0],
         rung0={"prepare_seconds": 3.0, "prepare_images": 6000},  # 0.5 ms an image
     )
+    assert study_prepare_rate(study) == pytest.approx(0.0005)
     per_pass = images_per_epoch(600, candidate.train.batch_size)
-    assert first_prepare(study, candidate, ctx.splits, passes=30) == pytest.approx(
+    assert first_prepare(0.0005, candidate, ctx.splits, passes=30) == pytest.approx(
         0.0005 * 30 * per_pass
     )
+
+
+def test_before_any_rung_measured_an_auto_encoder_its_steps_are_timed_here(
+    ctx, tmp_path, monkeypatch
+):
+    """The study's first IE-KD trial plans its auto-encoder at a few of its steps timed now
+    (it was planned at nothing: 14 s planned, 59 s taken on Fashion-MNIST); a later one at
+    the rate the first measured, without timing again."""
+    from autosplit.distill.parts.iekd import IEKD
+
+    distiller, _ = build_and_count(
+        ctx.space.base_candidate(ctx.max_flops).with_values({"feature_loss.name": "iekd"}),
+        ctx.teacher.model,
+        ctx.splits,
+    )
+    assert distiller.prepare_seconds_per_image(ctx.runtime, 64) > 0
+    plain, _ = build_and_count(
+        ctx.space.base_candidate(ctx.max_flops), ctx.teacher.model, ctx.splits
+    )
+    assert plain.prepare_seconds_per_image(ctx.runtime, 64) == 0.0
+
+    study, storage = sqlite_study(ctx, tmp_path)
+    values = {"feature_loss.name": "iekd", "feature_loss.ae_epochs": 2}
+    settings = dataclasses.replace(ctx.space.settings, baselines={"iekd": values})
+    monkeypatch.setattr(ctx.space, "settings", settings)
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(10_000.0, clock=clock),
+        search_deadline=Deadline(5_000.0, clock=clock),
+        final_reserve=100.0,  # a baseline then stops at its cheapest rung
+    )
+    timed = 0.02  # seconds an image: the auto-encoder dominates the rung's plan
+    monkeypatch.setattr(IEKD, "prepare_seconds_per_image", lambda self, runtime, batch: timed)
+    study.enqueue_trial({}, user_attrs=TrialAttrs(baseline="iekd").user_attrs())
+    run_worker(worker_options(ctx, trials=1), ctx, storage, worker_index=0, phase=Stage.SEARCH)
+
+    (first,) = study.get_trials()
+    rung0 = TrialAttrs.read(first).rungs[0]
+    at = ctx.space.base_candidate(ctx.max_flops).with_values(
+        {**values, "train.max_train_samples": rung0["rows"]}
+    )
+    planned = first_prepare(timed, at, ctx.splits, passes=2)
+    assert planned > 10 * ctx.cost_model.fixed_seconds
+    # The rest of the plan: a job's fixed seconds (training and the cache cost next to nothing
+    # at the fixture's throughput).
+    assert rung0["estimate_s"] == pytest.approx(planned + ctx.cost_model.fixed_seconds, rel=0.05)
+    assert rung0["prepare_images"] > 0  # the auto-encoder trained: the study has a rate now
+
+    def not_again(self, runtime, batch):
+        raise AssertionError("timed again although the study measured a rate")
+
+    monkeypatch.setattr(IEKD, "prepare_seconds_per_image", not_again)
+    ctx.cost_model.ratios.clear()
+    study.enqueue_trial({}, user_attrs=TrialAttrs(baseline="iekd").user_attrs())
+    run_worker(worker_options(ctx, trials=2), ctx, storage, worker_index=0, phase=Stage.SEARCH)
+    second = TrialAttrs.read(study.get_trials()[1]).rungs[0]
+    measured = rung0["prepare_seconds"] / rung0["prepare_images"]
+    assert second["estimate_s"] >= first_prepare(measured, at, ctx.splits, passes=2)
 
 
 @pytest.mark.parametrize("slack", [0.0, 1.0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -17,7 +18,7 @@ from autosplit.distill.losses import factor_distance
 from autosplit.distill.registry import FEATURE_LOSSES
 from autosplit.errors import UserError
 from autosplit.modules import resize as resize_map
-from autosplit.train import sgd
+from autosplit.train import sgd, timed_images_per_second
 
 if TYPE_CHECKING:
     from autosplit.device import Runtime
@@ -214,6 +215,30 @@ class IEKD(Part):
             float(loss.detach()),
         )
         return images
+
+    def prepare_seconds_per_image(self, runtime: Runtime, batch_size: int) -> float:
+        """The auto-encoder's training step (L1 reconstruction, its SGD) timed here on a copy,
+        over random maps of the teacher tap's shape, as ``prepare`` runs it on cached maps."""
+        if not self.params.ae_epochs:
+            return 0.0
+        coders = copy.deepcopy(nn.Sequential(self.teacher_encoder, self.teacher_decoder))
+        coders = coders.to(runtime.device).train()
+        params = list(coders.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = autoencoder_optimizer(params, self.params.ae_lr)
+        channels = self.teacher_encoder[1].in_channels
+        generator = torch.Generator().manual_seed(0)
+        maps = torch.randn(batch_size, channels, *self.size, generator=generator)
+        maps = maps.to(runtime.device)
+
+        def step() -> None:
+            loss = F.l1_loss(coders(maps), maps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return 1.0 / timed_images_per_second(step, batch_size, runtime, max_seconds=1.0)
 
     def _memo_key(self, teacher_source: Any, train_loader: Any) -> tuple[Any, ...] | None:
         """What the trained auto-encoder depends on; None (train it every time) for a teacher
