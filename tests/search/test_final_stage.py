@@ -497,6 +497,46 @@ def test_under_a_time_limit_a_baseline_stops_at_the_cheapest_rung(ctx, tmp_path,
         )
 
 
+@pytest.mark.parametrize("room", ["both seeds at 3", "tie at 2", "one seed at 4"])
+def test_at_the_switch_the_final_epochs_are_those_that_train_the_most_seeds_x_epochs(ctx, room):
+    """Planned: 2 seeds at 4 epochs, which no longer fit. Rounds are trained whole or not at
+    all, so one seed at 4 epochs and then nothing (a 30-minute command 1 ended at 18
+    minutes that way) loses to both seeds at 3 epochs; at equal seeds x epochs more seeds
+    win; and one seed at 4 beats both at 1."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for name, overrides in ctx.space.settings.baselines.items():
+        add_member(study, ctx, overrides, [5.0, 20.0], [60.0, 80.0], baseline=name)
+    add_member(study, ctx, {"logit_loss.name": "dkd"}, [5.0, 20.0], [70.0, 90.0])
+    ctx.schedule = dataclasses.replace(ctx.schedule, final_epochs=4, final_seeds=2)
+    rounds = [j for j in final_plan(study, ctx) if j[2] != Role.EXTRA]
+    assert {seed for _m, seed, _r in rounds} == {0, 1}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    switch = ctx.cost_model.fixed_seconds  # no job has finished: a job's overhead
+
+    def needs(seeds: int, epochs: int) -> float:
+        jobs = [j for j in rounds if j[1] < seeds]
+        return jobs_seconds(ctx, trials, jobs, epochs) + switch
+
+    assert needs(1, 4) + 4 < needs(2, 2) < needs(2, 3) - 10 < needs(2, 4) - 20
+    left = {
+        "both seeds at 3": (needs(2, 3) + needs(2, 4)) / 2,
+        "tie at 2": (needs(2, 2) + needs(2, 3)) / 2,
+        "one seed at 4": (needs(1, 4) + needs(2, 2)) / 2,
+    }[room]
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule, deadline=Deadline(left, clock=FakeClock()), final_reserve=100.0
+    )
+    warning = fit_final_epochs(study, ctx)
+    expected = {"both seeds at 3": 3, "tie at 2": 2, "one seed at 4": 4}[room]
+    assert ctx.schedule.final_epochs == expected
+    if expected == 4:
+        assert warning is None
+    else:
+        assert warning is not None
+        assert f"trains {expected} of the 4 epochs planned" in warning
+        assert "comparison over all 2 seeds" in warning
+
+
 def test_a_first_rung_counts_the_auto_encoder_at_the_rate_the_study_measured(ctx):
     study = optuna.create_study(directions=["maximize", "minimize"])
     candidate = ctx.space.base_candidate(ctx.max_flops).with_values(
