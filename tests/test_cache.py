@@ -157,3 +157,29 @@ def test_a_job_builds_only_the_views_its_passes_read_and_a_wider_cache_serves_it
     fresh = HeldTeacherCache(teacher, digits_splits, cpu, tmp_path, views=3)
     again = fresh.get({"stage1"}, job(2))
     assert again.hit and again.n_views == 3 and fresh.builds == 0
+
+
+def test_cache_builds_are_timed_by_the_outputs_they_hold(digits_splits, cpu, tmp_path):
+    """A job's cache is planned at what builds of the same outputs cost here: a feature map
+    costs more to store than logits (FitNets' final caches took 1.5x their plan when read at
+    the rate of every build together)."""
+    from types import SimpleNamespace
+
+    from autosplit.cache import HeldTeacherCache
+
+    teacher = SimpleNamespace(model=_teacher(digits_splits), key="t0")
+    job = SimpleNamespace(
+        train=SimpleNamespace(max_train_samples=300, seed=0, epochs=1),
+        data=SimpleNamespace(augment=False),
+    )
+    held = HeldTeacherCache(teacher, digits_splits, cpu, tmp_path, views=3)
+    assert held.seconds_per_image(set()) is None  # nothing built yet
+    held.get(set(), job)
+    held.get({"stage1"}, job)
+    assert held.builds == 2 and sorted(held.built) == [("logits",), ("logits", "stage1")]
+    assert [images for _s, images in held.built.values()] == [300, 300]
+    seconds, images = held.built[("logits", "stage1")]
+    assert held.seconds_per_image({"stage1"}) == seconds / images
+    assert held.seconds_per_image({"logits"}) == held.built[("logits",)][0] / 300
+    # Outputs never built: every build's rate.
+    assert held.seconds_per_image({"stage2"}) == held.build_seconds / 600

@@ -185,9 +185,10 @@ def cache_estimate(
 ) -> tuple[float, str]:
     """Seconds to build the teacher cache ``candidate`` trains from (0 when it is on disk), and
     its file; it holds the views the job reads (``cache.cache_views``; ``passes``: the
-    distiller's prepare passes). The teacher's forward time per image is what this process
-    measured building caches, else the throughput model's (a forward pass: ``EVAL_WEIGHT``
-    of a training step)."""
+    distiller's prepare passes). The seconds per image and view are what this process
+    measured building caches of the same outputs, else of any
+    (``HeldTeacherCache.seconds_per_image``), else the throughput model's teacher forward
+    pass (``EVAL_WEIGHT`` of a training step)."""
     from autosplit.cache import train_rows, usable_cache_views
 
     views, path, on_disk = usable_cache_views(
@@ -202,10 +203,7 @@ def cache_estimate(
     if on_disk:
         return 0.0, str(path)
     images = train_rows(candidate, ctx.splits) * views
-    built = ctx.teacher_cache.build_images
-    per_image = (
-        ctx.teacher_cache.build_seconds / built
-        if built
-        else EVAL_WEIGHT / ctx.cost_model.images_per_second(ctx.teacher_flops)
-    )
+    per_image = ctx.teacher_cache.seconds_per_image(taps)
+    if per_image is None:
+        per_image = EVAL_WEIGHT / ctx.cost_model.images_per_second(ctx.teacher_flops)
     return images * per_image, str(path)

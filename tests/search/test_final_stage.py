@@ -120,6 +120,7 @@ def run_final_jobs(study, ctx, clock: FakeClock) -> dict[tuple[int, int], str]:
         ctx.cost_model.ratios.clear()
         ctx.overheads.clear()
         ctx.teacher_cache.build_seconds = 0.0
+        ctx.teacher_cache.built.clear()
     return {
         (a.member, a.seed): a.state
         for a in (TrialAttrs.read(t) for t in study.get_trials())
@@ -376,11 +377,13 @@ def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_
     measured = job_cost.cache_estimate
 
     def modelled(c, *args, **kwargs):
-        built, c.teacher_cache.build_images = c.teacher_cache.build_images, 0.0
+        held = c.teacher_cache
+        built, by_taps = held.build_images, held.built
+        held.build_images, held.built = 0.0, {}
         try:
             return measured(c, *args, **kwargs)
         finally:
-            c.teacher_cache.build_images = built
+            held.build_images, held.built = built, by_taps
 
     monkeypatch.setattr(job_cost, "cache_estimate", modelled)
     study, storage = sqlite_study(ctx, tmp_path)
@@ -535,6 +538,36 @@ def test_at_the_switch_the_final_epochs_are_those_that_train_the_most_seeds_x_ep
         assert warning is not None
         assert f"trains {expected} of the 4 epochs planned" in warning
         assert "comparison over all 2 seeds" in warning
+
+
+def test_a_jobs_cache_is_planned_at_the_rate_of_builds_of_the_same_outputs(ctx):
+    from autosplit.search.job_cost import cache_estimate
+
+    kd, fitnets = (
+        ctx.space.base_candidate(ctx.max_flops).with_values(ctx.space.settings.baselines[name])
+        for name in ("kd-single", "fitnets")
+    )
+    taps = {
+        name: set(build_and_count(c, ctx.teacher.model, ctx.splits)[0].teacher_taps)
+        for name, c in (("kd", kd), ("fitnets", fitnets))
+    }
+    assert taps["kd"] <= {"logits"} and taps["fitnets"] - {"logits"}  # the hint: a feature map
+    held = ctx.teacher_cache
+    for path in (
+        cache_estimate(ctx, kd, taps["kd"])[1],
+        cache_estimate(ctx, fitnets, taps["fitnets"])[1],
+    ):
+        Path(path).unlink(missing_ok=True)  # left by another test of the session's runs dir
+    held.built = {
+        ("logits",): [1.0, 10_000.0],
+        tuple(sorted(taps["fitnets"] | {"logits"})): [3.0, 10_000.0],
+    }
+    held.build_seconds, held.build_images = 4.0, 20_000.0
+    rows = train_rows(kd, ctx.splits)
+    assert cache_estimate(ctx, kd, taps["kd"])[0] == pytest.approx(rows * 1.0e-4)
+    assert cache_estimate(ctx, fitnets, taps["fitnets"])[0] == pytest.approx(rows * 3.0e-4)
+    held.built = {("logits",): [1.0, 10_000.0]}  # no hint cache built yet: every build's rate
+    assert cache_estimate(ctx, fitnets, taps["fitnets"])[0] == pytest.approx(rows * 2.0e-4)
 
 
 def test_a_first_rung_counts_the_auto_encoder_at_the_rate_the_study_measured(ctx):
