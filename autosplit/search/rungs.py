@@ -73,8 +73,9 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     n_stages = len(distiller.stages())
     passes = distiller.prepare_passes
     # Its first rung plans the auto-encoder at the rate the study measured, else at a few of
-    # its steps timed now (the distiller is gone once the rungs train).
-    prepare_rate = study_prepare_rate(trial.study) if passes else 0.0
+    # its steps timed now (the distiller is gone once the rungs train); not for a candidate
+    # over budget, which never trains.
+    prepare_rate = study_prepare_rate(trial.study) if passes and over <= 0 else 0.0
     if prepare_rate is None:
         prepare_rate = distiller.prepare_seconds_per_image(ctx.runtime, candidate.train.batch_size)
     del distiller, student  # train_candidate builds its own, from the pinned candidate

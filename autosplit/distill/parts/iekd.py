@@ -67,6 +67,15 @@ def autoencoder_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.op
     return sgd(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
+def autoencoder_step(coders: nn.Module, optimizer: torch.optim.Optimizer, maps: Tensor) -> Tensor:
+    """One step of the teacher auto-encoder: L1 reconstruction (mean |x - x_hat|) of ``maps``."""
+    loss = F.l1_loss(coders(maps), maps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 @FEATURE_LOSSES.register("iekd")
 class IEKD(Part):
     """Huang et al., "Revisiting Knowledge Distillation: An Inheritance and Exploration
@@ -196,10 +205,7 @@ class IEKD(Part):
                 for batch in train_loader:
                     feat_teacher = teacher_source.outputs(batch)[self.teacher_tap].float()
                     images += feat_teacher.shape[0]
-                    loss = F.l1_loss(coders(feat_teacher), feat_teacher)  # mean |x - x_hat|
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    loss = autoencoder_step(coders, optimizer, feat_teacher)
         finally:
             for p in params:
                 p.requires_grad_(False)
@@ -232,13 +238,9 @@ class IEKD(Part):
         maps = torch.randn(batch_size, channels, *self.size, generator=generator)
         maps = maps.to(runtime.device)
 
-        def step() -> None:
-            loss = F.l1_loss(coders(maps), maps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return 1.0 / timed_images_per_second(step, batch_size, runtime, max_seconds=1.0)
+        return 1.0 / timed_images_per_second(
+            lambda: autoencoder_step(coders, optimizer, maps), batch_size, runtime, max_seconds=1.0
+        )
 
     def _memo_key(self, teacher_source: Any, train_loader: Any) -> tuple[Any, ...] | None:
         """What the trained auto-encoder depends on; None (train it every time) for a teacher
