@@ -18,7 +18,7 @@ hours and may be stopped and started again at any point (a job cut short runs ag
 start). The tables are printed from that file, whatever has finished, with n per cell.
 
 Usage: python benchmarks/search_value.py [--parts tau,value] [--budgets 0.25 0.125]
-           [--candidates 12] [--time-limit 20m] [--seeds 3] [--runs-dir runs] [--out DIR]
+           [--candidates 12] [--time-limit 20m] [--seeds 3] [--first-seed 0] [--runs-dir runs] [--out DIR]
            [--tables-only]
 """
 
@@ -408,7 +408,14 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["0.25", "0.125"])
     parser.add_argument("--candidates", type=int, default=12)
     parser.add_argument("--time-limit", default="20m", help="wall time of each job of (value)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds of (value)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="(value) runs seeds first-seed .. first-seed + seeds - 1: one seed on its own "
+        "machine or session, the rows gathered in one results.jsonl",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random draws of (tau)")
     parser.add_argument("--runs-dir", default="runs", help="holds the cached teacher")
     parser.add_argument("--out", default=None, help="default: <runs-dir>/bench-search-value")
@@ -441,7 +448,8 @@ def main() -> None:
         if not args.tables_only and "tau" in parts:
             part_tau(ctx, budget, args.candidates, args.seed, results)
         if not args.tables_only and "value" in parts:
-            for seed in range(args.seeds):  # every arm at seed 0 first: a stop leaves pairs
+            # every arm at one seed before the next seed: a stop leaves pairs
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for arm in SEARCH_ARMS:
                     search_job(base, arm, seed, budget, out, results)
                 for recipe in RECIPES:
