@@ -2,7 +2,10 @@
 
 No module state, no warm-up and no cross-entropy: method classes add those. Hyper-parameters are
 keyword-only. Whatever plays the role of a target (teacher logits or features, residual targets)
-is detached here, so a loss never sends gradient into the teacher. Notation follows
+is detached here, so a loss never sends gradient into the teacher. The softmax losses (KD,
+DKD, AEKT) take logits to fp32 first: CPU bf16 autocast runs ``log_softmax`` and ``logsumexp``
+in bf16 (CUDA autocast runs them in fp32), and a bf16 log-probability is off by up to ~0.02 at
+-5, which DKD's tau^2 * beta = 128 multiplies. Notation follows
 ``docs/methods.md``: ``p_tau(z) = softmax(z / tau)``, ``sg()`` stop-gradient, B batch, C classes.
 """
 
@@ -27,7 +30,7 @@ def _target_split(logits: Tensor, labels: Tensor, temperature: float) -> tuple[T
     indexing rather than masked with a large negative number: exact and free of log(0).
     """
     batch, n_classes = logits.shape
-    scaled = logits / temperature  # (B, C)
+    scaled = logits.float() / temperature  # (B, C), fp32: see the module's docstring
     log_norm = torch.logsumexp(scaled, dim=1)  # (B,)
     is_target = F.one_hot(labels, n_classes).bool()  # (B, C)
     target = scaled[is_target]  # (B,)
@@ -43,8 +46,8 @@ def kd_loss(logits_student: Tensor, logits_teacher: Tensor, *, temperature: floa
     ``tau^2 * KL(p_tau(z_T) || p_tau(z_S))``, KL summed over classes, mean over the batch. The
     tau^2 keeps the soft-target gradients on the scale of cross-entropy's. Logits: (B, C).
     """
-    log_p_teacher = F.log_softmax(logits_teacher.detach() / temperature, dim=1)
-    log_p_student = F.log_softmax(logits_student / temperature, dim=1)
+    log_p_teacher = F.log_softmax(logits_teacher.detach().float() / temperature, dim=1)
+    log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
     return temperature**2 * _kl_from_log_probs(log_p_teacher, log_p_student).mean()
 
 

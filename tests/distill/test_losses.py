@@ -130,6 +130,24 @@ def test_dkd_is_finite_for_saturated_logits() -> None:
     assert student.grad is not None and torch.isfinite(student.grad).all()
 
 
+@pytest.mark.parametrize("loss", ["kd", "dkd", "aekt"])
+def test_softmax_losses_compute_in_fp32_under_cpu_bf16_autocast(loss: str) -> None:
+    # CPU bf16 autocast runs log_softmax and logsumexp in bf16 on a bf16 student's logits; the
+    # losses must give what fp32 gives on the same (bf16-rounded) logits, in fp32.
+    student, teacher, labels = _logits(7, batch=64)
+    student = student.bfloat16()
+    losses = {
+        "kd": lambda s: kd_loss(s, teacher, temperature=4.0),
+        "dkd": lambda s: dkd_loss(s, teacher, labels, beta=8.0, temperature=4.0),
+        "aekt": lambda s: aekt_loss(s, teacher, labels, w_min=0.5, w_max=2.0),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = losses[loss](student)
+    in_fp32 = losses[loss](student.float())
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(in_fp32.item(), rel=1e-6)
+
+
 # ---- AEKT ----------------------------------------------------------------------------------
 
 
