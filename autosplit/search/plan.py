@@ -82,14 +82,26 @@ class CostModel:
         return raw * self.correction(kind)
 
     def correction(self, kind: str) -> float:
-        seen = self.ratios.get(kind) or self.ratios.get("trial") or []
-        return statistics.median(seen) if seen else 1.0
+        """The median ratio of real to predicted seconds over the finished jobs of ``kind``;
+        a kind with no history of its own borrows its parent's (``trial/branches`` ->
+        ``trial``), then the trials'; 1 before any job has finished."""
+        for key in (kind, parent_kind(kind), "trial"):
+            if seen := self.ratios.get(key):
+                return statistics.median(seen)
+        return 1.0
 
     def observe(self, kind: str, predicted: float, actual: float) -> None:
-        """A finished job: remember how far off the (uncorrected) prediction was."""
+        """A finished job of ``kind``, predicted by ``training_seconds`` at ``kind``: remember
+        how far off the uncorrected prediction was, for the kind and for its parent."""
         base = predicted / self.correction(kind)
         if base > 0 and actual > 0:
-            self.ratios.setdefault(kind, []).append(actual / base)
+            for key in dict.fromkeys((kind, parent_kind(kind))):
+                self.ratios.setdefault(key, []).append(actual / base)
+
+
+def parent_kind(kind: str) -> str:
+    """``trial`` for ``trial/branches``; a kind without a ``/`` is its own parent."""
+    return kind.split("/", 1)[0]
 
 
 @dataclass(frozen=True)

@@ -104,18 +104,21 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     reached: list[dict[str, Any]] = []
     result = trained = None
     stop_reason = ""
+    # The cost model corrects its predictions per structure: a chain or a set of branches
+    # trains several small networks, slower per FLOP than one student of their total FLOPs
+    # (branches K=3 at 0.25x took 2.3-2.7x their first rung's estimate on Fashion-MNIST).
+    kind = f"trial/{candidate.structure.name}"
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
         images = work(ctx, at, n_stages)  # what this rung works through
-        estimate = ctx.estimate(at, flops.worst_case, kind="trial", n_stages=n_stages)
-        if reached:  # above the first rung: from this trial's own rungs, as a final job is
-            estimate = (
-                extrapolate(
-                    [(r["work"], r["seconds"] - r["prepare_seconds"]) for r in reached],
-                    images,
-                )
-                or estimate
-            )
+        modelled = ctx.estimate(at, flops.worst_case, kind=kind, n_stages=n_stages)
+        # Above the first rung: from this trial's own rungs, as a final job is.
+        measured = (
+            extrapolate([(r["work"], r["seconds"] - r["prepare_seconds"]) for r in reached], images)
+            if reached
+            else None
+        )
+        estimate = modelled if measured is None else measured
         if passes and not reached:  # IE-KD's auto-encoder
             estimate += first_prepare(prepare_rate, at, ctx.splits, passes)
         cache_seconds = cache_estimate(ctx, at, taps, passes=passes)[0]  # built before it trains
@@ -145,7 +148,8 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
             rung=index,
             passes=passes,
         )
-        ctx.cost_model.observe("trial", estimate, outcome.seconds)
+        if measured is None:  # only the cost model's own predictions teach it
+            ctx.cost_model.observe(kind, modelled, outcome.seconds - outcome.prepare_seconds)
         result, trained = outcome, at
         reached.append(
             {

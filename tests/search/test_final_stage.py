@@ -650,6 +650,70 @@ def test_before_any_rung_measured_an_auto_encoder_its_steps_are_timed_here(
     assert second["estimate_s"] >= first_prepare(measured, at, ctx.splits, passes=2)
 
 
+def test_each_structure_plans_its_trials_at_its_own_measured_correction(ctx, tmp_path, monkeypatch):
+    """A set of branches trains several small networks, slower per FLOP than one student of
+    their FLOPs (Fashion-MNIST 0.25x: branches' first rung took 2.3-2.7x its estimate, a
+    single student about its estimate). Once a structure has finished a rung, its next trial
+    is planned at its own ratio of taken to modelled seconds, not at the median of all
+    structures; a structure not seen yet borrows that median."""
+    from autosplit.search import rungs
+
+    pinned = {"split.budget_share": 1.0, "logit_loss.name": "kd", "feature_loss.name": "none"}
+    pinned["logit_loss.temperature"] = 4.0
+    structures = {
+        "one": {**pinned, "structure.name": "single"},
+        "br": {**pinned, "structure.name": "branches", "structure.n_parts": 2},
+    }
+    slower = {"single": 1.0, "branches": 3.0}  # taken / modelled, uncorrected
+    settings = dataclasses.replace(ctx.space.settings, baselines=structures)
+    monkeypatch.setattr(ctx.space, "settings", settings)
+    modelled: list[tuple[str, float]] = []
+    real_estimate, real_train = ctx.estimate, rungs.train_job
+
+    def estimate(candidate, flops, *, kind, n_stages=1):
+        value = real_estimate(candidate, flops, kind=kind, n_stages=n_stages)
+        if kind.startswith("trial/"):
+            modelled.append((kind, value))
+        return value
+
+    first: dict[str, float] = {}  # each structure's first estimate: no ratio of its own yet
+
+    def train_job(ctx_, trial, candidate, *args, **kwargs):
+        result, cache_took = real_train(ctx_, trial, candidate, *args, **kwargs)
+        kind, value = modelled[-1]
+        first.setdefault(kind, value)
+        took = slower[candidate.structure.name] * first[kind] + result.prepare_seconds
+        return dataclasses.replace(result, seconds=took), cache_took
+
+    monkeypatch.setattr(ctx, "estimate", estimate)
+    monkeypatch.setattr(rungs, "train_job", train_job)
+    ctx.cost_model.ratios.clear()
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(10_000.0, clock=clock),
+        search_deadline=Deadline(5_000.0, clock=clock),
+        final_reserve=100.0,  # a baseline then stops at its cheapest rung: one job each
+    )
+    study, storage = sqlite_study(ctx, tmp_path)
+    for name in ("one", "br", "br", "one"):
+        study.enqueue_trial({}, user_attrs=TrialAttrs(baseline=name).user_attrs())
+    run_worker(worker_options(ctx, trials=4), ctx, storage, worker_index=0, phase=Stage.SEARCH)
+
+    assert [kind for kind, _ in modelled] == [
+        "trial/single",
+        "trial/branches",
+        "trial/branches",
+        "trial/single",
+    ]
+    one, br = first["trial/single"], first["trial/branches"]
+    # The first branches trial borrowed the single's ratio (1.0); each second trial is at its
+    # own structure's (3.0 and 1.0), where the median of all (2.0) was used before.
+    assert modelled[2][1] == pytest.approx(3.0 * br, rel=1e-6)
+    assert modelled[3][1] == pytest.approx(one, rel=1e-6)
+    assert sorted(ctx.cost_model.ratios["trial"]) == pytest.approx([1.0, 1.0, 3.0, 3.0])
+
+
 @pytest.mark.parametrize("slack", [0.0, 1.0])
 def test_a_comparison_short_of_time_by_less_than_the_end_slack_still_trains(ctx, slack):
     """The search left the comparison its estimate, then the time shrank by a few seconds
