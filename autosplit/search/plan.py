@@ -83,25 +83,27 @@ class CostModel:
 
     def correction(self, kind: str) -> float:
         """The median ratio of real to predicted seconds over the finished jobs of ``kind``;
-        a kind with no history of its own borrows its parent's (``trial/branches`` ->
-        ``trial``), then the trials'; 1 before any job has finished."""
-        for key in (kind, parent_kind(kind), "trial"):
+        a kind with no history of its own borrows the nearest enclosing kind's
+        (``trial/branches/hint`` -> ``trial/branches`` -> ``trial``), then the trials'; 1
+        before any job has finished."""
+        for key in (*kind_and_parents(kind), "trial"):
             if seen := self.ratios.get(key):
                 return statistics.median(seen)
         return 1.0
 
     def observe(self, kind: str, predicted: float, actual: float) -> None:
         """A finished job of ``kind``, predicted by ``training_seconds`` at ``kind``: remember
-        how far off the uncorrected prediction was, for the kind and for its parent."""
+        how far off the uncorrected prediction was, for the kind and every enclosing kind."""
         base = predicted / self.correction(kind)
         if base > 0 and actual > 0:
-            for key in dict.fromkeys((kind, parent_kind(kind))):
+            for key in kind_and_parents(kind):
                 self.ratios.setdefault(key, []).append(actual / base)
 
 
-def parent_kind(kind: str) -> str:
-    """``trial`` for ``trial/branches``; a kind without a ``/`` is its own parent."""
-    return kind.split("/", 1)[0]
+def kind_and_parents(kind: str) -> list[str]:
+    """``trial/branches/hint``, ``trial/branches``, ``trial``: the kind, then each enclosing one."""
+    parts = kind.split("/")
+    return ["/".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,11 @@ def search_trial(ctx: SearchContext, trial: optuna.Trial) -> tuple[float, float]
     reached: list[dict[str, Any]] = []
     result = trained = None
     stop_reason = ""
-    # The cost model corrects its predictions per structure: a chain or a set of branches
-    # trains several small networks, slower per FLOP than one student of their total FLOPs
-    # (branches K=3 at 0.25x took 2.3-2.7x their first rung's estimate on Fashion-MNIST).
-    kind = f"trial/{candidate.structure.name}"
+    # The cost model corrects its predictions per structure and feature loss, as measured by
+    # the trials of the same ones: on Fashion-MNIST 0.25x branches and chains with a hint took
+    # 1.7-2.8x their first rung's estimate, the same branches without a hint 0.8x and single
+    # students 0.9-1.1x (one hint regressor per part, small networks slower per FLOP).
+    kind = f"trial/{candidate.structure.name}/{candidate.feature_loss.name}"
     for index, rung in enumerate(rungs):
         at = at_fidelity(candidate, rung)
         images = work(ctx, at, n_stages)  # what this rung works through

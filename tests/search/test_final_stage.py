@@ -651,18 +651,23 @@ def test_before_any_rung_measured_an_auto_encoder_its_steps_are_timed_here(
 
 
 def test_each_structure_plans_its_trials_at_its_own_measured_correction(ctx, tmp_path, monkeypatch):
-    """A set of branches trains several small networks, slower per FLOP than one student of
-    their FLOPs (Fashion-MNIST 0.25x: branches' first rung took 2.3-2.7x its estimate, a
-    single student about its estimate). Once a structure has finished a rung, its next trial
-    is planned at its own ratio of taken to modelled seconds, not at the median of all
-    structures; a structure not seen yet borrows that median."""
+    """Branches with a hint train several small networks and regressors, slower per FLOP
+    than one student of their FLOPs (Fashion-MNIST 0.25x: their first rung took 1.7-2.8x its
+    estimate, a single student about its estimate). Once a structure and feature loss have
+    finished a rung, their next trial is planned at their own ratio of taken to modelled
+    seconds, not at the median of all trials; one not seen yet borrows that median."""
     from autosplit.search import rungs
 
     pinned = {"split.budget_share": 1.0, "logit_loss.name": "kd", "feature_loss.name": "none"}
     pinned["logit_loss.temperature"] = 4.0
     structures = {
         "one": {**pinned, "structure.name": "single"},
-        "br": {**pinned, "structure.name": "branches", "structure.n_parts": 2},
+        "br": {
+            **pinned,
+            "structure.name": "branches",
+            "structure.n_parts": 2,
+            "feature_loss.name": "hint",
+        },
     }
     slower = {"single": 1.0, "branches": 3.0}  # taken / modelled, uncorrected
     settings = dataclasses.replace(ctx.space.settings, baselines=structures)
@@ -701,17 +706,19 @@ def test_each_structure_plans_its_trials_at_its_own_measured_correction(ctx, tmp
     run_worker(worker_options(ctx, trials=4), ctx, storage, worker_index=0, phase=Stage.SEARCH)
 
     assert [kind for kind, _ in modelled] == [
-        "trial/single",
-        "trial/branches",
-        "trial/branches",
-        "trial/single",
+        "trial/single/none",
+        "trial/branches/hint",
+        "trial/branches/hint",
+        "trial/single/none",
     ]
-    one, br = first["trial/single"], first["trial/branches"]
+    one, br = first["trial/single/none"], first["trial/branches/hint"]
     # The first branches trial borrowed the single's ratio (1.0); each second trial is at its
     # own structure's (3.0 and 1.0), where the median of all (2.0) was used before.
     assert modelled[2][1] == pytest.approx(3.0 * br, rel=1e-6)
     assert modelled[3][1] == pytest.approx(one, rel=1e-6)
-    assert sorted(ctx.cost_model.ratios["trial"]) == pytest.approx([1.0, 1.0, 3.0, 3.0])
+    ratios = ctx.cost_model.ratios
+    assert sorted(ratios["trial"]) == pytest.approx([1.0, 1.0, 3.0, 3.0])
+    assert ratios["trial/branches"] == ratios["trial/branches/hint"] == pytest.approx([3.0, 3.0])
 
 
 @pytest.mark.parametrize("slack", [0.0, 1.0])

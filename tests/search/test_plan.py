@@ -133,6 +133,25 @@ def test_cost_model_learns_from_finished_jobs():
     ) == pytest.approx(2.5)
 
 
+def test_cost_model_corrects_each_kind_by_its_own_jobs_then_the_nearest_enclosing_kind():
+    model = CostModel({1e6: 1000.0}, fixed_seconds=0.0)
+
+    def predict(kind: str) -> float:
+        return model.training_seconds(flops=1e6, epochs=1, rows=1000, val_rows=0, kind=kind)
+
+    assert predict("trial/branches/hint") == pytest.approx(1.0)  # nothing measured yet
+    model.observe("trial/branches/hint", predict("trial/branches/hint"), 3.0)
+    model.observe("trial/single/none", predict("trial/single/none"), 1.0)
+    # Ratios against the uncorrected prediction: 3.0 for the first; the single borrowed the
+    # trials' 3.0 and took 1.0, a ratio of 1.0 to the uncorrected 1.0.
+    assert model.ratios["trial"] == pytest.approx([3.0, 1.0])
+    assert predict("trial/branches/hint") == pytest.approx(3.0)
+    assert predict("trial/single/none") == pytest.approx(1.0)
+    assert predict("trial/branches/none") == pytest.approx(3.0)  # the branches' measured
+    assert predict("trial/res_chain/none") == pytest.approx(2.0)  # every trial's median
+    assert predict("final") == pytest.approx(2.0)
+
+
 def test_nothing_starts_that_cannot_finish():
     clock = FakeClock()
     deadline = Deadline(100.0, clock=clock)
