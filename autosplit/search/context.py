@@ -161,9 +161,11 @@ class SearchContext:
     def reserve_for(self, plan_share: float, *, warm_start: bool = False) -> float:
         """Seconds a search job must leave the final stage: measured (no correction factor)
         once a member has measured a rung, else ``plan_share``; for a ``warm_start`` job, only
-        the first seed's comparison."""
+        the first seed's comparison, at 1 epoch while no searched member has finished a rung."""
         if self.measured_reserve is not None:
             m = self.measured_reserve
+            if warm_start and m.without_member is not None:
+                return m.without_member  # the comparison's member is still to come
             return m.comparison if warm_start else m.whole
         if not warm_start:
             return plan_share

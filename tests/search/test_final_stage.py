@@ -359,6 +359,40 @@ def test_the_warm_start_may_take_extra_finalists_time_but_never_the_comparisons(
     assert not ctx.search_fits(701.0, warm_start=True)
 
 
+def test_until_the_study_has_a_member_the_warm_start_may_take_the_final_epochs_down_to_one(ctx):
+    """A comparison of baselines alone says nothing: while no searched member has finished a
+    rung, a warm-start job (here the portfolio's recipe, the study's only candidate) may run
+    if the first seed's comparison still fits at 1 epoch; once a member has, it must leave the
+    comparison at the epochs that fit now."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for name, overrides in ctx.space.settings.baselines.items():
+        add_member(study, ctx, overrides, [5.0, 20.0], [60.0, 80.0], baseline=name)
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        final_epochs=2,
+        deadline=Deadline(1000.0, clock=clock),
+        search_deadline=Deadline(0.0, clock=clock),
+        final_reserve=100.0,
+    )
+    reserve = final_reserve_measured(study, ctx)
+    assert reserve is not None and reserve.epochs == 2
+    assert reserve.without_member is not None and reserve.without_member < reserve.comparison - 20
+    ctx.measured_reserve = reserve
+    # Fits beside the comparison at 1 epoch, not beside it at the 2 epochs that fit now.
+    job = 1000.0 - (reserve.comparison + reserve.without_member) / 2
+    assert ctx.search_fits(job, warm_start=True)
+    assert not ctx.search_fits(job)  # a drawn trial leaves the whole stage, as before
+
+    add_member(study, ctx, {"logit_loss.name": "dkd"}, [5.0, 20.0], [70.0, 90.0])
+    ctx.measured_reserve = final_reserve_measured(study, ctx)
+    assert ctx.measured_reserve.without_member is None
+    assert ctx.measured_reserve.epochs == 2
+    job = 1000.0 - ctx.measured_reserve.comparison + 1.0
+    assert not ctx.search_fits(job, warm_start=True)
+    assert ctx.search_fits(job - 2.0, warm_start=True)
+
+
 @pytest.mark.parametrize("left", [400.0, 10.0])
 def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_fits(
     ctx, tmp_path, left, monkeypatch
