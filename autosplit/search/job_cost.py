@@ -183,12 +183,13 @@ def job_overhead(overheads: Mapping[str, Sequence[float]], default: float) -> fl
 def cache_estimate(
     ctx: SearchContext, candidate: Candidate, taps: set[str], *, passes: int = 0
 ) -> tuple[float, str]:
-    """Seconds to build the teacher cache ``candidate`` trains from (0 when it is on disk), and
-    its file; it holds the views the job reads (``cache.cache_views``; ``passes``: the
-    distiller's prepare passes). The seconds per image and view are what this process
-    measured building caches of the same outputs, else of any
-    (``HeldTeacherCache.seconds_per_image``), else the throughput model's teacher forward
-    pass (``EVAL_WEIGHT`` of a training step)."""
+    """Seconds to get the teacher cache ``candidate`` trains from, and its file; it holds the
+    views the job reads (``cache.cache_views``; ``passes``: the distiller's prepare passes).
+    Held in memory it costs nothing. On disk, reading it back costs its size at the rate this
+    process measured loading cache files (0 before any load). Else it is built: the seconds
+    per image and view are what this process measured building caches of the same outputs,
+    else of any (``HeldTeacherCache.seconds_per_image``), else the throughput model's teacher
+    forward pass (``EVAL_WEIGHT`` of a training step)."""
     from autosplit.cache import train_rows, usable_cache_views
 
     views, path, on_disk = usable_cache_views(
@@ -200,10 +201,14 @@ def cache_estimate(
         passes=passes,
         taps=taps,
     )
-    if on_disk:
+    held = ctx.teacher_cache
+    if held.holds(taps, candidate, passes=passes):
         return 0.0, str(path)
+    if on_disk:
+        per_byte = held.seconds_per_byte_read()
+        return (path.stat().st_size * per_byte if per_byte else 0.0), str(path)
     images = train_rows(candidate, ctx.splits) * views
-    per_image = ctx.teacher_cache.seconds_per_image(taps)
+    per_image = held.seconds_per_image(taps)
     if per_image is None:
         per_image = EVAL_WEIGHT / ctx.cost_model.images_per_second(ctx.teacher_flops)
     return images * per_image, str(path)
