@@ -339,9 +339,12 @@ class HeldTeacherCache:
 
     def holds(self, taps: set[str], candidate: Any, *, passes: int = 0) -> bool:
         """Whether :meth:`get` would serve ``candidate`` from memory (no build, no read)."""
-        key = self._key(taps | {"logits"}, candidate)
+        needed = cache_views(self.views, candidate, passes)
+        return self._serving(self._key(taps | {"logits"}, candidate), needed) is not None
+
+    def _serving(self, key: tuple[object, ...], needed: int) -> CachedTeacher | None:
         held = self.held.get(key)
-        return held is not None and held.n_views >= cache_views(self.views, candidate, passes)
+        return held if held is not None and held.n_views >= needed else None
 
     def _key(self, taps: set[str], candidate: Any) -> tuple[object, ...]:
         # What the outputs depend on besides the teacher and data (a space may search these).
@@ -360,9 +363,10 @@ class HeldTeacherCache:
         taps = taps | {"logits"}
         key = self._key(taps, candidate)
         needed = cache_views(self.views, candidate, passes)
-        if key in self.held and self.held[key].n_views >= needed:
+        served = self._serving(key, needed)
+        if served is not None:
             self.hits += 1
-            return self.held[key]
+            return served
         self.held.clear()
         views, _path, _on_disk = usable_cache_views(
             candidate,
