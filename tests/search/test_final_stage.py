@@ -265,6 +265,31 @@ def test_a_chain_with_ie_kd_is_planned_from_its_rungs_plus_its_stages_coder_and_
     assert dataclasses.asdict(again)["source"] == "rungs"
 
 
+def pin_rung_seconds(ctx, monkeypatch, took) -> list[tuple[str, float]]:
+    """Each search rung takes ``took(kind, modelled)`` seconds (plus its auto-encoder's) in
+    place of its real seconds, which grow with the machine's load; ``modelled``: the cost
+    model's plan for that rung. Returns the (kind, plan) of every rung planned, in order."""
+    from autosplit.search import rungs
+
+    modelled: list[tuple[str, float]] = []
+    real_estimate, real_train = ctx.estimate, rungs.train_job
+
+    def estimate(candidate, flops, *, kind, n_stages=1):
+        value = real_estimate(candidate, flops, kind=kind, n_stages=n_stages)
+        if kind.startswith("trial/"):
+            modelled.append((kind, value))
+        return value
+
+    def train_job(ctx_, trial, candidate, *args, **kwargs):
+        result, cache_took = real_train(ctx_, trial, candidate, *args, **kwargs)
+        seconds = took(*modelled[-1]) + result.prepare_seconds
+        return dataclasses.replace(result, seconds=seconds), cache_took
+
+    monkeypatch.setattr(ctx, "estimate", estimate)
+    monkeypatch.setattr(rungs, "train_job", train_job)
+    return modelled
+
+
 def sqlite_study(ctx, tmp_path) -> tuple[optuna.Study, str]:
     """The search's study on SQLite, where ``run_worker`` opens it by URL."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -425,27 +450,12 @@ def test_baselines_start_after_the_search_phase_ends_while_the_comparison_still_
     # rungs' and trials' real seconds grow with the machine's load (under load the measured
     # final stage reached 330-363 s here and the drawn trial no longer fitted), and the
     # order is what this test is about, not the measurement.
-    from autosplit.search import rungs
-
-    planned: list[float] = []
-    real_estimate, real_train = ctx.estimate, rungs.train_job
-
-    def estimate(candidate, flops, *, kind, n_stages=1):
-        value = real_estimate(candidate, flops, kind=kind, n_stages=n_stages)
-        if kind.startswith("trial/"):
-            planned.append(value)
-        return value
-
-    def train_job(ctx_, trial, candidate, *args, **kwargs):
-        result, _cache_took = real_train(ctx_, trial, candidate, *args, **kwargs)
-        return dataclasses.replace(result, seconds=planned[-1] + result.prepare_seconds), 0.0
+    pin_rung_seconds(ctx, monkeypatch, lambda _kind, modelled: modelled)
 
     def record_overhead(kind, started, busy):
         ctx.overheads.setdefault(kind, []).append(1.0)
         return busy + 1.0
 
-    monkeypatch.setattr(ctx, "estimate", estimate)
-    monkeypatch.setattr(rungs, "train_job", train_job)
     monkeypatch.setattr(ctx, "record_overhead", record_overhead)
     study, storage = sqlite_study(ctx, tmp_path)
     names = list(ctx.space.settings.baselines)[:2]
@@ -746,8 +756,6 @@ def test_each_structure_plans_its_trials_at_its_own_measured_correction(ctx, tmp
     estimate, a single student about its estimate). Once a structure and feature loss have
     finished a rung, their next trial is planned at their own ratio of taken to modelled
     seconds, not at the median of all trials; one not seen yet borrows that median."""
-    from autosplit.search import rungs
-
     pinned = {"split.budget_share": 1.0, "logit_loss.name": "kd", "feature_loss.name": "none"}
     pinned["logit_loss.temperature"] = 4.0
     structures = {
@@ -762,26 +770,13 @@ def test_each_structure_plans_its_trials_at_its_own_measured_correction(ctx, tmp
     slower = {"single": 1.0, "branches": 3.0}  # taken / modelled, uncorrected
     settings = dataclasses.replace(ctx.space.settings, baselines=structures)
     monkeypatch.setattr(ctx.space, "settings", settings)
-    modelled: list[tuple[str, float]] = []
-    real_estimate, real_train = ctx.estimate, rungs.train_job
-
-    def estimate(candidate, flops, *, kind, n_stages=1):
-        value = real_estimate(candidate, flops, kind=kind, n_stages=n_stages)
-        if kind.startswith("trial/"):
-            modelled.append((kind, value))
-        return value
-
     first: dict[str, float] = {}  # each structure's first estimate: no ratio of its own yet
 
-    def train_job(ctx_, trial, candidate, *args, **kwargs):
-        result, cache_took = real_train(ctx_, trial, candidate, *args, **kwargs)
-        kind, value = modelled[-1]
+    def took(kind, value):
         first.setdefault(kind, value)
-        took = slower[candidate.structure.name] * first[kind] + result.prepare_seconds
-        return dataclasses.replace(result, seconds=took), cache_took
+        return slower[kind.split("/")[1]] * first[kind]
 
-    monkeypatch.setattr(ctx, "estimate", estimate)
-    monkeypatch.setattr(rungs, "train_job", train_job)
+    modelled = pin_rung_seconds(ctx, monkeypatch, took)
     ctx.cost_model.ratios.clear()
     clock = FakeClock()
     ctx.schedule = dataclasses.replace(
