@@ -51,6 +51,10 @@ class Schedule:
     # best member without its baselines (estimates err by some percent, and one job's overrun
     # would otherwise drop the whole round).
     end_slack: float = 0.0
+    # Seconds past the limit itself (``plan.OVERRUN`` of it) the rest of a first-seed
+    # comparison may run into once one of its jobs has trained: its time is spent, and
+    # skipping the rest would leave that job nothing to compare against.
+    overrun: float = 0.0
 
 
 @dataclass
@@ -237,6 +241,7 @@ class SharedPlan:
     teacher_epochs: int
     device: str  # where the cost model was measured
     end_slack: float = 0.0
+    overrun: float = 0.0
 
     @classmethod
     def of(cls, ctx: SearchContext) -> SharedPlan:
@@ -255,6 +260,7 @@ class SharedPlan:
             ctx.teacher.config.train.epochs,
             ctx.runtime.where,
             plan.end_slack,
+            plan.overrun,
         )
 
     def schedule(self) -> Schedule:
@@ -271,6 +277,7 @@ class SharedPlan:
             final_seeds=self.seeds,
             final_epochs=self.final_epochs,
             end_slack=self.end_slack,
+            overrun=self.overrun,
         )
 
     def cost_model(self) -> CostModel:

@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 # export of the front at the end); the run must end within the limit + 5 %.
 RESERVE = 0.04
 RESERVE_MIN_SECONDS = 10.0  # a short limit still keeps room for the fronts and MLflow at the end
+# How far past the limit the rest of a first-seed comparison whose best member (or a baseline)
+# has trained may run, rather than leave that member with nothing to compare against: the
+# limit is kept to within this share.
+OVERRUN = 0.05
 
 
 def end_reserve(time_limit: float) -> float:

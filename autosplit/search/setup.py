@@ -32,6 +32,7 @@ from autosplit.search.context import (
 )
 from autosplit.search.plan import (
     EVAL_WEIGHT,
+    OVERRUN,
     CostModel,
     Deadline,
     PlanInput,
@@ -201,6 +202,7 @@ def _schedule(deadline: Deadline, options: SearchOptions, chosen: Any) -> Schedu
         if options.space.settings.fidelity.final is not None
         else None,
         end_slack=end_reserve(float(options.time_limit)),
+        overrun=OVERRUN * float(options.time_limit),
     )
 
 

@@ -104,9 +104,11 @@ def add_member(study, ctx, values: dict, seconds: list[float], accs: list[float]
     return study.get_trials(deepcopy=False)[-1].number
 
 
-def run_final_jobs(study, ctx, clock: FakeClock) -> dict[tuple[int, int], str]:
-    """Every waiting final job in turn, each taking what was planned on ``clock``; the state
-    each (member, seed) ended in."""
+def run_final_jobs(
+    study, ctx, clock: FakeClock, overran: dict[int, float] | None = None
+) -> dict[tuple[int, int], str]:
+    """Every waiting final job in turn, each taking what was planned on ``clock`` (plus
+    ``overran[member]``); the state each (member, seed) ended in."""
     while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
         trial = study.ask()
         try:
@@ -114,7 +116,8 @@ def run_final_jobs(study, ctx, clock: FakeClock) -> dict[tuple[int, int], str]:
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             continue
-        clock.now += TrialAttrs.read(study.get_trials()[trial.number]).estimate_s["total"]
+        job = TrialAttrs.read(study.get_trials()[trial.number])
+        clock.now += job.estimate_s["total"] + (overran or {}).get(job.member, 0.0)
         # Forget what this machine measured (it varies with load): corrections, overheads
         # and the teacher's forward time while building caches.
         ctx.cost_model.ratios.clear()
@@ -832,3 +835,47 @@ def test_a_comparison_short_of_time_by_less_than_the_end_slack_still_trains(ctx,
     assert [done[(m, 0)] for m in comparison] == [wanted] * len(comparison)
     if slack:
         assert done[(extra, 0)] == State.SKIPPED
+
+
+@pytest.mark.parametrize(
+    ("member_ran", "overrun", "baselines"),
+    [
+        (True, 0.0, State.SKIPPED),  # the end's slack alone does not cover the member's overrun
+        (True, 1.0, State.COMPLETE),  # the limit's overrun does, once the member has trained
+        (False, 1.0, State.SKIPPED),  # short by as much before the round: dropped whole
+    ],
+)
+def test_once_the_best_member_has_trained_its_baselines_may_run_past_the_limit(
+    ctx, member_ran, overrun, baselines
+):
+    """The search left the first seed's comparison its estimate and the best member overran
+    its own by more than the whole stage's: its baselines no longer fit in the time left and
+    the end's slack (a job's estimate at its start is at most its estimate when enqueued: a
+    cache an earlier job built costs nothing then). Skipped, they would leave the member with
+    nothing to compare against and the limit unused; once the member has trained they may run
+    the limit's overrun past it. A round short of time by as much before any of its jobs has
+    trained is dropped whole, and an extra member never uses the overrun."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    comparison, extra = add_comparison_and_extra(study, ctx)
+    best, *_ = comparison
+    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=1)
+    enqueue_final_stage(study, ctx)
+    planned = {
+        a.member: a.estimate_s["total"]
+        for a in (TrialAttrs.read(t) for t in study.get_trials())
+        if a.stage == Stage.FINAL
+    }
+    over = sum(planned.values())  # the member's overrun
+    clock = FakeClock()
+    ctx.schedule = dataclasses.replace(
+        ctx.schedule,
+        deadline=Deadline(
+            sum(planned[m] for m in comparison) - (0.0 if member_ran else over), clock=clock
+        ),
+        end_slack=0.25 * min(planned.values()),
+        overrun=overrun * (over + planned[extra]),  # the extra member's too, if it could
+    )
+    done = run_final_jobs(study, ctx, clock, overran={best: over})
+    assert done[(best, 0)] == (State.COMPLETE if member_ran else State.SKIPPED)
+    assert [done[(m, 0)] for m in comparison[1:]] == [baselines] * (len(comparison) - 1)
+    assert done[(extra, 0)] == State.SKIPPED
