@@ -416,6 +416,12 @@ def main() -> None:
         help="(value) runs seeds first-seed .. first-seed + seeds - 1: one seed on its own "
         "machine or session, the rows gathered in one results.jsonl",
     )
+    parser.add_argument(
+        "--arms",
+        default=",".join((*SEARCH_ARMS.values(), *RECIPES)),
+        help="the arms of (value) to run, of tpe, random, kd, dkd, fitnets: one arm again "
+        "after a change to it, in its own --out",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random draws of (tau)")
     parser.add_argument("--runs-dir", default="runs", help="holds the cached teacher")
     parser.add_argument("--out", default=None, help="default: <runs-dir>/bench-search-value")
@@ -428,6 +434,12 @@ def main() -> None:
     space = SearchSpace.from_yaml(Path(args.space))
     limit = parse_duration(args.time_limit)
     parts = set(args.parts.split(","))
+    arms = set(args.arms.split(","))
+    unknown = arms - {*SEARCH_ARMS.values(), *RECIPES}
+    if unknown:
+        parser.error(
+            f"--arms: unknown {', '.join(sorted(unknown))}; choose of tpe, random, kd, dkd, fitnets"
+        )
     for budget in args.budgets:
         base = SearchOptions(
             space=space,
@@ -450,10 +462,12 @@ def main() -> None:
         if not args.tables_only and "value" in parts:
             # every arm at one seed before the next seed: a stop leaves pairs
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                for arm in SEARCH_ARMS:
-                    search_job(base, arm, seed, budget, out, results)
+                for arm, sampler in SEARCH_ARMS.items():
+                    if sampler in arms:
+                        search_job(base, arm, seed, budget, out, results)
                 for recipe in RECIPES:
-                    recipe_job(ctx, recipe, seed, budget, limit, results)
+                    if recipe in arms:
+                        recipe_job(ctx, recipe, seed, budget, limit, results)
         tau_table(results, budget, ctx)
         value_table(results, budget, ctx, limit)
 
