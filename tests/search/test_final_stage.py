@@ -150,6 +150,20 @@ def add_comparison_and_extra(study, ctx) -> tuple[list[int], int]:
     return [best, *baselines], add_member(study, ctx, hint, [0.5, 1.0], [65.0, 85.0])
 
 
+def enqueue_comparison_and_extra(study, ctx) -> tuple[list[int], int, dict[int, float]]:
+    """``add_comparison_and_extra``'s members, their final jobs enqueued at one seed: ([best,
+    *baselines], the extra member, each member's planned seconds)."""
+    comparison, extra = add_comparison_and_extra(study, ctx)
+    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=1)
+    enqueue_final_stage(study, ctx)
+    planned = {
+        a.member: a.estimate_s["total"]
+        for a in (TrialAttrs.read(t) for t in study.get_trials())
+        if a.stage == Stage.FINAL
+    }
+    return comparison, extra, planned
+
+
 def test_the_comparison_runs_first_and_a_tight_clock_drops_extras_and_later_seeds(ctx):
     study = optuna.create_study(directions=["maximize", "minimize"])
     comparison, extra = add_comparison_and_extra(study, ctx)
@@ -815,14 +829,7 @@ def test_a_comparison_short_of_time_by_less_than_the_end_slack_still_trains(ctx,
     (an overrun): without slack the whole first round is dropped (equal seeds or none); with
     the end's slack it trains, and an extra member may not use that slack after it."""
     study = optuna.create_study(directions=["maximize", "minimize"])
-    comparison, extra = add_comparison_and_extra(study, ctx)
-    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=1)
-    enqueue_final_stage(study, ctx)
-    planned = {
-        a.member: a.estimate_s["total"]
-        for a in (TrialAttrs.read(t) for t in study.get_trials())
-        if a.stage == Stage.FINAL
-    }
+    comparison, extra, planned = enqueue_comparison_and_extra(study, ctx)
     short = 0.25 * min(planned.values())  # what an overrun took from the comparison's time
     clock = FakeClock()
     ctx.schedule = dataclasses.replace(
@@ -856,15 +863,8 @@ def test_once_the_best_member_has_trained_its_baselines_may_run_past_the_limit(
     the limit's overrun past it. A round short of time by as much before any of its jobs has
     trained is dropped whole, and an extra member never uses the overrun."""
     study = optuna.create_study(directions=["maximize", "minimize"])
-    comparison, extra = add_comparison_and_extra(study, ctx)
+    comparison, extra, planned = enqueue_comparison_and_extra(study, ctx)
     best, *_ = comparison
-    ctx.schedule = dataclasses.replace(ctx.schedule, finalists=2, final_seeds=1)
-    enqueue_final_stage(study, ctx)
-    planned = {
-        a.member: a.estimate_s["total"]
-        for a in (TrialAttrs.read(t) for t in study.get_trials())
-        if a.stage == Stage.FINAL
-    }
     over = sum(planned.values())  # the member's overrun
     clock = FakeClock()
     ctx.schedule = dataclasses.replace(
