@@ -61,6 +61,7 @@ from autosplit.train import evaluate  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("kd", "dkd", "fitnets")
 SEARCH_ARMS = {"autosplit (TPE)": "tpe", "random sampling": "random"}
+ARMS = (*SEARCH_ARMS.values(), *RECIPES)  # the names --arms takes
 
 
 class Results:
@@ -418,9 +419,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--arms",
-        default=",".join((*SEARCH_ARMS.values(), *RECIPES)),
-        help="the arms of (value) to run, of tpe, random, kd, dkd, fitnets: one arm again "
-        "after a change to it, in its own --out",
+        default=",".join(ARMS),
+        help=f"the arms of (value) to run, of {', '.join(ARMS)}: one arm again after a change "
+        "to it, in its own --out",
     )
     parser.add_argument("--seed", type=int, default=0, help="the random draws of (tau)")
     parser.add_argument("--runs-dir", default="runs", help="holds the cached teacher")
@@ -435,11 +436,8 @@ def main() -> None:
     limit = parse_duration(args.time_limit)
     parts = set(args.parts.split(","))
     arms = set(args.arms.split(","))
-    unknown = arms - {*SEARCH_ARMS.values(), *RECIPES}
-    if unknown:
-        parser.error(
-            f"--arms: unknown {', '.join(sorted(unknown))}; choose of tpe, random, kd, dkd, fitnets"
-        )
+    if unknown := arms - set(ARMS):
+        parser.error(f"--arms: unknown {', '.join(sorted(unknown))}; choose of {', '.join(ARMS)}")
     for budget in args.budgets:
         base = SearchOptions(
             space=space,
